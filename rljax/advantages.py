@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from rljax.logprobs import masked_sum_and_count
 
-__all__ = ["discounted_returns", "gae", "whiten"]
+__all__ = ["discounted_returns", "explained_variance", "gae", "whiten"]
 
 
 def _prepare(rewards, dones, mask):
@@ -170,3 +170,25 @@ def whiten(
     if mask is None:
         return out
     return jnp.where(mask.astype(bool), out, 0.0)
+
+
+def explained_variance(
+    predictions: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    r"""Explained variance :math:`1 - \mathrm{Var}[y - \hat y] / \mathrm{Var}[y]` over valid positions.
+
+    1 is a perfect value function, 0 no better than a constant, negative worse. Returns
+    ``nan`` when the targets have zero variance (undefined), as Stable-Baselines3 does.
+    """
+    chex.assert_equal_shape([predictions, targets])
+    dtype = jnp.promote_types(targets.dtype, jnp.float32)
+    predictions, targets = predictions.astype(dtype), targets.astype(dtype)
+
+    def variance(x):
+        total, count = masked_sum_and_count(x, mask)
+        count = jnp.maximum(count, 1.0)
+        mean = total / count
+        return masked_sum_and_count(jnp.square(x - mean), mask)[0] / count
+
+    var_targets = variance(targets)
+    return jnp.where(var_targets > 0, 1.0 - variance(targets - predictions) / var_targets, jnp.nan)

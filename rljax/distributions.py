@@ -80,5 +80,5 @@ def entropy(outputs: Outputs) -> jax.Array:
     r"""Entropy per position; Gaussian: :math:`\sum_d \log\sigma_d + \tfrac12\log(2\pi e)`."""
     if not is_gaussian(outputs):
         return entropy_from_logits(outputs)
-    mean, log_std = _gaussian(outputs)
+    _, log_std = _gaussian(outputs)
     return jnp.sum(log_std + 0.5 * math.log(2 * math.pi * math.e), axis=-1)

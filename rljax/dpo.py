@@ -202,8 +202,11 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 F_DIVERGENCE_LOSS_TYPES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 )
-_NEEDS_LENGTHS = {"ipo": ("chosen", "rejected"), "sigmoid_norm": ("chosen", "rejected"),
-                  "sft": ("chosen",)}
+_NEEDS_LENGTHS = {
+    "ipo": ("chosen", "rejected"),
+    "sigmoid_norm": ("chosen", "rejected"),
+    "sft": ("chosen",),
+}
 
 
 def _f_scores(logratios: jax.Array, f_divergence_type: str, alpha: float) -> jax.Array:
@@ -218,8 +221,9 @@ def _f_scores(logratios: jax.Array, f_divergence_type: str, alpha: float) -> jax
     if abs(alpha - 1.0) < 1e-6:
         return logratios
     clamp_max = 11.0 if logratios.dtype == jnp.float16 else 80.0
-    exponent = jnp.minimum((alpha - 1.0) * logratios.astype(jnp.promote_types(
-        logratios.dtype, jnp.float32)), clamp_max)
+    exponent = jnp.minimum(
+        (alpha - 1.0) * logratios.astype(jnp.promote_types(logratios.dtype, jnp.float32)), clamp_max
+    )
     return (jnp.expm1(exponent) / (alpha - 1.0)).astype(logratios.dtype)
 
 
@@ -233,8 +237,15 @@ def _concrete(value) -> float | None:
         return None
 
 
-def _validate(loss_types, loss_weights, label_smoothing, f_divergence_type, lengths, weights,
-              f_alpha_divergence_coef):
+def _validate(
+    loss_types,
+    loss_weights,
+    label_smoothing,
+    f_divergence_type,
+    lengths,
+    weights,
+    f_alpha_divergence_coef,
+):
     if isinstance(loss_types, str):
         loss_types = [loss_types]
     loss_types = list(loss_types)
@@ -357,7 +368,12 @@ def dpo_loss(
     """
     lengths = {"chosen": chosen_lengths, "rejected": rejected_lengths}
     loss_types, loss_weights = _validate(
-        loss_type, loss_weights, label_smoothing, f_divergence_type, lengths, weights,
+        loss_type,
+        loss_weights,
+        label_smoothing,
+        f_divergence_type,
+        lengths,
+        weights,
         f_alpha_divergence_coef,
     )
     chex.assert_rank([policy_chosen_logps, policy_rejected_logps], 1)
@@ -388,8 +404,11 @@ def dpo_loss(
         normalizer = batch
     sft_scale = None
     if "sft" in loss_types:
-        tokens = (jnp.maximum(jnp.sum(lengths["chosen"]), 1.0) if sft_normalizer is None
-                  else sft_normalizer)
+        tokens = (
+            jnp.maximum(jnp.sum(lengths["chosen"]), 1.0)
+            if sft_normalizer is None
+            else sft_normalizer
+        )
         sft_scale = normalizer / tokens
 
     chosen_logratios = chosen_logps - ref_chosen

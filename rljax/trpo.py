@@ -15,14 +15,36 @@ Gaussian (``(mean, log_std)``), see :mod:`rljax.distributions`.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
-from rljax.distributions import Outputs, kl_divergence
+from rljax.advantages import explained_variance, whiten
+from rljax.distributions import Outputs, is_gaussian, kl_divergence, log_prob
 from rljax.logprobs import masked_mean, masked_sum_and_count
 
-__all__ = ["mean_kl", "surrogate_objective"]
+__all__ = [
+    "FVP_METHODS",
+    "CGInfo",
+    "LineSearchInfo",
+    "TRPOConfig",
+    "TRPOState",
+    "conjugate_gradient",
+    "fisher_vector_product",
+    "init_trpo_state",
+    "kl_line_search",
+    "make_fisher_vector_product",
+    "make_trpo_update",
+    "mean_kl",
+    "output_fisher_product",
+    "surrogate_objective",
+    "tree_vdot",
+]
 
 
 def surrogate_objective(
@@ -79,3 +101,539 @@ def mean_kl(
     """
     old_outputs = jax.tree.map(jax.lax.stop_gradient, old_outputs)
     return masked_mean(kl_divergence(old_outputs, new_outputs), mask, normalizer=normalizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Natural-gradient engine: Fisher-vector products, conjugate gradient, KL line search.
+# Everything works on parameter pytrees (no flattening), so parameter shardings survive.
+# ---------------------------------------------------------------------------------------------
+
+FVP_METHODS = ("gauss_newton", "hessian")
+
+
+def tree_vdot(a, b) -> jax.Array:
+    """Inner product of two pytrees with the same structure, accumulated in float32 or wider."""
+    leaves = jax.tree.map(
+        lambda x, y: jnp.vdot(x, y).astype(jnp.promote_types(x.dtype, jnp.float32)), a, b
+    )
+    return sum(jax.tree.leaves(leaves), start=jnp.zeros((), jnp.float32))
+
+
+def _tree_axpy(alpha, x, y):
+    """``alpha * x + y`` on pytrees, keeping each leaf's dtype."""
+    return jax.tree.map(lambda a, b: (alpha * a + b).astype(b.dtype), x, y)
+
+
+def _broadcast_outputs(outputs):
+    """Policy outputs with a state-independent ``log_std`` broadcast to the mean's shape."""
+    if is_gaussian(outputs):
+        mean, log_std = outputs
+        return mean, jnp.broadcast_to(log_std, mean.shape)
+    return outputs
+
+
+def _position_weights(outputs, mask, normalizer):
+    """Per-position weights ``mask / count`` of the mean over valid positions."""
+    shape = (outputs[0] if is_gaussian(outputs) else outputs).shape[:-1]
+    dtype = jnp.promote_types((outputs[0] if is_gaussian(outputs) else outputs).dtype, jnp.float32)
+    valid = jnp.ones(shape, dtype) if mask is None else mask.astype(dtype)
+    chex.assert_shape(valid, shape)
+    denominator = jnp.maximum(jnp.sum(valid), 1.0) if normalizer is None else normalizer
+    return valid / denominator
+
+
+def output_fisher_product(outputs, tangent, weights):
+    r"""Apply the Fisher of the output distribution to an output-space ``tangent``.
+
+    The Hessian of :math:`\mathrm{KL}(p_{old}\|p)` at :math:`p = p_{old}` with respect to the
+    distribution's natural outputs, times ``weights`` per position:
+
+    * categorical logits :math:`z`: :math:`F u = p \odot u - p\,(p^\top u)`, i.e.
+      :math:`\mathrm{diag}(p) - pp^\top` (as kfac-jax builds it);
+    * diagonal Gaussian :math:`(\mu, \log\sigma)`: :math:`F(u_\mu, u_s) = (u_\mu/\sigma^2, 2u_s)`.
+    """
+    if is_gaussian(outputs):
+        _, log_std = outputs
+        u_mean, u_log_std = tangent
+        w = weights[..., None]
+        return (w * u_mean * jnp.exp(-2.0 * log_std), w * 2.0 * u_log_std)
+    probs = jax.nn.softmax(outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32)), -1)
+    u = tangent.astype(probs.dtype)
+    fu = probs * (u - jnp.sum(probs * u, axis=-1, keepdims=True))
+    return (weights[..., None] * fu).astype(tangent.dtype)
+
+
+def make_fisher_vector_product(
+    policy_fn: Callable,
+    params,
+    inputs,
+    mask: jax.Array | None = None,
+    method: str = "gauss_newton",
+    normalizer: float | jax.Array | None = None,
+) -> Callable:
+    """Build ``v -> F v`` at ``params``, sharing all work that does not depend on ``v``.
+
+    For ``"gauss_newton"`` the policy is linearised once (``jax.linearize``: one forward pass),
+    and each product is a tangent pass, the closed-form output Fisher and the transpose of the
+    linear map (``jax.linear_transpose``): no forward pass is repeated across the conjugate
+    gradient iterations. For ``"hessian"`` each product is forward-over-reverse
+    (``jax.jvp`` of ``jax.grad`` of the mean KL). See :func:`fisher_vector_product`.
+    """
+    if method not in FVP_METHODS:
+        raise ValueError(f"unknown FVP method {method!r}; valid choices: {list(FVP_METHODS)}")
+
+    def outputs_fn(p):
+        return _broadcast_outputs(policy_fn(p, inputs))
+
+    if method == "gauss_newton":
+        outputs, jvp_fn = jax.linearize(outputs_fn, params)
+        outputs = jax.lax.stop_gradient(outputs)
+        vjp_fn = jax.linear_transpose(jvp_fn, params)
+        weights = _position_weights(outputs, mask, normalizer)
+
+        def gauss_newton_product(vector):
+            tangent = jvp_fn(vector)
+            (product,) = vjp_fn(output_fisher_product(outputs, tangent, weights))
+            return jax.tree.map(lambda x, v: x.astype(v.dtype), product, vector)
+
+        return gauss_newton_product
+
+    old_outputs = jax.lax.stop_gradient(outputs_fn(params))
+
+    def kl_fn(p):
+        return mean_kl(old_outputs, outputs_fn(p), mask, normalizer)
+
+    grad_kl = jax.grad(kl_fn)
+
+    def hessian_product(vector):
+        return jax.jvp(grad_kl, (params,), (vector,))[1]
+
+    return hessian_product
+
+
+def fisher_vector_product(
+    policy_fn: Callable,
+    params,
+    inputs,
+    vector,
+    mask: jax.Array | None = None,
+    method: str = "gauss_newton",
+    normalizer: float | jax.Array | None = None,
+):
+    r"""Fisher-vector product :math:`F v` of a policy at ``params``, on parameter pytrees.
+
+    :math:`F` is the Hessian at :math:`\theta' = \theta` of the mask-weighted mean
+    :math:`\bar D_{KL}(\theta') = \mathrm{mean}_s \mathrm{KL}(\pi_\theta(\cdot|s)\,\|\,
+    \pi_{\theta'}(\cdot|s))`, i.e. the mean Fisher information over valid positions
+    (Schulman et al., 2015, Appendix C). No damping is added here.
+
+    Methods:
+
+    * ``"gauss_newton"``: :math:`F v = J^\top F_{out} J v` with :math:`J` the Jacobian of the
+      policy outputs, computed as a ``jvp``, the closed-form output Fisher
+      (:func:`output_fisher_product`) and a ``vjp``; never materialises :math:`J` or :math:`F`
+      (Martens & Grosse, 2015; Schraudolph, 2002).
+    * ``"hessian"``: forward-over-reverse, ``jax.jvp`` of ``jax.grad`` of the mean KL; works for
+      any distribution with a KL function.
+
+    Args:
+      policy_fn: ``policy_fn(params, inputs) -> outputs``: logits ``[..., num_actions]`` of a
+        categorical policy or ``(mean, log_std)`` of a diagonal Gaussian.
+      params: parameter pytree.
+      inputs: whatever ``policy_fn`` takes (arrays or a pytree).
+      vector: pytree like ``params``.
+      mask: ``[...]`` validity mask over positions (the outputs' shape minus the last axis).
+      method: ``"gauss_newton"`` or ``"hessian"``.
+      normalizer: divide by this instead of the number of valid positions.
+
+    Returns:
+      :math:`F v`, a pytree like ``params``.
+    """
+    return make_fisher_vector_product(policy_fn, params, inputs, mask, method, normalizer)(vector)
+
+
+class CGInfo(NamedTuple):
+    """Diagnostics of :func:`conjugate_gradient`."""
+
+    iterations: jax.Array
+    residual_norm: jax.Array
+
+
+def conjugate_gradient(
+    matvec: Callable,
+    b,
+    max_iters: int = 10,
+    damping: float | jax.Array = 0.0,
+    tol: float | jax.Array = 1e-10,
+):
+    r"""Solve :math:`(A + \lambda I) x = b` by conjugate gradient (Hestenes & Stiefel, 1952).
+
+    ``A`` is symmetric positive semi-definite and given only as ``matvec``; ``b`` and ``x`` are
+    pytrees. Starts from :math:`x_0 = 0` and stops after ``max_iters`` iterations or once the
+    squared residual norm :math:`r^\top r` drops below ``tol`` (the criterion of the original
+    TRPO code). Runs in a ``lax.while_loop``, so it is jit-able and traces ``matvec`` once.
+
+    Returns:
+      ``(x, CGInfo(iterations, residual_norm))`` with ``residual_norm`` :math:`\|b - (A +
+      \lambda I)x\|` as tracked by the recursion.
+    """
+
+    def damped(v):
+        return _tree_axpy(damping, v, matvec(v)) if damping is not None else matvec(v)
+
+    x0 = jax.tree.map(jnp.zeros_like, b)
+    rdotr0 = tree_vdot(b, b)
+
+    def cond(state):
+        i, _, _, _, rdotr = state
+        return (i < max_iters) & (rdotr >= tol)
+
+    def body(state):
+        i, x, r, p, rdotr = state
+        z = damped(p)
+        alpha = rdotr / tree_vdot(p, z)
+        x = _tree_axpy(alpha, p, x)
+        r = _tree_axpy(-alpha, z, r)
+        new_rdotr = tree_vdot(r, r)
+        p = _tree_axpy(new_rdotr / rdotr, p, r)
+        return i + 1, x, r, p, new_rdotr
+
+    i, x, _, _, rdotr = jax.lax.while_loop(cond, body, (jnp.int32(0), x0, b, b, rdotr0))
+    return x, CGInfo(iterations=i, residual_norm=jnp.sqrt(rdotr))
+
+
+class LineSearchInfo(NamedTuple):
+    """Diagnostics of :func:`kl_line_search`."""
+
+    accepted: jax.Array
+    step_fraction: jax.Array
+    steps: jax.Array
+    surrogate: jax.Array
+    kl: jax.Array
+
+
+def kl_line_search(
+    surrogate_and_kl: Callable,
+    params,
+    full_step,
+    surrogate_before: jax.Array,
+    max_kl: float | jax.Array,
+    backtrack_coeff: float | jax.Array = 0.8,
+    max_steps: int = 10,
+):
+    r"""Backtracking line search under a KL constraint (Schulman et al., 2015, Appendix C).
+
+    Tries :math:`\theta + \alpha^k s` for :math:`k = 0, \dots,` ``max_steps - 1`` with
+    :math:`\alpha` = ``backtrack_coeff`` and accepts the first candidate whose surrogate
+    *improves* on ``surrogate_before`` and whose mean KL to the old policy is at most
+    ``max_kl``. If none does, the old ``params`` are returned and ``accepted`` is False.
+
+    Args:
+      surrogate_and_kl: ``params -> (surrogate, mean_kl)`` of a candidate.
+      params: current parameters (the old policy).
+      full_step: pytree, the full natural-gradient step :math:`s`.
+      surrogate_before: the surrogate at ``params``.
+      max_kl: :math:`\delta`.
+      backtrack_coeff: :math:`\alpha \in (0, 1)`.
+      max_steps: number of candidates tried (a Python int).
+
+    Returns:
+      ``(new_params, LineSearchInfo(accepted, step_fraction, steps, surrogate, kl))`` where
+      ``step_fraction`` is :math:`\alpha^k` of the accepted step (0 when rejected), ``steps`` the
+      number of candidates evaluated, and ``surrogate``/``kl`` those of the returned params.
+    """
+    dtype = jnp.result_type(surrogate_before, jnp.float32)
+
+    def candidate(fraction):
+        return _tree_axpy(fraction, full_step, params)
+
+    def cond(state):
+        k, accepted, _, _ = state
+        return (k < max_steps) & ~accepted
+
+    def body(state):
+        k, _, _, _ = state
+        fraction = jnp.asarray(backtrack_coeff, dtype) ** k
+        surrogate, kl = surrogate_and_kl(candidate(fraction))
+        ok = (
+            (surrogate > surrogate_before)
+            & (kl <= max_kl)
+            & jnp.isfinite(surrogate)
+            & (jnp.isfinite(kl))
+        )
+        return k + 1, ok, surrogate.astype(dtype), kl.astype(dtype)
+
+    zero = jnp.zeros((), dtype)
+    steps, accepted, surrogate, kl = jax.lax.while_loop(
+        cond, body, (jnp.int32(0), jnp.bool_(False), zero, zero)
+    )
+    fraction = jnp.where(accepted, jnp.asarray(backtrack_coeff, dtype) ** (steps - 1), 0.0)
+    new_params = jax.tree.map(
+        lambda new, old: jnp.where(accepted, new, old), candidate(fraction), params
+    )
+    info = LineSearchInfo(
+        accepted=accepted,
+        step_fraction=fraction,
+        steps=steps,
+        surrogate=jnp.where(accepted, surrogate, surrogate_before),
+        kl=jnp.where(accepted, kl, 0.0),
+    )
+    return new_params, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure TRPO update step.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TRPOConfig:
+    """Static settings of :func:`make_trpo_update` (defaults follow sb3-contrib's TRPO).
+
+    Attributes:
+      max_kl: trust-region radius :math:`\\delta` on the mean KL (sb3-contrib ``target_kl``).
+      cg_iters: conjugate-gradient iterations (``cg_max_steps``).
+      cg_damping: :math:`\\lambda` in :math:`(F + \\lambda I) s = g`.
+      cg_tol: stop CG once the squared residual norm is below this.
+      backtrack_coeff: line-search shrink factor per step (``line_search_shrinking_factor``).
+      max_backtracks: candidates tried by the line search (``line_search_max_iter``).
+      fvp_method: ``"gauss_newton"`` or ``"hessian"`` (see :func:`fisher_vector_product`).
+      fvp_subsample: use every ``k``-th batch row for the Fisher-vector products
+        (``sub_sampling_factor``); the gradient and line search use the whole batch.
+      normalize_advantages: whiten advantages over valid positions before the policy step.
+      n_critic_updates: passes over the batch fitting the value function.
+      critic_minibatches: minibatches per pass (the batch's rows must divide evenly).
+    """
+
+    max_kl: float = 0.01
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    cg_tol: float = 1e-10
+    backtrack_coeff: float = 0.8
+    max_backtracks: int = 10
+    fvp_method: str = "gauss_newton"
+    fvp_subsample: int = 1
+    normalize_advantages: bool = True
+    n_critic_updates: int = 10
+    critic_minibatches: int = 1
+
+    def __post_init__(self):
+        if self.fvp_method not in FVP_METHODS:
+            raise ValueError(
+                f"fvp_method {self.fvp_method!r} unknown; valid choices: {list(FVP_METHODS)}"
+            )
+        checks = {
+            "max_kl": self.max_kl > 0,
+            "cg_iters": self.cg_iters >= 1,
+            "cg_damping": self.cg_damping >= 0,
+            "backtrack_coeff": 0 < self.backtrack_coeff < 1,
+            "max_backtracks": self.max_backtracks >= 1,
+            "fvp_subsample": self.fvp_subsample >= 1,
+            "n_critic_updates": self.n_critic_updates >= 0,
+            "critic_minibatches": self.critic_minibatches >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid TRPOConfig field(s) {bad}: need max_kl > 0, cg_iters >= 1, "
+                f"cg_damping >= 0, 0 < backtrack_coeff < 1, max_backtracks >= 1, "
+                f"fvp_subsample >= 1, n_critic_updates >= 0, critic_minibatches >= 1"
+            )
+
+
+class TRPOState(NamedTuple):
+    """Train state of :func:`make_trpo_update` (a pytree)."""
+
+    policy_params: Any
+    value_params: Any
+    value_opt_state: Any
+    key: jax.Array
+    step: jax.Array
+
+
+def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array) -> TRPOState:
+    """Initial :class:`TRPOState`; ``key`` shuffles the value-function minibatches."""
+    return TRPOState(
+        policy_params=policy_params,
+        value_params=value_params,
+        value_opt_state=value_optimizer.init(value_params),
+        key=key,
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _rows(tree, index):
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def make_trpo_update(
+    policy_fn: Callable,
+    value_fn: Callable,
+    value_optimizer,
+    config: TRPOConfig = TRPOConfig(),
+) -> Callable[[TRPOState, dict], tuple[TRPOState, dict[str, jax.Array]]]:
+    """Build the pure TRPO step ``update(state, batch) -> (state, metrics)``.
+
+    One call is one iteration of Schulman et al. (2015), "practical algorithm" (Sec. 6): the
+    surrogate gradient :math:`g`, the natural direction :math:`s \\approx F^{-1} g` by conjugate
+    gradient on Fisher-vector products, the full step :math:`\\sqrt{2\\delta / s^\\top F s}\\,s`,
+    a KL-constrained backtracking line search, then ``n_critic_updates`` passes of optax steps
+    on the squared error of the value function (as sb3-contrib does).
+
+    Args:
+      policy_fn: ``policy_fn(policy_params, inputs) -> outputs`` (logits or ``(mean, log_std)``).
+      value_fn: ``value_fn(value_params, value_inputs) -> values`` shaped like ``returns``.
+      value_optimizer: an optax ``GradientTransformation`` for the value parameters.
+      config: :class:`TRPOConfig`.
+
+    The ``batch`` is a dict of arrays whose leading axis is the batch of rows:
+
+    * ``inputs``: what ``policy_fn`` takes (array or pytree);
+    * ``actions``: ``[batch, ...]`` taken actions (token ids or continuous actions);
+    * ``advantages``, ``returns``: shaped like the log-probs (``[batch]`` or ``[batch, time]``);
+    * optional ``mask`` (same shape, 1 = valid), ``old_logps`` (behaviour-policy log-probs;
+      default: computed at the current parameters, which is exact for on-policy data) and
+      ``value_inputs`` (default ``inputs``).
+
+    Metrics: ``surrogate_before``, ``surrogate_after``, ``improvement``, ``kl``,
+    ``step_fraction``, ``line_search_steps``, ``accepted``, ``cg_iterations``,
+    ``cg_residual``, ``step_size``, ``grad_norm``, ``value_loss``, ``explained_variance``
+    (of the value predictions before the update).
+    """
+    if not isinstance(config, TRPOConfig):
+        raise TypeError(f"config must be a TRPOConfig, got {type(config).__name__}")
+
+    def update(state: TRPOState, batch: dict) -> tuple[TRPOState, dict[str, jax.Array]]:
+        missing = [k for k in ("inputs", "actions", "advantages", "returns") if k not in batch]
+        if missing:
+            raise KeyError(f"TRPO batch is missing {missing}; it has {sorted(batch)}")
+        params = state.policy_params
+        inputs, actions, mask = batch["inputs"], batch["actions"], batch.get("mask")
+        advantages = batch["advantages"]
+        if config.normalize_advantages:
+            advantages = whiten(advantages, mask)
+
+        old_outputs = jax.lax.stop_gradient(policy_fn(params, inputs))
+        old_logps = batch.get("old_logps")
+        if old_logps is None:
+            old_logps = log_prob(old_outputs, actions)
+
+        def surrogate_fn(p):
+            return surrogate_objective(
+                log_prob(policy_fn(p, inputs), actions), old_logps, advantages, mask
+            )[0]
+
+        def surrogate_and_kl(p):
+            outputs = policy_fn(p, inputs)
+            surrogate = surrogate_objective(
+                log_prob(outputs, actions), old_logps, advantages, mask
+            )[0]
+            return surrogate, mean_kl(old_outputs, outputs, mask)
+
+        surrogate_before, grad = jax.value_and_grad(surrogate_fn)(params)
+
+        rows = slice(None, None, config.fvp_subsample)
+        fvp = make_fisher_vector_product(
+            policy_fn,
+            params,
+            _rows(inputs, rows),
+            None if mask is None else mask[rows],
+            config.fvp_method,
+        )
+
+        def damped_fvp(v):
+            return _tree_axpy(config.cg_damping, v, fvp(v))
+
+        direction, cg_info = conjugate_gradient(
+            damped_fvp, grad, max_iters=config.cg_iters, damping=None, tol=config.cg_tol
+        )
+        curvature = tree_vdot(direction, damped_fvp(direction))
+        step_size = jnp.where(
+            curvature > 0, jnp.sqrt(2.0 * config.max_kl / jnp.maximum(curvature, 1e-30)), 0.0
+        )
+        full_step = jax.tree.map(lambda s: (step_size * s).astype(s.dtype), direction)
+        new_params, ls_info = kl_line_search(
+            surrogate_and_kl,
+            params,
+            full_step,
+            surrogate_before,
+            config.max_kl,
+            config.backtrack_coeff,
+            config.max_backtracks,
+        )
+
+        value_params, value_opt_state, key, value_metrics = _fit_value(
+            state.value_params, state.value_opt_state, state.key, batch, mask
+        )
+        new_state = TRPOState(new_params, value_params, value_opt_state, key, state.step + 1)
+        metrics = {
+            "surrogate_before": surrogate_before,
+            "surrogate_after": ls_info.surrogate,
+            "improvement": ls_info.surrogate - surrogate_before,
+            "kl": ls_info.kl,
+            "step_fraction": ls_info.step_fraction,
+            "line_search_steps": ls_info.steps,
+            "accepted": ls_info.accepted,
+            "cg_iterations": cg_info.iterations,
+            "cg_residual": cg_info.residual_norm,
+            "step_size": step_size,
+            "grad_norm": jnp.sqrt(tree_vdot(grad, grad)),
+            **value_metrics,
+        }
+        return new_state, metrics
+
+    def _fit_value(value_params, opt_state, key, batch, mask):
+        value_inputs = batch.get("value_inputs", batch["inputs"])
+        returns = batch["returns"]
+        num_rows = returns.shape[0]
+        if num_rows % config.critic_minibatches:
+            raise ValueError(
+                f"batch of {num_rows} rows does not split into critic_minibatches="
+                f"{config.critic_minibatches} equal minibatches"
+            )
+        rows_per_minibatch = num_rows // config.critic_minibatches
+        data = {
+            "x": value_inputs,
+            "returns": returns,
+            "mask": jnp.ones_like(returns) if mask is None else mask,
+        }
+        predictions = value_fn(value_params, value_inputs)
+        chex.assert_equal_shape([predictions, returns])
+        ev = explained_variance(predictions, returns, mask)
+
+        def loss_fn(p, minibatch):
+            values = value_fn(p, minibatch["x"])
+            return masked_mean(jnp.square(values - minibatch["returns"]), minibatch["mask"])
+
+        def minibatch_step(carry, minibatch):
+            p, s = carry
+            loss, grads = jax.value_and_grad(loss_fn)(p, minibatch)
+            updates, s = value_optimizer.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), loss
+
+        def epoch(carry, epoch_key):
+            order = jax.random.permutation(epoch_key, num_rows)
+            shuffled = _rows(data, order)
+            minibatches = jax.tree.map(
+                lambda x: x.reshape(config.critic_minibatches, rows_per_minibatch, *x.shape[1:]),
+                shuffled,
+            )
+            return jax.lax.scan(minibatch_step, carry, minibatches)
+
+        key, epochs_key = jax.random.split(key)
+        epoch_keys = jax.random.split(epochs_key, config.n_critic_updates)
+        (value_params, opt_state), losses = jax.lax.scan(
+            epoch, (value_params, opt_state), epoch_keys
+        )
+        value_loss = jnp.mean(losses) if config.n_critic_updates else jnp.zeros(())
+        return (
+            value_params,
+            opt_state,
+            key,
+            {
+                "value_loss": value_loss,
+                "explained_variance": ev,
+            },
+        )
+
+    return update
