@@ -32,6 +32,7 @@ __all__ = [
     "FVP_METHODS",
     "CGInfo",
     "LineSearchInfo",
+    "NaturalStepInfo",
     "TRPOConfig",
     "TRPOState",
     "conjugate_gradient",
@@ -41,9 +42,11 @@ __all__ = [
     "make_fisher_vector_product",
     "make_trpo_update",
     "mean_kl",
+    "natural_step",
     "output_fisher_product",
     "surrogate_objective",
     "tree_vdot",
+    "trpo_objectives",
 ]
 
 
@@ -381,6 +384,89 @@ def kl_line_search(
     return new_params, info
 
 
+class NaturalStepInfo(NamedTuple):
+    """Diagnostics of :func:`natural_step`."""
+
+    direction: Any
+    step_size: jax.Array
+    curvature: jax.Array
+    cg_iterations: jax.Array
+    cg_residual: jax.Array
+
+
+def natural_step(
+    grad,
+    fvp: Callable,
+    max_kl: float | jax.Array,
+    cg_iters: int = 10,
+    cg_damping: float | jax.Array = 0.1,
+    cg_tol: float | jax.Array = 1e-10,
+):
+    r"""The full TRPO step: :math:`\sqrt{2\delta / s^\top \tilde F s}\; s` with
+    :math:`s \approx \tilde F^{-1} g`, :math:`\tilde F = F + \lambda I`.
+
+    The step that maximises the linearised surrogate :math:`g^\top \Delta` subject to the
+    quadratic KL model :math:`\tfrac12 \Delta^\top \tilde F \Delta \le \delta` (Schulman et
+    al., 2015, Appendix C). ``s`` comes from ``cg_iters`` iterations of
+    :func:`conjugate_gradient` on the damped ``fvp``; a non-positive curvature gives a zero
+    step.
+
+    Returns:
+      ``(full_step, NaturalStepInfo(direction, step_size, curvature, cg_iterations,
+      cg_residual))``.
+    """
+
+    def damped_fvp(v):
+        return _tree_axpy(cg_damping, v, fvp(v))
+
+    direction, cg_info = conjugate_gradient(
+        damped_fvp, grad, max_iters=cg_iters, damping=None, tol=cg_tol
+    )
+    curvature = tree_vdot(direction, damped_fvp(direction))
+    step_size = jnp.where(
+        curvature > 0, jnp.sqrt(2.0 * max_kl / jnp.maximum(curvature, 1e-30)), 0.0
+    )
+    full_step = jax.tree.map(lambda x: (step_size * x).astype(x.dtype), direction)
+    return full_step, NaturalStepInfo(
+        direction, step_size, curvature, cg_info.iterations, cg_info.residual_norm
+    )
+
+
+def trpo_objectives(
+    policy_fn: Callable, params, batch: dict, normalize_advantages: bool = True
+) -> tuple[Callable, Callable]:
+    """The surrogate and KL of a batch as functions of candidate parameters.
+
+    ``batch`` is as for :func:`make_trpo_update`; the old policy is ``params``. Returns
+    ``(surrogate_fn, surrogate_and_kl)``: ``surrogate_fn(p)`` is
+    :func:`surrogate_objective` at ``p``, ``surrogate_and_kl(p)`` also gives
+    :func:`mean_kl` between the old policy and ``p`` (one forward pass for both).
+    """
+    missing = [k for k in ("inputs", "actions", "advantages") if k not in batch]
+    if missing:
+        raise KeyError(f"TRPO batch is missing {missing}; it has {sorted(batch)}")
+    inputs, actions, mask = batch["inputs"], batch["actions"], batch.get("mask")
+    advantages = batch["advantages"]
+    if normalize_advantages:
+        advantages = whiten(advantages, mask)
+    old_outputs = jax.lax.stop_gradient(policy_fn(params, inputs))
+    old_logps = batch.get("old_logps")
+    if old_logps is None:
+        old_logps = log_prob(old_outputs, actions)
+
+    def surrogate_and_kl(p):
+        outputs = policy_fn(p, inputs)
+        logps = log_prob(outputs, actions)
+        surrogate = surrogate_objective(logps, old_logps, advantages, mask)[0]
+        return surrogate, mean_kl(old_outputs, outputs, mask)
+
+    def surrogate_fn(p):
+        logps = log_prob(policy_fn(p, inputs), actions)
+        return surrogate_objective(logps, old_logps, advantages, mask)[0]
+
+    return surrogate_fn, surrogate_and_kl
+
+
 # ---------------------------------------------------------------------------------------------
 # The pure TRPO update step.
 # ---------------------------------------------------------------------------------------------
@@ -504,54 +590,25 @@ def make_trpo_update(
         raise TypeError(f"config must be a TRPOConfig, got {type(config).__name__}")
 
     def update(state: TRPOState, batch: dict) -> tuple[TRPOState, dict[str, jax.Array]]:
-        missing = [k for k in ("inputs", "actions", "advantages", "returns") if k not in batch]
-        if missing:
-            raise KeyError(f"TRPO batch is missing {missing}; it has {sorted(batch)}")
+        if "returns" not in batch:
+            raise KeyError(f"TRPO batch is missing ['returns']; it has {sorted(batch)}")
         params = state.policy_params
-        inputs, actions, mask = batch["inputs"], batch["actions"], batch.get("mask")
-        advantages = batch["advantages"]
-        if config.normalize_advantages:
-            advantages = whiten(advantages, mask)
-
-        old_outputs = jax.lax.stop_gradient(policy_fn(params, inputs))
-        old_logps = batch.get("old_logps")
-        if old_logps is None:
-            old_logps = log_prob(old_outputs, actions)
-
-        def surrogate_fn(p):
-            return surrogate_objective(
-                log_prob(policy_fn(p, inputs), actions), old_logps, advantages, mask
-            )[0]
-
-        def surrogate_and_kl(p):
-            outputs = policy_fn(p, inputs)
-            surrogate = surrogate_objective(
-                log_prob(outputs, actions), old_logps, advantages, mask
-            )[0]
-            return surrogate, mean_kl(old_outputs, outputs, mask)
-
+        surrogate_fn, surrogate_and_kl = trpo_objectives(
+            policy_fn, params, batch, config.normalize_advantages
+        )
         surrogate_before, grad = jax.value_and_grad(surrogate_fn)(params)
-
+        mask = batch.get("mask")
         rows = slice(None, None, config.fvp_subsample)
         fvp = make_fisher_vector_product(
             policy_fn,
             params,
-            _rows(inputs, rows),
+            _rows(batch["inputs"], rows),
             None if mask is None else mask[rows],
             config.fvp_method,
         )
-
-        def damped_fvp(v):
-            return _tree_axpy(config.cg_damping, v, fvp(v))
-
-        direction, cg_info = conjugate_gradient(
-            damped_fvp, grad, max_iters=config.cg_iters, damping=None, tol=config.cg_tol
+        full_step, step_info = natural_step(
+            grad, fvp, config.max_kl, config.cg_iters, config.cg_damping, config.cg_tol
         )
-        curvature = tree_vdot(direction, damped_fvp(direction))
-        step_size = jnp.where(
-            curvature > 0, jnp.sqrt(2.0 * config.max_kl / jnp.maximum(curvature, 1e-30)), 0.0
-        )
-        full_step = jax.tree.map(lambda s: (step_size * s).astype(s.dtype), direction)
         new_params, ls_info = kl_line_search(
             surrogate_and_kl,
             params,
@@ -574,9 +631,9 @@ def make_trpo_update(
             "step_fraction": ls_info.step_fraction,
             "line_search_steps": ls_info.steps,
             "accepted": ls_info.accepted,
-            "cg_iterations": cg_info.iterations,
-            "cg_residual": cg_info.residual_norm,
-            "step_size": step_size,
+            "cg_iterations": step_info.cg_iterations,
+            "cg_residual": step_info.cg_residual,
+            "step_size": step_info.step_size,
             "grad_norm": jnp.sqrt(tree_vdot(grad, grad)),
             **value_metrics,
         }

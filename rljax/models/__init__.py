@@ -1,0 +1,1 @@
+"""Flax NNX models: actor-critic MLPs for classic control (:mod:`rljax.models.mlp`)."""
