@@ -51,7 +51,8 @@ def mlp_policy(key, obs_dim=17, hidden=256, action_dim=6, batch=4096):
     inputs = jax.random.normal(keys[3], (batch, obs_dim))
     actions = jax.random.normal(keys[4], (batch, action_dim))
     advantages = jax.random.normal(keys[5], (batch,))
-    return "MLP 17-256-256-6 Gaussian, batch 4096", params, policy_fn, inputs, actions, advantages
+    name = f"MLP {obs_dim}-{hidden}-{hidden}-{action_dim} Gaussian, batch {batch}"
+    return name, params, policy_fn, inputs, actions, advantages
 
 
 def transformer_policy(key, vocab=512, dim=128, heads=4, layers=2, batch=8, length=128):
@@ -64,8 +65,14 @@ def transformer_policy(key, vocab=512, dim=128, heads=4, layers=2, batch=8, leng
         "embed": w((vocab, dim), 0.02),
         "pos": w((length, dim), 0.02),
         "blocks": [
-            {"qkv": w((dim, 3 * dim)), "proj": w((dim, dim)), "up": w((dim, 4 * dim)),
-             "down": w((4 * dim, dim)), "ln1": jnp.ones(dim), "ln2": jnp.ones(dim)}
+            {
+                "qkv": w((dim, 3 * dim)),
+                "proj": w((dim, dim)),
+                "up": w((dim, 4 * dim)),
+                "down": w((4 * dim, dim)),
+                "ln1": jnp.ones(dim),
+                "ln2": jnp.ones(dim),
+            }
             for _ in range(layers)
         ],
         "ln_f": jnp.ones(dim),
@@ -137,18 +144,30 @@ def bench(case, repeats):
     return name, rows
 
 
-def main():
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/fvp_results.json")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats (smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 3
     device = jax.devices()[0]
-    header = (f"FVP cost on {device.device_kind} ({jax.device_count()} device(s), "
-              f"{platform.processor() or platform.machine()}), jax {jax.__version__}")
+    header = (
+        f"FVP cost on {device.device_kind} ({jax.device_count()} device(s), "
+        f"{platform.processor() or platform.machine()}), jax {jax.__version__}"
+    )
     print(header)
     results = {"device": device.device_kind, "jax": jax.__version__, "cases": {}}
     key = jax.random.key(0)
-    for case in (mlp_policy(key), transformer_policy(key)):
+    if args.quick:
+        cases = (
+            mlp_policy(key, hidden=16, batch=64),
+            transformer_policy(key, vocab=32, dim=16, layers=1, batch=2, length=8),
+        )
+    else:
+        cases = (mlp_policy(key), transformer_policy(key))
+    for case in cases:
         name, rows = bench(case, args.repeats)
         results["cases"][name] = {k: {"ms": s * 1e3, "x_grad": r} for k, (s, r) in rows.items()}
         print(f"\n{name}\n\n| computation | ms | x gradient |\n|---|---:|---:|")
@@ -156,6 +175,7 @@ def main():
             print(f"| {k} | {s * 1e3:.2f} | {r:.2f} |")
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -147,10 +147,13 @@ def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: t
     """Surrogate improvement and mean KL along the natural and the plain gradient step."""
     surrogate_fn, surrogate_and_kl = trpo.trpo_objectives(policy_fn, params, batch)
     surrogate, grad = jax.value_and_grad(surrogate_fn)(params)
-    fvp = trpo.make_fisher_vector_product(policy_fn, params, batch["inputs"],
-                                          method=config.fvp_method)
+    fvp = trpo.make_fisher_vector_product(
+        policy_fn, params, batch["inputs"], method=config.fvp_method
+    )
     natural, info = trpo.natural_step(grad, fvp, config.max_kl, config.cg_iters, config.cg_damping)
-    grad_curvature = trpo.tree_vdot(grad, fvp(grad)) + config.cg_damping * trpo.tree_vdot(grad, grad)
+    grad_curvature = trpo.tree_vdot(grad, fvp(grad)) + config.cg_damping * trpo.tree_vdot(
+        grad, grad
+    )
     plain_scale = jnp.sqrt(2.0 * config.max_kl / grad_curvature)
     plain = jax.tree.map(lambda g: plain_scale * g, grad)
     scales = jnp.linspace(0.0, config.max_scale, config.num_points)
@@ -164,8 +167,15 @@ def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: t
 
     natural_gain, natural_kl = along(natural)
     plain_gain, plain_kl = along(plain)
-    _, ls = trpo.kl_line_search(surrogate_and_kl, params, natural, surrogate, config.max_kl,
-                                trpo_config.backtrack_coeff, trpo_config.max_backtracks)
+    _, ls = trpo.kl_line_search(
+        surrogate_and_kl,
+        params,
+        natural,
+        surrogate,
+        config.max_kl,
+        trpo_config.backtrack_coeff,
+        trpo_config.max_backtracks,
+    )
     # Undamped quadratic model of the KL: 0.5 t^2 step^T F step (the damped one equals delta at 1).
     natural_quadratic = 0.5 * scales**2 * trpo.tree_vdot(natural, fvp(natural))
     return {
@@ -196,25 +206,37 @@ def plot(curves: dict, config: Config, path: pathlib.Path) -> None:
     edge = float(inside.max()) if inside.size else 0.0
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7.5), sharex=True)
     for ax in (top, bottom):
-        ax.axvspan(0.0, edge, color="tab:green", alpha=0.12,
-                   label="trust region (KL <= delta, natural step)")
+        ax.axvspan(
+            0.0,
+            edge,
+            color="tab:green",
+            alpha=0.12,
+            label="trust region (KL <= delta, natural step)",
+        )
     top.plot(x, curves["natural_gain"], color="tab:blue", label="natural gradient (TRPO step)")
     top.plot(x, curves["plain_gain"], color="tab:orange", label="plain gradient")
     top.axhline(0.0, color="0.5", lw=0.8)
     top.set_ylabel("surrogate improvement  L(θ + t·Δ) − L(θ)")
     bottom.plot(x, curves["natural_kl"], color="tab:blue", label="KL, natural gradient")
-    bottom.plot(x, curves["natural_kl_quadratic"], color="tab:blue", ls="--", lw=1,
-                label="quadratic model ½ t² ΔᵀFΔ")
+    bottom.plot(
+        x,
+        curves["natural_kl_quadratic"],
+        color="tab:blue",
+        ls="--",
+        lw=1,
+        label="quadratic model ½ t² ΔᵀFΔ",
+    )
     bottom.plot(x, curves["plain_kl"], color="tab:orange", label="KL, plain gradient")
     bottom.axhline(config.max_kl, color="tab:red", ls=":", label=f"KL bound δ = {config.max_kl}")
     bottom.set_ylabel("mean KL(π_old ‖ π_new)")
-    bottom.set_xlabel("t (multiples of the full TRPO step: its damped quadratic KL model equals δ at t = 1)")
+    bottom.set_xlabel(
+        "t (multiples of the full TRPO step: its damped quadratic KL model equals δ at t = 1)"
+    )
     bottom.set_ylim(0, 4 * config.max_kl)
     if bool(curves["accepted"]):
         t = float(curves["accepted_scale"])
         top.plot([t], [float(curves["accepted_gain"])], "k*", ms=14, label="line search accepted")
-        bottom.plot([t], [float(curves["accepted_kl"])], "k*", ms=14,
-                    label="line search accepted")
+        bottom.plot([t], [float(curves["accepted_kl"])], "k*", ms=14, label="line search accepted")
     top.legend(fontsize=8, loc="best")
     bottom.legend(fontsize=8, loc="upper left")
     fig.suptitle("Trust region of TRPO: surrogate and KL divergence along the update")

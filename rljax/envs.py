@@ -17,13 +17,13 @@ bootstrap from the value of the state that was cut off (:func:`bootstrapped_rewa
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from rljax.distributions import is_gaussian, log_prob
 
@@ -39,9 +39,9 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class CartPoleParams:
-    """Constants of gymnasium's CartPole-v1."""
+    """Constants of gymnasium's CartPole-v1 (a pytree, so it can be traced, vmapped, swept)."""
 
     gravity: float = 9.8
     masscart: float = 1.0
