@@ -350,7 +350,9 @@ def dpo_loss(
       f_alpha_divergence_coef: :math:`\alpha` for ``alpha_divergence`` (Python float).
       discopop_tau: temperature of ``discopop``.
       weights: optional ``[batch]`` per-pair weights multiplying every per-pair loss (e.g. WPO
-        weights, Zhou et al., 2024, arXiv:2406.11827, computed by the caller).
+        weights, Zhou et al., 2024, arXiv:2406.11827, computed by the caller). As in TRL, the
+        ``sft`` term is then its batch value times ``mean(weights)`` (exact per local batch; with
+        a global ``normalizer`` this is exact only when the weights are constant).
       normalizer: divide per-pair sums by this instead of the local batch size (the number of
         pairs in the global batch, for exact gradient accumulation / data parallelism).
       sft_normalizer: the ``sft`` term's token count (default ``sum(chosen_lengths)``; set it
@@ -438,6 +440,8 @@ def dpo_loss(
     for lt, weight in zip(loss_types, loss_weights, strict=True):
         per_pair = LOSS_FUNCTIONS[lt](terms)
         if weights is not None:
+            if lt == "sft":  # TRL weights the batch-level NLL per pair: NLL * mean(weights)
+                per_pair = jnp.full_like(per_pair, jnp.mean(per_pair))
             per_pair = per_pair * weights
         term = jnp.sum(per_pair) / normalizer
         metrics[f"loss/{lt}"] = jax.lax.stop_gradient(term)

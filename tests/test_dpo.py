@@ -155,9 +155,7 @@ def trl_per_sequence_loss(lt, d):
         delta = a - b
         return -np_logsigmoid(beta * delta) * (1 - ls) - np_logsigmoid(-beta * delta) * ls
     if lt == "apo_zero":
-        return (1 - np_sigmoid(beta * d.chosen_logratios)) + np_sigmoid(
-            beta * d.rejected_logratios
-        )
+        return (1 - np_sigmoid(beta * d.chosen_logratios)) + np_sigmoid(beta * d.rejected_logratios)
     if lt == "apo_down":
         return np_sigmoid(beta * d.chosen_logratios) + (
             1 - np_sigmoid(beta * (d.chosen_logratios - d.rejected_logratios))
@@ -490,7 +488,14 @@ def test_named_combinations_match_trl(variant, loss_type, loss_weights):
     b = make_batch(11, 6)
     kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"]}
     got = run_dpo(
-        variant, b["c"], b["r"], b["rc"], b["rr"], loss_type=loss_type, loss_weights=loss_weights, **kw
+        variant,
+        b["c"],
+        b["r"],
+        b["rc"],
+        b["rr"],
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        **kw,
     )
     want = trl_dpo(
         b["c"], b["r"], b["rc"], b["rr"], loss_type=loss_type, loss_weights=loss_weights, **kw
@@ -547,7 +552,8 @@ def test_f_divergences_wide_logratios_float64(variant):
     # independent reference log-probs: log-ratios up to ~+-50 (forward KL scores ~1e21)
     b = make_batch(32, 7)
     types_ = ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "sft", "exo_pair"]
-    for f_type, alpha in F_DIVERGENCE_CASES:
+    # 1 + 5e-7 is inside TRL's |alpha - 1| < 1e-6 band: the reverse-KL limit, not the formula
+    for f_type, alpha in [*F_DIVERGENCE_CASES, ("alpha_divergence", 1.0 + 5e-7)]:
         kw = {
             "loss_type": types_,
             "label_smoothing": 0.1,
@@ -714,6 +720,10 @@ def test_hand_computed_ipo(variant):
     kw = {"chosen_lengths": np.array([2, 0]), "rejected_lengths": np.array([4, 3])}
     loss, m = run_dpo(variant, c, r, rc, rr, beta=0.25, loss_type="ipo", **kw)
     np.testing.assert_allclose(np.asarray(loss), (1.5625 + 1.0) / 2, rtol=1e-14)
+    # metrics use the unnormalised log ratios: beta * [1, 3] and beta * [-1, 0]
+    np.testing.assert_allclose(float(m["rewards/chosen"]), 0.5, rtol=1e-14)
+    np.testing.assert_allclose(float(m["rewards/rejected"]), -0.125, rtol=1e-14)
+    assert float(m["rewards/accuracies"]) == 1.0
 
 
 @VARIANTS
@@ -787,7 +797,9 @@ def test_concrete_array_hyperparameters_work_eagerly():
         label_smoothing=jnp.asarray(0.25),
         loss_type="robust",
     )
-    want = trl_dpo(b["c"], b["r"], b["rc"], b["rr"], beta=0.4, label_smoothing=0.25, loss_type="robust")
+    want = trl_dpo(
+        b["c"], b["r"], b["rc"], b["rr"], beta=0.4, label_smoothing=0.25, loss_type="robust"
+    )
     assert_matches(got, want, rtol=1e-10)
 
 
@@ -1008,7 +1020,13 @@ def test_forward_kl_with_nca_pair_raises():
 
 @pytest.mark.parametrize(
     ("loss_type", "loss_weights"),
-    [("sigmoid", [1.0, 1.0]), (["sigmoid", "hinge"], [1.0]), (["sigmoid", "hinge"], [1.0] * 3)],
+    [
+        ("sigmoid", [1.0, 1.0]),
+        (["sigmoid", "hinge"], [1.0]),
+        (["sigmoid", "hinge"], [1.0] * 3),
+        # an empty list is a length mismatch too (TRL's DPOConfig.__post_init__ raises as well)
+        (["sigmoid", "hinge"], []),
+    ],
 )
 def test_mismatched_loss_weights_raise(loss_type, loss_weights):
     with pytest.raises(ValueError, match="loss_weights"):
