@@ -28,13 +28,20 @@ from flax import struct
 from rljax.distributions import is_gaussian, log_prob
 
 __all__ = [
+    "ENVIRONMENTS",
+    "Acrobot",
     "CartPole",
     "CartPoleParams",
     "CartPoleState",
+    "GymnaxEnv",
+    "MountainCarContinuous",
+    "Pendulum",
+    "Probe",
     "RolloutCarry",
     "bootstrapped_rewards",
     "collect",
     "init_carry",
+    "make",
     "sample_action",
 ]
 
@@ -78,7 +85,7 @@ class CartPole:
         return CartPoleParams()
 
     def reset(self, key: jax.Array, params: CartPoleParams):
-        x, x_dot, theta, theta_dot = jax.random.uniform(key, (4,), minval=-0.05, maxval=0.05)
+        x, x_dot, theta, theta_dot = jax.random.uniform(key, (4,), jnp.float32, -0.05, 0.05)
         state = CartPoleState(x, x_dot, theta, theta_dot, jnp.int32(0))
         return self._obs(state), state
 
@@ -109,6 +116,384 @@ class CartPole:
     @staticmethod
     def _obs(state: CartPoleState) -> jax.Array:
         return jnp.stack([state.x, state.x_dot, state.theta, state.theta_dot]).astype(jnp.float32)
+
+
+@struct.dataclass
+class PendulumParams:
+    """Constants of gymnasium's Pendulum-v1."""
+
+    max_speed: float = 8.0
+    max_torque: float = 2.0
+    dt: float = 0.05
+    g: float = 10.0
+    m: float = 1.0
+    l: float = 1.0  # noqa: E741 (the paper's symbol)
+    max_steps: int = 200
+
+
+class PendulumState(NamedTuple):
+    theta: jax.Array
+    theta_dot: jax.Array
+    time: jax.Array
+
+
+def _angle_normalize(x):
+    return ((x + jnp.pi) % (2 * jnp.pi)) - jnp.pi
+
+
+class Pendulum:
+    """Pendulum-v1: swing a pendulum up and hold it; torque in [-2, 2]; never terminates.
+
+    Observation ``[cos theta, sin theta, theta_dot]``; reward
+    ``-(theta^2 + 0.1 theta_dot^2 + 0.001 u^2)`` with theta normalised to [-pi, pi);
+    truncated after 200 steps. Semi-implicit Euler as in gymnasium.
+    """
+
+    name = "Pendulum-v1"
+    observation_size = 3
+    action_size = 1
+    continuous = True
+
+    def default_params(self) -> PendulumParams:
+        return PendulumParams()
+
+    def reset(self, key: jax.Array, params: PendulumParams):
+        high = jnp.array([jnp.pi, 1.0], jnp.float32)
+        theta, theta_dot = jax.random.uniform(key, (2,), jnp.float32, -high, high)
+        state = PendulumState(theta, theta_dot, jnp.int32(0))
+        return self._obs(state), state
+
+    def step(self, key, state: PendulumState, action: jax.Array, params: PendulumParams):
+        del key
+        p = params
+        u = jnp.clip(jnp.reshape(action, ()), -p.max_torque, p.max_torque)
+        costs = _angle_normalize(state.theta) ** 2 + 0.1 * state.theta_dot**2 + 0.001 * u**2
+        theta_dot = (
+            state.theta_dot
+            + (3 * p.g / (2 * p.l) * jnp.sin(state.theta) + 3.0 / (p.m * p.l**2) * u) * p.dt
+        )
+        theta_dot = jnp.clip(theta_dot, -p.max_speed, p.max_speed)
+        new = PendulumState(state.theta + theta_dot * p.dt, theta_dot, state.time + 1)
+        truncated = new.time >= p.max_steps
+        return self._obs(new), new, -costs.astype(jnp.float32), jnp.bool_(False), truncated, {}
+
+    @staticmethod
+    def _obs(state: PendulumState) -> jax.Array:
+        return jnp.stack([jnp.cos(state.theta), jnp.sin(state.theta), state.theta_dot]).astype(
+            jnp.float32
+        )
+
+
+@struct.dataclass
+class AcrobotParams:
+    """Constants of gymnasium's Acrobot-v1 ("book" dynamics, one RK4 step per dt)."""
+
+    dt: float = 0.2
+    link_length_1: float = 1.0
+    link_mass_1: float = 1.0
+    link_mass_2: float = 1.0
+    link_com_pos_1: float = 0.5
+    link_com_pos_2: float = 0.5
+    link_moi: float = 1.0
+    max_vel_1: float = 4 * math.pi
+    max_vel_2: float = 9 * math.pi
+    max_steps: int = 500
+
+
+class AcrobotState(NamedTuple):
+    joint_angle1: jax.Array
+    joint_angle2: jax.Array
+    velocity_1: jax.Array
+    velocity_2: jax.Array
+    time: jax.Array
+
+
+class Acrobot:
+    """Acrobot-v1: swing the tip of a two-link chain above a line; torque in {-1, 0, +1}.
+
+    Reward -1 per step until the tip is one link length above the base (terminated, reward
+    0 there); truncated after 500 steps.
+    """
+
+    name = "Acrobot-v1"
+    observation_size = 6
+    num_actions = 3
+    continuous = False
+
+    def default_params(self) -> AcrobotParams:
+        return AcrobotParams()
+
+    def reset(self, key: jax.Array, params: AcrobotParams):
+        s = jax.random.uniform(key, (4,), jnp.float32, -0.1, 0.1)
+        state = AcrobotState(s[0], s[1], s[2], s[3], jnp.int32(0))
+        return self._obs(state), state
+
+    def _dsdt(self, s, torque, p: AcrobotParams):
+        m1, m2, l1 = p.link_mass_1, p.link_mass_2, p.link_length_1
+        lc1, lc2, i1, i2, g = p.link_com_pos_1, p.link_com_pos_2, p.link_moi, p.link_moi, 9.8
+        theta1, theta2, dtheta1, dtheta2 = s
+        d1 = m1 * lc1**2 + m2 * (l1**2 + lc2**2 + 2 * l1 * lc2 * jnp.cos(theta2)) + i1 + i2
+        d2 = m2 * (lc2**2 + l1 * lc2 * jnp.cos(theta2)) + i2
+        phi2 = m2 * lc2 * g * jnp.cos(theta1 + theta2 - jnp.pi / 2.0)
+        phi1 = (
+            -m2 * l1 * lc2 * dtheta2**2 * jnp.sin(theta2)
+            - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * jnp.sin(theta2)
+            + (m1 * lc1 + m2 * l1) * g * jnp.cos(theta1 - jnp.pi / 2)
+            + phi2
+        )
+        ddtheta2 = (
+            torque + d2 / d1 * phi1 - m2 * l1 * lc2 * dtheta1**2 * jnp.sin(theta2) - phi2
+        ) / (m2 * lc2**2 + i2 - d2**2 / d1)
+        ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
+        return jnp.stack([dtheta1, dtheta2, ddtheta1, ddtheta2])
+
+    def step(self, key, state: AcrobotState, action: jax.Array, params: AcrobotParams):
+        del key
+        p = params
+        torque = jnp.asarray(action, jnp.float32) - 1.0
+        s = jnp.stack([state.joint_angle1, state.joint_angle2, state.velocity_1, state.velocity_2])
+        k1 = self._dsdt(s, torque, p)
+        k2 = self._dsdt(s + p.dt / 2 * k1, torque, p)
+        k3 = self._dsdt(s + p.dt / 2 * k2, torque, p)
+        k4 = self._dsdt(s + p.dt * k3, torque, p)
+        s = s + p.dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        new = AcrobotState(
+            _angle_normalize(s[0]),
+            _angle_normalize(s[1]),
+            jnp.clip(s[2], -p.max_vel_1, p.max_vel_1),
+            jnp.clip(s[3], -p.max_vel_2, p.max_vel_2),
+            state.time + 1,
+        )
+        terminated = -jnp.cos(new.joint_angle1) - jnp.cos(new.joint_angle2 + new.joint_angle1) > 1.0
+        truncated = (new.time >= p.max_steps) & ~terminated
+        reward = jnp.where(terminated, 0.0, -1.0).astype(jnp.float32)
+        return self._obs(new), new, reward, terminated, truncated, {}
+
+    @staticmethod
+    def _obs(state: AcrobotState) -> jax.Array:
+        return jnp.stack(
+            [
+                jnp.cos(state.joint_angle1),
+                jnp.sin(state.joint_angle1),
+                jnp.cos(state.joint_angle2),
+                jnp.sin(state.joint_angle2),
+                state.velocity_1,
+                state.velocity_2,
+            ]
+        ).astype(jnp.float32)
+
+
+@struct.dataclass
+class MountainCarContinuousParams:
+    """Constants of gymnasium's MountainCarContinuous-v0."""
+
+    min_action: float = -1.0
+    max_action: float = 1.0
+    min_position: float = -1.2
+    max_position: float = 0.6
+    max_speed: float = 0.07
+    goal_position: float = 0.45
+    goal_velocity: float = 0.0
+    power: float = 0.0015
+    max_steps: int = 999
+
+
+class MountainCarState(NamedTuple):
+    position: jax.Array
+    velocity: jax.Array
+    time: jax.Array
+
+
+class MountainCarContinuous:
+    """MountainCarContinuous-v0: drive an underpowered car up a hill; force in [-1, 1].
+
+    Reward ``-0.1 a^2`` per step and +100 on reaching the flag (terminated); truncated after
+    999 steps.
+    """
+
+    name = "MountainCarContinuous-v0"
+    observation_size = 2
+    action_size = 1
+    continuous = True
+
+    def default_params(self) -> MountainCarContinuousParams:
+        return MountainCarContinuousParams()
+
+    def reset(self, key: jax.Array, params: MountainCarContinuousParams):
+        position = jax.random.uniform(key, (), jnp.float32, -0.6, -0.4)
+        state = MountainCarState(position, jnp.float32(0.0), jnp.int32(0))
+        return self._obs(state), state
+
+    def step(self, key, state: MountainCarState, action, params: MountainCarContinuousParams):
+        del key
+        p = params
+        action = jnp.reshape(action, ())
+        force = jnp.clip(action, p.min_action, p.max_action)
+        velocity = state.velocity + force * p.power - 0.0025 * jnp.cos(3 * state.position)
+        velocity = jnp.clip(velocity, -p.max_speed, p.max_speed)
+        position = jnp.clip(state.position + velocity, p.min_position, p.max_position)
+        velocity = jnp.where((position == p.min_position) & (velocity < 0), 0.0, velocity)
+        terminated = (position >= p.goal_position) & (velocity >= p.goal_velocity)
+        reward = jnp.where(terminated, 100.0, 0.0) - 0.1 * action**2
+        new = MountainCarState(position, velocity, state.time + 1)
+        truncated = (new.time >= p.max_steps) & ~terminated
+        return self._obs(new), new, reward.astype(jnp.float32), terminated, truncated, {}
+
+    @staticmethod
+    def _obs(state: MountainCarState) -> jax.Array:
+        return jnp.stack([state.position, state.velocity]).astype(jnp.float32)
+
+
+class ProbeState(NamedTuple):
+    obs: jax.Array
+    time: jax.Array
+
+
+@struct.dataclass
+class ProbeParams:
+    """Probe environments have no parameters; a placeholder pytree for the interface."""
+
+    max_steps: int = 1
+
+
+class Probe:
+    """rejax-style probe environments: tiny tasks whose exact values are known, so a
+    value-function, advantage or policy-gradient bug shows up in seconds.
+
+    ``kind``:
+
+    * ``"constant"``: one step, observation 0, reward 1. The value must learn ``V = 1``.
+    * ``"observation"``: one step, observation ``+-1`` at random, reward = observation. The value
+      must learn ``V(s) = s``.
+    * ``"discount"``: two steps, reward 1 only at the end. The value must learn
+      ``V(s_0) = gamma``, ``V(s_1) = 1`` (observation is the step index).
+    * ``"action"``: one step, observation 0, reward 1 for action 1, 0 for action 0. The policy
+      must learn to pick action 1.
+    * ``"observation_action"``: one step, observation ``+-1``; reward 1 when the action equals
+      ``(obs + 1) / 2``. The policy must learn to condition on the observation.
+    """
+
+    observation_size = 1
+    num_actions = 2
+    continuous = False
+    KINDS = ("constant", "observation", "discount", "action", "observation_action")
+
+    def __init__(self, kind: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown probe {kind!r}; valid choices: {list(self.KINDS)}")
+        self.kind = kind
+        self.name = f"probe-{kind}"
+
+    def default_params(self) -> ProbeParams:
+        return ProbeParams(max_steps=2 if self.kind == "discount" else 1)
+
+    def reset(self, key: jax.Array, params: ProbeParams):
+        if self.kind in ("observation", "observation_action"):
+            obs = jnp.where(jax.random.bernoulli(key), 1.0, -1.0).astype(jnp.float32)[None]
+        else:
+            obs = jnp.zeros((1,), jnp.float32)
+        return obs, ProbeState(obs, jnp.int32(0))
+
+    def step(self, key, state: ProbeState, action: jax.Array, params: ProbeParams):
+        del key
+        time = state.time + 1
+        obs = state.obs[0]
+        if self.kind == "constant":
+            reward = jnp.float32(1.0)
+        elif self.kind == "observation":
+            reward = obs
+        elif self.kind == "discount":
+            reward = jnp.where(time >= 2, 1.0, 0.0)
+        elif self.kind == "action":
+            reward = (action == 1).astype(jnp.float32)
+        else:
+            reward = (action == ((obs + 1) / 2).astype(jnp.int32)).astype(jnp.float32)
+        terminated = time >= params.max_steps
+        next_obs = time.astype(jnp.float32)[None] if self.kind == "discount" else state.obs
+        return (
+            next_obs,
+            ProbeState(next_obs, time),
+            reward.astype(jnp.float32),
+            terminated,
+            (jnp.bool_(False)),
+            {},
+        )
+
+
+ENVIRONMENTS = {
+    "CartPole-v1": CartPole,
+    "Pendulum-v1": Pendulum,
+    "Acrobot-v1": Acrobot,
+    "MountainCarContinuous-v0": MountainCarContinuous,
+}
+
+
+def make(name: str):
+    """An environment and its default parameters by name.
+
+    Built in (pure JAX, no extra dependency): ``CartPole-v1``, ``Pendulum-v1``, ``Acrobot-v1``,
+    ``MountainCarContinuous-v0`` and the probes ``probe-constant``, ``probe-observation``,
+    ``probe-discount``, ``probe-action``, ``probe-observation_action``. ``gymnax:<id>`` wraps any
+    gymnax environment (``pip install 'rljax[envs]'``).
+    """
+    if name in ENVIRONMENTS:
+        env = ENVIRONMENTS[name]()
+    elif name.startswith("probe-"):
+        env = Probe(name.removeprefix("probe-"))
+    elif name.startswith("gymnax:"):
+        env = GymnaxEnv(name.removeprefix("gymnax:"))
+    else:
+        choices = [*ENVIRONMENTS, *(f"probe-{k}" for k in Probe.KINDS), "gymnax:<id>"]
+        raise ValueError(f"unknown environment {name!r}; valid choices: {choices}")
+    return env, env.default_params()
+
+
+class GymnaxEnv:
+    """Adapter for a gymnax environment (0.0.x returns one ``done``; 1.0.x splits
+    terminated and truncated). With 0.0.x, a ``done`` at the time limit counts as truncated."""
+
+    def __init__(self, env_id: str):
+        try:
+            import gymnax
+        except ImportError as err:  # pragma: no cover - depends on the optional extra
+            raise ImportError(
+                f"environment 'gymnax:{env_id}' needs gymnax: pip install 'rljax[envs]'"
+            ) from err
+        self._env, self._params = gymnax.make(env_id)
+        self.name = env_id
+        space = self._env.action_space(self._params)
+        self.continuous = not hasattr(space, "n")
+        if self.continuous:
+            self.action_size = int(math.prod(space.shape))
+        else:
+            self.num_actions = int(space.n)
+        self.observation_size = int(math.prod(self._env.observation_space(self._params).shape))
+
+    def default_params(self):
+        return self._params
+
+    def reset(self, key, params):
+        obs, state = self._env.reset(key, params)
+        return obs.reshape(-1).astype(jnp.float32), state
+
+    def step(self, key, state, action, params):
+        if self.continuous:
+            action = action.reshape(self._env.action_space(params).shape)
+        out = self._env.step_env(key, state, action, params)  # no auto-reset: collect() resets
+        if len(out) == 6:
+            obs, new_state, reward, terminated, truncated, info = out
+        else:
+            obs, new_state, reward, done, info = out
+            truncated = done & (new_state.time >= params.max_steps_in_episode)
+            terminated = done & ~truncated
+        return (
+            obs.reshape(-1).astype(jnp.float32),
+            new_state,
+            reward.astype(jnp.float32),
+            terminated.astype(bool),
+            truncated.astype(bool),
+            info,
+        )
 
 
 def sample_action(key: jax.Array, outputs) -> jax.Array:

@@ -13,17 +13,29 @@ stopped through them.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
+from rljax.advantages import whiten
+from rljax.distributions import entropy as distribution_entropy
+from rljax.distributions import log_prob
 from rljax.logprobs import masked_mean, masked_sum_and_count
 
 __all__ = [
+    "PPOConfig",
+    "PPOState",
     "clipped_surrogate_loss",
     "clipped_surrogate_per_token",
     "clipped_value_loss",
     "entropy_bonus",
+    "init_ppo_state",
+    "make_ppo_update",
     "ppo_loss",
 ]
 
@@ -225,3 +237,170 @@ def ppo_loss(
         }
     )
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure PPO update step.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Static settings of :func:`make_ppo_update`.
+
+    Attributes:
+      clip_eps: clip range of the probability ratio.
+      clip_eps_high: upper clip range (DAPO clip-higher); ``None`` = ``clip_eps``.
+      dual_clip: dual-clip bound ``c > 1`` for negative advantages; ``None`` = off.
+      value_clip_eps: clip range of the value update; ``None`` = plain squared error.
+      value_coef: weight of the value loss.
+      entropy_coef: weight of the entropy bonus.
+      num_epochs: passes over the batch.
+      num_minibatches: minibatches per pass (the batch's rows must divide evenly).
+      normalize_advantages: whiten advantages per minibatch over valid positions.
+      target_kl: stop the remaining minibatch steps of this update once a minibatch's
+        approximate KL (k3, measured before its step) exceeds this; ``None`` = never.
+    """
+
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    dual_clip: float | None = None
+    value_clip_eps: float | None = 0.2
+    value_coef: float = 0.5
+    entropy_coef: float = 0.0
+    num_epochs: int = 4
+    num_minibatches: int = 4
+    normalize_advantages: bool = True
+    target_kl: float | None = None
+
+    def __post_init__(self):
+        _check_clip(self.clip_eps, self.clip_eps_high, self.dual_clip)
+        if self.num_epochs < 1 or self.num_minibatches < 1:
+            raise ValueError(
+                f"num_epochs and num_minibatches must be >= 1; got {self.num_epochs}, "
+                f"{self.num_minibatches}"
+            )
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None; got {self.target_kl}")
+
+
+class PPOState(NamedTuple):
+    """Train state of :func:`make_ppo_update` (a pytree): ``params = {"policy", "value"}``."""
+
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    step: jax.Array
+
+
+def init_ppo_state(policy_params, value_params, optimizer, key: jax.Array) -> PPOState:
+    """Initial :class:`PPOState`; one optax ``optimizer`` for both networks."""
+    params = {"policy": policy_params, "value": value_params}
+    return PPOState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
+
+
+def make_ppo_update(
+    policy_fn: Callable,
+    value_fn: Callable,
+    optimizer,
+    config: PPOConfig = PPOConfig(),
+) -> Callable[[PPOState, dict], tuple[PPOState, dict[str, jax.Array]]]:
+    """Build the pure PPO step ``update(state, batch) -> (state, metrics)``.
+
+    ``num_epochs`` passes over the batch in ``num_minibatches`` shuffled minibatches, each an
+    optax step on :func:`ppo_loss` (Schulman et al., 2017, Algorithm 1). Gradient clipping and
+    learning-rate schedules belong to ``optimizer`` (e.g. ``optax.chain(
+    optax.clip_by_global_norm(0.5), optax.adam(optax.linear_schedule(...)))``).
+
+    Args:
+      policy_fn: ``policy_fn(policy_params, inputs) -> outputs`` (logits or ``(mean, log_std)``).
+      value_fn: ``value_fn(value_params, inputs) -> values`` shaped like ``advantages``.
+      optimizer: optax ``GradientTransformation`` over ``{"policy": ..., "value": ...}``.
+      config: :class:`PPOConfig`.
+
+    The ``batch`` is a dict of arrays with the batch of rows on the leading axis: ``inputs``
+    (array or pytree), ``actions``, ``old_logps``, ``advantages``, ``returns``, ``old_values``
+    (all shaped like the log-probs, ``[rows]`` or ``[rows, time]``), optional ``mask`` and
+    ``value_inputs`` (default ``inputs``).
+
+    Metrics are means over the minibatch steps taken: those of :func:`ppo_loss`, plus
+    ``updates`` (steps taken) and ``early_stopped`` (target KL reached).
+    """
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+    required = ("inputs", "actions", "old_logps", "advantages", "returns", "old_values")
+
+    def loss_fn(params, minibatch):
+        outputs = policy_fn(params["policy"], minibatch["inputs"])
+        logps = log_prob(outputs, minibatch["actions"])
+        values = value_fn(params["value"], minibatch.get("value_inputs", minibatch["inputs"]))
+        mask = minibatch.get("mask")
+        advantages = minibatch["advantages"]
+        if config.normalize_advantages:
+            advantages = whiten(advantages, mask)
+        return ppo_loss(
+            logps,
+            minibatch["old_logps"],
+            advantages,
+            values,
+            minibatch["old_values"],
+            minibatch["returns"],
+            distribution_entropy(outputs),
+            mask,
+            clip_eps=config.clip_eps,
+            clip_eps_high=config.clip_eps_high,
+            dual_clip=config.dual_clip,
+            value_clip_eps=config.value_clip_eps,
+            value_coef=config.value_coef,
+            entropy_coef=config.entropy_coef,
+        )
+
+    def update(state: PPOState, batch: dict) -> tuple[PPOState, dict[str, jax.Array]]:
+        missing = [k for k in required if k not in batch]
+        if missing:
+            raise KeyError(f"PPO batch is missing {missing}; it has {sorted(batch)}")
+        num_rows = batch["advantages"].shape[0]
+        if num_rows % config.num_minibatches:
+            raise ValueError(
+                f"batch of {num_rows} rows does not split into num_minibatches="
+                f"{config.num_minibatches} equal minibatches"
+            )
+        rows = num_rows // config.num_minibatches
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state, stopped = carry
+            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+            if config.target_kl is not None:
+                stopped = stopped | (metrics["policy/approxkl_k3"] > config.target_kl)
+
+            def step(_):
+                updates, new_opt_state = optimizer.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), new_opt_state
+
+            if config.target_kl is None:
+                params, opt_state = step(None)
+            else:
+                params, opt_state = jax.lax.cond(stopped, lambda _: (params, opt_state), step, None)
+            return (params, opt_state, stopped), (metrics, ~stopped)
+
+        def epoch(carry, epoch_key):
+            order = jax.random.permutation(epoch_key, num_rows)
+            minibatches = jax.tree.map(
+                lambda x: x[order].reshape(config.num_minibatches, rows, *x.shape[1:]), batch
+            )
+            return jax.lax.scan(minibatch_step, carry, minibatches)
+
+        key, epochs_key = jax.random.split(state.key)
+        (params, opt_state, stopped), (metrics, taken) = jax.lax.scan(
+            epoch,
+            (state.params, state.opt_state, jnp.bool_(False)),
+            jax.random.split(epochs_key, config.num_epochs),
+        )
+        taken = taken.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(taken), 1.0)
+        metrics = {k: jnp.sum(v * taken) / count for k, v in metrics.items()}
+        metrics["updates"] = jnp.sum(taken)
+        metrics["early_stopped"] = stopped
+        return PPOState(params, opt_state, key, state.step + 1), metrics
+
+    return update

@@ -129,7 +129,16 @@ def make_logits(seed, shape=LOGIT_SHAPE, scale=3.0, dtype=np.float64):
 def assert_close(got, want, dtype, atol=0.0):
     got = np.asarray(got)
     assert got.dtype == np.dtype(dtype), (got.dtype, dtype)
-    np.testing.assert_allclose(got.astype(np.float64), want, rtol=RTOL[np.dtype(dtype)], atol=atol)
+    got64, want = got.astype(np.float64), np.asarray(want, np.float64)
+    assert got64.shape == want.shape, (got64.shape, want.shape)
+    # atol may be per element (np.testing.assert_allclose only takes a scalar)
+    rtol = RTOL[np.dtype(dtype)]
+    err = np.abs(got64 - want)
+    ok = (err <= atol + rtol * np.abs(want)) | (got64 == want)
+    assert np.all(ok), (
+        f"rtol={rtol}: worst at {np.argwhere(~ok)[:5].tolist()}\n"
+        f"got  {got64[~ok][:5]}\nwant {want[~ok][:5]}\nerr  {err[~ok][:5]}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,7 +245,7 @@ dtype_st = st.sampled_from([np.float64, np.float32])
         pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
     ],
 )
-@settings(max_examples=12)
+@settings(max_examples=6)
 @given(seed=seed_st, shape=shape_st, dtype=dtype_st)
 def test_per_token_matches_reference(transform, clip, seed, shape, dtype):
     logps, old, adv, _ = make_policy_data(seed, shape, dtype)
@@ -278,12 +278,12 @@ def test_per_token_matches_reference(transform, clip, seed, shape, dtype):
         pytest.param(dict(eps=0.1, eps_high=0.3, dual=2.0), id="asym_dual"),
     ],
 )
-@settings(max_examples=12)
+@settings(max_examples=6)
 @given(
     seed=seed_st,
     shape=shape_st,
     dtype=dtype_st,
-    mask_kind=st.sampled_from(["random", "bool", "none"]),
+    mask_kind=st.sampled_from(["random", "bool"]),
 )
 def test_surrogate_loss_and_metrics(transform, clip, seed, shape, dtype, mask_kind):
     logps, old, adv, mask = make_policy_data(seed, shape, dtype, mask_kind)
@@ -305,10 +305,11 @@ def test_surrogate_loss_and_metrics(transform, clip, seed, shape, dtype, mask_ki
     assert set(metrics) == set(ref_metrics)
 
 
-def test_surrogate_defaults_and_no_mask_equals_all_ones_mask():
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_surrogate_defaults_and_no_mask_equals_all_ones_mask(transform):
     logps, old, adv, _ = make_policy_data(3, (3, 4))
     args = [jnp.asarray(x) for x in (logps, old, adv)]
-    loss, metrics = clipped_surrogate_loss(*args)  # defaults: clip_eps=0.2, no dual clip
+    loss, metrics = transform(clipped_surrogate_loss)(*args)  # clip_eps=0.2, no dual clip
     ref, ref_metrics = np_surrogate_loss(logps, old, adv, None, 0.2)
     assert_close(loss, ref)
     assert_metrics(metrics, ref_metrics)
@@ -342,7 +343,7 @@ def test_surrogate_ignores_garbage_at_padding(transform):
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize(("seed", "shape", "split"), [(0, (6,), 2), (1, (3, 4), 1)])
+@pytest.mark.parametrize(("seed", "shape", "split"), [(1, (3, 4), 1)])
 def test_surrogate_normalizer_microbatches_add_up(transform, seed, shape, split):
     """Two micro-batches with normalizer = global valid count sum to the full-batch loss."""
     logps, old, adv, mask = make_policy_data(seed, shape)
@@ -435,7 +436,7 @@ def _surrogate_value(logps, old_logps, adv, mask, **clip):
         pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
     ],
 )
-@settings(max_examples=6)
+@settings(max_examples=4)
 @given(seed=seed_st, shape=shape_st)
 def test_surrogate_gradient_vs_reference_and_finite_differences(transform, clip, seed, shape):
     logps, old, adv, mask = make_policy_data(seed, shape)
@@ -489,7 +490,7 @@ def test_surrogate_metrics_carry_no_gradient():
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("eps", [0.2, 0.1, None])
-@settings(max_examples=12)
+@settings(max_examples=6)
 @given(seed=seed_st, shape=shape_st, dtype=dtype_st)
 def test_value_loss_matches_reference(transform, eps, seed, shape, dtype):
     values, old, returns, mask = make_value_data(seed, shape, dtype)
@@ -630,7 +631,7 @@ PPO_CONFIGS = [
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("config", PPO_CONFIGS)
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(seed=st.integers(0, 2**30), shape=shape_st, dtype=dtype_st, use_norm=st.booleans())
 def test_ppo_loss_matches_reference(transform, config, seed, shape, dtype, use_norm):
     data = _ppo_data(seed, shape, dtype)

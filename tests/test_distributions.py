@@ -1,0 +1,345 @@
+"""Tests of :mod:`rljax.distributions` against independent float64 numpy references.
+
+* categorical: explicit log-softmax and gather, ``-sum p log p``, ``sum p log(p / q)``;
+* diagonal Gaussian: the log of the product of the per-dimension normal densities, the
+  multivariate closed forms with explicit covariance matrices (``numpy.linalg``), and a Monte
+  Carlo estimate of the KL from many samples.
+
+Tolerances: float64 to 1e-10 relative. float32 inputs are compared with the float64 reference
+evaluated on the same float32-rounded inputs to 1e-5 relative, with an absolute floor of 1e-6:
+a KL or an entropy near 0 is a difference of O(1) terms, each rounded to ~6e-8 in float32, so
+its absolute, not relative, error is what is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rljax.distributions import entropy, is_gaussian, kl_divergence, log_prob
+
+TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
+# few distinct shapes: un-jitted jax compiles each primitive once per new shape
+POSITIONS = [(6,), (3, 4)]
+TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=0.0), np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6)}
+
+seed_st = st.integers(0, 2**32 - 1)
+positions_st = st.sampled_from(POSITIONS)
+dtype_st = st.sampled_from([np.float64, np.float32])
+size_st = st.sampled_from([4])
+
+
+def assert_close(actual, expected, dtype=np.float64):
+    actual = np.asarray(actual)
+    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
+    np.testing.assert_allclose(actual, expected, **TOL[np.dtype(dtype)])
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy references
+# ---------------------------------------------------------------------------------------------
+
+
+def np_probs(logits):
+    logits = np.asarray(logits, np.float64)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_categorical_log_prob(logits, actions):
+    logits = np.asarray(logits, np.float64)
+    out = np.zeros(logits.shape[:-1])
+    for idx in np.ndindex(out.shape):
+        row = logits[idx]
+        out[idx] = row[actions[idx]] - (row.max() + np.log(np.sum(np.exp(row - row.max()))))
+    return out
+
+
+def np_gaussian_log_prob(mean, log_std, actions):
+    """log prod_d N(a_d; mu_d, sigma_d^2), from the density itself."""
+    mean, actions = np.asarray(mean, np.float64), np.asarray(actions, np.float64)
+    std = np.broadcast_to(np.exp(np.asarray(log_std, np.float64)), mean.shape)
+    density = np.exp(-((actions - mean) ** 2) / (2 * std**2)) / (std * np.sqrt(2 * np.pi))
+    return np.log(np.prod(density, axis=-1))
+
+
+def np_gaussian_kl(p, q):
+    """0.5 (tr(S_q^-1 S_p) + d^T S_q^-1 d - k + log det S_q - log det S_p), d = mu_q - mu_p."""
+    (mp, lp), (mq, lq) = p, q
+    mp, mq = np.asarray(mp, np.float64), np.asarray(mq, np.float64)
+    sp = np.broadcast_to(np.exp(np.asarray(lp, np.float64)), mp.shape)
+    sq = np.broadcast_to(np.exp(np.asarray(lq, np.float64)), mq.shape)
+    out = np.zeros(mp.shape[:-1])
+    for idx in np.ndindex(out.shape):
+        cov_p, cov_q = np.diag(sp[idx] ** 2), np.diag(sq[idx] ** 2)
+        inv_q = np.linalg.inv(cov_q)
+        d = mq[idx] - mp[idx]
+        out[idx] = 0.5 * (
+            np.trace(inv_q @ cov_p)
+            + d @ inv_q @ d
+            - mp.shape[-1]
+            + np.linalg.slogdet(cov_q)[1]
+            - np.linalg.slogdet(cov_p)[1]
+        )
+    return out
+
+
+def np_gaussian_entropy(mean, log_std):
+    """0.5 log det(2 pi e S)."""
+    std = np.broadcast_to(np.exp(np.asarray(log_std, np.float64)), np.shape(mean))
+    out = np.zeros(np.shape(mean)[:-1])
+    for idx in np.ndindex(out.shape):
+        out[idx] = 0.5 * np.linalg.slogdet(2 * np.pi * np.e * np.diag(std[idx] ** 2))[1]
+    return out
+
+
+def make_gaussian(rng, positions, size, shared, dtype=np.float64):
+    mean = rng.normal(0.0, 1.0, (*positions, size)).astype(dtype)
+    log_std = rng.normal(-0.2, 0.4, (size,) if shared else (*positions, size)).astype(dtype)
+    return mean, log_std
+
+
+# ---------------------------------------------------------------------------------------------
+# log_prob
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(
+    seed=seed_st,
+    positions=positions_st,
+    size=size_st,
+    dtype=dtype_st,
+    int_dtype=st.sampled_from([np.int32]),
+)
+def test_categorical_log_prob(transform, seed, positions, size, dtype, int_dtype):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (*positions, size)).astype(dtype)
+    actions = rng.integers(0, size, positions).astype(int_dtype)
+    got = transform(log_prob)(jnp.asarray(logits), jnp.asarray(actions))
+    assert got.shape == positions
+    assert_close(got, np_categorical_log_prob(logits, actions), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(seed=seed_st, positions=positions_st, size=size_st, dtype=dtype_st, shared=st.booleans())
+def test_gaussian_log_prob(transform, seed, positions, size, dtype, shared):
+    rng = np.random.default_rng(seed)
+    mean, log_std = make_gaussian(rng, positions, size, shared, dtype)
+    actions = (mean + np.exp(log_std) * rng.normal(size=mean.shape)).astype(dtype)
+    got = transform(log_prob)((jnp.asarray(mean), jnp.asarray(log_std)), jnp.asarray(actions))
+    assert got.shape == positions
+    assert_close(got, np_gaussian_log_prob(mean, log_std, actions), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_log_prob_gradients(transform):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 4))
+    actions = rng.integers(0, 4, 6)
+    g = transform(jax.grad(lambda z: jnp.sum(log_prob(z, actions))))(jnp.asarray(logits))
+    np.testing.assert_allclose(g, np.eye(4)[actions] - np_probs(logits), rtol=1e-10, atol=1e-15)
+
+    mean, log_std = make_gaussian(rng, (6,), 4, shared=True)
+    a = rng.normal(size=(6, 4))
+    g_mean, g_log_std = transform(
+        jax.grad(lambda m, s: jnp.sum(log_prob((m, s), jnp.asarray(a))), argnums=(0, 1))
+    )(jnp.asarray(mean), jnp.asarray(log_std))
+    z = (a - mean) / np.exp(log_std)
+    np.testing.assert_allclose(g_mean, z / np.exp(log_std), rtol=1e-10)
+    # the shared log_std [D] collects d/d log_sigma = z^2 - 1 from every position
+    np.testing.assert_allclose(g_log_std, np.sum(z**2 - 1, axis=0), rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# kl_divergence
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(seed=seed_st, positions=positions_st, size=size_st, dtype=dtype_st)
+def test_categorical_kl(transform, seed, positions, size, dtype):
+    rng = np.random.default_rng(seed)
+    p = rng.normal(0.0, 1.5, (*positions, size)).astype(dtype)
+    q = rng.normal(0.0, 1.5, (*positions, size)).astype(dtype)
+    got = transform(kl_divergence)(jnp.asarray(p), jnp.asarray(q))
+    pp, qq = np_probs(p), np_probs(q)
+    assert_close(got, np.sum(pp * np.log(pp / qq), axis=-1), dtype)
+    assert np.all(np.asarray(got) >= -1e-6)
+    assert_close(transform(kl_divergence)(jnp.asarray(p), jnp.asarray(p)), np.zeros(positions), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(
+    seed=seed_st,
+    positions=positions_st,
+    size=size_st,
+    dtype=dtype_st,
+    p_shared=st.booleans(),
+    q_shared=st.booleans(),
+)
+def test_gaussian_kl_closed_form(transform, seed, positions, size, dtype, p_shared, q_shared):
+    rng = np.random.default_rng(seed)
+    p = make_gaussian(rng, positions, size, p_shared, dtype)
+    q = make_gaussian(rng, positions, size, q_shared, dtype)
+    got = transform(kl_divergence)(*(tuple(map(jnp.asarray, d)) for d in (p, q)))
+    assert got.shape == positions
+    assert_close(got, np_gaussian_kl(p, q), dtype)
+    assert np.all(np.asarray(got) > 0)
+    same = transform(kl_divergence)(tuple(map(jnp.asarray, p)), tuple(map(jnp.asarray, p)))
+    assert_close(same, np.zeros(positions), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gaussian_kl_monte_carlo(transform):
+    """KL(p || q) = E_p[log p(x) - log q(x)], estimated from 200k samples per position.
+
+    Tolerance: 5 standard errors of the sample mean (deterministic seed).
+    """
+    rng = np.random.default_rng(0)
+    p = make_gaussian(rng, (2, 3), 3, shared=False)
+    q = (p[0] + rng.normal(0.0, 0.5, p[0].shape), p[1] + rng.normal(0.0, 0.3, p[1].shape))
+    got = np.asarray(transform(kl_divergence)(tuple(map(jnp.asarray, p)), tuple(map(jnp.asarray, q))))
+    n = 200_000
+    x = p[0][None] + np.exp(p[1])[None] * rng.normal(size=(n, *p[0].shape))
+    log_ratio = np_gaussian_log_prob(p[0], p[1], x) - np_gaussian_log_prob(q[0], q[1], x)
+    estimate, stderr = log_ratio.mean(0), log_ratio.std(0) / np.sqrt(n)
+    assert np.all(np.abs(got - estimate) < 5 * stderr + 1e-12), (got, estimate, stderr)
+    assert np.all(stderr < 0.02)  # the check is informative: KLs here are O(0.1 - 1)
+    assert np.all(got > 0.05)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_categorical_kl_equals_expected_log_ratio(transform):
+    """Exact expectation over the support: sum_a p(a) (log p(a) - log q(a)) from log_prob."""
+    rng = np.random.default_rng(1)
+    p, q = rng.normal(size=(2, 6, 5))
+    got = transform(kl_divergence)(jnp.asarray(p), jnp.asarray(q))
+    expected = sum(
+        np_probs(p)[:, a]
+        * (np_categorical_log_prob(p, np.full(6, a)) - np_categorical_log_prob(q, np.full(6, a)))
+        for a in range(5)
+    )
+    assert_close(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# entropy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(seed=seed_st, positions=positions_st, size=size_st, dtype=dtype_st)
+def test_categorical_entropy(transform, seed, positions, size, dtype):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, 2.0, (*positions, size)).astype(dtype)
+    got = transform(entropy)(jnp.asarray(logits))
+    probs = np_probs(logits)
+    assert_close(got, -np.sum(probs * np.log(probs), axis=-1), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_categorical_entropy_extremes(transform):
+    uniform = jnp.zeros((6, 5))
+    np.testing.assert_allclose(transform(entropy)(uniform), np.full(6, math.log(5)), rtol=1e-12)
+    # a (numerically) deterministic policy: very negative logits give exp(.) * . = 0, not nan
+    peaked = jnp.asarray(np.where(np.eye(5)[[0, 1, 2, 3, 4, 0]] > 0, 0.0, -1e4))
+    np.testing.assert_allclose(transform(entropy)(peaked), np.zeros(6), atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@settings(max_examples=6)
+@given(seed=seed_st, positions=positions_st, size=size_st, dtype=dtype_st, shared=st.booleans())
+def test_gaussian_entropy(transform, seed, positions, size, dtype, shared):
+    rng = np.random.default_rng(seed)
+    mean, log_std = make_gaussian(rng, positions, size, shared, dtype)
+    got = transform(entropy)((jnp.asarray(mean), jnp.asarray(log_std)))
+    assert got.shape == positions
+    assert_close(got, np_gaussian_entropy(mean, log_std), dtype)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_one_action_and_one_dimension(transform):
+    """A single action has probability 1; a 1-d Gaussian reduces over a length-1 axis."""
+    rng = np.random.default_rng(3)
+    logits, other = rng.normal(size=(2, 6, 1))
+    actions = np.zeros(6, np.int64)
+    assert_close(transform(log_prob)(logits, actions), np.zeros(6))
+    assert_close(transform(entropy)(logits), np.zeros(6))
+    assert_close(transform(kl_divergence)(logits, other), np.zeros(6))
+    p = make_gaussian(rng, (6,), 1, shared=True)
+    q = make_gaussian(rng, (6,), 1, shared=False)
+    a = rng.normal(size=(6, 1))
+    assert_close(transform(log_prob)(p, a), np_gaussian_log_prob(*p, a))
+    assert_close(transform(entropy)(p), np_gaussian_entropy(*p))
+    assert_close(transform(kl_divergence)(p, q), np_gaussian_kl(p, q))
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes, structure checks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_bfloat16_logits_are_upcast(transform):
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.bfloat16)
+    actions = jnp.asarray(rng.integers(0, 4, 6))
+    exact = np.asarray(logits.astype(jnp.float32), np.float64)
+    lp = transform(log_prob)(logits, actions)
+    ent = transform(entropy)(logits)
+    assert lp.dtype == jnp.float32 and ent.dtype == jnp.float32
+    assert_close(lp, np_categorical_log_prob(exact, np.asarray(actions)), np.float32)
+    probs = np_probs(exact)
+    assert_close(ent, -np.sum(probs * np.log(probs), axis=-1), np.float32)
+
+
+def test_is_gaussian():
+    assert is_gaussian((jnp.zeros(3), jnp.zeros(3)))
+    assert is_gaussian([jnp.zeros(3), jnp.zeros(3)])
+    assert not is_gaussian(jnp.zeros((2, 3)))
+    for bad in [(jnp.zeros(3),) * 3, (jnp.zeros(3),), ()]:
+        with pytest.raises(ValueError):
+            is_gaussian(bad)
+
+
+def test_three_tuple_outputs_raise_everywhere():
+    bad = (jnp.zeros((2, 3)), jnp.zeros((3,)), jnp.zeros((3,)))
+    good = (jnp.zeros((2, 3)), jnp.zeros((3,)))
+    with pytest.raises(ValueError):
+        log_prob(bad, jnp.zeros((2, 3)))
+    with pytest.raises(ValueError):
+        entropy(bad)
+    with pytest.raises(ValueError):
+        kl_divergence(bad, good)
+    with pytest.raises(ValueError):
+        kl_divergence(good, bad)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_mixing_families_raises(transform):
+    logits = jnp.zeros((2, 3))
+    gaussian = (jnp.zeros((2, 3)), jnp.zeros((3,)))
+    with pytest.raises(ValueError):
+        transform(kl_divergence)(logits, gaussian)
+    with pytest.raises(ValueError):
+        transform(kl_divergence)(gaussian, logits)
+
+
+def test_gaussian_shape_mismatch_raises():
+    mean, log_std = jnp.zeros((2, 3)), jnp.zeros((3,))
+    with pytest.raises(AssertionError):
+        log_prob((mean, log_std), jnp.zeros((2, 4)))
+    with pytest.raises(AssertionError):
+        kl_divergence((mean, log_std), (jnp.zeros((3, 3)), log_std))
