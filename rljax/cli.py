@@ -2,7 +2,7 @@
 
 Experiments declare their configuration once, as a dataclass with defaults and a docstring
 ``Attributes:`` section; :func:`parse` turns it into flags with help text, so defaults live in
-one place. Booleans take ``--flag``/``--no-flag``.
+one place. Booleans take ``--flag``/``--no-flag``; ``X | None`` fields take ``none``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import types
 import typing
+
+
+def _optional(kind):
+    """Parse ``none`` as ``None``, anything else with ``kind``."""
+
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def _field_help(cls) -> dict[str, str]:
@@ -40,6 +51,12 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         help_text = helps.get(field.name, "")
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
+            inner = [a for a in typing.get_args(kind) if a is not type(None)]
+            if len(inner) != 1:
+                raise TypeError(f"field {field.name}: unsupported type {kind}")
+            kind = _optional(inner[0])
+            help_text += " (default: none = preset)" if field.default is None else ""
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("RLJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rljax-jax")),
+    os.environ.get(
+        "RLJAX_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rljax-jax")
+    ),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

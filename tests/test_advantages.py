@@ -34,7 +34,7 @@ TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="j
 RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 # hypothesis draws shapes from a small set: jit (and eager dispatch) compiles once per shape
 BATCHES = (1, 3)
-TIMES = (1, 4, 7)
+TIMES = (1, 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def _j(*xs):
 MASK_KINDS = ["none", "full", "left", "right", "holes", "empty", "mixed"]
 
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(
     batch=st.sampled_from(BATCHES),
     t_len=st.sampled_from(TIMES),
@@ -195,7 +195,7 @@ def test_gae_float32(transform, mask_kind):
     [(np.float64, np.float64), (np.float32, np.float32), (jnp.bfloat16, np.float32)],
 )
 def test_gae_output_dtype(transform, in_dtype, out_dtype):
-    r, v, d, m = make_data(2, (2, 4), mask_kind="holes")
+    r, v, d, m = make_data(2, (3, 7), mask_kind="holes")
     args = tuple(jnp.asarray(x, in_dtype) for x in (r, v, d))
     adv, ret = transform(gae)(*args, 0.9, 0.8, m)
     assert adv.dtype == out_dtype and ret.dtype == out_dtype
@@ -236,17 +236,23 @@ HAND_CASES = [
 def test_gae_hand_computed(transform, dones, mask, want_adv, want_ret):
     r = jnp.array([1.0, 2.0, 3.0])
     v = jnp.array([1.0, 2.0, 3.0, 4.0])
-    m = None if mask is None else jnp.array(mask)
-    adv, ret = transform(functools.partial(gae, gamma=0.5, lam=0.5))(r, v, jnp.array(dones), mask=m)
-    # all intermediate values are dyadic rationals: exact in floating point
-    np.testing.assert_array_equal(np.asarray(adv), want_adv)
-    np.testing.assert_array_equal(np.asarray(ret), want_ret)
+    f = transform(functools.partial(gae, gamma=0.5, lam=0.5))
+    # float or bool dones, float / int / bool mask
+    for d, m in [
+        (jnp.array(dones, jnp.float64), None if mask is None else jnp.array(mask, jnp.float64)),
+        (jnp.array(dones, bool), None if mask is None else jnp.array(mask, bool)),
+        (jnp.array(dones, jnp.int32), None if mask is None else jnp.array(mask, jnp.int32)),
+    ]:
+        adv, ret = f(r, v, d, mask=m)
+        # all intermediate values are dyadic rationals: exact in floating point
+        np.testing.assert_array_equal(np.asarray(adv), want_adv)
+        np.testing.assert_array_equal(np.asarray(ret), want_ret)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("batch_shape", [(), (3,), (2, 3)])
 def test_gae_leading_batch_dims(transform, batch_shape):
-    t_len = 5
+    t_len = 7
     r, v, d, m = make_data(3, (*batch_shape, t_len), mask_kind="holes")
     adv, ret = transform(gae)(*_j(r, v, d), 0.95, 0.9, m)
     assert adv.shape == ret.shape == (*batch_shape, t_len)
@@ -263,7 +269,7 @@ def test_gae_leading_batch_dims(transform, batch_shape):
         np.testing.assert_array_equal(np.asarray(flat).reshape(adv.shape), np.asarray(adv))
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(
     batch=st.sampled_from(BATCHES),
     t_len=st.sampled_from(TIMES),
@@ -272,7 +278,9 @@ def test_gae_leading_batch_dims(transform, batch_shape):
     seed=st.integers(0, 2**16),
 )
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_gae_lam1_is_discounted_returns_minus_values(transform, batch, t_len, mask_kind, gamma, seed):
+def test_gae_lam1_is_discounted_returns_minus_values(
+    transform, batch, t_len, mask_kind, gamma, seed
+):
     r, v, d, m = make_data(seed, (batch, t_len), mask_kind=mask_kind)
     adv, ret = transform(gae)(*_j(r, v, d), gamma, 1.0, *_j(m))
     g = transform(discounted_returns)(*_j(r, d), gamma, jnp.asarray(v[..., -1]), *_j(m))
@@ -303,7 +311,7 @@ def test_gae_lam0_is_one_step_td_error(transform, mask_kind):
 @pytest.mark.parametrize("t_done", [0, 3, 6])
 def test_gae_done_stops_bootstrapping(transform, t_done):
     t_len = 7
-    r, v, d, _ = make_data(5, (2, t_len), p_done=0.0)
+    r, v, d, _ = make_data(5, (3, t_len), p_done=0.0)
     f = transform(functools.partial(gae, gamma=0.99, lam=0.95))
     rng = np.random.default_rng(6)
     v2 = v.copy()
@@ -316,7 +324,9 @@ def test_gae_done_stops_bootstrapping(transform, t_done):
     adv, _ = f(*_j(r, v, d_done))
     adv2, _ = f(*_j(r2, v2, d_done))
     # nothing after the episode end reaches steps <= t_done (the terms are multiplied by 0)
-    np.testing.assert_array_equal(np.asarray(adv2)[:, : t_done + 1], np.asarray(adv)[:, : t_done + 1])
+    np.testing.assert_array_equal(
+        np.asarray(adv2)[:, : t_done + 1], np.asarray(adv)[:, : t_done + 1]
+    )
     np.testing.assert_allclose(np.asarray(adv)[:, t_done], r[:, t_done] - v[:, t_done], rtol=1e-15)
     if t_done + 1 < t_len:  # ...but it does reach the later steps
         assert np.all(np.asarray(adv2)[:, t_done + 1] != np.asarray(adv)[:, t_done + 1])
@@ -327,17 +337,18 @@ def test_gae_done_stops_bootstrapping(transform, t_done):
     assert np.all(np.asarray(adv2_nd)[:, t_done] != np.asarray(adv_nd)[:, t_done])
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(
-    t_compact=st.sampled_from([1, 3, 4]),
-    pad_positions=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    t_compact=st.sampled_from([1, 4]),
+    # always 3 padded columns (few distinct shapes); positions >= t_compact are right padding
+    pad_positions=st.lists(st.integers(0, 4), min_size=3, max_size=3),
     seed=st.integers(0, 2**16),
 )
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_gae_padding_columns_are_not_steps(transform, t_compact, pad_positions, seed):
     # Inserting padded columns anywhere (left, right, holes), filled with nan, leaves the
     # advantages of the real steps unchanged and gives 0 at the padding.
-    r, v, d, _ = make_data(seed, (2, t_compact))
+    r, v, d, _ = make_data(seed, (3, t_compact))
     cols = list(range(t_compact))
     for p in sorted(pad_positions, reverse=True):
         cols.insert(min(p, len(cols)), -1)
@@ -347,10 +358,10 @@ def test_gae_padding_columns_are_not_steps(transform, t_compact, pad_positions, 
     rp = np.where(real, r[:, idx], np.nan)
     dp = np.where(real, d[:, idx], np.nan)
     vp = np.concatenate([np.where(real, v[:, idx], np.nan), v[:, -1:]], axis=1)
-    mp = np.broadcast_to(real, (2, t_len))
-    f = transform(functools.partial(gae, gamma=0.9, lam=0.8))
-    adv_p, ret_p = f(*_j(rp, vp, dp), mask=jnp.asarray(mp))
-    adv, ret = f(*_j(r, v, d))
+    mp = np.broadcast_to(real, (3, t_len))
+    # gamma, lam traced (a fresh partial per example would recompile under jit)
+    adv_p, ret_p = transform(gae)(*_j(rp, vp, dp), 0.9, 0.8, jnp.asarray(mp))
+    adv, ret = transform(gae)(*_j(r, v, d), 0.9, 0.8)
     adv_p, ret_p = np.asarray(adv_p), np.asarray(ret_p)
     assert np.all(np.isfinite(adv_p)) and np.all(np.isfinite(ret_p))
     np.testing.assert_allclose(adv_p[:, real], np.asarray(adv), rtol=1e-12, atol=1e-15)
@@ -381,7 +392,7 @@ def test_gae_shape_errors():
 # ---------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=12)
+@settings(max_examples=8)
 @given(
     batch=st.sampled_from(BATCHES),
     t_len=st.sampled_from(TIMES),
@@ -409,7 +420,9 @@ def test_discounted_returns_hand_computed(transform):
     d = jnp.array([[0.0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 0]])
     m = jnp.array([[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 1, 1]])
     boot = jnp.array([4.0, 4.0, 4.0, 0.0])
-    got = transform(functools.partial(discounted_returns, gamma=0.5))(r, d, bootstrap_value=boot, mask=m)
+    got = transform(functools.partial(discounted_returns, gamma=0.5))(
+        r, d, bootstrap_value=boot, mask=m
+    )
     want = [[3.25, 4.5, 5.0], [2.0, 2.0, 5.0], [3.5, 0.0, 5.0], [2.75, 3.5, 3.0]]
     np.testing.assert_array_equal(np.asarray(got), want)
     no_boot = transform(functools.partial(discounted_returns, gamma=0.5))(r[:1], d[:1])
@@ -420,7 +433,7 @@ def test_discounted_returns_hand_computed(transform):
 @pytest.mark.parametrize("batch_shape", [(), (3,), (2, 3)])
 def test_discounted_returns_leading_batch_dims_and_float32(transform, batch_shape):
     for dtype in (np.float64, np.float32):
-        r, v, d, m = make_data(7, (*batch_shape, 5), dtype, mask_kind="holes")
+        r, v, d, m = make_data(7, (*batch_shape, 7), dtype, mask_kind="holes")
         boot = v[..., -1]
         got = transform(functools.partial(discounted_returns, gamma=0.9))(
             *_j(r, d), bootstrap_value=jnp.asarray(boot), mask=m

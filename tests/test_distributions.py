@@ -27,7 +27,10 @@ from rljax.distributions import entropy, is_gaussian, kl_divergence, log_prob
 TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 # few distinct shapes: un-jitted jax compiles each primitive once per new shape
 POSITIONS = [(6,), (3, 4)]
-TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=0.0), np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6)}
+TOL = {
+    np.dtype(np.float64): dict(rtol=1e-10, atol=0.0),
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
+}
 
 seed_st = st.integers(0, 2**32 - 1)
 positions_st = st.sampled_from(POSITIONS)
@@ -175,7 +178,9 @@ def test_categorical_kl(transform, seed, positions, size, dtype):
     pp, qq = np_probs(p), np_probs(q)
     assert_close(got, np.sum(pp * np.log(pp / qq), axis=-1), dtype)
     assert np.all(np.asarray(got) >= -1e-6)
-    assert_close(transform(kl_divergence)(jnp.asarray(p), jnp.asarray(p)), np.zeros(positions), dtype)
+    assert_close(
+        transform(kl_divergence)(jnp.asarray(p), jnp.asarray(p)), np.zeros(positions), dtype
+    )
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -209,7 +214,9 @@ def test_gaussian_kl_monte_carlo(transform):
     rng = np.random.default_rng(0)
     p = make_gaussian(rng, (2, 3), 3, shared=False)
     q = (p[0] + rng.normal(0.0, 0.5, p[0].shape), p[1] + rng.normal(0.0, 0.3, p[1].shape))
-    got = np.asarray(transform(kl_divergence)(tuple(map(jnp.asarray, p)), tuple(map(jnp.asarray, q))))
+    got = np.asarray(
+        transform(kl_divergence)(tuple(map(jnp.asarray, p)), tuple(map(jnp.asarray, q)))
+    )
     n = 200_000
     x = p[0][None] + np.exp(p[1])[None] * rng.normal(size=(n, *p[0].shape))
     log_ratio = np_gaussian_log_prob(p[0], p[1], x) - np_gaussian_log_prob(q[0], q[1], x)
@@ -286,6 +293,36 @@ def test_one_action_and_one_dimension(transform):
     assert_close(transform(kl_divergence)(p, q), np_gaussian_kl(p, q))
 
 
+# Actions ruled out with -inf logits (action masking, top-k / top-p filtering) have probability
+# 0 and contribute 0 to the entropy and the KL (0 log 0 = 0): the results are those of the
+# distribution over the remaining actions.
+IMPOSSIBLE = np.array([[0.0, 1.0, -np.inf], [2.0, -np.inf, -np.inf], [0.3, -0.2, 0.9]])
+IMPOSSIBLE_Q = np.array([[0.5, -0.5, -np.inf], [-1.0, -np.inf, -np.inf], [0.1, 0.4, -0.7]])
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_categorical_entropy_with_impossible_actions(transform):
+    expected = [-np.sum(pr * np.log(pr)) for pr in (np_probs([0.0, 1.0]), [1.0])]
+    expected.append(-np.sum(np_probs(IMPOSSIBLE[2]) * np.log(np_probs(IMPOSSIBLE[2]))))
+    assert_close(transform(entropy)(jnp.asarray(IMPOSSIBLE)), expected)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_categorical_kl_with_impossible_actions(transform):
+    p2, q2 = np_probs([0.0, 1.0]), np_probs([0.5, -0.5])
+    p3, q3 = np_probs(IMPOSSIBLE[2]), np_probs(IMPOSSIBLE_Q[2])
+    expected = [np.sum(p2 * np.log(p2 / q2)), 0.0, np.sum(p3 * np.log(p3 / q3))]
+    got = transform(kl_divergence)(jnp.asarray(IMPOSSIBLE), jnp.asarray(IMPOSSIBLE_Q))
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_categorical_log_prob_with_impossible_actions(transform):
+    got = transform(log_prob)(jnp.asarray(IMPOSSIBLE), jnp.asarray([1, 0, 2]))
+    expected = [np.log(np_probs([0.0, 1.0])[1]), 0.0, np.log(np_probs(IMPOSSIBLE[2])[2])]
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-15)
+
+
 # ---------------------------------------------------------------------------------------------
 # dtypes, structure checks
 # ---------------------------------------------------------------------------------------------
@@ -314,17 +351,18 @@ def test_is_gaussian():
             is_gaussian(bad)
 
 
-def test_three_tuple_outputs_raise_everywhere():
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_three_tuple_outputs_raise_everywhere(transform):
     bad = (jnp.zeros((2, 3)), jnp.zeros((3,)), jnp.zeros((3,)))
     good = (jnp.zeros((2, 3)), jnp.zeros((3,)))
     with pytest.raises(ValueError):
-        log_prob(bad, jnp.zeros((2, 3)))
+        transform(log_prob)(bad, jnp.zeros((2, 3)))
     with pytest.raises(ValueError):
-        entropy(bad)
+        transform(entropy)(bad)
     with pytest.raises(ValueError):
-        kl_divergence(bad, good)
+        transform(kl_divergence)(bad, good)
     with pytest.raises(ValueError):
-        kl_divergence(good, bad)
+        transform(kl_divergence)(good, bad)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -337,9 +375,10 @@ def test_mixing_families_raises(transform):
         transform(kl_divergence)(gaussian, logits)
 
 
-def test_gaussian_shape_mismatch_raises():
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gaussian_shape_mismatch_raises(transform):
     mean, log_std = jnp.zeros((2, 3)), jnp.zeros((3,))
     with pytest.raises(AssertionError):
-        log_prob((mean, log_std), jnp.zeros((2, 4)))
+        transform(log_prob)((mean, log_std), jnp.zeros((2, 4)))
     with pytest.raises(AssertionError):
-        kl_divergence((mean, log_std), (jnp.zeros((3, 3)), log_std))
+        transform(kl_divergence)((mean, log_std), (jnp.zeros((3, 3)), log_std))

@@ -108,7 +108,7 @@ def assert_matches(got, want, *, rtol, atol=0.0):
 
 @VARIANTS
 @pytest.mark.parametrize("with_margin", [False, True])
-@pytest.mark.parametrize("center", [None, 0.01, 0.5])
+@pytest.mark.parametrize("center", [None, 0.01])
 def test_matches_trl_float64(variant, with_margin, center):
     for seed, batch in ((1, 7), (2, 1), (3, 16)):
         chosen, rejected, margin = make_rewards(seed, batch)
@@ -122,13 +122,12 @@ def test_matches_trl_float64(variant, with_margin, center):
 @pytest.mark.parametrize("with_margin", [False, True])
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_matches_trl_float32(variant, with_margin, center):
-    # float32 (eps ~6e-8) on O(1) rewards: 1e-5 relative with a 1e-6 absolute floor for
-    # metrics that happen to be near zero (the mean reward, the margin).
+    # float32 inputs against the float64 reference of the same float32-rounded values: 1e-5
     chosen, rejected, margin = (x.astype(np.float32) for x in make_rewards(4, 9))
     margin = margin if with_margin else None
     got = run_bt(variant, chosen, rejected, margin, center)
     assert got[0].dtype == jnp.float32
-    assert_matches(got, trl_reward_loss(chosen, rejected, margin, center), rtol=1e-5, atol=1e-6)
+    assert_matches(got, trl_reward_loss(chosen, rejected, margin, center), rtol=1e-5)
 
 
 @settings(max_examples=15)
@@ -144,6 +143,7 @@ def test_matches_trl_property(variant, batch, seed, scale, with_margin, center):
     chosen, rejected, margin = make_rewards(seed, batch, scale)
     margin = margin if with_margin else None
     got = run_bt(variant, chosen, rejected, margin, center)
+    # absolute floor for means that random examples can put near zero (rewards up to ~60)
     assert_matches(got, trl_reward_loss(chosen, rejected, margin, center), rtol=1e-10, atol=1e-13)
 
 

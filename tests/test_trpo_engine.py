@@ -15,6 +15,7 @@ Relative errors are ``max|got - ref| / max|ref|``.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -57,9 +58,12 @@ def ravel(tree) -> np.ndarray:
     return np.asarray(ravel_pytree(tree)[0], np.float64)
 
 
-def f32_rounded(key, shape, scale=1.0):
-    """A float64 array whose values are exactly representable in float32."""
-    return (scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.float64)
+# Random numbers come from numpy: eager jax.random compiles a kernel for every new shape.
+
+
+def f32_rounded(rng, shape, scale=1.0):
+    """A float64 array of normal draws whose values are exactly representable in float32."""
+    return jnp.asarray((np.float32(scale) * rng.normal(size=shape).astype(np.float32)), jnp.float64)
 
 
 def cast(tree, dtype):
@@ -71,16 +75,15 @@ def cast(tree, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-def init_mlp(key, n_out, gaussian=False):
-    k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+def init_mlp(rng, n_out, gaussian=False):
     params = {
-        "w1": f32_rounded(k1, (IN, HID), 0.8),
-        "b1": f32_rounded(k2, (HID,), 0.3),
-        "w2": f32_rounded(k3, (HID, n_out), 0.8),
-        "b2": f32_rounded(k4, (n_out,), 0.3),
+        "w1": f32_rounded(rng, (IN, HID), 0.8),
+        "b1": f32_rounded(rng, (HID,), 0.3),
+        "w2": f32_rounded(rng, (HID, n_out), 0.8),
+        "b2": f32_rounded(rng, (n_out,), 0.3),
     }
     if gaussian:
-        params["log_std"] = f32_rounded(k5, (n_out,), 0.4)
+        params["log_std"] = f32_rounded(rng, (n_out,), 0.4)
     return params
 
 
@@ -102,7 +105,7 @@ POLICIES = {"categorical": categorical_policy, "gaussian": gaussian_policy}
 TB, TT, TV, TD, TH = 2, 5, 6, 4, 8
 
 
-def init_transformer(key):
+def init_transformer(rng):
     shapes = {
         "embed": (TV, TD),
         "pos": (TT, TD),
@@ -117,8 +120,7 @@ def init_transformer(key):
         "unembed": (TD, TV),
         "unembed_b": (TV,),
     }
-    keys = jax.random.split(key, len(shapes))
-    return {name: f32_rounded(k, s, 0.7) for k, (name, s) in zip(keys, shapes.items(), strict=True)}
+    return {name: f32_rounded(rng, shape, 0.7) for name, shape in shapes.items()}
 
 
 def transformer_policy(params, tokens):
@@ -169,7 +171,7 @@ def fisher_by_hessian(policy, family, params, inputs, mask):
     def kl(flat_params):
         return masked_average(ref_kl(family, old, policy(unravel(flat_params), inputs)), mask)
 
-    return np.asarray(jax.hessian(kl)(flat), np.float64)
+    return np.asarray(jax.jit(jax.hessian(kl))(flat), np.float64)
 
 
 def fisher_by_jacobian(policy, family, params, inputs, mask):
@@ -183,8 +185,8 @@ def fisher_by_jacobian(policy, family, params, inputs, mask):
         mean, log_std = out
         return jnp.stack([mean, jnp.broadcast_to(log_std, mean.shape)], axis=-2)  # [..., 2, D]
 
-    out = np.asarray(outputs(flat), np.float64)
-    jac = np.asarray(jax.jacobian(outputs)(flat), np.float64)
+    out, jac = jax.jit(lambda p: (outputs(p), jax.jacobian(outputs)(p)))(flat)
+    out, jac = np.asarray(out, np.float64), np.asarray(jac, np.float64)
     mask = np.asarray(mask, np.float64)
     positions = mask.size
     weights = mask.reshape(positions) / max(mask.sum(), 1.0)
@@ -201,27 +203,23 @@ def fisher_by_jacobian(policy, family, params, inputs, mask):
     return np.einsum("p,pan,pab,pbm->nm", weights, jac, f_out, jac)
 
 
-def random_mask(key, shape):
-    mask = jax.random.bernoulli(key, 0.6, shape).astype(jnp.float64)
-    return mask.at[(0,) * len(shape)].set(1.0)
+def random_mask(rng, shape):
+    mask = (rng.uniform(size=shape) < 0.6).astype(np.float64)
+    mask.flat[0] = 1.0
+    return jnp.asarray(mask)
 
 
-def random_like(key, tree):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    )
+def random_like(rng, tree):
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), tree)
 
 
 @functools.cache
 def sequence_problem(family):
     """Params, inputs, mask and both explicit float64 Fishers of a family's MLP policy."""
-    key = jax.random.PRNGKey(0 if family == "categorical" else 1)
-    k_params, k_x, k_mask = jax.random.split(key, 3)
-    params = init_mlp(k_params, A if family == "categorical" else D, family == "gaussian")
-    x = f32_rounded(k_x, (B, T, IN))
-    mask = random_mask(k_mask, (B, T))
+    rng = np.random.default_rng(0 if family == "categorical" else 1)
+    params = init_mlp(rng, A if family == "categorical" else D, family == "gaussian")
+    x = f32_rounded(rng, (B, T, IN))
+    mask = random_mask(rng, (B, T))
     policy = POLICIES[family]
     return {
         "params": params,
@@ -234,10 +232,10 @@ def sequence_problem(family):
 
 @functools.cache
 def transformer_problem():
-    k_params, k_tok, k_mask = jax.random.split(jax.random.PRNGKey(2), 3)
-    params = init_transformer(k_params)
-    tokens = jax.random.randint(k_tok, (TB, TT), 0, TV)
-    mask = random_mask(k_mask, (TB, TT))
+    rng = np.random.default_rng(2)
+    params = init_transformer(rng)
+    tokens = jnp.asarray(rng.integers(0, TV, size=(TB, TT)))
+    mask = random_mask(rng, (TB, TT))
     return params, tokens, mask
 
 
@@ -267,7 +265,9 @@ def test_explicit_fishers_agree(family):
     assert rel_err(fh, fj) < 1e-12
     assert np.max(np.abs(fj)) > 1e-2
     # The random mask matters: an all-ones mask gives a different Fisher.
-    ones = fisher_by_jacobian(POLICIES[family], family, prob["params"], prob["x"], 1 + 0 * prob["mask"])
+    ones = fisher_by_jacobian(
+        POLICIES[family], family, prob["params"], prob["x"], 1 + 0 * prob["mask"]
+    )
     assert rel_err(fj, ones) > 1e-3
 
 
@@ -282,8 +282,9 @@ def test_fvp_matches_explicit_fisher(family, method, dtype, jit):
     fvp = functools.partial(fisher_vector_product, policy, method=method)
     if jit:
         fvp = jax.jit(fvp)
-    for seed in range(3):
-        vector = cast(random_like(jax.random.PRNGKey(10 + seed), prob["params"]), dtype)
+    rng = np.random.default_rng(10)
+    for _ in range(3):
+        vector = cast(random_like(rng, prob["params"]), dtype)
         got = fvp(params, x, vector, mask)
         assert jax.tree.structure(got) == jax.tree.structure(vector)
         for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(vector), strict=True):
@@ -298,7 +299,7 @@ def test_fvp_normalizer_and_no_mask(method):
     """``normalizer`` replaces the valid count; ``mask=None`` means every position is valid."""
     prob = sequence_problem("categorical")
     params, x, mask = prob["params"], prob["x"], prob["mask"]
-    vector = random_like(jax.random.PRNGKey(3), params)
+    vector = random_like(np.random.default_rng(3), params)
     count = float(np.sum(mask))
     got = fisher_vector_product(categorical_policy, params, x, vector, mask, method, normalizer=7.0)
     assert rel_err(ravel(got), prob["F_hessian"] @ ravel(vector) * count / 7.0) < 1e-10
@@ -335,10 +336,10 @@ def jitted_fvp(family, method):
 def test_fvp_symmetric_and_psd_on_random_vectors(seed, family, method):
     prob = sequence_problem(family)
     params, x, mask = prob["params"], prob["x"], prob["mask"]
-    kv, kw, kn = jax.random.split(jax.random.PRNGKey(seed), 3)
-    v, w = random_like(kv, params), random_like(kw, params)
+    rng = np.random.default_rng(seed)
+    v, w = random_like(rng, params), random_like(rng, params)
     # Also probe a near-null direction: the smallest eigenvector plus a little noise.
-    null = np.linalg.eigh(prob["F_jacobian"])[1][:, 0] + 1e-3 * ravel(random_like(kn, params))
+    null = np.linalg.eigh(prob["F_jacobian"])[1][:, 0] + 1e-3 * rng.normal(size=ravel(params).size)
     unravel = ravel_pytree(params)[1]
     fvp = jitted_fvp(family, method)
     fv, fw = fvp(params, x, v, mask), fvp(params, x, w, mask)
@@ -361,9 +362,12 @@ def test_fvp_transformer_methods_agree():
     assert rel_err(f_gn, f_ref) < 1e-10
     assert np.max(np.abs(f_gn - f_gn.T)) <= 1e-12 * np.max(np.abs(f_gn))
     # The test model really is causal: changing the last token leaves earlier logits alone.
-    t2 = tokens.at[:, -1].set((tokens[:, -1] + 1) % TV)
-    out1, out2 = transformer_policy(params, tokens), transformer_policy(params, t2)
-    np.testing.assert_array_equal(np.asarray(out1[:, :-1]), np.asarray(out2[:, :-1]))
+    t2 = np.array(tokens)
+    t2[:, -1] = (t2[:, -1] + 1) % TV
+    policy = jax.jit(transformer_policy)
+    out1, out2 = np.asarray(policy(params, tokens)), np.asarray(policy(params, jnp.asarray(t2)))
+    np.testing.assert_array_equal(out1[:, :-1], out2[:, :-1])
+    assert not np.allclose(out1[:, -1], out2[:, -1])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -380,8 +384,9 @@ def test_make_fvp_closure_reused(family, method):
 
     fvp = make_fisher_vector_product(counted_policy, params, x, mask, method)
     calls_after_build = calls[0]
-    for seed in range(3):
-        vector = random_like(jax.random.PRNGKey(20 + seed), params)
+    rng = np.random.default_rng(20)
+    for _ in range(3):
+        vector = random_like(rng, params)
         got = fvp(vector)
         want = fisher_vector_product(policy, params, x, vector, mask, method)
         np.testing.assert_allclose(ravel(got), ravel(want), rtol=1e-12, atol=1e-15)
@@ -403,10 +408,9 @@ def test_unknown_fvp_method_raises():
 
 
 def test_output_fisher_product_categorical():
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
-    logits = jax.random.normal(k1, (B, T, A))
-    u = jax.random.normal(k2, (B, T, A))
-    w = jax.random.uniform(k3, (B, T))
+    rng = np.random.default_rng(4)
+    logits, u = jnp.asarray(rng.normal(size=(B, T, A))), jnp.asarray(rng.normal(size=(B, T, A)))
+    w = jnp.asarray(rng.uniform(size=(B, T)))
     got = output_fisher_product(logits, u, w)
     p = np.asarray(jax.nn.softmax(logits))
     fisher = np.einsum("...a,ab->...ab", p, np.eye(A)) - p[..., :, None] * p[..., None, :]
@@ -420,13 +424,13 @@ def test_output_fisher_product_categorical():
 
 @pytest.mark.parametrize("broadcast_log_std", [False, True])
 def test_output_fisher_product_gaussian(broadcast_log_std):
-    k1, k2, k3, k4, k5 = jax.random.split(jax.random.PRNGKey(5), 5)
-    mean = jax.random.normal(k1, (B, T, D))
-    log_std = 0.5 * jax.random.normal(k2, (D,))
+    rng = np.random.default_rng(5)
+    mean = jnp.asarray(rng.normal(size=(B, T, D)))
+    log_std = jnp.asarray(0.5 * rng.normal(size=(D,)))
     if broadcast_log_std:
         log_std = jnp.broadcast_to(log_std, mean.shape)
-    u_mean, u_log_std = jax.random.normal(k3, (B, T, D)), jax.random.normal(k4, (B, T, D))
-    w = jax.random.uniform(k5, (B, T))
+    u_mean, u_log_std = (jnp.asarray(rng.normal(size=(B, T, D))) for _ in range(2))
+    w = jnp.asarray(rng.uniform(size=(B, T)))
     got_mean, got_log_std = output_fisher_product((mean, log_std), (u_mean, u_log_std), w)
     # Block-diagonal output Fisher per position: diag(1/sigma^2) for the mean, 2 for log_std.
     diag = np.concatenate(
@@ -445,6 +449,7 @@ def test_output_fisher_product_gaussian(broadcast_log_std):
 # ---------------------------------------------------------------------------------------------
 
 N_CG = 7
+CG_UNRAVEL = ravel_pytree({"u": jnp.zeros(3), "w": jnp.zeros((2, 2))})[1]
 
 
 def cg_problem(seed, rank=N_CG):
@@ -453,12 +458,17 @@ def cg_problem(seed, rank=N_CG):
     m = rng.normal(size=(N_CG, rank))
     a = m @ m.T / rank + (0.05 * np.eye(N_CG) if rank == N_CG else 0)
     b_flat = rng.normal(size=N_CG)
-    unravel = ravel_pytree({"u": jnp.zeros(3), "w": jnp.zeros((2, 2))})[1]
+    return a, b_flat, CG_UNRAVEL(jnp.asarray(b_flat))
 
-    def matvec(v):
-        return unravel(jnp.asarray(a) @ ravel_pytree(v)[0])
 
-    return a, b_flat, unravel(jnp.asarray(b_flat)), matvec
+def dense_matvec(a):
+    return lambda v: CG_UNRAVEL(a @ ravel_pytree(v)[0])
+
+
+@functools.partial(jax.jit, static_argnames="max_iters")
+def cg_jit(a, b, max_iters, damping, tol):
+    """CG on the dense matrix ``a`` (a jit argument, so every problem shares one compile)."""
+    return conjugate_gradient(dense_matvec(a), b, max_iters, damping, tol)
 
 
 def numpy_cg(a, b, iters):
@@ -475,13 +485,14 @@ def numpy_cg(a, b, iters):
     return xs, np.array(r2)
 
 
-@pytest.mark.parametrize("rank", [N_CG, 3], ids=["spd", "singular_psd"])
-@pytest.mark.parametrize("damping", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("rank", "damping"),
+    [(N_CG, 0.0), (N_CG, 0.3), (3, 0.3)],
+    ids=["spd", "spd_damped", "psd_damped"],
+)
 def test_cg_matches_dense_solve(rank, damping):
-    if rank < N_CG and damping == 0:
-        pytest.skip("singular without damping has no unique solution")
-    a, b_flat, b, matvec = cg_problem(0, rank)
-    x, info = conjugate_gradient(matvec, b, max_iters=50, damping=damping, tol=1e-26)
+    a, b_flat, b = cg_problem(0, rank)
+    x, info = cg_jit(a, b, 50, damping, 1e-26)
     assert jax.tree.structure(x) == jax.tree.structure(b)
     want = np.linalg.solve(a + damping * np.eye(N_CG), b_flat)
     assert rel_err(ravel(x), want) < 1e-9
@@ -490,13 +501,12 @@ def test_cg_matches_dense_solve(rank, damping):
 
 
 def test_cg_respects_max_iters_and_tol():
-    a, b_flat, b, matvec = cg_problem(1)
+    a, b_flat, b = cg_problem(1)
     damping = 0.2
-    ad = a + damping * np.eye(N_CG)
-    xs, r2 = numpy_cg(ad, b_flat, 5)
+    xs, r2 = numpy_cg(a + damping * np.eye(N_CG), b_flat, 5)
     # tol = 0: exactly max_iters iterations, and the iterate is the k-th Krylov iterate.
     for k in (1, 3, 5):
-        x, info = conjugate_gradient(matvec, b, max_iters=k, damping=damping, tol=0.0)
+        x, info = cg_jit(a, b, k, damping, 0.0)
         assert int(info.iterations) == k
         assert rel_err(ravel(x), xs[k]) < 1e-10
         assert abs(float(info.residual_norm) - math.sqrt(r2[k])) <= 1e-8 * math.sqrt(r2[0])
@@ -505,50 +515,42 @@ def test_cg_respects_max_iters_and_tol():
     tol = math.sqrt(r2[2] * r2[3])
     assert np.min(np.abs(np.log(r2 / tol))) > 0.05
     expected = int(np.argmax(r2 < tol))
-    x, info = conjugate_gradient(matvec, b, max_iters=20, damping=damping, tol=tol)
-    assert int(info.iterations) == expected < 20
+    x, info = cg_jit(a, b, 50, damping, tol)
+    assert int(info.iterations) == expected < 50
     assert rel_err(ravel(x), xs[expected]) < 1e-10
 
 
 def test_cg_zero_rhs():
-    _, _, b, matvec = cg_problem(2)
+    a, _, b = cg_problem(2)
     zero = jax.tree.map(jnp.zeros_like, b)
-    x, info = conjugate_gradient(matvec, zero, max_iters=10, damping=0.1)
+    x, info = cg_jit(a, zero, 5, 0.1, 1e-10)
     assert int(info.iterations) == 0
     assert float(info.residual_norm) == 0.0
-    for leaf in jax.tree.leaves(x):
-        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+    np.testing.assert_array_equal(ravel(x), 0.0)
 
 
-def test_cg_zero_tol_stays_finite_when_residual_vanishes():
+@pytest.mark.parametrize("case", ["zero_rhs", "exact_convergence"])
+def test_cg_zero_tol_stays_finite_when_residual_vanishes(case):
     """With ``tol=0`` CG must not divide 0 by 0 once the residual is exactly zero.
 
     ``tol=0`` asks for "run max_iters iterations"; a zero right-hand side (e.g. a zero policy
-    gradient with ``TRPOConfig(cg_tol=0)``) or exact convergence (A = 2I) must still give the
-    exact, finite solution.
+    gradient with ``TRPOConfig(cg_tol=0)``) or exact convergence (A = 2I converges in one
+    iteration) must still give the exact, finite solution.
     """
-    _, _, b, matvec = cg_problem(2)
-    zero = jax.tree.map(jnp.zeros_like, b)
-    x, _ = conjugate_gradient(matvec, zero, max_iters=5, damping=0.1, tol=0.0)
-    np.testing.assert_array_equal(ravel(x), 0.0)
-
-    def twice(v):
-        return jax.tree.map(lambda t: 2.0 * t, v)
-
-    x, _ = conjugate_gradient(twice, b, max_iters=5, tol=0.0)
-    np.testing.assert_allclose(ravel(x), ravel(b) / 2, rtol=1e-14)
+    a, _, b = cg_problem(2)
+    if case == "zero_rhs":
+        x, _ = cg_jit(a, jax.tree.map(jnp.zeros_like, b), 5, 0.1, 0.0)
+        np.testing.assert_array_equal(ravel(x), 0.0)
+    else:
+        x, _ = cg_jit(2.0 * np.eye(N_CG), b, 5, 0.0, 0.0)
+        np.testing.assert_allclose(ravel(x), ravel(b) / 2, rtol=1e-14)
 
 
 def test_cg_under_jit_matches_eager():
-    a, b_flat, b, matvec = cg_problem(3)
-
-    @jax.jit
-    def solve(rhs, damping):
-        return conjugate_gradient(matvec, rhs, max_iters=50, damping=damping, tol=1e-26)
-
+    a, b_flat, b = cg_problem(3)
     for damping in (0.0, 0.5):
-        x, info = solve(b, damping)
-        x_eager, info_eager = conjugate_gradient(matvec, b, 50, damping, 1e-26)
+        x, info = cg_jit(a, b, 50, damping, 1e-26)
+        x_eager, info_eager = conjugate_gradient(dense_matvec(a), b, 50, damping, 1e-26)
         np.testing.assert_allclose(ravel(x), ravel(x_eager), rtol=1e-12)
         assert int(info.iterations) == int(info_eager.iterations)
         want = np.linalg.solve(a + damping * np.eye(N_CG), b_flat)
@@ -556,23 +558,19 @@ def test_cg_under_jit_matches_eager():
 
 
 def test_cg_minimises_the_quadratic():
-    a, b_flat, b, matvec = cg_problem(4)
+    a, b_flat, b = cg_problem(4)
     damping = 0.1
     ad = a + damping * np.eye(N_CG)
 
     def objective(x):
         return 0.5 * x @ ad @ x - b_flat @ x
 
-    values = []
-    for k in range(1, N_CG + 1):
-        x, _ = conjugate_gradient(matvec, b, max_iters=k, damping=damping, tol=0.0)
-        values.append(objective(ravel(x)))
     # The Krylov iterates decrease the quadratic monotonically ...
-    assert all(v1 <= v0 + 1e-12 for v0, v1 in zip(values, values[1:], strict=False))
-    assert values[-1] < values[0]
+    values = [objective(ravel(cg_jit(a, b, k, damping, 0.0)[0])) for k in (1, 3, 5)]
+    assert values[0] > values[1] > values[2]
     # ... and the converged solution beats every random perturbation of it.
-    x_star, _ = conjugate_gradient(matvec, b, max_iters=50, damping=damping, tol=1e-26)
-    x_star = ravel(x_star)
+    x_star = ravel(cg_jit(a, b, 50, damping, 1e-26)[0])
+    assert objective(x_star) < values[-1]
     rng = np.random.default_rng(5)
     for scale in (1e-3, 1e-1, 1.0):
         for _ in range(10):
@@ -587,6 +585,8 @@ def test_cg_minimises_the_quadratic():
 LS_P0 = {"a": jnp.array([0.3, -1.2, 0.7]), "b": jnp.array([[0.1, 2.0], [-0.5, 0.25]])}
 LS_G = np.array([1.0, -0.5, 0.25, 0.8, -0.3, 0.1, 0.6])
 LS_UNRAVEL = ravel_pytree(LS_P0)[1]
+# A float64 array: a Python-float ``surrogate_before`` would make the search run in float32.
+LS_BEFORE = jnp.zeros((), jnp.float64)
 
 
 def ls_model(p, c, h):
@@ -610,7 +610,13 @@ def jitted_line_search(max_steps):
     @jax.jit
     def search(step, c, h, max_kl, coeff):
         return kl_line_search(
-            lambda p: ls_model(p, c, h), LS_P0, LS_UNRAVEL(step), 0.0, max_kl, coeff, max_steps
+            lambda p: ls_model(p, c, h),
+            LS_P0,
+            LS_UNRAVEL(step),
+            LS_BEFORE,
+            max_kl,
+            coeff,
+            max_steps,
         )
 
     return search
@@ -625,7 +631,7 @@ def assert_unchanged_bitwise(new, old):
 def test_line_search_accepts_full_step():
     step = 0.1 * LS_G / np.linalg.norm(LS_G)
     new, info = kl_line_search(
-        lambda p: ls_model(p, 0.1, 1.0), LS_P0, LS_UNRAVEL(jnp.asarray(step)), 0.0, 0.01
+        lambda p: ls_model(p, 0.1, 1.0), LS_P0, LS_UNRAVEL(jnp.asarray(step)), LS_BEFORE, 0.01
     )
     assert bool(info.accepted)
     assert float(info.step_fraction) == 1.0 and int(info.steps) == 1
@@ -639,7 +645,7 @@ def test_line_search_accepts_full_step():
     ("scale", "c", "h", "max_kl", "coeff", "k_expected"),
     [
         (10.0, 0.0, 1.0, 0.01, 0.5, 7),  # KL too large until 0.5**7
-        (5.0, 4.0, 1e-6, 1.0, 0.8, 6),  # overshoots the surrogate's maximum until 0.8**6
+        (5.0, 2.1, 1e-6, 1.0, 0.8, 6),  # overshoots the surrogate's maximum until 0.8**6
     ],
     ids=["kl_bound", "surrogate_overshoot"],
 )
@@ -654,7 +660,9 @@ def test_line_search_backtracks(scale, c, h, max_kl, coeff, k_expected):
         return ls_model(p, c, h)
 
     search = jax.jit(
-        lambda s: kl_line_search(surrogate_and_kl, LS_P0, LS_UNRAVEL(s), 0.0, max_kl, coeff, 10)
+        lambda s: kl_line_search(
+            surrogate_and_kl, LS_P0, LS_UNRAVEL(s), LS_BEFORE, max_kl, coeff, 10
+        )
     )
     new, info = search(jnp.asarray(step))
     jax.effects_barrier()
@@ -701,19 +709,19 @@ def test_line_search_matches_numpy_loop(log_scale, c, log_max_kl, coeff, directi
         assert float(info.kl) == pytest.approx(kl, rel=1e-9)
 
 
-@pytest.mark.parametrize("case", ["worse_surrogate", "kl_everywhere", "nan_step"])
+@pytest.mark.parametrize("case", ["worse_surrogate", "kl_everywhere", "nan_step", "zero_step"])
 def test_line_search_rejects(case):
     max_steps = 6
     if case == "worse_surrogate":
         step, c, h = -0.01 * LS_G, 0.0, 1.0  # descent on the surrogate at every fraction
     elif case == "kl_everywhere":
         step, c, h = 100.0 * LS_G, 0.0, 1.0  # KL > max_kl even at 0.8**5
-    else:
+    elif case == "nan_step":
         step, c, h = np.full(LS_G.size, np.nan), 0.0, 1.0
+    else:
+        step, c, h = np.zeros(LS_G.size), 0.0, 1.0  # no improvement: equal is not better
     assert numpy_line_search(step, c, h, 0.01, 0.8, max_steps) is None
-    new, info = kl_line_search(
-        lambda p: ls_model(p, c, h), LS_P0, LS_UNRAVEL(jnp.asarray(step)), 0.0, 0.01, 0.8, max_steps
-    )
+    new, info = jitted_line_search(max_steps)(jnp.asarray(step), c, h, 0.01, 0.8)
     assert not bool(info.accepted)
     assert float(info.step_fraction) == 0.0
     assert int(info.steps) == max_steps
@@ -749,23 +757,24 @@ def value_fn(vp, x):
 @functools.cache
 def bandit(family):
     """Policy params, value params and an on-policy batch of ROWS contexts (with a mask)."""
-    keys = jax.random.split(jax.random.PRNGKey(7 if family == "categorical" else 8), 6)
-    params = init_mlp(keys[0], A if family == "categorical" else D, family == "gaussian")
-    x = f32_rounded(keys[1], (ROWS, IN))
-    outputs = POLICIES[family](params, x)
-    if family == "categorical":
-        actions = jax.random.categorical(keys[2], outputs)
+    rng = np.random.default_rng(7 if family == "categorical" else 8)
+    params = init_mlp(rng, A if family == "categorical" else D, family == "gaussian")
+    x = f32_rounded(rng, (ROWS, IN))
+    outputs = jax.tree.map(np.asarray, POLICIES[family](params, x))
+    if family == "categorical":  # inverse-CDF sampling from the policy
+        cdf = np.cumsum(np.exp(outputs) / np.exp(outputs).sum(-1, keepdims=True), axis=-1)
+        actions = np.minimum((rng.uniform(size=(ROWS, 1)) > cdf).sum(-1), A - 1)
     else:
         mean, log_std = outputs
-        actions = mean + jnp.exp(log_std) * jax.random.normal(keys[2], mean.shape)
-    advantages = jax.random.normal(keys[3], (ROWS,)) + 0.7
-    returns = x @ jnp.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * jax.random.normal(keys[4], (ROWS,))
-    mask = random_mask(keys[5], (ROWS,))
+        actions = mean + np.exp(log_std) * rng.normal(size=mean.shape)
+    advantages = rng.normal(size=ROWS) + 0.7
+    returns = np.asarray(x) @ np.array([1.0, -2.0, 0.5]) + 0.3 + 0.1 * rng.normal(size=ROWS)
+    mask = random_mask(rng, (ROWS,))
     batch = {
         "inputs": x,
-        "actions": actions,
-        "advantages": advantages,
-        "returns": returns,
+        "actions": jnp.asarray(actions),
+        "advantages": jnp.asarray(advantages),
+        "returns": jnp.asarray(returns),
         "mask": mask,
     }
     value_params = {"w": jnp.zeros(IN), "b": jnp.zeros(())}
@@ -777,14 +786,29 @@ VALUE_OPT = optax.sgd(0.05)
 
 def make_state(family, seed=0):
     params, value_params, _ = bandit(family)
-    return init_trpo_state(params, value_params, VALUE_OPT, jax.random.PRNGKey(seed))
+    return init_trpo_state(params, value_params, VALUE_OPT, jnp.array([0, seed], jnp.uint32))
 
 
 @functools.cache
-def counted_update():
-    """One jitted update shared by several tests, with a trace counter."""
-    config = TRPOConfig(max_kl=0.01, n_critic_updates=10, critic_minibatches=2)
-    update = make_trpo_update(categorical_policy, value_fn, VALUE_OPT, config)
+def trpo_update(family="categorical", method="gauss_newton", subsample=1, normalize=True):
+    """A jitted update (shared by the tests that use the same settings) and its trace count.
+
+    CG runs to convergence (``cg_iters`` above the parameter count, a tiny ``cg_tol``) so the
+    step can be compared with a dense solve.
+    """
+    config = TRPOConfig(
+        max_kl=0.02,
+        cg_iters=100,
+        cg_damping=0.1,
+        cg_tol=1e-26,
+        backtrack_coeff=0.7,
+        fvp_method=method,
+        fvp_subsample=subsample,
+        normalize_advantages=normalize,
+        n_critic_updates=10,
+        critic_minibatches=2,
+    )
+    update = make_trpo_update(POLICIES[family], value_fn, VALUE_OPT, config)
     traces = [0]
 
     def counted(state, batch):
@@ -814,11 +838,11 @@ def ref_objectives(family, params, batch, normalize):
     def kl(flat):
         return masked_average(ref_kl(family, old, policy(unravel(flat), x)), mask)
 
-    return surrogate, kl
+    return jax.jit(surrogate), jax.jit(kl)
 
 
 def test_update_metrics_and_trust_region():
-    config, update, _ = counted_update()
+    config, update, _ = trpo_update()
     state = make_state("categorical")
     params, _, batch = bandit("categorical")
     new_state, metrics = update(state, batch)
@@ -865,19 +889,8 @@ def dense_step(f, g, damping, max_kl):
     ],
 )
 def test_update_matches_dense_natural_step(family, method, subsample, normalize):
-    damping, max_kl = 0.1, 0.02
-    config = TRPOConfig(
-        max_kl=max_kl,
-        cg_iters=100,
-        cg_damping=damping,
-        cg_tol=1e-26,
-        backtrack_coeff=0.7,
-        fvp_method=method,
-        fvp_subsample=subsample,
-        normalize_advantages=normalize,
-        n_critic_updates=1,
-    )
-    update = jax.jit(make_trpo_update(POLICIES[family], value_fn, VALUE_OPT, config))
+    config, update, _ = trpo_update(family, method, subsample, normalize)
+    damping, max_kl = config.cg_damping, config.max_kl
     params, _, batch = bandit(family)
     new_state, metrics = update(make_state(family), batch)
 
@@ -910,7 +923,9 @@ def test_update_matches_dense_natural_step(family, method, subsample, normalize)
     # The checks above can tell the settings apart: the other subsample / normalisation
     # would have given a clearly different step.
     if subsample > 1:
-        other = dense_step(explicit_fisher_rows(family, params, batch, slice(None)), g, damping, max_kl)
+        other = dense_step(
+            explicit_fisher_rows(family, params, batch, slice(None)), g, damping, max_kl
+        )
         assert rel_err(other[0], full_step) > 1e-3
     g_other = np.asarray(jax.grad(ref_objectives(family, params, batch, not normalize)[0])(flat))
     assert rel_err(dense_step(f, g_other, damping, max_kl)[0], full_step) > 1e-3
@@ -919,7 +934,7 @@ def test_update_matches_dense_natural_step(family, method, subsample, normalize)
 
 
 def test_value_function_fitting_reduces_loss():
-    _, update, _ = counted_update()
+    _, update, _ = trpo_update()
     _, _, batch = bandit("categorical")
     state = make_state("categorical", seed=1)
     x, returns, mask = (np.asarray(batch[k]) for k in ("inputs", "returns", "mask"))
@@ -942,13 +957,13 @@ def test_value_function_fitting_reduces_loss():
         assert evs[-1] <= 1.0
         assert evs[-1] == pytest.approx(ev_before, rel=1e-10, abs=1e-12)
         assert np.isfinite(float(metrics["value_loss"]))
-    assert all(l1 < l0 for l0, l1 in zip(losses, losses[1:], strict=False))
+    assert all(l1 < l0 for l0, l1 in itertools.pairwise(losses))
     assert losses[-1] < 0.5 * losses[0]
     assert evs[-1] > evs[0]
 
 
 def test_jitted_update_does_not_retrace():
-    _, update, traces = counted_update()
+    _, update, traces = trpo_update()
     _, _, batch = bandit("categorical")
     state = make_state("categorical", seed=2)
     state, _ = update(state, batch)

@@ -27,7 +27,10 @@ from rljax.trpo import mean_kl, surrogate_objective
 TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
 # few distinct shapes: un-jitted jax compiles each primitive once per new shape
 SHAPES = [(6,), (3, 4)]
-TOL = {np.dtype(np.float64): dict(rtol=1e-10, atol=0.0), np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6)}
+TOL = {
+    np.dtype(np.float64): dict(rtol=1e-10, atol=0.0),
+    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
+}
 
 seed_st = st.integers(0, 2**32 - 1)
 shape_st = st.sampled_from(SHAPES)
@@ -110,7 +113,9 @@ def test_surrogate_matches_reference(transform, seed, shape, dtype, use_mask, us
 def test_surrogate_gradient_is_policy_gradient_at_old_policy(transform, seed, shape):
     """At logps == old_logps, d L / d logps = A * mask / count (the masked-mean policy gradient)."""
     _, old, adv, mask = make_surrogate_data(seed, shape)
-    grad_fn = transform(jax.grad(lambda lp, o, a, m: surrogate_objective(lp, o, a, m)[0], (0, 1, 2)))
+    grad_fn = transform(
+        jax.grad(lambda lp, o, a, m: surrogate_objective(lp, o, a, m)[0], (0, 1, 2))
+    )
     grads = grad_fn(*(jnp.asarray(x) for x in (old, old, adv, mask)))
     np.testing.assert_allclose(grads[0], adv * mask / mask.sum(), rtol=1e-10, atol=1e-300)
     # old log-probs and advantages are data
@@ -137,8 +142,10 @@ def test_surrogate_normalizer_microbatches_add_up(transform):
     fn = transform(surrogate_objective)
     full, _ = fn(*(jnp.asarray(x) for x in (logps, old, adv, mask)))
     n = jnp.asarray(mask.sum())
-    a, _ = fn(*(jnp.asarray(x[:1]) for x in (logps, old, adv, mask)), normalizer=n)
-    b, _ = fn(*(jnp.asarray(x[1:]) for x in (logps, old, adv, mask)), normalizer=n)
+    # two [6] micro-batches of the flattened [3, 4] batch (shapes shared with other tests)
+    flat = [x.reshape(12) for x in (logps, old, adv, mask)]
+    a, _ = fn(*(x[:6] for x in flat), normalizer=n)
+    b, _ = fn(*(x[6:] for x in flat), normalizer=n)
     assert_close(a + b, full)
     assert_close(full, np_surrogate(logps, old, adv, mask)[0])
 
@@ -227,9 +234,7 @@ def make_outputs(rng, kind, positions, dtype=np.float64, size=3):
 
 
 def perturb(rng, outputs, scale=0.3):
-    return jax.tree.map(
-        lambda x: (x + scale * rng.normal(size=x.shape)).astype(x.dtype), outputs
-    )
+    return jax.tree.map(lambda x: (x + scale * rng.normal(size=x.shape)).astype(x.dtype), outputs)
 
 
 def np_kl(kind, p, q):
@@ -246,7 +251,9 @@ KINDS = ["categorical", "gauss_shared", "gauss_full"]
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=6)
-@given(seed=seed_st, positions=shape_st, dtype=dtype_st, use_mask=st.booleans(), use_norm=st.booleans())
+@given(
+    seed=seed_st, positions=shape_st, dtype=dtype_st, use_mask=st.booleans(), use_norm=st.booleans()
+)
 def test_mean_kl_matches_reference(transform, kind, seed, positions, dtype, use_mask, use_norm):
     rng = np.random.default_rng(seed)
     old = make_outputs(rng, kind, positions, dtype)
@@ -336,13 +343,15 @@ def test_mean_kl_normalizer_microbatches_add_up(transform, kind):
     n = float(mask.sum())
 
     def rows(tree, sl):
+        """Rows ``sl`` of the [12] flattened positions (micro-batches of shape [6])."""
+        cut = lambda x: x.reshape(12, x.shape[-1])[sl]
         if kind == "gauss_shared":  # the state-independent log_std is shared, not split
-            return (tree[0][sl], tree[1])
-        return jax.tree.map(lambda x: x[sl], tree)
+            return (cut(tree[0]), tree[1])
+        return jax.tree.map(cut, tree)
 
     parts = [
-        fn(to_jnp(rows(old, sl)), to_jnp(rows(new, sl)), mask[sl], jnp.asarray(n))
-        for sl in (slice(0, 1), slice(1, None))
+        fn(to_jnp(rows(old, sl)), to_jnp(rows(new, sl)), mask.reshape(12)[sl], jnp.asarray(n))
+        for sl in (slice(0, 6), slice(6, None))
     ]
     assert_close(parts[0] + parts[1], full)
     assert_close(full, np_masked_mean(np_kl(kind, old, new), mask))
@@ -359,6 +368,16 @@ def test_mean_kl_masked_positions_are_ignored(transform):
     bad_mean[2, 3] = np.nan
     value = transform(mean_kl)(to_jnp(old), (jnp.asarray(bad_mean), jnp.asarray(new[1])), mask)
     assert_close(value, np_masked_mean(np_kl("gauss_full", old, new), mask))
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_mean_kl_with_impossible_actions(transform):
+    """-inf logits (masked actions, probability 0 under both policies) add 0 to the KL."""
+    old = np.array([[0.0, 1.0, -np.inf], [0.3, -0.2, 0.9]])
+    new = np.array([[0.5, -0.5, -np.inf], [0.1, 0.4, -0.7]])
+    expected = (np_categorical_kl(old[0, :2], new[0, :2]) + np_categorical_kl(old[1], new[1])) / 2
+    value = transform(mean_kl)(jnp.asarray(old), jnp.asarray(new))
+    np.testing.assert_allclose(value, expected, rtol=1e-10)
 
 
 def test_mean_kl_traced_normalizer_does_not_retrace():
@@ -379,10 +398,11 @@ def test_mean_kl_traced_normalizer_does_not_retrace():
     assert len(traces) == 1
 
 
-def test_mean_kl_mixed_families_raise():
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_mean_kl_mixed_families_raise(transform):
     logits = jnp.zeros((3, 4))
     gaussian = (jnp.zeros((3, 4)), jnp.zeros((4,)))
     with pytest.raises(ValueError):
-        mean_kl(logits, gaussian)
+        transform(mean_kl)(logits, gaussian)
     with pytest.raises(ValueError):
-        mean_kl(gaussian, logits)
+        transform(mean_kl)(gaussian, logits)

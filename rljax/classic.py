@@ -1,0 +1,581 @@
+"""Whole training runs on classic-control environments, each one compiled function.
+
+``train_ppo(config, key)`` and ``train_trpo(config, key)`` run rollouts (``lax.scan`` over
+time, ``vmap`` over environments), GAE and the update step for every iteration inside a single
+``lax.scan``, so the whole run is one XLA program: jit it once, and ``jax.vmap`` it over keys to
+train many seeds at once (as purejaxrl does), built from rljax's pure pieces:
+:func:`rljax.envs.collect`, :func:`rljax.advantages.gae`, :func:`rljax.ppo.make_ppo_update`,
+:func:`rljax.trpo.make_trpo_update`.
+
+Per-environment defaults live in ``PPO_PRESETS``/``TRPO_PRESETS``; a config field left at
+``None`` takes the preset's value (:func:`resolve`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rljax import advantages, envs, ppo, trpo
+from rljax.models.mlp import Actor, Critic, pure
+
+__all__ = [
+    "PPO_PRESETS",
+    "TRPO_PRESETS",
+    "ClassicConfig",
+    "PPOClassicConfig",
+    "Progress",
+    "TRPOClassicConfig",
+    "evaluate",
+    "resolve",
+    "run_experiment",
+    "train_ppo",
+    "train_trpo",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassicConfig:
+    """Settings shared by PPO and TRPO runs (``None`` = the environment's preset).
+
+    Attributes:
+      env: environment name (see rljax.envs.make).
+      total_steps: environment steps per seed.
+      num_envs: environments stepped in parallel per seed.
+      num_steps: steps per environment per iteration.
+      gamma: discount.
+      gae_lambda: GAE lambda.
+      hidden: width of the two hidden layers of actor and critic.
+      log_std_init: initial log standard deviation of a Gaussian policy.
+      eval_episodes: greedy evaluation episodes per seed at the end.
+    """
+
+    env: str = "CartPole-v1"
+    total_steps: int | None = None
+    num_envs: int | None = None
+    num_steps: int | None = None
+    gamma: float | None = None
+    gae_lambda: float | None = None
+    hidden: int | None = None
+    log_std_init: float | None = None
+    eval_episodes: int = 10
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOClassicConfig(ClassicConfig):
+    """PPO on a classic-control environment (``None`` = the environment's preset).
+
+    Attributes:
+      learning_rate: Adam step size (annealed linearly to 0 when anneal_lr).
+      anneal_lr: linear learning-rate decay over the run.
+      max_grad_norm: global gradient-norm clip.
+      num_epochs: passes over each batch.
+      num_minibatches: minibatches per pass.
+      clip_eps: PPO ratio clip range.
+      value_clip_eps: value clip range (0 disables value clipping).
+      value_coef: value-loss weight.
+      entropy_coef: entropy-bonus weight.
+      target_kl: early-stop threshold on the approximate KL per update (0 disables).
+    """
+
+    learning_rate: float | None = None
+    anneal_lr: bool = True
+    max_grad_norm: float = 0.5
+    num_epochs: int | None = None
+    num_minibatches: int | None = None
+    clip_eps: float = 0.2
+    value_clip_eps: float | None = None
+    value_coef: float = 0.5
+    entropy_coef: float | None = None
+    target_kl: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TRPOClassicConfig(ClassicConfig):
+    """TRPO on a classic-control environment (``None`` = the environment's preset).
+
+    Attributes:
+      max_kl: trust-region radius on the mean KL.
+      cg_iters: conjugate-gradient iterations.
+      cg_damping: Fisher damping.
+      fvp_subsample: use every k-th row for Fisher-vector products.
+      value_learning_rate: Adam step size of the value function.
+      n_critic_updates: value-function passes per iteration.
+      critic_minibatches: value-function minibatches per pass.
+    """
+
+    max_kl: float | None = None
+    cg_iters: int = 10
+    cg_damping: float = 0.1
+    fvp_subsample: int = 1
+    value_learning_rate: float | None = None
+    n_critic_updates: int | None = None
+    critic_minibatches: int | None = None
+
+
+_COMMON = {
+    "CartPole-v1": dict(
+        total_steps=100_000,
+        num_envs=16,
+        num_steps=128,
+        gamma=0.99,
+        gae_lambda=0.95,
+        hidden=64,
+        log_std_init=0.0,
+    ),
+    "Acrobot-v1": dict(
+        total_steps=200_000,
+        num_envs=16,
+        num_steps=128,
+        gamma=0.99,
+        gae_lambda=0.95,
+        hidden=64,
+        log_std_init=0.0,
+    ),
+    "Pendulum-v1": dict(
+        total_steps=400_000,
+        num_envs=16,
+        num_steps=256,
+        gamma=0.95,
+        gae_lambda=0.95,
+        hidden=64,
+        log_std_init=0.0,
+    ),
+    "MountainCarContinuous-v0": dict(
+        total_steps=400_000,
+        num_envs=16,
+        num_steps=256,
+        gamma=0.99,
+        gae_lambda=0.95,
+        hidden=64,
+        log_std_init=0.0,
+    ),
+}
+_DEFAULT_COMMON = dict(
+    total_steps=100_000,
+    num_envs=16,
+    num_steps=128,
+    gamma=0.99,
+    gae_lambda=0.95,
+    hidden=64,
+    log_std_init=0.0,
+)
+PPO_PRESETS = {
+    "CartPole-v1": dict(
+        learning_rate=2e-3,
+        num_epochs=8,
+        num_minibatches=4,
+        entropy_coef=0.0,
+        value_clip_eps=0.2,
+        num_envs=8,
+    ),
+    "Acrobot-v1": dict(
+        learning_rate=5e-4, num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2
+    ),
+    "Pendulum-v1": dict(
+        learning_rate=1e-3, num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=0.0
+    ),
+    "MountainCarContinuous-v0": dict(
+        learning_rate=1e-3, num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=0.0
+    ),
+}
+_DEFAULT_PPO = dict(
+    learning_rate=5e-4, num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2
+)
+TRPO_PRESETS = {
+    "CartPole-v1": dict(
+        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
+    ),
+    "Acrobot-v1": dict(
+        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
+    ),
+    "Pendulum-v1": dict(
+        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16
+    ),
+    "MountainCarContinuous-v0": dict(
+        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16
+    ),
+}
+_DEFAULT_TRPO = dict(
+    max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
+)
+
+
+def resolve(config: ClassicConfig) -> ClassicConfig:
+    """Fill every ``None`` field of ``config`` from its environment's preset."""
+    algo = (
+        (PPO_PRESETS, _DEFAULT_PPO)
+        if isinstance(config, PPOClassicConfig)
+        else (TRPO_PRESETS, _DEFAULT_TRPO)
+    )
+    preset = {**_COMMON.get(config.env, _DEFAULT_COMMON), **algo[0].get(config.env, algo[1])}
+    filled = {k: v for k, v in preset.items() if getattr(config, k) is None}
+    config = dataclasses.replace(config, **filled)
+    steps_per_iteration = config.num_envs * config.num_steps
+    if config.total_steps < steps_per_iteration:
+        raise ValueError(
+            f"total_steps={config.total_steps} is less than one iteration "
+            f"(num_envs * num_steps = {steps_per_iteration})"
+        )
+    return config
+
+
+def _networks(config: ClassicConfig, env):
+    action_dim = env.action_size if env.continuous else env.num_actions
+    hidden = (config.hidden, config.hidden)
+
+    def actor(key):
+        return Actor(
+            env.observation_size,
+            action_dim,
+            hidden=hidden,
+            continuous=env.continuous,
+            log_std_init=config.log_std_init,
+            rngs=nnx.Rngs(key),
+        )
+
+    def critic(key):
+        return Critic(env.observation_size, hidden=hidden, rngs=nnx.Rngs(key))
+
+    policy_fn, _ = pure(actor(jax.random.key(0)))
+    value_fn, _ = pure(critic(jax.random.key(0)))
+    return policy_fn, value_fn, lambda k: pure(actor(k))[1], lambda k: pure(critic(k))[1]
+
+
+def _rollout_batch(
+    config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, key
+):
+    """One iteration's on-policy batch (rows = env steps) and episode statistics."""
+    carry, traj = envs.collect(
+        env, env_params, policy_fn, policy_params, carry, key, config.num_steps
+    )
+    rewards, dones = envs.bootstrapped_rewards(traj, value_fn, value_params, config.gamma)
+    values = value_fn(value_params, traj["obs"])
+    all_values = jnp.concatenate([values, value_fn(value_params, carry.obs)[:, None]], axis=1)
+    adv, returns = advantages.gae(rewards, all_values, dones, config.gamma, config.gae_lambda)
+    batch = {
+        "inputs": traj["obs"],
+        "actions": traj["actions"],
+        "old_logps": traj["logps"],
+        "advantages": adv,
+        "returns": returns,
+        "old_values": values,
+    }
+    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # [envs * steps, ...]
+    ended = traj["terminated"] | traj["truncated"]
+    episodes = jnp.sum(ended)
+    stats = {
+        "episodes": episodes,
+        "episode_return": jnp.sum(jnp.where(ended, traj["episode_return"], 0.0))
+        / jnp.maximum(episodes, 1),
+        "episode_length": jnp.sum(jnp.where(ended, traj["episode_length"], 0))
+        / jnp.maximum(episodes, 1),
+    }
+    return carry, batch, stats
+
+
+def _run(config, env, env_params, init_state, update, fns, key, progress=None):
+    """Scan the iterations: rollout, update; returns the final state and per-iteration metrics."""
+    policy_fn, value_fn = fns
+    key, k_env = jax.random.split(key)
+    carry = envs.init_carry(env, env_params, k_env, config.num_envs)
+
+    def iteration(loop, index):
+        state, carry, key = loop
+        key, k_roll = jax.random.split(key)
+        policy_params, value_params = _policy_and_value(state)
+        carry, batch, stats = _rollout_batch(
+            config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, k_roll
+        )
+        state, metrics = update(state, batch)
+        metrics = {
+            **metrics,
+            **stats,
+            "env_steps": (index + 1) * config.num_envs * config.num_steps,
+        }
+        return (state, carry, key), metrics
+
+    (state, _, _), history = jax.lax.scan(
+        iteration, (init_state, carry, key), jnp.arange(config.num_iterations)
+    )
+    return state, history
+
+
+def _policy_and_value(state):
+    if isinstance(state, ppo.PPOState):
+        return state.params["policy"], state.params["value"]
+    return state.policy_params, state.value_params
+
+
+def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | None = None):
+    """Train PPO for ``config.total_steps`` env steps; jit-able whole, vmappable over ``key``.
+
+    Returns ``(state, history, evaluation)``: the final :class:`rljax.ppo.PPOState`, a dict of
+    per-iteration metric arrays (``episode_return``, ``env_steps``, losses, ...) and the greedy
+    evaluation of :func:`evaluate`. ``progress(iteration, env_steps, episode_return)`` is
+    called from inside the compiled run once per iteration (e.g. a :class:`Progress`).
+    """
+    config = resolve(config)
+    env, env_params = envs.make(config.env)
+    policy_fn, value_fn, init_policy, init_value = _networks(config, env)
+    k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
+    schedule = config.learning_rate
+    if config.anneal_lr:
+        updates = config.num_iterations * config.num_epochs * config.num_minibatches
+        schedule = optax.linear_schedule(config.learning_rate, 0.0, updates)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule, eps=1e-5)
+    )
+    ppo_config = ppo.PPOConfig(
+        clip_eps=config.clip_eps,
+        value_clip_eps=config.value_clip_eps or None,
+        value_coef=config.value_coef,
+        entropy_coef=config.entropy_coef,
+        num_epochs=config.num_epochs,
+        num_minibatches=config.num_minibatches,
+        target_kl=config.target_kl or None,
+    )
+    update = ppo.make_ppo_update(policy_fn, value_fn, optimizer, ppo_config)
+    state = ppo.init_ppo_state(init_policy(k_policy), init_value(k_value), optimizer, k_state)
+    state, history = _run(
+        config, env, env_params, state, update, (policy_fn, value_fn), k_run, progress
+    )
+    evaluation = evaluate(
+        env, env_params, policy_fn, state.params["policy"], k_eval, config.eval_episodes
+    )
+    return state, history, evaluation
+
+
+def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | None = None):
+    """Train TRPO for ``config.total_steps`` env steps; jit-able whole, vmappable over ``key``.
+
+    Returns ``(state, history, evaluation)`` as :func:`train_ppo` does, with a
+    :class:`rljax.trpo.TRPOState`.
+    """
+    config = resolve(config)
+    env, env_params = envs.make(config.env)
+    policy_fn, value_fn, init_policy, init_value = _networks(config, env)
+    k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
+    value_optimizer = optax.adam(config.value_learning_rate)
+    trpo_config = trpo.TRPOConfig(
+        max_kl=config.max_kl,
+        cg_iters=config.cg_iters,
+        cg_damping=config.cg_damping,
+        fvp_subsample=config.fvp_subsample,
+        n_critic_updates=config.n_critic_updates,
+        critic_minibatches=config.critic_minibatches,
+    )
+    update = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config)
+    state = trpo.init_trpo_state(
+        init_policy(k_policy), init_value(k_value), value_optimizer, k_state
+    )
+    state, history = _run(
+        config, env, env_params, state, update, (policy_fn, value_fn), k_run, progress
+    )
+    evaluation = evaluate(
+        env, env_params, policy_fn, state.policy_params, k_eval, config.eval_episodes
+    )
+    return state, history, evaluation
+
+
+def greedy_action(outputs) -> jax.Array:
+    """The mode of the policy: argmax of the logits, or the Gaussian mean."""
+    from rljax.distributions import is_gaussian
+
+    if is_gaussian(outputs):
+        return outputs[0]
+    return jnp.argmax(outputs, axis=-1)
+
+
+def evaluate(
+    env,
+    env_params,
+    policy_fn: Callable,
+    policy_params,
+    key: jax.Array,
+    num_episodes: int = 10,
+    greedy: bool = True,
+) -> dict[str, jax.Array]:
+    """Undiscounted return of ``num_episodes`` full episodes (run in parallel), jit-able.
+
+    ``greedy`` takes the policy's mode; otherwise actions are sampled. Each episode runs until
+    it terminates or the environment's time limit (``env_params.max_steps``) truncates it.
+
+    Returns ``{"returns": [num_episodes], "lengths": [num_episodes], "mean_return": ...}``.
+    """
+    k_reset, k_steps = jax.random.split(key)
+    obs, state = jax.vmap(env.reset, in_axes=(0, None))(
+        jax.random.split(k_reset, num_episodes), env_params
+    )
+    v_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def step(loop, step_key):
+        obs, state, total, length, done = loop
+        k_act, k_env = jax.random.split(step_key)
+        outputs = policy_fn(policy_params, obs)
+        action = greedy_action(outputs) if greedy else envs.sample_action(k_act, outputs)
+        obs, state, reward, terminated, truncated, _ = v_step(
+            jax.random.split(k_env, num_episodes), state, action, env_params
+        )
+        total = total + jnp.where(done, 0.0, reward)
+        length = length + jnp.where(done, 0, 1)
+        return (obs, state, total, length, done | terminated | truncated), None
+
+    zeros = jnp.zeros((num_episodes,), jnp.float32)
+    init = (
+        obs,
+        state,
+        zeros,
+        jnp.zeros((num_episodes,), jnp.int32),
+        jnp.zeros((num_episodes,), bool),
+    )
+    (_, _, total, length, _), _ = jax.lax.scan(
+        step, init, jax.random.split(k_steps, env_params.max_steps)
+    )
+    return {"returns": total, "lengths": length, "mean_return": jnp.mean(total)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment driver shared by experiments/ppo_classic.py and experiments/trpo_classic.py.
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """Host callback that prints one line per ``every`` iterations once all seeds reported.
+
+    Passed to :func:`train_ppo`/:func:`train_trpo` as ``progress``; under ``vmap`` over seeds
+    the callback fires once per seed per iteration, so values are gathered per iteration.
+    """
+
+    def __init__(self, label: str, num_seeds: int, num_iterations: int, every: int = 10):
+        self.label, self.num_seeds, self.num_iterations = label, num_seeds, num_iterations
+        self.every, self.pending, self.start = max(1, every), {}, None
+
+    def __call__(self, iteration, env_steps, episode_return):
+        import time
+
+        import numpy as np
+
+        if self.start is None:
+            self.start = time.perf_counter()
+        iteration = int(iteration)
+        values = self.pending.setdefault(iteration, [])
+        values.append(float(episode_return))
+        if len(values) < self.num_seeds:
+            return
+        del self.pending[iteration]
+        if (iteration + 1) % self.every == 0 or iteration + 1 == self.num_iterations:
+            print(
+                f"[{self.label}] iteration {iteration + 1}/{self.num_iterations}  "
+                f"env steps {int(env_steps):,}/seed  training return mean "
+                f"{np.mean(values):.1f} (min {np.min(values):.1f}, max {np.max(values):.1f}) "
+                f"over {self.num_seeds} seeds  [{time.perf_counter() - self.start:.1f}s]",
+                flush=True,
+            )
+
+
+def run_experiment(
+    algo: str, config: ClassicConfig, seeds: int, seed: int, out: str, progress_every: int = 10
+) -> dict:
+    """Train ``seeds`` seeds at once (``vmap``), time compilation and run separately, evaluate
+    greedily, and write ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` to ``out``.
+    """
+    import json
+    import pathlib
+    import time
+
+    import numpy as np
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    train = {"ppo": train_ppo, "trpo": train_trpo}[algo]
+    config = resolve(config)
+    label = f"{algo.upper()} {config.env}"
+    progress = Progress(label, seeds, config.num_iterations, progress_every)
+    keys = jax.random.split(jax.random.key(seed), seeds)
+    print(
+        f"{label}: {seeds} seed(s) x {config.total_steps:,} env steps, "
+        f"{config.num_iterations} iterations of {config.num_envs} envs x {config.num_steps} steps"
+    )
+    start = time.perf_counter()
+    compiled = jax.jit(jax.vmap(lambda k: train(config, k, progress))).lower(keys).compile()
+    compile_seconds = time.perf_counter() - start
+    print(f"[{label}] compiled in {compile_seconds:.1f}s", flush=True)
+    run_start = time.perf_counter()
+    _, history, evaluation = jax.block_until_ready(compiled(keys))
+    run_seconds = time.perf_counter() - run_start
+    wall_seconds = time.perf_counter() - start
+    history = jax.tree.map(np.asarray, history)
+    per_seed = np.asarray(evaluation["mean_return"])
+
+    out_dir = pathlib.Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metrics.jsonl", "w") as f:
+        for i in range(config.num_iterations):
+            row = {
+                "iteration": i + 1,
+                "env_steps": int(history["env_steps"][0, i]),
+                "episode_return_per_seed": history["episode_return"][:, i].tolist(),
+            }
+            row.update(
+                {k: float(np.mean(v[:, i])) for k, v in history.items() if k not in ("env_steps",)}
+            )
+            f.write(json.dumps(row) + "\n")
+    summary = {
+        "algorithm": algo,
+        "env": config.env,
+        "seeds": seeds,
+        "total_steps": config.total_steps,
+        "final_return_mean": float(np.mean(per_seed)),
+        "final_return_median": float(np.median(per_seed)),
+        "final_return_per_seed": per_seed.round(2).tolist(),
+        "eval_episodes_per_seed": config.eval_episodes,
+        "wall_seconds": round(wall_seconds, 2),
+        "compile_seconds": round(compile_seconds, 2),
+        "run_seconds": round(run_seconds, 2),
+        "device": jax.devices()[0].device_kind,
+        "config": dataclasses.asdict(config),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot_curve(history, label, out_dir / "learning_curve.png")
+    print(
+        f"[{label}] greedy return over {config.eval_episodes} episodes per seed: mean "
+        f"{summary['final_return_mean']:.1f}, median {summary['final_return_median']:.1f}, "
+        f"per seed {summary['final_return_per_seed']}"
+    )
+    print(
+        f"[{label}] wall {wall_seconds:.1f}s = compile {compile_seconds:.1f}s + run "
+        f"{run_seconds:.1f}s; wrote {out_dir}/metrics.jsonl, summary.json, learning_curve.png"
+    )
+    return summary
+
+
+def _plot_curve(history, label, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = history["env_steps"][0]
+    returns = history["episode_return"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, curve in enumerate(returns):
+        ax.plot(steps, curve, lw=0.8, alpha=0.5, label="seeds" if i == 0 else None)
+    ax.plot(steps, np.mean(returns, axis=0), color="k", lw=2, label="mean over seeds")
+    ax.set_xlabel("environment steps (per seed)")
+    ax.set_ylabel("training episode return")
+    ax.set_title(f"{label}: {returns.shape[0]} seed(s)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
