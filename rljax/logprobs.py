@@ -70,10 +70,12 @@ def entropy_from_logits(logits: jax.Array) -> jax.Array:
     Returns:
       ``[...]`` entropies in nats.
     """
-    logits = logits.astype(_float_dtype(logits))
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    probs = jax.nn.softmax(logits, axis=-1)
-    return log_normaliser - jnp.sum(probs * logits, axis=-1)
+    log_p = jax.nn.log_softmax(logits.astype(_float_dtype(logits)), axis=-1)
+    probs = jnp.exp(log_p)
+    # Impossible outcomes (logit -inf, p = 0) contribute 0 * log 0 = 0, not NaN; the inner
+    # where keeps the gradient finite as well.
+    support = probs > 0
+    return -jnp.sum(jnp.where(support, probs * jnp.where(support, log_p, 0.0), 0.0), axis=-1)
 
 
 def categorical_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
@@ -92,7 +94,11 @@ def categorical_kl(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
     dtype = jnp.promote_types(_float_dtype(p_logits), q_logits.dtype)
     log_p = jax.nn.log_softmax(p_logits.astype(dtype), axis=-1)
     log_q = jax.nn.log_softmax(q_logits.astype(dtype), axis=-1)
-    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    probs = jnp.exp(log_p)
+    # Outcomes impossible under p contribute 0 (also where q gives them -inf).
+    support = probs > 0
+    log_ratio = jnp.where(support, log_p, 0.0) - jnp.where(support, log_q, 0.0)
+    return jnp.sum(jnp.where(support, probs * log_ratio, 0.0), axis=-1)
 
 
 def _mask_like(x: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -166,7 +166,10 @@ def clipped_value_loss(
         values_clipped = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
         error_clipped = jnp.square(values_clipped - returns)
         per_token = 0.5 * jnp.maximum(error, error_clipped)
-        clipped = (error_clipped > error).astype(error.dtype)
+        # The clipped branch is active only where the clip moved the prediction; comparing the
+        # errors alone would count float rounding of an unclipped V as clipping.
+        moved = jnp.abs(values - old_values) > clip_eps
+        clipped = (moved & (error_clipped > error)).astype(error.dtype)
     loss = masked_mean(per_token, mask, normalizer=normalizer)
     metrics = {
         "val/clipfrac": masked_mean(clipped, mask),

@@ -273,7 +273,7 @@ def conjugate_gradient(
 
     ``A`` is symmetric positive semi-definite and given only as ``matvec``; ``b`` and ``x`` are
     pytrees. Starts from :math:`x_0 = 0` and stops after ``max_iters`` iterations or once the
-    squared residual norm :math:`r^\top r` drops below ``tol`` (the criterion of the original
+    squared residual norm :math:`r^\top r` is at most ``tol`` (the criterion of the original
     TRPO code). Runs in a ``lax.while_loop``, so it is jit-able and traces ``matvec`` once.
 
     Returns:
@@ -289,16 +289,20 @@ def conjugate_gradient(
 
     def cond(state):
         i, _, _, _, rdotr = state
-        return (i < max_iters) & (rdotr >= tol)
+        # Strict: with ``tol=0`` the loop still ends once the residual is exactly zero.
+        return (i < max_iters) & (rdotr > tol)
 
     def body(state):
         i, x, r, p, rdotr = state
         z = damped(p)
-        alpha = rdotr / tree_vdot(p, z)
+        p_dot_z = tree_vdot(p, z)
+        # Guards against 0/0 (a singular A along p, or a residual that vanished exactly).
+        alpha = jnp.where(p_dot_z != 0, rdotr / jnp.where(p_dot_z != 0, p_dot_z, 1), 0.0)
         x = _tree_axpy(alpha, p, x)
         r = _tree_axpy(-alpha, z, r)
         new_rdotr = tree_vdot(r, r)
-        p = _tree_axpy(new_rdotr / rdotr, p, r)
+        beta = jnp.where(rdotr != 0, new_rdotr / jnp.where(rdotr != 0, rdotr, 1), 0.0)
+        p = _tree_axpy(beta, p, r)
         return i + 1, x, r, p, new_rdotr
 
     i, x, _, _, rdotr = jax.lax.while_loop(cond, body, (jnp.int32(0), x0, b, b, rdotr0))
@@ -345,7 +349,8 @@ def kl_line_search(
       ``step_fraction`` is :math:`\alpha^k` of the accepted step (0 when rejected), ``steps`` the
       number of candidates evaluated, and ``surrogate``/``kl`` those of the returned params.
     """
-    dtype = jnp.result_type(surrogate_before, jnp.float32)
+    # The working dtype follows the parameters (a Python-float surrogate_before is weak).
+    dtype = jnp.result_type(*jax.tree.leaves(full_step), surrogate_before, jnp.float32)
 
     def candidate(fraction):
         return _tree_axpy(fraction, full_step, params)
