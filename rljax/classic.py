@@ -302,6 +302,9 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
             **stats,
             "env_steps": (index + 1) * config.num_envs * config.num_steps,
         }
+        if progress is not None:
+            # Under vmap over seeds the callback fires once per seed (Progress gathers them).
+            jax.debug.callback(progress, index, metrics["env_steps"], stats["episode_return"])
         return (state, carry, key), metrics
 
     (state, _, _), history = jax.lax.scan(
