@@ -32,6 +32,7 @@ __all__ = [
     "Progress",
     "TRPOClassicConfig",
     "evaluate",
+    "make_networks",
     "resolve",
     "run_experiment",
     "train_ppo",
@@ -66,8 +67,18 @@ class ClassicConfig:
     eval_episodes: int = 10
 
     @property
+    def steps_per_iteration(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
     def num_iterations(self) -> int:
-        return self.total_steps // (self.num_envs * self.num_steps)
+        """Iterations needed for at least ``total_steps`` env steps (rounded up)."""
+        return -(-self.total_steps // self.steps_per_iteration)
+
+    @property
+    def env_steps(self) -> int:
+        """Environment steps per seed actually run: ``num_iterations`` whole iterations."""
+        return self.num_iterations * self.steps_per_iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,18 +229,45 @@ def resolve(config: ClassicConfig) -> ClassicConfig:
         else (TRPO_PRESETS, _DEFAULT_TRPO)
     )
     preset = {**_COMMON.get(config.env, _DEFAULT_COMMON), **algo[0].get(config.env, algo[1])}
+    envs.make(config.env)  # an unknown name raises here, listing the valid ones
     filled = {k: v for k, v in preset.items() if getattr(config, k) is None}
     config = dataclasses.replace(config, **filled)
-    steps_per_iteration = config.num_envs * config.num_steps
-    if config.total_steps < steps_per_iteration:
-        raise ValueError(
-            f"total_steps={config.total_steps} is less than one iteration "
-            f"(num_envs * num_steps = {steps_per_iteration})"
-        )
+    _validate(config)
     return config
 
 
-def _networks(config: ClassicConfig, env):
+def _validate(config: ClassicConfig) -> None:
+    positive = ["total_steps", "num_envs", "num_steps", "hidden", "eval_episodes"]
+    in_unit = ["gamma", "gae_lambda"]
+    if isinstance(config, PPOClassicConfig):
+        positive += ["learning_rate", "max_grad_norm", "num_epochs", "num_minibatches"]
+        positive += ["clip_eps"]
+        divides = {"num_minibatches": config.num_minibatches}
+    else:
+        positive += ["max_kl", "cg_iters", "fvp_subsample", "value_learning_rate"]
+        positive += ["n_critic_updates", "critic_minibatches"]
+        divides = {"critic_minibatches": config.critic_minibatches}
+    for name in positive:
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
+    for name in in_unit:
+        if not 0 <= getattr(config, name) <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    for name, value in divides.items():
+        if config.steps_per_iteration % value:
+            raise ValueError(
+                f"{name}={value} must divide the batch of num_envs * num_steps = "
+                f"{config.steps_per_iteration} rows"
+            )
+
+
+def make_networks(config: ClassicConfig, env):
+    """The actor-critic of a run: ``(policy_fn, value_fn, init_policy, init_value)``.
+
+    ``policy_fn(params, obs)``/``value_fn(params, obs)`` are pure functions (see
+    :func:`rljax.models.mlp.pure`); ``init_policy(key)``/``init_value(key)`` build parameters.
+    ``config`` must be resolved (:func:`resolve`).
+    """
     action_dim = env.action_size if env.continuous else env.num_actions
     hidden = (config.hidden, config.hidden)
 
@@ -290,13 +328,17 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
     carry = envs.init_carry(env, env_params, k_env, config.num_envs)
 
     def iteration(loop, index):
-        state, carry, key = loop
+        state, carry, key, last_return = loop
         key, k_roll = jax.random.split(key)
         policy_params, value_params = _policy_and_value(state)
         carry, batch, stats = _rollout_batch(
             config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, k_roll
         )
         state, metrics = update(state, batch)
+        # An iteration in which no episode ended repeats the last known return (its
+        # ``episodes`` is 0), so learning curves do not dip to 0 between long episodes.
+        last_return = jnp.where(stats["episodes"] > 0, stats["episode_return"], last_return)
+        stats = {**stats, "episode_return": last_return}
         metrics = {
             **metrics,
             **stats,
@@ -305,10 +347,12 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
         if progress is not None:
             # Under vmap over seeds the callback fires once per seed (Progress gathers them).
             jax.debug.callback(progress, index, metrics["env_steps"], stats["episode_return"])
-        return (state, carry, key), metrics
+        return (state, carry, key, last_return), metrics
 
-    (state, _, _), history = jax.lax.scan(
-        iteration, (init_state, carry, key), jnp.arange(config.num_iterations)
+    (state, *_), history = jax.lax.scan(
+        iteration,
+        (init_state, carry, key, jnp.float32(jnp.nan)),
+        jnp.arange(config.num_iterations),
     )
     return state, history
 
@@ -320,7 +364,8 @@ def _policy_and_value(state):
 
 
 def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | None = None):
-    """Train PPO for ``config.total_steps`` env steps; jit-able whole, vmappable over ``key``.
+    """Train PPO for ``config.env_steps`` (``total_steps`` rounded up to whole iterations) env
+    steps; jit-able as a whole and vmappable over ``key``.
 
     Returns ``(state, history, evaluation)``: the final :class:`rljax.ppo.PPOState`, a dict of
     per-iteration metric arrays (``episode_return``, ``env_steps``, losses, ...) and the greedy
@@ -329,7 +374,7 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
     """
     config = resolve(config)
     env, env_params = envs.make(config.env)
-    policy_fn, value_fn, init_policy, init_value = _networks(config, env)
+    policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     schedule = config.learning_rate
     if config.anneal_lr:
@@ -359,14 +404,15 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
 
 
 def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | None = None):
-    """Train TRPO for ``config.total_steps`` env steps; jit-able whole, vmappable over ``key``.
+    """Train TRPO for ``config.env_steps`` (``total_steps`` rounded up to whole iterations) env
+    steps; jit-able as a whole and vmappable over ``key``.
 
     Returns ``(state, history, evaluation)`` as :func:`train_ppo` does, with a
     :class:`rljax.trpo.TRPOState`.
     """
     config = resolve(config)
     env, env_params = envs.make(config.env)
-    policy_fn, value_fn, init_policy, init_value = _networks(config, env)
+    policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     value_optimizer = optax.adam(config.value_learning_rate)
     trpo_config = trpo.TRPOConfig(
@@ -477,11 +523,17 @@ class Progress:
             return
         del self.pending[iteration]
         if (iteration + 1) % self.every == 0 or iteration + 1 == self.num_iterations:
+            finite = [v for v in values if np.isfinite(v)]
+            returns = (
+                f"training return mean {np.mean(finite):.1f} (min {np.min(finite):.1f}, "
+                f"max {np.max(finite):.1f}) over {len(finite)} seeds"
+                if finite
+                else "no episode finished yet"
+            )
             print(
                 f"[{self.label}] iteration {iteration + 1}/{self.num_iterations}  "
-                f"env steps {int(env_steps):,}/seed  training return mean "
-                f"{np.mean(values):.1f} (min {np.min(values):.1f}, max {np.max(values):.1f}) "
-                f"over {self.num_seeds} seeds  [{time.perf_counter() - self.start:.1f}s]",
+                f"env steps {int(env_steps):,}/seed  {returns}  "
+                f"[{time.perf_counter() - self.start:.1f}s]",
                 flush=True,
             )
 
@@ -506,8 +558,13 @@ def run_experiment(
     progress = Progress(label, seeds, config.num_iterations, progress_every)
     keys = jax.random.split(jax.random.key(seed), seeds)
     print(
-        f"{label}: {seeds} seed(s) x {config.total_steps:,} env steps, "
+        f"{label}: {seeds} seed(s) x {config.env_steps:,} env steps, "
         f"{config.num_iterations} iterations of {config.num_envs} envs x {config.num_steps} steps"
+        + (
+            f" (total_steps={config.total_steps:,} rounded up to whole iterations)"
+            if config.env_steps != config.total_steps
+            else ""
+        )
     )
     start = time.perf_counter()
     compiled = jax.jit(jax.vmap(lambda k: train(config, k, progress))).lower(keys).compile()
@@ -527,17 +584,24 @@ def run_experiment(
             row = {
                 "iteration": i + 1,
                 "env_steps": int(history["env_steps"][0, i]),
-                "episode_return_per_seed": history["episode_return"][:, i].tolist(),
+                "episode_return_per_seed": [
+                    _json_float(v) for v in history["episode_return"][:, i]
+                ],
             }
             row.update(
-                {k: float(np.mean(v[:, i])) for k, v in history.items() if k not in ("env_steps",)}
+                {
+                    k: _json_float(np.mean(v[:, i]))
+                    for k, v in history.items()
+                    if k not in ("env_steps",)
+                }
             )
             f.write(json.dumps(row) + "\n")
     summary = {
         "algorithm": algo,
         "env": config.env,
         "seeds": seeds,
-        "total_steps": config.total_steps,
+        "total_steps": config.env_steps,
+        "requested_total_steps": config.total_steps,
         "final_return_mean": float(np.mean(per_seed)),
         "final_return_median": float(np.median(per_seed)),
         "final_return_per_seed": per_seed.round(2).tolist(),
@@ -560,6 +624,12 @@ def run_experiment(
         f"{run_seconds:.1f}s; wrote {out_dir}/metrics.jsonl, summary.json, learning_curve.png"
     )
     return summary
+
+
+def _json_float(value) -> float | None:
+    """A float for JSON; NaN (no episode finished yet) becomes null."""
+    value = float(value)
+    return value if value == value else None
 
 
 def _plot_curve(history, label, path):

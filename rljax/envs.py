@@ -166,7 +166,7 @@ class Pendulum:
     def step(self, key, state: PendulumState, action: jax.Array, params: PendulumParams):
         del key
         p = params
-        u = jnp.clip(jnp.reshape(action, ()), -p.max_torque, p.max_torque)
+        u = jnp.clip(jnp.reshape(action, ()).astype(jnp.float32), -p.max_torque, p.max_torque)
         costs = _angle_normalize(state.theta) ** 2 + 0.1 * state.theta_dot**2 + 0.001 * u**2
         theta_dot = (
             state.theta_dot
@@ -327,7 +327,7 @@ class MountainCarContinuous:
     def step(self, key, state: MountainCarState, action, params: MountainCarContinuousParams):
         del key
         p = params
-        action = jnp.reshape(action, ())
+        action = jnp.reshape(action, ()).astype(jnp.float32)
         force = jnp.clip(action, p.min_action, p.max_action)
         velocity = state.velocity + force * p.power - 0.0025 * jnp.cos(3 * state.position)
         velocity = jnp.clip(velocity, -p.max_speed, p.max_speed)
@@ -405,7 +405,7 @@ class Probe:
         elif self.kind == "discount":
             reward = jnp.where(time >= 2, 1.0, 0.0)
         elif self.kind == "action":
-            reward = (action == 1).astype(jnp.float32)
+            reward = (jnp.asarray(action) == 1).astype(jnp.float32)
         else:
             reward = (action == ((obs + 1) / 2).astype(jnp.int32)).astype(jnp.float32)
         terminated = time >= params.max_steps
