@@ -13,6 +13,15 @@ Writes DIR/metrics.jsonl, DIR/summary.json and DIR/learning_curve.png.
 from __future__ import annotations
 
 import dataclasses
+import os
+
+# XLA's CPU runtime has been seen to wedge (0% CPU, never returning) on some vmapped programs
+# with Eigen's intra-op thread pool on; these small MLPs gain nothing from it. Set before jax
+# starts its backend.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+    ).strip()
 
 from rljax import classic, cli
 

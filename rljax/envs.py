@@ -43,6 +43,7 @@ __all__ = [
     "init_carry",
     "make",
     "sample_action",
+    "time_limit",
 ]
 
 
@@ -494,6 +495,20 @@ class GymnaxEnv:
             truncated.astype(bool),
             info,
         )
+
+
+def time_limit(env_params) -> int:
+    """The episode time limit of an environment's params, as a Python int.
+
+    rljax's environments call it ``max_steps``, gymnax ``max_steps_in_episode``.
+    """
+    for name in ("max_steps", "max_steps_in_episode"):
+        if hasattr(env_params, name):
+            return int(getattr(env_params, name))
+    raise ValueError(
+        f"{type(env_params).__name__} has no time limit: expected a `max_steps` or "
+        "`max_steps_in_episode` field"
+    )
 
 
 def sample_action(key: jax.Array, outputs) -> jax.Array:

@@ -132,7 +132,7 @@ class RampEnv:
         time = state.time + 1
         reward = jnp.where(action == 1, time, 0).astype(jnp.float32)
         terminated = time >= self.horizon
-        truncated = (time >= params.max_steps) & ~terminated
+        truncated = (time >= envs.time_limit(params)) & ~terminated
         return time.astype(jnp.float32)[None], RampState(time), reward, terminated, truncated, {}
 
 
@@ -238,3 +238,18 @@ def test_run_experiment_writes_metrics_summary_and_figure(tmp_path, capsys):
 def test_run_experiment_rejects_zero_seeds(tmp_path):
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         classic.run_experiment("ppo", classic.PPOClassicConfig(), 0, 0, str(tmp_path))
+
+
+class GymnaxStyleParams(NamedTuple):
+    max_steps_in_episode: int
+
+
+def test_time_limit_reads_rljax_and_gymnax_params():
+    assert envs.time_limit(RampParams(7)) == 7
+    assert envs.time_limit(GymnaxStyleParams(9)) == 9
+    result = classic.evaluate(
+        RampEnv(100), GymnaxStyleParams(4), prefer_action_1, None, jax.random.key(0), 3
+    )
+    np.testing.assert_array_equal(result["returns"], 1 + 2 + 3 + 4)
+    with pytest.raises(ValueError, match="max_steps_in_episode"):
+        envs.time_limit(object())
