@@ -115,8 +115,14 @@ def clipped_surrogate_loss(
       ``(loss, metrics)`` with metrics (TRL names) ``policy/clipfrac`` (fraction of valid
       positions where clipping is active), ``policy/approxkl`` (``0.5 * mean(log_ratio**2)``),
       ``policy/approxkl_k3`` (``mean(ratio - 1 - log_ratio)``), ``policy/ratio`` (mean ratio),
-      ``policy/ratio_max``, and ``count``.
+      ``policy/ratio_max`` (0 when no position is valid), and ``count``.
     """
+    if mask is not None:
+        # Padded positions may hold anything (e.g. -1e9 log-probs, inf advantages); neutralise
+        # them, or 0 * inf would reach the gradient even though the mask hides the value.
+        keep = mask.astype(bool)
+        old_logps = jnp.where(keep, old_logps, jax.lax.stop_gradient(logps))
+        advantages = jnp.where(keep, advantages, 0.0)
     per_token, ratio, clipped = clipped_surrogate_per_token(
         logps, old_logps, advantages, clip_eps, clip_eps_high, dual_clip
     )
@@ -129,7 +135,9 @@ def clipped_surrogate_loss(
         "policy/approxkl": masked_mean(0.5 * jnp.square(log_ratio), mask),
         "policy/approxkl_k3": masked_mean(jnp.expm1(log_ratio) - log_ratio, mask),
         "policy/ratio": masked_mean(ratio, mask),
-        "policy/ratio_max": jnp.max(jnp.where(valid, ratio, -jnp.inf)),
+        "policy/ratio_max": jnp.where(
+            jnp.any(valid), jnp.max(jnp.where(valid, ratio, -jnp.inf)), 0.0
+        ),
         "count": masked_sum_and_count(ratio, mask)[1],
     }
     return loss, metrics
@@ -158,6 +166,10 @@ def clipped_value_loss(
     chex.assert_equal_shape([values, old_values, returns])
     old_values = jax.lax.stop_gradient(old_values)
     returns = jax.lax.stop_gradient(returns)
+    if mask is not None:  # padded targets must not reach the gradient (see above)
+        keep = mask.astype(bool)
+        old_values = jnp.where(keep, old_values, 0.0)
+        returns = jnp.where(keep, returns, 0.0)
     error = jnp.square(values - returns)
     if clip_eps is None:
         per_token = 0.5 * error
@@ -374,7 +386,8 @@ def make_ppo_update(
             params, opt_state, stopped = carry
             (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
             if config.target_kl is not None:
-                stopped = stopped | (metrics["policy/approxkl_k3"] > config.target_kl)
+                # A NaN KL estimate stops as well: nothing about that step can be trusted.
+                stopped = stopped | ~(metrics["policy/approxkl_k3"] <= config.target_kl)
 
             def step(_):
                 updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -399,10 +412,11 @@ def make_ppo_update(
             (state.params, state.opt_state, jnp.bool_(False)),
             jax.random.split(epochs_key, config.num_epochs),
         )
-        taken = taken.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(taken), 1.0)
-        metrics = {k: jnp.sum(v * taken) / count for k, v in metrics.items()}
-        metrics["updates"] = jnp.sum(taken)
+        # Average over the steps taken only; where() rather than a product, so that a metric
+        # that overflowed at the step which triggered the stop cannot turn the mean into NaN.
+        count = jnp.maximum(jnp.sum(taken, dtype=jnp.float32), 1.0)
+        metrics = {k: jnp.sum(jnp.where(taken, v, 0)) / count for k, v in metrics.items()}
+        metrics["updates"] = jnp.sum(taken, dtype=jnp.float32)
         metrics["early_stopped"] = stopped
         return PPOState(params, opt_state, key, state.step + 1), metrics
 

@@ -330,7 +330,7 @@ def test_surrogate_all_masked(transform):
     assert float(loss) == 0.0
     assert float(metrics["count"]) == 0.0
     assert float(metrics["policy/clipfrac"]) == 0.0
-    assert float(metrics["policy/ratio_max"]) == -np.inf
+    assert float(metrics["policy/ratio_max"]) == 0.0  # finite, so averages over steps stay finite
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
