@@ -102,8 +102,11 @@ def test_train_vmaps_over_seeds_like_separate_runs():
     train = lambda k: classic.train_ppo(config, k)
     _, together, _ = jax.jit(jax.vmap(train))(keys)
     _, alone, _ = jax.jit(train)(keys[1])
+    # vmap batches the matmuls, so XLA reduces in a different order; float32 rounding then
+    # grows over the iterations (seen: 1e-4 relative after 5). A seed mix-up differs by far more.
     for name in ("episode_return", "policy/approxkl", "val/error", "env_steps"):
-        np.testing.assert_allclose(together[name][1], alone[name], rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(together[name][1], alone[name], rtol=1e-3, atol=1e-6)
+    assert not np.allclose(together["val/error"][0], alone["val/error"], rtol=1e-2)
 
 
 class RampState(NamedTuple):
