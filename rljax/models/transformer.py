@@ -1,0 +1,644 @@
+"""Decoder-only transformer language models in Flax NNX: the GPT-2 and Llama families.
+
+One module, :class:`Transformer`, covers
+
+- the **GPT-2** family (Radford et al., 2019): learned absolute positions, LayerNorm, GELU MLP,
+  biases everywhere, tied input/output embeddings;
+- the **Llama** family (Touvron et al., 2023) and its relatives **Qwen2** (q/k/v biases) and
+  **Mistral**: rotary position embeddings (Su et al., 2021, RoFormer) with ``rope_theta`` and the
+  ``linear``, ``llama3`` and ``yarn`` scalings, grouped-query / multi-query attention
+  (Ainslie et al., 2023), RMSNorm (Zhang & Sennrich, 2019), SwiGLU MLP (Shazeer, 2020), tied or
+  untied embeddings.
+
+Design, for speed and for sharding:
+
+- The layers are **stacked**: every per-layer parameter has a leading ``layers`` axis and the
+  forward pass is one ``jax.lax.scan`` over it, so compile time does not grow with depth.
+  ``remat=True`` wraps the layer in ``jax.checkpoint`` (activations recomputed in the backward
+  pass).
+- Attention is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU with
+  ``attention_impl="cudnn"``; right-padded batches then use sequence lengths instead of a mask).
+- Parameters are stored in ``param_dtype`` (float32 master weights by default) and cast to the
+  compute ``dtype`` (e.g. bfloat16) inside the forward pass; norms and softmax run in float32.
+- Every parameter carries ``logical_axes`` metadata (``("layers", "embed", "heads",
+  "head_dim")``, ...); :mod:`rljax.sharding` turns those names into ``PartitionSpec``\\ s.
+  Building a model needs no mesh.
+
+Conventions: ``tokens`` are ``int32 [batch, time]``; ``mask`` is 1 (True) at real tokens and 0
+at padding, left or right or both; positions default to ``cumsum(mask) - 1``, so a left-padded
+prompt starts at position 0 (what Hugging Face ``generate`` does; pass ``positions`` to
+override). Padding positions produce finite garbage that losses must mask out.
+
+Usage::
+
+    config = TransformerConfig.llama(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    logits = model(tokens, mask)                          # [B, T, V]
+    hidden, _ = model.decode(tokens, mask)                # [B, T, D], final norm applied
+    cache = model.init_cache(batch_size=B, max_length=S)  # KV cache for generation
+    hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "KVCache",
+    "Transformer",
+    "TransformerConfig",
+    "last_valid_index",
+    "positions_from_mask",
+    "rope_inverse_frequencies",
+]
+
+FAMILIES = ("gpt2", "llama")
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+HEADS = (None, "value", "reward")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture, dtypes and options of a :class:`Transformer` (hashable, so jit-static).
+
+    Attributes:
+      vocab_size: number of token ids.
+      hidden_size: model width ``D``.
+      num_layers: number of decoder layers ``L``.
+      num_heads: query heads ``N``.
+      num_kv_heads: key/value heads ``K`` (``N`` = multi-head, 1 = multi-query, else GQA);
+        ``None`` means ``num_heads``.
+      head_dim: per-head width; ``None`` means ``hidden_size // num_heads``.
+      intermediate_size: MLP width ``F``; ``None`` means ``4 * hidden_size``.
+      max_position_embeddings: size of GPT-2's position table; RoPE's nominal context.
+      family: ``"gpt2"`` (LayerNorm, learned positions, GELU MLP) or ``"llama"`` (RMSNorm, RoPE,
+        gated MLP).
+      norm_eps: epsilon of LayerNorm / RMSNorm.
+      hidden_act: MLP activation (``gelu_new``, ``gelu``, ``gelu_pytorch_tanh``, ``silu``,
+        ``relu``).
+      qkv_bias: biases on the query, key and value projections (GPT-2, Qwen2).
+      o_bias: bias on the attention output projection (GPT-2).
+      mlp_bias: biases in the MLP (GPT-2).
+      tie_word_embeddings: output projection is the transposed token embedding.
+      rope_theta: RoPE base.
+      rope_type: ``default``, ``linear``, ``llama3`` or ``yarn``.
+      rope_scaling: the scaling's parameters as sorted ``(name, value)`` pairs, Hugging Face's
+        names (``factor``, ``low_freq_factor``, ``high_freq_factor``,
+        ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``,
+        ``attention_factor``, ``mscale``, ``mscale_all_dim``, ``truncate``).
+      lm_head: the model has an output projection to the vocabulary (False for a pure reward
+        model or critic).
+      head: optional scalar head on the final hidden state: ``"value"`` (per token, with a bias)
+        or ``"reward"`` (read at the last valid token; no bias, as Hugging Face's
+        ``*ForSequenceClassification`` with one label).
+      param_dtype: storage dtype of the parameters (``"float32"`` or ``"bfloat16"``).
+      dtype: compute dtype.
+      remat: recompute each layer's activations in the backward pass.
+      attention_impl: ``None``/``"xla"`` (any mask) or ``"cudnn"`` (GPU flash attention; needs
+        right padding, expressed as sequence lengths).
+      initializer_range: standard deviation of the normal initialiser.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 2048
+    family: str = "llama"
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    lm_head: bool = True
+    head: str | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+    attention_impl: str | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        def fail(field, problem):
+            raise ValueError(f"TransformerConfig.{field}: {problem}")
+
+        for field in ("vocab_size", "hidden_size", "num_layers", "num_heads"):
+            if int(getattr(self, field)) < 1:
+                fail(field, f"must be >= 1, got {getattr(self, field)}")
+        if self.family not in FAMILIES:
+            fail("family", f"{self.family!r} is not one of {FAMILIES}")
+        if self.hidden_act not in ACTIVATIONS:
+            fail("hidden_act", f"{self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.rope_type not in ROPE_TYPES:
+            fail("rope_type", f"{self.rope_type!r} is not one of {ROPE_TYPES}")
+        if self.head not in HEADS:
+            fail("head", f"{self.head!r} is not one of {HEADS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            fail("num_heads", f"{self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.num_heads % self.kv_heads:
+            fail("num_kv_heads", f"{self.kv_heads} does not divide num_heads {self.num_heads}")
+        if self.family == "llama" and self.dim_per_head % 2:
+            fail("head_dim", f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if not self.lm_head and self.head is None:
+            fail("lm_head", "a model without an LM head needs head='value' or 'reward'")
+        for field in ("param_dtype", "dtype"):
+            try:
+                jnp.dtype(getattr(self, field))
+            except TypeError:
+                fail(field, f"{getattr(self, field)!r} is not a dtype")
+        if not isinstance(self.rope_scaling, tuple):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.hidden_size // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def mlp_size(self) -> int:
+        return 4 * self.hidden_size if self.intermediate_size is None else self.intermediate_size
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters (embeddings included)."""
+        d, n, k, h, f = (
+            self.hidden_size,
+            self.num_heads,
+            self.kv_heads,
+            self.dim_per_head,
+            self.mlp_size,
+        )
+        per_layer = d * h * (n + 2 * k) + n * h * d + (3 if self.family == "llama" else 2) * d * f
+        per_layer += (2 if self.family == "llama" else 4) * d  # norm scales (and biases)
+        per_layer += self.qkv_bias * h * (n + 2 * k) + self.o_bias * d
+        per_layer += self.mlp_bias * (f * (2 if self.family == "llama" else 1) + d)
+        total = self.num_layers * per_layer + self.vocab_size * d
+        total += d * (1 if self.family == "llama" else 2)  # final norm
+        total += self.max_position_embeddings * d if self.family == "gpt2" else 0
+        total += self.vocab_size * d if self.lm_head and not self.tie_word_embeddings else 0
+        total += (d + (self.head == "value")) if self.head else 0
+        return total
+
+    @classmethod
+    def gpt2(cls, **kwargs) -> TransformerConfig:
+        """A GPT-2-family config (LayerNorm, learned positions, GELU, biases, tied embeddings)."""
+        defaults = dict(
+            family="gpt2",
+            hidden_act="gelu_new",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            norm_eps=1e-5,
+            max_position_embeddings=1024,
+        )
+        return cls(**{**defaults, **kwargs})
+
+    @classmethod
+    def llama(cls, **kwargs) -> TransformerConfig:
+        """A Llama-family config (RMSNorm, RoPE, SwiGLU; Qwen2 adds ``qkv_bias=True``)."""
+        defaults = dict(family="llama", hidden_act="silu", norm_eps=1e-6)
+        return cls(**{**defaults, **kwargs})
+
+
+class KVCache(NamedTuple):
+    """Preallocated key/value cache for incremental decoding (a pytree).
+
+    Attributes:
+      k, v: ``[layers, batch, max_length, kv_heads, head_dim]`` in the compute dtype.
+      mask: ``[batch, max_length]`` bool, True where a slot holds a real token.
+      index: int32 scalar, the next slot to write. Rows share it: prompts are left-padded so
+        that their last tokens line up.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Position ids ``cumsum(mask) - 1`` (0 at padding before the first token), int32."""
+    mask = mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def last_valid_index(mask: jax.Array) -> jax.Array:
+    """Index of the last position with ``mask == 1`` along the last axis (0 if there is none)."""
+    t = mask.shape[-1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    return jnp.max(jnp.where(mask.astype(bool), idx, 0), axis=-1)
+
+
+def rope_inverse_frequencies(config: TransformerConfig) -> tuple[np.ndarray, float]:
+    """RoPE inverse frequencies ``theta^(-2i/d)`` after the configured scaling, and the factor
+    applied to cos/sin (YaRN's attention factor, else 1).
+
+    Scalings follow Hugging Face's ``modeling_rope_utils``: ``linear`` (Chen et al., 2023,
+    position interpolation) divides every frequency by ``factor``; ``llama3`` (Meta, 2024)
+    divides only low frequencies, with a smooth band between ``low_freq_factor`` and
+    ``high_freq_factor``; ``yarn`` (Peng et al., 2023) ramps between interpolation and
+    extrapolation over a band of dimensions and scales attention by ``0.1 ln(factor) + 1``.
+    Computed once in float64 from the static config.
+    """
+    dim = config.dim_per_head
+    base = float(config.rope_theta)
+    params = dict(config.rope_scaling)
+    inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    attention_factor = 1.0
+
+    def need(name):
+        if params.get(name) is None:
+            raise ValueError(f"rope_type {config.rope_type!r} needs rope_scaling[{name!r}]")
+        return float(params[name])
+
+    if config.rope_type == "linear":
+        inv = inv / need("factor")
+    elif config.rope_type == "llama3":
+        factor, low, high = need("factor"), need("low_freq_factor"), need("high_freq_factor")
+        old_context = need("original_max_position_embeddings")
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_context / low, inv / factor, inv)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv = np.where(medium, smoothed, scaled)
+    elif config.rope_type == "yarn":
+        original = params.get("original_max_position_embeddings")
+        original = float(original if original is not None else config.max_position_embeddings)
+        factor = params.get("factor")
+        factor = float(factor if factor is not None else config.max_position_embeddings / original)
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+            if m and m_all:
+                attention_factor = mscale(factor, m) / mscale(factor, m_all)
+            else:
+                attention_factor = mscale(factor)
+        beta_fast = params.get("beta_fast") or 32.0
+        beta_slow = params.get("beta_slow") or 1.0
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+    return inv, float(attention_factor)
+
+
+def _normal(rngs: nnx.Rngs, shape, std, dtype):
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM (GPT-2 or Llama family) with stacked layers; see the module docstring.
+
+    Parameters (``L`` layers, ``D`` width, ``N``/``K`` query/key-value heads of width ``H``,
+    ``F`` MLP width, ``V`` vocabulary), each with its ``logical_axes``:
+
+    - ``embed [V, D]``, ``pos_embed [P, D]`` (GPT-2), ``final_norm_scale [D]`` (+ ``_bias``),
+      ``lm_head [D, V]`` (untied), ``score [D]`` and ``score_bias []`` (value/reward head);
+    - ``layers``: ``attn_norm_scale [L, D]``, ``q [L, D, N, H]``, ``k``/``v [L, D, K, H]``,
+      ``o [L, N, H, D]``, ``mlp_norm_scale [L, D]``, ``gate``/``up [L, D, F]``,
+      ``down [L, F, D]``, and the biases the config asks for (``q_bias [L, N, H]``, ...).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        pdt = jnp.dtype(c.param_dtype)
+        std = c.initializer_range
+        L, D, N, K, H, F, V = (
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.kv_heads,
+            c.dim_per_head,
+            c.mlp_size,
+            c.vocab_size,
+        )
+
+        def param(shape, axes, init="normal", scale=1.0):
+            if init == "normal":
+                value = _normal(rngs, shape, std * scale, pdt)
+            elif init == "ones":
+                value = jnp.ones(shape, pdt)
+            else:
+                value = jnp.zeros(shape, pdt)
+            return nnx.Param(value, logical_axes=axes)
+
+        gpt2 = c.family == "gpt2"
+        self.embed = param((V, D), ("vocab", "embed"))
+        self.pos_embed = (
+            param((c.max_position_embeddings, D), (None, "embed"), scale=0.5) if gpt2 else None
+        )
+        self.final_norm_scale = param((D,), ("norm",), "ones")
+        self.final_norm_bias = param((D,), ("norm",), "zeros") if gpt2 else None
+        self.lm_head = (
+            param((D, V), ("embed", "vocab")) if c.lm_head and not c.tie_word_embeddings else None
+        )
+        self.score = param((D,), ("embed",)) if c.head else None
+        self.score_bias = param((), (), "zeros") if c.head == "value" else None
+
+        out_scale = 1.0 / math.sqrt(2 * L)  # GPT-2's scaled init of residual projections
+        layers: dict[str, nnx.Param] = {
+            "attn_norm_scale": param((L, D), ("layers", "norm"), "ones"),
+            "q": param((L, D, N, H), ("layers", "embed", "heads", "head_dim")),
+            "k": param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+            "v": param((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
+            "o": param((L, N, H, D), ("layers", "heads", "head_dim", "embed"), scale=out_scale),
+            "mlp_norm_scale": param((L, D), ("layers", "norm"), "ones"),
+            "up": param((L, D, F), ("layers", "embed", "mlp")),
+            "down": param((L, F, D), ("layers", "mlp", "embed"), scale=out_scale),
+        }
+        if not gpt2:
+            layers["gate"] = param((L, D, F), ("layers", "embed", "mlp"))
+        else:
+            layers["attn_norm_bias"] = param((L, D), ("layers", "norm"), "zeros")
+            layers["mlp_norm_bias"] = param((L, D), ("layers", "norm"), "zeros")
+        if c.qkv_bias:
+            layers["q_bias"] = param((L, N, H), ("layers", "heads", "head_dim"), "zeros")
+            layers["k_bias"] = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+            layers["v_bias"] = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        if c.o_bias:
+            layers["o_bias"] = param((L, D), ("layers", "embed"), "zeros")
+        if c.mlp_bias:
+            if not gpt2:
+                layers["gate_bias"] = param((L, F), ("layers", "mlp"), "zeros")
+            layers["up_bias"] = param((L, F), ("layers", "mlp"), "zeros")
+            layers["down_bias"] = param((L, D), ("layers", "embed"), "zeros")
+        self.layers = nnx.Dict(layers)
+        if not gpt2:
+            inv_freq, self._rope_attention_factor = rope_inverse_frequencies(c)
+            self._inv_freq = tuple(float(x) for x in inv_freq)  # static, not a parameter
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def _norm(self, x, scale, bias):
+        x32 = x.astype(jnp.float32)
+        if self.config.family == "gpt2":
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.config.norm_eps)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        else:
+            var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+            y = x32 * jax.lax.rsqrt(var + self.config.norm_eps) * scale.astype(jnp.float32)
+        return y.astype(self.config.dtype)
+
+    def _rope(self, x, positions):
+        """Rotate-half RoPE (Hugging Face's layout) on ``x [B, T, heads, H]``."""
+        inv_freq = jnp.asarray(self._inv_freq, jnp.float32)
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+        angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        cos = jnp.cos(angles) * self._rope_attention_factor
+        sin = jnp.sin(angles) * self._rope_attention_factor
+        x32 = x.astype(jnp.float32)
+        half = x.shape[-1] // 2
+        rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+        return (x32 * cos + rotated * sin).astype(x.dtype)
+
+    def _attention(self, q, k, v, mask, cache_mask, query_slots, seq_lengths):
+        """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding.
+        With one: keys are cache slots, allowed where valid and not after the query's slot."""
+        impl = self.config.attention_impl
+        if cache_mask is None:
+            if impl == "cudnn":
+                return jax.nn.dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    is_causal=True,
+                    query_seq_lengths=seq_lengths,
+                    key_value_seq_lengths=seq_lengths,
+                    implementation="cudnn",
+                )
+            key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=key_mask, is_causal=True, implementation=impl
+            )
+        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+        allowed = cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=allowed[:, None, :, :], implementation="xla"
+        )
+
+    def _layer(self, h, p, positions, mask, layer_cache, cache_index, cache_mask, seq_lengths):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        p = jax.tree.map(lambda x: x.astype(dt), p)
+        gpt2 = c.family == "gpt2"
+
+        x = self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
+        q = jnp.einsum("btd,dnh->btnh", x, p["q"])
+        k = jnp.einsum("btd,dkh->btkh", x, p["k"])
+        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+        if c.qkv_bias:
+            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        if not gpt2:
+            q, k = self._rope(q, positions), self._rope(k, positions)
+        query_slots = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (zero, cache_index, zero, zero)
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            layer_cache = (k, v)
+            query_slots = cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
+        attn = self._attention(q, k, v, mask, cache_mask, query_slots, seq_lengths)
+        out = jnp.einsum("btnh,nhd->btd", attn.astype(dt), p["o"])
+        if c.o_bias:
+            out = out + p["o_bias"]
+        h = h + out
+
+        x = self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
+        act = ACTIVATIONS[c.hidden_act]
+        up = jnp.einsum("btd,df->btf", x, p["up"])
+        if c.mlp_bias:
+            up = up + p["up_bias"]
+        if gpt2:
+            hidden = act(up)
+        else:
+            gate = jnp.einsum("btd,df->btf", x, p["gate"])
+            if c.mlp_bias:
+                gate = gate + p["gate_bias"]
+            hidden = act(gate) * up
+        down = jnp.einsum("btf,fd->btd", hidden, p["down"])
+        if c.mlp_bias:
+            down = down + p["down_bias"]
+        return h + down, layer_cache
+
+    # ------------------------------------------------------------------ public API
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch_size`` rows of up to ``max_length`` tokens."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.kv_heads, c.dim_per_head)
+        dtype = jnp.dtype(c.dtype if dtype is None else dtype)
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            mask=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states ``[B, T, D]`` (after the final norm), and the updated cache.
+
+        Args:
+          tokens: ``int [B, T]`` token ids.
+          mask: ``[B, T]``, 1 at real tokens (default: all real).
+          positions: ``int [B, T]`` position ids; default ``cumsum(mask) - 1``, continued from
+            the tokens already in ``cache``.
+          cache: a :class:`KVCache`; the ``T`` tokens are written at slots
+            ``cache.index .. cache.index + T - 1`` and attend to every valid earlier slot.
+        """
+        c = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        b, t = tokens.shape
+        if mask is None:
+            mask = jnp.ones((b, t), bool)
+        if mask.shape != (b, t):
+            raise ValueError(f"mask shape {mask.shape} does not match tokens {tokens.shape}")
+        mask = mask.astype(bool)
+        if positions is None:
+            positions = positions_from_mask(mask)
+            if cache is not None:
+                positions = positions + jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
+        elif positions.shape != (b, t):
+            raise ValueError(f"positions shape {positions.shape} does not match {tokens.shape}")
+
+        dt = jnp.dtype(c.dtype)
+        h = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if c.family == "gpt2":
+            h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+
+        layer_params = {name: var[...] for name, var in self.layers.items()}
+        seq_lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+        if cache is None:
+            cache_mask, cache_index, kv = None, None, None
+        else:
+            if cache.k.shape[1] != b:
+                raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {b}")
+            cache_index = cache.index
+            cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache_index))
+            kv = (cache.k, cache.v)
+
+        def body(h, xs):
+            p, layer_cache = xs
+            return self._layer(
+                h, p, positions, mask, layer_cache, cache_index, cache_mask, seq_lengths
+            )
+
+        if c.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        h, new_kv = jax.lax.scan(body, h, (layer_params, kv))
+        h = self._norm(
+            h,
+            self.final_norm_scale[...],
+            None if self.final_norm_bias is None else self.final_norm_bias[...],
+        )
+        if cache is not None:
+            cache = KVCache(new_kv[0], new_kv[1], cache_mask, cache.index + t)
+        return h, cache
+
+    def unembedding(self) -> jax.Array:
+        """The output projection ``[D, V]`` in the compute dtype (tied: the embedding's
+        transpose)."""
+        if not self.config.lm_head:
+            raise ValueError("this model has no LM head (TransformerConfig.lm_head=False)")
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.config.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Vocabulary logits ``[..., V]`` (compute dtype) from final hidden states."""
+        return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), self.unembedding())
+
+    def scores(self, hidden: jax.Array) -> jax.Array:
+        """The scalar head per position ``[...]`` in float32 (value or reward head)."""
+        if self.score is None:
+            raise ValueError("this model has no scalar head (TransformerConfig.head is None)")
+        s = jnp.einsum(
+            "...d,d->...", hidden.astype(jnp.float32), self.score[...].astype(jnp.float32)
+        )
+        if self.score_bias is not None:
+            s = s + self.score_bias[...].astype(jnp.float32)
+        return s
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``[B, T, V]`` of the next token at every position."""
+        hidden, _ = self.decode(tokens, mask, positions=positions)
+        return self.logits(hidden)
+
+    def values(self, tokens, mask=None, *, positions=None) -> jax.Array:
+        """Per-token values ``[B, T]`` from the value head."""
+        hidden, _ = self.decode(tokens, mask, positions=positions)
+        return self.scores(hidden)
+
+    def rewards(self, tokens, mask=None, *, positions=None) -> jax.Array:
+        """Sequence rewards ``[B]``: the scalar head at the last valid token of each row."""
+        hidden, _ = self.decode(tokens, mask, positions=positions)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        last = last_valid_index(mask)
+        h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.scores(h_last)
+
+
+def config_summary(config: TransformerConfig) -> Mapping[str, Any]:
+    """A JSON-friendly dict of the config (for logs and summaries)."""
+    return {**dataclasses.asdict(config), "num_params": config.num_params}
