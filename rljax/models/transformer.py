@@ -569,7 +569,9 @@ class Transformer(nnx.Module):
             if cache.k.shape[1] != b:
                 raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {b}")
             cache_index = cache.index
-            cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache_index))
+            cache_mask = jax.lax.dynamic_update_slice(
+                cache.mask, mask, (jnp.zeros((), jnp.int32), cache_index)
+            )
             kv = (cache.k, cache.v)
 
         def body(h, xs):
