@@ -284,3 +284,14 @@ def test_shape_errors():
         model(tokens[0])
     with pytest.raises(ValueError, match="mask shape"):
         model(tokens, mask[:, :-1])
+
+
+def test_presets():
+    from rljax.models.transformer import preset
+
+    assert preset("1b").num_params == 1_235_814_400  # Llama-3.2-1B's published count
+    assert 120e6 < preset("125m").num_params < 130e6
+    model = Transformer(preset("tiny", num_layers=1), rngs=nnx.Rngs(0))
+    assert model.config.num_layers == 1
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("7b")

@@ -52,11 +52,13 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "PRESETS",
     "KVCache",
     "Transformer",
     "TransformerConfig",
     "last_valid_index",
     "positions_from_mask",
+    "preset",
     "rope_inverse_frequencies",
 ]
 
@@ -227,6 +229,62 @@ class TransformerConfig:
         """A Llama-family config (RMSNorm, RoPE, SwiGLU; Qwen2 adds ``qkv_bias=True``)."""
         defaults = dict(family="llama", hidden_act="silu", norm_eps=1e-6)
         return cls(**{**defaults, **kwargs})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test- and CPU-sized.
+    "tiny": dict(
+        family="llama",
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    ),
+    "small": dict(
+        family="llama",
+        vocab_size=8192,
+        hidden_size=256,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=704,
+        max_position_embeddings=2048,
+    ),
+    # GPT-2 small's size (124M) in the Llama family.
+    "125m": dict(
+        family="llama",
+        vocab_size=50304,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        intermediate_size=2048,
+        max_position_embeddings=2048,
+    ),
+    # Llama-3.2-1B's shape (1.24B, tied embeddings, GQA 32/8).
+    "1b": dict(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> TransformerConfig:
+    """A named model size (``tiny``, ``small``, ``125m``, ``1b``) with optional overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    kwargs = {**PRESETS[name], **overrides}
+    family = kwargs.pop("family")
+    return getattr(TransformerConfig, family)(**kwargs)
 
 
 class KVCache(NamedTuple):
