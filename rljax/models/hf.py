@@ -1,0 +1,823 @@
+"""Load and save Hugging Face checkpoint folders (``config.json`` + safetensors) as
+:class:`~rljax.models.transformer.Transformer` models.
+
+Supported ``model_type``\\ s: ``gpt2``, ``llama``, ``mistral`` and ``qwen2`` (causal LMs, and
+their ``*ForSequenceClassification`` reward models with one label). Weights are read with the
+``safetensors`` package's numpy API (bfloat16 through ``ml_dtypes``; no torch needed); pickle
+files (``pytorch_model.bin``, ``*.pt``) are never opened.
+
+How names map: each family has a table of :class:`TensorMap` rows, *our parameter <- HF tensor,
+layout*. A layout is an einops-style pattern from the HF tensor's axes to ours, e.g.
+``"(N H) D -> D N H"`` for a Llama ``q_proj.weight`` (PyTorch ``Linear`` stores ``(out, in)``;
+we store ``[D, N, H]``). A numeral in the HF side is a packed axis: GPT-2's ``c_attn.weight`` is
+``"D (3 N H)"`` (``Conv1D`` stores ``(in, out)``, with q, k and v side by side), and the rows for
+``q``/``k``/``v`` take parts 0/1/2 of it. ``{i}`` is the layer index (our per-layer parameters are
+stacked on a leading ``layers`` axis) and ``{base}`` the base model's prefix (``model.`` or
+``transformer.``; checkpoints of the bare base model have none). Saving runs the same table
+backwards.
+
+Usage::
+
+    model = load_model("path/to/Qwen2.5-0.5B", param_dtype="bfloat16")
+    tokenizer = load_tokenizer("path/to/Qwen2.5-0.5B")
+    critic = load_model("path/to/Qwen2.5-0.5B", head="value")  # LM + a fresh value head
+    # A one-label *ForSequenceClassification checkpoint: its score.weight is the reward head.
+    reward_model = load_model("path/to/reward-model", head="reward")
+    rewards = reward_model.rewards(tokens, mask)  # [B], read at the last valid token
+    save_model(model, "out/")  # transformers.AutoModelForCausalLM.from_pretrained("out/") loads it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
+import numpy as np
+from flax import nnx
+
+from rljax.models.transformer import ACTIVATIONS, ROPE_TYPES, Transformer, TransformerConfig
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TensorMap",
+    "config_from_hf",
+    "hf_config_from",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+]
+
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never opened
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+# ---------------------------------------------------------------------------- mapping tables
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+    """One row of a family's table: our parameter ``ours`` <- the HF tensor ``hf``.
+
+    Attributes:
+      ours: our parameter's name, ``"embed"`` or ``"layers.q"`` (stacked over layers).
+      hf: the HF tensor name; ``{base}`` is the base model's prefix, ``{i}`` the layer index.
+      layout: ``"<HF axes> -> <our axes>"`` with axis letters ``V`` vocab, ``P`` positions,
+        ``D`` width, ``N``/``K`` query/key-value heads, ``H`` head width, ``F`` MLP width;
+        ``(N H)`` is one HF axis of size ``N * H``; a numeral is a packed axis of that size.
+      part: which slice of the packed axis this parameter is.
+    """
+
+    ours: str
+    hf: str
+    layout: str
+    part: int = 0
+
+
+T = TensorMap
+_LLAMA_LAYER = "{base}layers.{i}."
+LLAMA_TABLE = (
+    T("embed", "{base}embed_tokens.weight", "V D -> V D"),
+    T("final_norm_scale", "{base}norm.weight", "D -> D"),
+    T("lm_head", "lm_head.weight", "V D -> D V"),
+    T("score", "score.weight", "1 D -> D"),
+    T("layers.attn_norm_scale", _LLAMA_LAYER + "input_layernorm.weight", "D -> D"),
+    T("layers.q", _LLAMA_LAYER + "self_attn.q_proj.weight", "(N H) D -> D N H"),
+    T("layers.k", _LLAMA_LAYER + "self_attn.k_proj.weight", "(K H) D -> D K H"),
+    T("layers.v", _LLAMA_LAYER + "self_attn.v_proj.weight", "(K H) D -> D K H"),
+    T("layers.o", _LLAMA_LAYER + "self_attn.o_proj.weight", "D (N H) -> N H D"),
+    T("layers.q_bias", _LLAMA_LAYER + "self_attn.q_proj.bias", "(N H) -> N H"),
+    T("layers.k_bias", _LLAMA_LAYER + "self_attn.k_proj.bias", "(K H) -> K H"),
+    T("layers.v_bias", _LLAMA_LAYER + "self_attn.v_proj.bias", "(K H) -> K H"),
+    T("layers.o_bias", _LLAMA_LAYER + "self_attn.o_proj.bias", "D -> D"),
+    T("layers.mlp_norm_scale", _LLAMA_LAYER + "post_attention_layernorm.weight", "D -> D"),
+    T("layers.gate", _LLAMA_LAYER + "mlp.gate_proj.weight", "F D -> D F"),
+    T("layers.up", _LLAMA_LAYER + "mlp.up_proj.weight", "F D -> D F"),
+    T("layers.down", _LLAMA_LAYER + "mlp.down_proj.weight", "D F -> F D"),
+    T("layers.gate_bias", _LLAMA_LAYER + "mlp.gate_proj.bias", "F -> F"),
+    T("layers.up_bias", _LLAMA_LAYER + "mlp.up_proj.bias", "F -> F"),
+    T("layers.down_bias", _LLAMA_LAYER + "mlp.down_proj.bias", "D -> D"),
+)
+_GPT2_LAYER = "{base}h.{i}."
+GPT2_TABLE = (
+    T("embed", "{base}wte.weight", "V D -> V D"),
+    T("pos_embed", "{base}wpe.weight", "P D -> P D"),
+    T("final_norm_scale", "{base}ln_f.weight", "D -> D"),
+    T("final_norm_bias", "{base}ln_f.bias", "D -> D"),
+    T("lm_head", "lm_head.weight", "V D -> D V"),
+    T("score", "score.weight", "1 D -> D"),
+    T("layers.attn_norm_scale", _GPT2_LAYER + "ln_1.weight", "D -> D"),
+    T("layers.attn_norm_bias", _GPT2_LAYER + "ln_1.bias", "D -> D"),
+    T("layers.q", _GPT2_LAYER + "attn.c_attn.weight", "D (3 N H) -> D N H", part=0),
+    T("layers.k", _GPT2_LAYER + "attn.c_attn.weight", "D (3 N H) -> D N H", part=1),
+    T("layers.v", _GPT2_LAYER + "attn.c_attn.weight", "D (3 N H) -> D N H", part=2),
+    T("layers.q_bias", _GPT2_LAYER + "attn.c_attn.bias", "(3 N H) -> N H", part=0),
+    T("layers.k_bias", _GPT2_LAYER + "attn.c_attn.bias", "(3 N H) -> N H", part=1),
+    T("layers.v_bias", _GPT2_LAYER + "attn.c_attn.bias", "(3 N H) -> N H", part=2),
+    T("layers.o", _GPT2_LAYER + "attn.c_proj.weight", "(N H) D -> N H D"),
+    T("layers.o_bias", _GPT2_LAYER + "attn.c_proj.bias", "D -> D"),
+    T("layers.mlp_norm_scale", _GPT2_LAYER + "ln_2.weight", "D -> D"),
+    T("layers.mlp_norm_bias", _GPT2_LAYER + "ln_2.bias", "D -> D"),
+    T("layers.up", _GPT2_LAYER + "mlp.c_fc.weight", "D F -> D F"),
+    T("layers.up_bias", _GPT2_LAYER + "mlp.c_fc.bias", "F -> F"),
+    T("layers.down", _GPT2_LAYER + "mlp.c_proj.weight", "F D -> F D"),
+    T("layers.down_bias", _GPT2_LAYER + "mlp.c_proj.bias", "D -> D"),
+)
+del T
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    table: tuple[TensorMap, ...]
+    base_prefix: str  # the base model's attribute in *ForCausalLM / *ForSequenceClassification
+    ignorable: re.Pattern  # buffers some checkpoints carry that are not parameters
+    causal_lm: str
+    sequence_classification: str
+
+
+_FAMILIES = {
+    "gpt2": _Family(
+        GPT2_TABLE,
+        "transformer.",
+        re.compile(r"(^|\.)attn\.(bias|masked_bias)$"),
+        "GPT2LMHeadModel",
+        "GPT2ForSequenceClassification",
+    ),
+    **{
+        model_type: _Family(
+            LLAMA_TABLE,
+            "model.",
+            re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+            f"{name}ForCausalLM",
+            f"{name}ForSequenceClassification",
+        )
+        for model_type, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
+    },
+}
+
+
+def _parse_layout(layout: str):
+    """``"D (3 N H) -> D N H"`` -> HF axis groups ``[["D"], [3, "N", "H"]]`` and our axes
+    ``["D", "N", "H"]``."""
+    hf_side, ours_side = (s.strip() for s in layout.split("->"))
+    groups = [
+        [int(a) if a.isdigit() else a for a in (g[0] or g[1]).split()]
+        for g in re.findall(r"\(([^)]*)\)|(\S+)", hf_side)
+    ]
+    return groups, ours_side.split()
+
+
+def _hf_shape(groups, sizes) -> tuple[int, ...]:
+    return tuple(math.prod(a if isinstance(a, int) else sizes[a] for a in g) for g in groups)
+
+
+def _from_hf(array: np.ndarray, entry: TensorMap, sizes) -> np.ndarray:
+    """One HF tensor (one layer) -> our layout (without the layers axis)."""
+    groups, ours = _parse_layout(entry.layout)
+    atoms = [a for g in groups for a in g]
+    x = array.reshape([a if isinstance(a, int) else sizes[a] for a in atoms])
+    packed = [j for j, a in enumerate(atoms) if isinstance(a, int)]
+    if packed:
+        x = np.take(x, entry.part, axis=packed[0])
+        atoms = [a for a in atoms if not isinstance(a, int)]
+    return np.transpose(x, [atoms.index(a) for a in ours])
+
+
+def _to_hf(arrays: Sequence[np.ndarray], entries: Sequence[TensorMap], sizes) -> np.ndarray:
+    """Our arrays (one layer; one per part of a packed tensor, in part order) -> the HF tensor."""
+    groups, ours = _parse_layout(entries[0].layout)
+    atoms = [a for g in groups for a in g]
+    symbols = [a for a in atoms if not isinstance(a, int)]
+    parts = [np.transpose(x, [ours.index(a) for a in symbols]) for x in arrays]
+    packed = [j for j, a in enumerate(atoms) if isinstance(a, int)]
+    x = np.stack(parts, axis=packed[0]) if packed else parts[0]
+    return np.ascontiguousarray(x.reshape(_hf_shape(groups, sizes)))
+
+
+def _sizes(config: TransformerConfig) -> dict[str, int]:
+    return dict(
+        V=config.vocab_size,
+        P=config.max_position_embeddings,
+        D=config.hidden_size,
+        N=config.num_heads,
+        K=config.kv_heads,
+        H=config.dim_per_head,
+        F=config.mlp_size,
+    )
+
+
+# ---------------------------------------------------------------------------- config.json
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path!r} is not a local folder. Download the checkpoint first, e.g. "
+            f"huggingface_hub.snapshot_download(repo_id, local_dir=..., "
+            f"allow_patterns=['*.json', '*.safetensors', 'tokenizer*'])"
+        )
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{file} is missing: a Hugging Face checkpoint folder needs config.json next to its "
+            f"safetensors weights (save the model with save_pretrained, or copy config.json in)"
+        )
+    with open(file) as f:
+        return json.load(f)
+
+
+def _check_model_type(model_type: str | None) -> str:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
+        )
+    return model_type
+
+
+def _rope_fields(hf_config) -> dict[str, Any]:
+    """``rope_parameters`` (transformers 5; older configs: ``rope_theta``/``rope_scaling``) ->
+    ``rope_theta``, ``rope_type``, ``rope_scaling``."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params = dict(params)
+    if params and all(isinstance(v, Mapping) for v in params.values()):
+        raise ValueError(
+            f"per-layer-type rope_parameters {sorted(params)} are not supported (one RoPE for "
+            f"every layer only)"
+        )
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = params.pop("rope_theta", None)
+    theta = 10000.0 if theta is None else float(theta)
+    partial = params.pop("partial_rotary_factor", None)
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor={partial} is not supported (RoPE over the whole head only)"
+        )
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported; supported: {ROPE_TYPES} (dynamic NTK and "
+            f"longrope scale with the sequence length at run time, which a static config cannot)"
+        )
+    scaling = () if rope_type == "default" else tuple(sorted(params.items()))
+    return dict(rope_theta=theta, rope_type=rope_type, rope_scaling=scaling)
+
+
+def _gpt2_fields(hf) -> dict[str, Any]:
+    unsupported = {
+        "scale_attn_by_inverse_layer_idx": (True, "attention scaled by 1/(layer index + 1)"),
+        "reorder_and_upcast_attn": (True, "keys scaled before the dot product, float32 upcast"),
+        "add_cross_attention": (True, "cross-attention layers (encoder-decoder use)"),
+        "scale_attn_weights": (False, "attention logits without the 1/sqrt(head_dim) scale"),
+    }
+    for name, (bad, what) in unsupported.items():
+        if bool(getattr(hf, name, not bad)) == bad:
+            raise ValueError(
+                f"GPT-2 option {name}={bad} ({what}) is not implemented; only the standard "
+                f"GPT-2 attention is"
+            )
+    return dict(
+        family="gpt2",
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.n_embd,
+        num_layers=hf.n_layer,
+        num_heads=hf.n_head,
+        num_kv_heads=None,
+        intermediate_size=hf.n_inner or 4 * hf.n_embd,
+        max_position_embeddings=hf.n_positions,
+        hidden_act=hf.activation_function,
+        norm_eps=hf.layer_norm_epsilon,
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+    )
+
+
+def _llama_fields(hf) -> dict[str, Any]:
+    if hf.model_type == "qwen2":
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:  # llama (attention_bias: all four projections), mistral (no biases)
+        qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
+        mlp_bias = bool(getattr(hf, "mlp_bias", False))
+    return dict(
+        family="llama",
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        max_position_embeddings=hf.max_position_embeddings,
+        hidden_act=hf.hidden_act,
+        norm_eps=hf.rms_norm_eps,
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=mlp_bias,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+        **_rope_fields(hf),
+    )
+
+
+def _check_sliding_window(hf, config: TransformerConfig) -> None:
+    window = getattr(hf, "sliding_window", None)
+    if window is None:
+        return
+    if hf.model_type == "qwen2":
+        layer_types = getattr(hf, "layer_types", None) or []
+        if not getattr(hf, "use_sliding_window", False) or "sliding_attention" not in layer_types:
+            return
+    if int(window) < config.max_position_embeddings:
+        raise ValueError(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{config.max_position_embeddings}) is not implemented: sequences longer than "
+            f"{window} tokens would be attended differently. Pass max_position_embeddings="
+            f"{window} to cap the context at the window (exact up to that length), or use a "
+            f"checkpoint without a window"
+        )
+
+
+def config_from_hf(hf_config, **overrides) -> TransformerConfig:
+    """A :class:`TransformerConfig` from a ``transformers`` config (or a ``config.json`` dict).
+
+    Args:
+      hf_config: a ``transformers.PreTrainedConfig`` of a supported ``model_type``, or the dict
+        of a ``config.json``.
+      **overrides: :class:`TransformerConfig` fields to set (``param_dtype``, ``dtype``,
+        ``head``, ``remat``, ``attention_impl``, ``max_position_embeddings``, ...).
+        ``head="reward"`` also sets ``lm_head=False`` unless given.
+
+    Raises:
+      ValueError: unsupported ``model_type``, RoPE type, GPT-2 option, activation, sliding
+        window in use, or an unknown override.
+    """
+    if isinstance(hf_config, Mapping):
+        import transformers
+
+        kwargs = dict(hf_config)
+        model_type = _check_model_type(kwargs.pop("model_type", None))
+        hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    model_type = _check_model_type(getattr(hf_config, "model_type", None))
+    fields = _gpt2_fields(hf_config) if model_type == "gpt2" else _llama_fields(hf_config)
+    if fields["hidden_act"] not in ACTIVATIONS:
+        raise ValueError(
+            f"activation {fields['hidden_act']!r} is not supported; supported: "
+            f"{sorted(ACTIVATIONS)}"
+        )
+    fields["initializer_range"] = float(getattr(hf_config, "initializer_range", 0.02))
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown TransformerConfig field(s) {unknown}; known: {sorted(known)}")
+    if overrides.get("head") == "reward":
+        overrides.setdefault("lm_head", False)
+        labels = getattr(hf_config, "num_labels", 1)
+        archs = getattr(hf_config, "architectures", None) or []
+        if any(a.endswith("ForSequenceClassification") for a in archs) and labels != 1:
+            raise ValueError(
+                f"head='reward' needs a one-label *ForSequenceClassification checkpoint; this "
+                f"one has num_labels={labels}"
+            )
+    config = TransformerConfig(**{**fields, **overrides})
+    _check_sliding_window(hf_config, config)
+    return config
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+class _Checkpoint(contextlib.ExitStack):
+    """The tensors of a checkpoint folder: ``model.safetensors`` or an index of shards (a
+    context manager that closes the files)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        super().__init__()
+        self.path = path
+        single, index = os.path.join(path, SAFE_WEIGHTS), os.path.join(path, SAFE_INDEX)
+        if os.path.isfile(single):
+            files = [SAFE_WEIGHTS]
+            self.where = SAFE_WEIGHTS
+        elif os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+            self.where = f"the shards listed in {SAFE_INDEX}"
+            for file in files:
+                if not os.path.isfile(os.path.join(path, file)):
+                    raise FileNotFoundError(f"{SAFE_INDEX} lists {file}, which is not in {path}")
+        else:
+            pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise FileNotFoundError(
+                    f"{path} has only PyTorch pickle weights ({', '.join(pickles)}), which rljax "
+                    f"never unpickles. Convert them to safetensors once, in a trusted "
+                    f"environment: transformers.AutoModelForCausalLM.from_pretrained(path)"
+                    f".save_pretrained(out_dir) (writes model.safetensors)"
+                )
+            raise FileNotFoundError(f"{path} has no {SAFE_WEIGHTS} and no {SAFE_INDEX}")
+        self._handles = {
+            f: self.enter_context(safe_open(os.path.join(path, f), framework="np")) for f in files
+        }
+        self.file_of = {name: f for f, handle in self._handles.items() for name in handle.keys()}
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.file_of:
+            raise ValueError(f"tensor {name!r} is missing from {self.where} in {self.path}")
+        return self._handles[self.file_of[name]].get_tensor(name)
+
+
+_TOP_LEVEL = ("embed", "pos_embed", "final_norm_scale", "final_norm_bias", "lm_head", "score")
+
+
+def _names(model: Transformer) -> tuple[TransformerConfig, dict[str, nnx.Param]]:
+    """The model's config and its parameters by table name (``"embed"``, ``"layers.q"``)."""
+    params = {}
+    for name in (*_TOP_LEVEL, "score_bias"):
+        if getattr(model, name, None) is not None:
+            params[name] = getattr(model, name)
+    for name, var in model.layers.items():
+        params[f"layers.{name}"] = var
+    return model.config, params
+
+
+def _layout_rows(family: _Family, params: Mapping[str, Any], fresh: set[str]):
+    rows = [e for e in family.table if e.ours in params and e.ours not in fresh]
+    covered = {e.ours for e in rows} | fresh
+    uncovered = sorted(set(params) - covered)
+    if uncovered:  # a parameter the table cannot fill: a bug in this module or the model
+        raise RuntimeError(f"no checkpoint tensor maps to parameter(s) {uncovered}")
+    return rows
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+    head: str | None = None,
+    remat: bool = False,
+    attention_impl: str | None = None,
+    rngs: nnx.Rngs | None = None,
+    **overrides,
+) -> Transformer:
+    """A :class:`Transformer` with the weights of a Hugging Face checkpoint folder.
+
+    Args:
+      path: a local folder with ``config.json`` and ``model.safetensors`` (or
+        ``model.safetensors.index.json`` and its shards).
+      dtype: compute dtype (default: ``param_dtype``).
+      param_dtype: storage dtype of the parameters (default ``"float32"``); tensors are cast
+        on the host as they are read.
+      head: ``None`` (LM only), ``"reward"`` (the ``score.weight`` of a one-label
+        ``*ForSequenceClassification`` checkpoint; no LM head) or ``"value"`` (the LM plus a
+        freshly initialised value head, drawn from ``rngs``).
+      remat, attention_impl: as in :class:`TransformerConfig`.
+      rngs: randomness of the fresh value head (default ``nnx.Rngs(0)``).
+      **overrides: other :class:`TransformerConfig` fields.
+
+    Raises:
+      FileNotFoundError: no folder, no ``config.json``, no safetensors (pickle-only folders).
+      ValueError: unsupported config; a missing, mis-shaped or unexpected tensor.
+    """
+    import transformers
+
+    path = os.fspath(path)
+    raw = _read_config_json(path)
+    _check_model_type(raw.get("model_type"))
+    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    param_dtype = "float32" if param_dtype is None else param_dtype
+    config = config_from_hf(
+        hf_config,
+        param_dtype=param_dtype,
+        dtype=param_dtype if dtype is None else dtype,
+        head=head,
+        remat=remat,
+        attention_impl=attention_impl,
+        **overrides,
+    )
+    family = _FAMILIES[hf_config.model_type]
+    with _Checkpoint(path) as checkpoint:
+        available = checkpoint.names()
+
+        model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+        _, params = _names(model)
+        fresh = {"score", "score_bias"} if head == "value" else set()
+        rows = _layout_rows(family, params, fresh)
+        base = family.base_prefix
+        if not any(n.startswith(base) for n in available):
+            base = ""  # a bare base model (GPT2Model, LlamaModel) or an old GPT-2 file
+        sizes = _sizes(config)
+        layers = config.num_layers
+
+        def hf_names(entry):
+            if entry.ours.startswith("layers."):
+                return [entry.hf.format(base=base, i=i) for i in range(layers)]
+            return [entry.hf.format(base=base)]
+
+        untied_lm = config.lm_head and not config.tie_word_embeddings
+        if head is None and untied_lm and "score.weight" in available:
+            if "lm_head.weight" not in available:
+                raise ValueError(
+                    f"{path} is a *ForSequenceClassification checkpoint (score.weight, no "
+                    f"lm_head.weight): pass head='reward' to load its reward head"
+                )
+        wanted = [n for e in rows for n in hf_names(e)]
+        missing = [n for n in dict.fromkeys(wanted) if n not in available]
+        if missing:
+            hint = ""
+            if "score.weight" in missing:
+                hint = (
+                    " (head='reward' reads the score.weight of a *ForSequenceClassification "
+                    "checkpoint; for a causal LM use head='value' for a fresh head)"
+                )
+            elif "lm_head.weight" in missing:
+                hint = (
+                    " (config.json says tie_word_embeddings=false; if the output projection is the "
+                    "embedding, pass tie_word_embeddings=True)"
+                )
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ValueError(
+                f"tensor {missing[0]!r}{more} is missing from {checkpoint.where} in {path}{hint}"
+            )
+
+        np_dtype = jnp.dtype(config.param_dtype)
+        # One read per HF tensor: GPT-2's packed c_attn feeds q, k and v.
+        by_hf: dict[str, list[TensorMap]] = {}
+        for entry in rows:
+            by_hf.setdefault(entry.hf, []).append(entry)
+        values: dict[str, np.ndarray] = {}
+        for entries in by_hf.values():
+            groups, _ = _parse_layout(entries[0].layout)
+            expected = _hf_shape(groups, sizes)
+            for i, name in enumerate(hf_names(entries[0])):
+                array = checkpoint.get(name)
+                if tuple(array.shape) != expected:
+                    raise ValueError(
+                        f"tensor {name!r} in {checkpoint.file_of[name]} has shape "
+                        f"{tuple(array.shape)}, expected {expected} for this config.json"
+                    )
+                for entry in entries:
+                    ours = _from_hf(array, entry, sizes).astype(np_dtype)
+                    if entry.ours.startswith("layers."):
+                        if entry.ours not in values:
+                            values[entry.ours] = np.empty((layers, *ours.shape), np_dtype)
+                        values[entry.ours][i] = ours
+                    else:
+                        values[entry.ours] = ours
+
+        used = set(wanted)
+        extra = sorted(n for n in available - used if not family.ignorable.search(n))
+        if config.tie_word_embeddings and "lm_head.weight" in extra and "embed" in values:
+            tied = checkpoint.get("lm_head.weight").astype(np_dtype)
+            if tied.shape == values["embed"].shape and np.array_equal(tied, values["embed"]):
+                extra.remove("lm_head.weight")  # a tied copy saved twice
+            else:
+                raise ValueError(
+                    f"config.json says tie_word_embeddings=true but {path} has an lm_head.weight "
+                    f"that differs from the embedding; pass tie_word_embeddings=False to load it"
+                )
+        if extra:
+            hint = ""
+            if "score.weight" in extra and head is None:
+                hint = " (a *ForSequenceClassification checkpoint: pass head='reward')"
+            shown = ", ".join(repr(n) for n in extra[:8])
+            more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+            raise ValueError(
+                f"{checkpoint.where} in {path} has tensors this {hf_config.model_type} config does "
+                f"not use: {shown}{more}{hint}"
+            )
+
+    for name, array in values.items():
+        params[name].set_value(jnp.asarray(array))
+    if fresh:
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        d = config.hidden_size
+        score = config.initializer_range * jax.random.normal(rngs.params(), (d,), jnp.float32)
+        params["score"].set_value(score.astype(np_dtype))
+        params["score_bias"].set_value(jnp.zeros((), np_dtype))
+    return model
+
+
+# ---------------------------------------------------------------------------- saving
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: use bytes (int) or e.g. '5GB', '500MB'")
+    number, unit = float(m.group(1)), m.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, **hf_kwargs):
+    """The ``transformers`` config of the same architecture as ``config``.
+
+    Args:
+      config: our config.
+      model_type: ``"gpt2"`` for the GPT-2 family; ``"llama"`` (default unless only the q/k/v
+        projections have biases), ``"qwen2"`` or ``"mistral"`` for the Llama family.
+      **hf_kwargs: extra fields (``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ...).
+    """
+    import transformers
+
+    c = config
+    reward = c.head == "reward"
+    if c.family == "gpt2":
+        model_type = model_type or "gpt2"
+        problems = []
+        if not (c.qkv_bias and c.o_bias and c.mlp_bias):
+            problems.append("GPT-2 has biases on every projection")
+        if c.kv_heads != c.num_heads or c.dim_per_head * c.num_heads != c.hidden_size:
+            problems.append("GPT-2 has num_kv_heads == num_heads and head_dim * heads == width")
+        if model_type != "gpt2" or problems:
+            raise ValueError(f"cannot save as {model_type!r}: {'; '.join(problems)}")
+        fields = dict(
+            vocab_size=c.vocab_size,
+            n_positions=c.max_position_embeddings,
+            n_embd=c.hidden_size,
+            n_layer=c.num_layers,
+            n_head=c.num_heads,
+            n_inner=c.mlp_size,
+            activation_function=c.hidden_act,
+            layer_norm_epsilon=c.norm_eps,
+        )
+        cls = transformers.GPT2Config
+    else:
+        if model_type is None:
+            model_type = "qwen2" if c.qkv_bias and not (c.o_bias or c.mlp_bias) else "llama"
+        allowed = {
+            "llama": c.qkv_bias == c.o_bias,
+            "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
+            "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias),
+        }
+        if not allowed.get(model_type, False):
+            raise ValueError(
+                f"cannot save as {model_type!r}: biases qkv={c.qkv_bias}, o={c.o_bias}, "
+                f"mlp={c.mlp_bias} (llama: qkv == o, any mlp; qwen2: qkv only; mistral: none)"
+            )
+        rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+        fields = dict(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.mlp_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.kv_heads,
+            head_dim=c.dim_per_head,
+            hidden_act=c.hidden_act,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.norm_eps,
+            rope_parameters=rope,
+        )
+        if model_type == "llama":
+            fields.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+        elif model_type == "mistral":
+            fields.update(sliding_window=None)
+        cls = {
+            "llama": transformers.LlamaConfig,
+            "qwen2": transformers.Qwen2Config,
+            "mistral": transformers.MistralConfig,
+        }[model_type]
+    family = _FAMILIES[model_type]
+    fields.update(
+        tie_word_embeddings=c.tie_word_embeddings,
+        initializer_range=c.initializer_range,
+        architectures=[family.sequence_classification if reward else family.causal_lm],
+        dtype=str(jnp.dtype(c.param_dtype)),
+    )
+    if reward:
+        fields.update(num_labels=1)
+    # Token ids are the tokenizer's business; the config classes' defaults (Llama's 1 and 2,
+    # GPT-2's 50256) would be guesses.
+    fields.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return cls(**{**fields, **hf_kwargs})
+
+
+def save_model(
+    model: Transformer,
+    folder: str | os.PathLike,
+    *,
+    model_type: str | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer=None,
+    **hf_kwargs,
+) -> None:
+    """Write ``model`` as a Hugging Face checkpoint folder: ``config.json`` and
+    ``model.safetensors`` (or shards of at most ``max_shard_size`` and their index).
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(folder)`` loads the result with no
+    missing or unexpected keys; a ``head="reward"`` model is written as a one-label
+    ``*ForSequenceClassification`` (``AutoModelForSequenceClassification``). A value head has no
+    Hugging Face counterpart and is left out (with a warning), as is the LM head of a reward
+    model.
+
+    Args:
+      model: the model to write (parameters in their ``param_dtype``).
+      folder: created if needed; earlier weight files (``model.safetensors``, its index and
+        ``model-*-of-*.safetensors`` shards) are replaced.
+      model_type: see :func:`hf_config_from`.
+      max_shard_size: bytes, or a string such as ``"5GB"``.
+      tokenizer: optional ``transformers`` tokenizer, saved alongside; its pad/bos/eos ids go
+        into ``config.json`` unless given in ``hf_kwargs``.
+      **hf_kwargs: extra ``config.json`` fields (e.g. ``pad_token_id``, which Hugging Face's
+        sequence classifiers need to find the last token of a padded batch).
+    """
+    from safetensors.numpy import save_file
+
+    folder = os.fspath(folder)
+    config, params = _names(model)
+    if tokenizer is not None:
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(tokenizer, key, None) is not None:
+                hf_kwargs.setdefault(key, getattr(tokenizer, key))
+    hf_config = hf_config_from(config, model_type=model_type, **hf_kwargs)
+    family = _FAMILIES[hf_config.model_type]
+    reward = config.head == "reward"
+    dropped = {"score", "score_bias"} if config.head == "value" else set()
+    if reward and "lm_head" in params:
+        dropped.add("lm_head")
+    if dropped:
+        warnings.warn(
+            f"save_model: parameters {sorted(dropped)} have no place in a Hugging Face "
+            f"{family.sequence_classification if reward else family.causal_lm} and are not "
+            f"saved",
+            stacklevel=2,
+        )
+    params = {k: v for k, v in params.items() if k not in dropped}
+    rows = _layout_rows(family, params, set())
+    sizes = _sizes(config)
+    base = family.base_prefix
+
+    by_hf: dict[str, list[TensorMap]] = {}
+    for entry in rows:
+        by_hf.setdefault(entry.hf, []).append(entry)
+    tensors: dict[str, np.ndarray] = {}
+    for template, entries in by_hf.items():
+        entries = sorted(entries, key=lambda e: e.part)
+        arrays = [np.asarray(jax.device_get(params[e.ours][...])) for e in entries]
+        if entries[0].ours.startswith("layers."):
+            for i in range(config.num_layers):
+                name = template.format(base=base, i=i)
+                tensors[name] = _to_hf([a[i] for a in arrays], entries, sizes)
+        else:
+            tensors[template.format(base=base)] = _to_hf(arrays, entries, sizes)
+
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name in (SAFE_WEIGHTS, SAFE_INDEX) or _SHARD_NAME.fullmatch(name):
+            os.remove(os.path.join(folder, name))
+    hf_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SAFE_WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The ``transformers`` tokenizer of a checkpoint folder (never runs remote code)."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)

@@ -1,0 +1,441 @@
+"""rljax.models.hf against transformers' PyTorch models: tiny random checkpoints of every
+supported family, saved with save_pretrained and loaded by rljax, must give the same logits
+(no padding, right padding, left padding); rljax's save_model must load back into transformers
+with no missing or unexpected keys; sharded and bfloat16 checkpoints; the reward head; errors."""
+
+import copy
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from rljax.models import hf  # noqa: E402
+
+VOCAB, BATCH, TIME, ATOL = 64, 3, 12, 1e-4
+
+
+def _randomize(model, seed):
+    """Every parameter random (norm scales around 1, biases non-zero), so each mapping row
+    matters and logits are O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and ("norm" in name or "ln_" in name) and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+LLAMA_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    attn_implementation="eager",
+)
+FAMILIES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation="eager",
+        )
+    ),
+    # GQA, untied embeddings, llama3 RoPE scaling, biases on every projection.
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            **LLAMA_SHAPE,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        )
+    ),
+    # GQA, tied embeddings, q/k/v biases, YaRN RoPE scaling.
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            **LLAMA_SHAPE,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters=dict(
+                rope_type="yarn",
+                rope_theta=10000.0,
+                factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        )
+    ),
+    # Multi-query attention, head_dim != hidden_size / heads, rope_theta 1e6, no window.
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            **LLAMA_SHAPE,
+            num_key_value_heads=1,
+            head_dim=16,
+            sliding_window=None,
+            rope_parameters=dict(rope_type="default", rope_theta=1e6),
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """family -> (HF model, its save_pretrained folder, the rljax model loaded from it)."""
+    out = {}
+    for k, (family, build) in enumerate(FAMILIES.items()):
+        torch.manual_seed(k)
+        model = _randomize(build(), seed=k)
+        folder = str(tmp_path_factory.mktemp(family))
+        model.save_pretrained(folder)
+        out[family] = (model, folder, hf.load_model(folder))
+    return out
+
+
+def _batch(padding, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, (BATCH, TIME))  # id 0 is the pad token
+    mask = np.ones((BATCH, TIME), bool)
+    lengths = (TIME, TIME - 5, TIME - 2)
+    for row, n in enumerate(lengths):
+        if padding == "right":
+            mask[row, n:] = False
+        elif padding == "left":
+            mask[row, : TIME - n] = False
+    tokens = np.where(mask, tokens, 0)
+    return tokens, mask
+
+
+def _hf_logits(model, tokens, mask, **kwargs):
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)  # what rljax derives from the mask
+    with torch.no_grad():
+        out = model(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(positions),
+            **kwargs,
+        )
+    return out.logits.float().numpy()
+
+
+def _ours(model, tokens, mask):
+    return np.asarray(model(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_transformers(checkpoints, family, padding):
+    hf_model, _, ours = checkpoints[family]
+    tokens, mask = _batch(padding)
+    want = _hf_logits(hf_model, tokens, mask)
+    got = _ours(ours, tokens, mask)
+    assert np.abs(want).max() > 0.5  # weights are not near zero: the check has teeth
+    np.testing.assert_allclose(got[mask], want[mask], atol=ATOL, rtol=0)
+
+
+def test_config_mapping(checkpoints):
+    llama = checkpoints["llama"][2].config
+    assert (llama.num_kv_heads, llama.tie_word_embeddings, llama.rope_type) == (2, False, "llama3")
+    assert llama.qkv_bias and llama.o_bias and llama.mlp_bias
+    assert dict(llama.rope_scaling)["original_max_position_embeddings"] == 16
+    qwen = checkpoints["qwen2"][2].config
+    assert qwen.qkv_bias and not qwen.o_bias and qwen.tie_word_embeddings
+    assert qwen.rope_type == "yarn" and dict(qwen.rope_scaling)["factor"] == 4.0
+    mistral = checkpoints["mistral"][2].config
+    assert (mistral.num_kv_heads, mistral.head_dim, mistral.rope_theta) == (1, 16, 1e6)
+    gpt2 = checkpoints["gpt2"][2].config
+    assert gpt2.family == "gpt2" and gpt2.max_position_embeddings == 32
+    assert checkpoints["gpt2"][2].lm_head is None and checkpoints["llama"][2].lm_head is not None
+    legacy = hf.config_from_hf(  # a config.json dict in the pre-transformers-5 layout
+        dict(
+            model_type="llama",
+            **{k: v for k, v in LLAMA_SHAPE.items() if k != "attn_implementation"},
+            rope_theta=5e5,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        )
+    )
+    assert (legacy.rope_theta, legacy.rope_type, legacy.rope_scaling) == (
+        5e5,
+        "linear",
+        (("factor", 2.0),),
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_model_round_trip_through_transformers(checkpoints, family, tmp_path):
+    hf_model, _, ours = checkpoints[family]
+    # A Llama-family model does not remember which HF class it came from: say so.
+    hf.save_model(ours, tmp_path, model_type=None if family == "gpt2" else family)
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert type(back) is type(hf_model)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens, mask = _batch("left")
+    np.testing.assert_allclose(
+        _hf_logits(back.eval(), tokens, mask)[mask],
+        _hf_logits(hf_model, tokens, mask)[mask],
+        atol=ATOL,
+        rtol=0,
+    )
+    again = hf.load_model(tmp_path)  # and back into rljax
+    assert again.config == ours.config
+
+
+def test_sharded_checkpoints_both_ways(checkpoints, tmp_path):
+    hf_model, _, ours = checkpoints["llama"]
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path / "hf") if f.endswith(".safetensors")]) > 1
+    tokens, mask = _batch("right")
+    sharded = hf.load_model(tmp_path / "hf")
+    np.testing.assert_array_equal(_ours(sharded, tokens, mask), _ours(ours, tokens, mask))
+
+    hf.save_model(ours, tmp_path / "ours", max_shard_size="40KB")
+    files = sorted(os.listdir(tmp_path / "ours"))
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    np.testing.assert_allclose(
+        _hf_logits(back.eval(), tokens, mask)[mask],
+        _hf_logits(hf_model, tokens, mask)[mask],
+        atol=ATOL,
+        rtol=0,
+    )
+    hf.save_model(ours, tmp_path / "ours")  # unsharded again: the stale shards are removed
+    assert sorted(f for f in os.listdir(tmp_path / "ours") if "safetensors" in f) == [
+        "model.safetensors"
+    ]
+
+
+def test_bfloat16_checkpoint(checkpoints, tmp_path):
+    hf_model, _, _ = checkpoints["qwen2"]
+    copy.deepcopy(hf_model).to(torch.bfloat16).save_pretrained(tmp_path)
+    rounded = copy.deepcopy(hf_model)  # float32 model with the bf16-rounded weights
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    assert stored["model.embed_tokens.weight"].dtype == jnp.bfloat16
+    tokens, mask = _batch("left")
+
+    ours = hf.load_model(tmp_path)  # float32 parameters by default
+    assert ours.layers["q"][...].dtype == jnp.float32
+    np.testing.assert_allclose(
+        _ours(ours, tokens, mask)[mask], _hf_logits(rounded, tokens, mask)[mask], atol=ATOL
+    )
+    half = hf.load_model(tmp_path, param_dtype="bfloat16", dtype="float32")
+    assert half.layers["q"][...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(half.embed[...], np.float32), np.asarray(ours.embed[...])
+    )
+
+
+def test_reward_head_matches_sequence_classification(tmp_path):
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(**LLAMA_SHAPE, num_key_value_heads=2, pad_token_id=0)
+    config.num_labels = 1
+    model = _randomize(transformers.LlamaForSequenceClassification(config), seed=7)
+    model.save_pretrained(tmp_path / "rm")
+    tokens, mask = _batch("right", seed=3)
+    with torch.no_grad():  # HF pools at the last token that is not pad_token_id
+        want = model(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)))
+    want = want.logits[:, 0].numpy()
+
+    rm = hf.load_model(tmp_path / "rm", head="reward")
+    assert rm.lm_head is None and not rm.config.lm_head and rm.config.head == "reward"
+    got = np.asarray(rm.rewards(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)))
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+    hf.save_model(rm, tmp_path / "back", pad_token_id=0)
+    back, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "back", output_loading_info=True, attn_implementation="eager"
+    )
+    assert type(back) is transformers.LlamaForSequenceClassification
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        again = back.eval()(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(int)))
+    np.testing.assert_allclose(again.logits[:, 0].numpy(), want, atol=ATOL, rtol=0)
+
+    with pytest.raises(ValueError, match=r"ForSequenceClassification.*pass head='reward'"):
+        hf.load_model(tmp_path / "rm")  # a reward checkpoint read as a plain LM
+
+
+def test_value_head_is_fresh_and_the_lm_unchanged(checkpoints):
+    _, folder, plain = checkpoints["qwen2"]
+    critic = hf.load_model(folder, head="value")
+    tokens, mask = _batch("right")
+    np.testing.assert_array_equal(_ours(critic, tokens, mask), _ours(plain, tokens, mask))
+    values = critic.values(jnp.asarray(tokens, jnp.int32), jnp.asarray(mask))
+    assert values.shape == (BATCH, TIME) and np.all(np.isfinite(values))
+    assert float(critic.score_bias[...]) == 0.0 and np.std(critic.score[...]) > 0
+    with pytest.raises(ValueError, match=r"score\.weight.*is missing.*head='value'"):
+        hf.load_model(folder, head="reward")  # a causal LM has no reward head
+
+
+def test_save_model_choices_and_value_head_warning(checkpoints, tmp_path):
+    configs = {family: checkpoints[family][2].config for family in FAMILIES}
+    assert hf.hf_config_from(configs["qwen2"]).model_type == "qwen2"  # q/k/v biases only
+    assert hf.hf_config_from(configs["llama"]).model_type == "llama"
+    assert hf.hf_config_from(configs["mistral"]).model_type == "llama"  # the same network
+    assert hf.hf_config_from(configs["mistral"], model_type="mistral").sliding_window is None
+    with pytest.raises(ValueError, match="cannot save as 'qwen2'"):
+        hf.hf_config_from(configs["llama"], model_type="qwen2")  # o_proj has a bias
+    critic = hf.load_model(checkpoints["gpt2"][1], head="value")
+    with pytest.warns(UserWarning, match=r"\['score', 'score_bias'\].*not saved"):
+        hf.save_model(critic, tmp_path)
+    _, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_gpt2_base_model_without_prefix_and_ignorable_buffers(checkpoints, tmp_path):
+    hf_model, _, ours = checkpoints["gpt2"]
+    hf_model.transformer.save_pretrained(tmp_path)  # GPT2Model: names without "transformer."
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    assert "wte.weight" in tensors and not any(n.startswith("transformer.") for n in tensors)
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))  # old buffers
+    tensors["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+    tensors["lm_head.weight"] = tensors["wte.weight"].copy()  # a tied copy, stored twice
+    save_file(tensors, file)
+    base = hf.load_model(tmp_path)
+    tokens, mask = _batch("left")
+    np.testing.assert_allclose(_ours(base, tokens, mask), _ours(ours, tokens, mask), atol=1e-6)
+    tensors["lm_head.weight"] = tensors["wte.weight"] + 1.0
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=true but .* differs"):
+        hf.load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _copy(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "copy")
+
+
+def test_error_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"'bert' is not supported; supported: \('gpt2'"):
+        hf.load_model(tmp_path)
+
+
+def test_error_missing_config_and_not_a_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json is missing"):
+        hf.load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        hf.load_model(tmp_path / "nope")
+
+
+def test_error_pickle_only_folder(checkpoints, tmp_path):
+    folder = _copy(checkpoints["llama"][1], tmp_path)
+    os.remove(folder / "model.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(FileNotFoundError, match=r"pickle weights \(pytorch_model\.bin\).*safe"):
+        hf.load_model(folder)
+
+
+def _edit(folder, change):
+    file = str(folder / "model.safetensors")
+    tensors = load_file(file)
+    change(tensors)
+    save_file(tensors, file)
+
+
+def test_error_missing_tensor(checkpoints, tmp_path):
+    folder = _copy(checkpoints["llama"][1], tmp_path)
+    _edit(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing from model\.safe"
+    ):
+        hf.load_model(folder)
+
+
+def test_error_misshaped_tensor(checkpoints, tmp_path):
+    folder = _copy(checkpoints["llama"][1], tmp_path)
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _edit(folder, lambda t: t.update({name: np.zeros((32, 32), np.float32)}))
+    with pytest.raises(ValueError, match=r"k_proj\.weight.*shape \(32, 32\), expected \(16, 32\)"):
+        hf.load_model(folder)
+
+
+def test_error_unexpected_tensor_and_ignorable_inv_freq(checkpoints, tmp_path):
+    folder = _copy(checkpoints["mistral"][1], tmp_path)
+    buffer = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    _edit(folder, lambda t: t.update({buffer: np.ones(8, np.float32)}))
+    hf.load_model(folder)  # a rotary buffer is not a parameter: ignored
+    _edit(folder, lambda t: t.update({"model.layers.0.extra.weight": np.ones(3, np.float32)}))
+    with pytest.raises(ValueError, match=r"does not use: 'model\.layers\.0\.extra\.weight'"):
+        hf.load_model(folder)
+
+
+def test_error_unsupported_configs():
+    def llama(**kw):
+        return transformers.LlamaConfig(**LLAMA_SHAPE, **kw)
+
+    for rope_type in ("dynamic", "longrope"):
+        params = dict(rope_type=rope_type, rope_theta=1e4, factor=2.0)
+        if rope_type == "longrope":
+            params.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4)
+        config = llama()
+        config.rope_parameters = params
+        with pytest.raises(ValueError, match=f"rope_type '{rope_type}' is not supported"):
+            hf.config_from_hf(config)
+
+    window = transformers.MistralConfig(**LLAMA_SHAPE, num_key_value_heads=2, sliding_window=16)
+    with pytest.raises(ValueError, match=r"sliding-window.*max_position_embeddings=16"):
+        hf.config_from_hf(window)
+    assert hf.config_from_hf(window, max_position_embeddings=16).max_position_embeddings == 16
+    kv = dict(num_key_value_heads=2)
+    qwen = transformers.Qwen2Config(**LLAMA_SHAPE, **kv, use_sliding_window=True, sliding_window=8)
+    qwen.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="sliding-window"):
+        hf.config_from_hf(qwen)
+    assert hf.config_from_hf(transformers.Qwen2Config(**LLAMA_SHAPE, **kv)).qkv_bias  # no window
+
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, **{option: True})
+        with pytest.raises(ValueError, match=f"GPT-2 option {option}=True"):
+            hf.config_from_hf(gpt2)
+    with pytest.raises(TypeError, match="unknown TransformerConfig field"):
+        hf.config_from_hf(llama(), num_layer=3)
+
+
+def test_tokenizer_saved_alongside_and_loaded(checkpoints, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>"
+    )
+    hf.save_model(checkpoints["mistral"][2], tmp_path, tokenizer=tokenizer)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["pad_token_id"], config["eos_token_id"], config["bos_token_id"]) == (0, 1, None)
+    loaded = hf.load_tokenizer(tmp_path)
+    assert loaded("w5 w7")["input_ids"] == [5, 7] and loaded.pad_token_id == 0
