@@ -53,3 +53,22 @@ def test_timing_memory_and_table():
     assert bench.measure_bandwidth(num_bytes=4 * 2**20, steps=2) > 0
     table = bench.markdown_table([{"a": 1.23456, "b": None}], [("a", "A"), ("b", "B")])
     assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.235 | - |"]
+
+
+def test_lm_speed_quick_smoke(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lm_speed.py"
+    spec = importlib.util.spec_from_file_location("lm_speed", path)
+    lm_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_speed)
+    out = tmp_path / "lm.json"
+    rows = lm_speed.main(["--quick", "--dtype", "float32", "--json", str(out)])
+    assert [r["phase"] for r in rows] == ["train", "decode"]
+    train, decode = rows
+    assert train["tokens_per_s"] > 0 and train["model_flops_per_step"] > 0
+    assert train["memory"] is None or train["memory"]["argument_size_in_bytes"] > 0
+    assert decode["tokens_per_s"] > 0 and 0 < decode["fraction_of_bound"]
+    assert json.loads(out.read_text())["results"][0]["preset"] == "tiny"
