@@ -12,6 +12,8 @@ jitted internally; callers jit.
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,8 @@ import jax.numpy as jnp
 __all__ = [
     "KL_ESTIMATORS",
     "categorical_kl",
+    "chunked_token_logprobs",
+    "chunked_token_logprobs_and_entropy",
     "entropy_from_logits",
     "kl_estimate",
     "kl_k1",
@@ -57,6 +61,161 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     logits = logits.astype(_float_dtype(logits))
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    """``[c, D] @ [D, V]`` in the input dtype, accumulated (and returned) in at least float32."""
+    return jnp.dot(h, w, preferred_element_type=_float_dtype(h))
+
+
+def _chunk_forward(h, w, y, with_entropy):
+    """Log-probs, logsumexp and (optionally) ``E_pi[z]`` of one chunk ``h: [c, D], y: [c]``."""
+    z = _chunk_logits(h, w)  # [c, V], the only vocabulary-sized array
+    m = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - m)
+    s = jnp.sum(e, axis=-1)
+    lse = m[:, 0] + jnp.log(s)
+    picked = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
+    mean_z = jnp.sum(e * z, axis=-1) / s if with_entropy else None
+    return picked - lse, lse, mean_z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_core(with_entropy, h, w, y):
+    """``h: [n, c, D], w: [D, V], y: [n, c]`` -> log-probs ``[n, c]`` (and entropies ``[n, c]``)."""
+    out, _ = _chunked_core_fwd(with_entropy, h, w, y)
+    return out
+
+
+def _chunked_core_fwd(with_entropy, h, w, y):
+    def body(xs):
+        h_c, y_c = xs
+        logp, lse, mean_z = _chunk_forward(h_c, w, y_c, with_entropy)
+        return (logp, lse) if mean_z is None else (logp, lse, mean_z)
+
+    outs = jax.lax.map(body, (h, y))
+    if with_entropy:
+        logp, lse, mean_z = outs
+        return (logp, lse - mean_z), (h, w, y, lse, mean_z)
+    logp, lse = outs
+    return logp, (h, w, y, lse, None)
+
+
+def _chunked_core_bwd(with_entropy, res, g):
+    h, w, y, lse, mean_z = res
+    g_logp, g_ent = g if with_entropy else (g, None)
+    acc = _float_dtype(h)
+    vocab = w.shape[1]
+
+    def body(dw, xs):
+        h_c, y_c, lse_c, g_c = xs[:4]
+        z = _chunk_logits(h_c, w)  # recomputed, [c, V]
+        p = jnp.exp(z - lse_c[:, None])
+        onehot = (jnp.arange(vocab, dtype=y_c.dtype)[None, :] == y_c[:, None]).astype(acc)
+        # d log pi(y) / dz = onehot - p;  dH / dz = -p (z - E_pi[z])
+        dz = g_c[:, None].astype(acc) * (onehot - p)
+        if with_entropy:
+            mz_c, ge_c = xs[4:]
+            dz = dz - ge_c[:, None].astype(acc) * p * (z - mz_c[:, None])
+        dz_in = dz.astype(h_c.dtype)
+        dh_c = jnp.dot(dz_in, w.T, preferred_element_type=acc).astype(h_c.dtype)
+        dw = dw + jnp.dot(h_c.T, dz_in, preferred_element_type=acc)
+        return dw, dh_c
+
+    xs = (h, y, lse, g_logp) + ((mean_z, g_ent) if with_entropy else ())
+    dw, dh = jax.lax.scan(body, jnp.zeros(w.shape, acc), xs)
+    return dh, dw.astype(w.dtype), None
+
+
+_chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
+
+
+def _chunked(hidden, unembedding, targets, chunk_size, with_entropy):
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chex.assert_rank(unembedding, 2)
+    chex.assert_rank(targets, hidden.ndim - 1)
+    chex.assert_equal_shape_prefix([hidden, targets], targets.ndim)
+    chex.assert_type(targets, int)
+    if hidden.shape[-1] != unembedding.shape[0]:
+        raise ValueError(
+            f"hidden size {hidden.shape[-1]} (hidden {hidden.shape}) does not match the "
+            f"unembedding's first axis (unembedding {unembedding.shape}, expected [D, V])"
+        )
+    dtype = jnp.result_type(hidden, unembedding)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"hidden and unembedding must be floating point, got {dtype}")
+    hidden, unembedding = hidden.astype(dtype), unembedding.astype(dtype)
+    lead, d = targets.shape, hidden.shape[-1]
+    n = targets.size
+    out_dtype = _float_dtype(hidden)
+    if n == 0:
+        zeros = jnp.zeros(lead, out_dtype)
+        return (zeros, zeros) if with_entropy else zeros
+    chunk = min(chunk_size, n)
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+    h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(num_chunks, chunk, d)
+    y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(num_chunks, chunk)
+    out = _chunked_core(with_entropy, h, unembedding, y)
+    unpad = lambda x: x.reshape(num_chunks * chunk)[:n].reshape(lead)
+    return tuple(unpad(x) for x in out) if with_entropy else unpad(out)
+
+
+def chunked_token_logprobs(
+    hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *, chunk_size: int = 1024
+) -> jax.Array:
+    r"""``token_logprobs(hidden @ unembedding, targets)`` without building the full logits.
+
+    .. math:: \log \pi(y_t) = h_t \cdot w_{y_t} - \log \sum_v \exp(h_t \cdot w_v)
+
+    The ``[..., vocab]`` logits are the largest activation of a language-model loss (float32
+    ``[B, T, V]``). Here the flattened token axis is split into chunks of ``chunk_size`` rows
+    (the last one zero-padded, the padding dropped) and a ``lax.map`` computes one chunk's
+    ``[chunk, vocab]`` logits at a time. A ``jax.custom_vjp`` saves only the per-token
+    ``logsumexp`` and recomputes each chunk's logits and softmax in the backward pass
+    (``dz = g (onehot - softmax)``; ``dh = dz W^T`` per chunk, ``dW = \sum_chunks h^T dz``
+    accumulated in float32), so neither pass holds more than one chunk of logits. This is the
+    chunked "fused linear cross-entropy" of Liger Kernel (Hsu et al., 2024, arXiv:2410.10989);
+    see also Cut Cross-Entropy (Wijmans et al., 2024, arXiv:2411.09009).
+
+    Matmuls run in the inputs' (promoted) dtype, e.g. bfloat16, with float32 accumulation
+    (``preferred_element_type``); max, exp and sums run in float32 (float64 for float64
+    inputs). In the backward pass the logit cotangent is cast back to the input dtype for the
+    two matmuls.
+
+    Args:
+      hidden: ``[..., D]`` final hidden states (e.g. ``model.decode(...)[0]``).
+      unembedding: ``[D, V]`` output projection (e.g. ``model.unembedding()``).
+      targets: ``[...]`` integer token ids in ``[0, V)``, same leading shape as ``hidden``.
+      chunk_size: rows of the flattened ``[prod(...), D]`` hidden states per chunk; peak extra
+        memory is a few ``[chunk_size, V]`` float32 arrays. Clamped to the number of tokens.
+
+    Returns:
+      ``[...]`` log-probabilities (float32, or float64 for float64 inputs).
+
+    Raises:
+      ValueError: ``chunk_size`` is not a positive int, or ``D`` does not match.
+      AssertionError: (chex) ranks / leading shapes mismatch or ``targets`` is not integer.
+    """
+    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=False)
+
+
+def chunked_token_logprobs_and_entropy(
+    hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array]:
+    r""":func:`chunked_token_logprobs` plus the entropy of each position's distribution.
+
+    .. math:: H_t = \log \sum_v e^{z_{t,v}} - \sum_v \mathrm{softmax}(z_t)_v z_{t,v},
+              \quad z_t = h_t W
+
+    Same chunking and memory as :func:`chunked_token_logprobs`; the entropy's gradient
+    ``dH/dz = -softmax(z) (z - E[z])`` is recomputed per chunk as well.
+
+    Returns:
+      ``(logps, entropy)``, both ``[...]`` float32 (float64 for float64 inputs).
+    """
+    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=True)
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
