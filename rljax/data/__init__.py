@@ -1,0 +1,45 @@
+"""Preference and prompt data: load, validate, tokenize, pad and batch.
+
+- :func:`load_rows`: rows from JSONL / JSON / parquet files or a saved HF ``datasets`` folder;
+- :func:`validate_preferences` / :func:`validate_completions`: TRL's standard and
+  conversational formats, errors naming row and field, or skip-and-count;
+- :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
+  padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.lm`);
+- :class:`Batches`: deterministic, resumable minibatches.
+
+numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datasets folder is read.
+"""
+
+from rljax.data.batching import Batches
+from rljax.data.load import load_rows
+from rljax.data.preference import (
+    SKIP_REASONS,
+    ValidationReport,
+    is_conversational,
+    validate_completions,
+    validate_preferences,
+)
+from rljax.data.tokenize import (
+    CompletionArrays,
+    PreferenceArrays,
+    TokenizationReport,
+    tokenize_completions,
+    tokenize_preferences,
+    tokenize_prompts,
+)
+
+__all__ = [
+    "SKIP_REASONS",
+    "Batches",
+    "CompletionArrays",
+    "PreferenceArrays",
+    "TokenizationReport",
+    "ValidationReport",
+    "is_conversational",
+    "load_rows",
+    "tokenize_completions",
+    "tokenize_preferences",
+    "tokenize_prompts",
+    "validate_completions",
+    "validate_preferences",
+]
