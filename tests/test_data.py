@@ -1,6 +1,9 @@
 """rljax.data: loading, validation, tokenisation (hand-computed ids and masks) and batching."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -476,3 +479,13 @@ def test_batches_from_tokenized(tokenizer):
     batch = next(Batches(arrays, 2, seed=0))
     assert set(batch) == set(arrays)
     assert batch["chosen_tokens"].shape == (2, arrays["chosen_tokens"].shape[1])
+
+
+def test_core_imports_without_pyarrow_or_datasets():
+    code = (
+        "import sys, rljax.data; "
+        "assert not {'pyarrow', 'datasets'} & set(sys.modules), sorted(sys.modules)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+    )
