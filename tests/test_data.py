@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -489,3 +491,49 @@ def test_core_imports_without_pyarrow_or_datasets():
     subprocess.run(
         [sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
     )
+
+
+WORD = st.sampled_from(WORDS)
+TEXT = st.lists(WORD, min_size=1, max_size=8).map(" ".join)
+
+
+@given(
+    st.lists(st.tuples(TEXT, TEXT, TEXT), min_size=1, max_size=4),
+    st.integers(2, 12),
+    st.one_of(st.none(), st.integers(1, 6)),
+    st.sampled_from(["keep_end", "keep_start"]),
+    st.sampled_from(["truncate", "drop"]),
+)
+def test_tokenized_invariants(tokenizer, triples, max_length, max_prompt_length, mode, overflow):
+    rows = [{"prompt": p, "chosen": c, "rejected": r + " ?"} for p, c, r in triples]
+    arrays, report = tokenize_preferences(
+        rows,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=mode,
+        overflow=overflow,
+    )
+    assert report.kept + report.dropped == len(rows) and len(report.kept_rows) == report.kept
+    assert arrays["chosen_tokens"].shape[0] == report.kept
+    prompt_lengths = arrays["prompt_lengths"]
+    for side in ("chosen", "rejected"):
+        tokens, mask, loss_mask = (arrays[f"{side}_{k}"] for k in ("tokens", "mask", "loss_mask"))
+        assert tokens.shape[1] <= max_length
+        lengths = mask.sum(1)
+        assert (mask == (np.arange(mask.shape[1]) < lengths[:, None])).all()  # right-padded
+        assert (tokens[~mask] == PAD).all()
+        assert not loss_mask[:, :1].any() and (loss_mask <= mask).all()
+        assert (loss_mask.sum(1) == lengths - prompt_lengths).all()
+        assert (loss_mask.sum(1) >= 1).all()
+        for i, row in enumerate(report.kept_rows):
+            prompt = [BOS, *ids(rows[row]["prompt"])]
+            completion = [*ids(rows[row][side]), EOS]
+            limit = min(max_length - 1, max_prompt_length or max_length)
+            kept_prompt = prompt[-limit:] if mode == "keep_end" else prompt[:limit]
+            expected = (kept_prompt + completion)[:max_length]
+            assert tokens[i, : lengths[i]].tolist() == expected
+            if overflow == "drop":
+                assert expected == prompt + completion
+    if max_prompt_length is not None:
+        assert (prompt_lengths <= max_prompt_length).all()
