@@ -10,6 +10,10 @@ one dispatcher combines several types with weights as TRL does:
 
 Inputs are per-example *sequence* log-probs (sums of token log-probs over the completion),
 shape ``[batch]``, for the chosen and the rejected completion of each pair.
+
+:func:`make_dpo_update` builds the pure training step on a Flax NNX language model
+(``update(state, batch) -> (state, metrics)``, :class:`DPOConfig`, :class:`DPOState`) and
+:func:`make_dpo_eval` the matching metrics-only step for held-out pairs.
 """
 
 from __future__ import annotations
@@ -17,18 +21,28 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import optax
+
+from rljax.lm import concatenated_sequence_logps
 
 __all__ = [
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "LOSS_FUNCTIONS",
     "LOSS_TYPES",
+    "REFERENCE_MODES",
+    "DPOConfig",
+    "DPOState",
     "PairTerms",
     "dpo_loss",
+    "init_dpo_state",
+    "make_dpo_eval",
+    "make_dpo_update",
 ]
 
 
@@ -460,3 +474,213 @@ def dpo_loss(
         }
     )
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------- update step
+
+REFERENCE_MODES = ("precomputed", "model", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Static settings of :func:`make_dpo_update` and :func:`make_dpo_eval`.
+
+    Attributes:
+      beta: :math:`\\beta` of :func:`dpo_loss`.
+      loss_type: one name or a tuple of names from ``LOSS_TYPES``.
+      loss_weights: one weight per loss type (``None``: 1 each).
+      label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in
+        :func:`dpo_loss`.
+      rpo_alpha: weight of the chosen-completion NLL per token (RPO, Pang et al., 2024,
+        arXiv:2404.19733; TRL's ``rpo_alpha``): adds ``"sft"`` with this weight to the loss
+        types. ``None`` = off. Same as ``loss_type=(..., "sft")`` with that weight.
+      reference: where the reference log-probs come from: ``"precomputed"`` (the batch's
+        ``ref_chosen_logps`` / ``ref_rejected_logps``, e.g. from
+        :func:`rljax.lm.reference_logps`), ``"model"`` (a forward pass of the frozen
+        ``state.ref_params`` in every step) or ``"none"`` (reference-free: log-probs 0, as in
+        SimPO-style training and TRL's ``reference_free=True``).
+      chunk_size: rows per chunk of the chunked log-prob computation.
+    """
+
+    beta: float = 0.1
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    rpo_alpha: float | None = None
+    reference: str = "precomputed"
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if not isinstance(self.loss_type, str):
+            object.__setattr__(self, "loss_type", tuple(self.loss_type))
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        if self.reference not in REFERENCE_MODES:
+            raise ValueError(
+                f"DPOConfig.reference={self.reference!r}; valid choices: {list(REFERENCE_MODES)}"
+            )
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"DPOConfig.chunk_size must be a positive int, got {self.chunk_size}")
+        types, weights = self.loss_types_and_weights()
+        # Validate the loss-type combination now rather than at the first trace.
+        _validate(
+            types,
+            weights,
+            self.label_smoothing,
+            self.f_divergence_type,
+            {"chosen": 1.0, "rejected": 1.0},
+            None,
+            self.f_alpha_divergence_coef,
+        )
+
+    def loss_types_and_weights(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The loss types and weights passed to :func:`dpo_loss` (with the RPO term)."""
+        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        weights = (1.0,) * len(types) if self.loss_weights is None else tuple(self.loss_weights)
+        if len(weights) != len(types):
+            raise ValueError(
+                f"DPOConfig.loss_weights has {len(weights)} entries for {len(types)} loss types "
+                f"{list(types)}; give one weight per loss type"
+            )
+        if self.rpo_alpha is not None:
+            types, weights = (*types, "sft"), (*weights, float(self.rpo_alpha))
+        return types, weights
+
+
+class DPOState(NamedTuple):
+    """Train state of :func:`make_dpo_update` (a pytree).
+
+    ``params``: the policy's parameters (``nnx.split(model)[1]``); ``opt_state``: the optax
+    state; ``step``: int32 count of updates; ``ref_params``: the frozen reference policy's
+    parameters for ``DPOConfig(reference="model")``, else ``None`` (never updated).
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    ref_params: Any = None
+
+
+def init_dpo_state(params, optimizer, ref_params=None) -> DPOState:
+    """Initial :class:`DPOState`. For ``reference="model"`` pass ``ref_params`` (typically a
+    copy of the initial policy: ``jax.tree.map(jnp.copy, params)``)."""
+    return DPOState(params, optimizer.init(params), jnp.zeros((), jnp.int32), ref_params)
+
+
+def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
+    """``objective(params, ref_params, batch) -> (loss, metrics)`` of one preference batch."""
+    types, weights = config.loss_types_and_weights()
+
+    def reference(ref_params, batch):
+        if config.reference == "none":
+            return None, None
+        if config.reference == "precomputed":
+            missing = [k for k in ("ref_chosen_logps", "ref_rejected_logps") if k not in batch]
+            if missing:
+                raise KeyError(
+                    f"DPOConfig(reference='precomputed') needs {missing} in the batch (compute "
+                    "them with rljax.lm.reference_logps), or use reference='model' / 'none'"
+                )
+            return jnp.asarray(batch["ref_chosen_logps"]), jnp.asarray(batch["ref_rejected_logps"])
+        if ref_params is None:
+            raise ValueError(
+                "DPOConfig(reference='model') needs state.ref_params (init_dpo_state(params, "
+                "optimizer, ref_params=...))"
+            )
+        ref_chosen, ref_rejected, _, _ = concatenated_sequence_logps(
+            graphdef, jax.lax.stop_gradient(ref_params), batch, chunk_size=config.chunk_size
+        )
+        return jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
+
+    def objective(params, ref_logps, batch):
+        chosen, rejected, chosen_lengths, rejected_lengths = concatenated_sequence_logps(
+            graphdef, params, batch, chunk_size=config.chunk_size
+        )
+        loss, metrics = dpo_loss(
+            chosen,
+            rejected,
+            *ref_logps,
+            beta=config.beta,
+            loss_type=types,
+            loss_weights=weights,
+            label_smoothing=config.label_smoothing,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            f_divergence_type=config.f_divergence_type,
+            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
+            discopop_tau=config.discopop_tau,
+        )
+        return loss, {"loss": loss, **metrics}
+
+    return reference, objective
+
+
+def make_dpo_update(
+    graphdef, optimizer, config: DPOConfig = DPOConfig()
+) -> Callable[[DPOState, dict], tuple[DPOState, dict[str, jax.Array]]]:
+    """Build the pure Direct Preference Optimization step ``update(state, batch) -> (state,
+    metrics)`` for a Flax NNX language model.
+
+    One optax step on :func:`dpo_loss` of the batch's sequence log-probs. The policy runs
+    chosen and rejected as ONE ``[2B, T]`` batch (:func:`rljax.lm.concatenated_sequence_logps`,
+    chunked log-probs: no ``[2B, T, V]`` logits); the reference log-probs come from the batch,
+    from a forward pass of the frozen ``state.ref_params`` under ``stop_gradient``, or are 0
+    (``config.reference``). Gradient clipping and schedules belong to ``optimizer``.
+
+    Args:
+      graphdef: ``nnx.split(model)[0]`` of a :class:`rljax.models.transformer.Transformer`.
+      optimizer: optax ``GradientTransformation`` over ``state.params``.
+      config: :class:`DPOConfig`.
+
+    The ``batch`` follows the :mod:`rljax.data` contract: ``chosen_tokens``, ``chosen_mask``,
+    ``chosen_loss_mask``, ``rejected_tokens``, ``rejected_mask``, ``rejected_loss_mask`` (all
+    ``[B, T]``), plus ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` for
+    ``reference="precomputed"``.
+
+    Metrics (TRL's names, all scalars): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
+    ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), and ``grad_norm`` (global norm
+    of the gradient before the optimizer).
+
+    Not jitted; jit it with the state and batch shardings and donate the state::
+
+        step = jax.jit(update, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    or use :func:`rljax.lm.compile_update`. The batch is one global array, so every mean in
+    the loss (over pairs, and the RPO term's over chosen tokens) is the exact global-batch
+    mean under data parallelism.
+    """
+    if not isinstance(config, DPOConfig):
+        raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
+    reference, objective = _dpo_objective(graphdef, config)
+
+    def update(state: DPOState, batch: dict) -> tuple[DPOState, dict[str, jax.Array]]:
+        ref_logps = reference(state.ref_params, batch)
+        grads, metrics = jax.grad(objective, has_aux=True)(state.params, ref_logps, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return DPOState(params, opt_state, state.step + 1, state.ref_params), metrics
+
+    return update
+
+
+def make_dpo_eval(
+    graphdef, config: DPOConfig = DPOConfig()
+) -> Callable[[DPOState, dict], dict[str, jax.Array]]:
+    """The metrics of :func:`make_dpo_update` on held-out pairs, without an update:
+    ``evaluate(state, batch) -> metrics`` (no ``grad_norm``). Pure; jit it as the update
+    (``in_shardings=(state_shardings, batch_sharding), out_shardings=replicated``)."""
+    if not isinstance(config, DPOConfig):
+        raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
+    reference, objective = _dpo_objective(graphdef, config)
+
+    def evaluate(state: DPOState, batch: dict) -> dict[str, jax.Array]:
+        _, metrics = objective(state.params, reference(state.ref_params, batch), batch)
+        return metrics
+
+    return evaluate

@@ -1,0 +1,277 @@
+"""Glue between Flax NNX language models and the objectives: sequence log-probs, reference
+log-probs over a data set, and a helper that places a train state and jits an update step.
+
+Models enter as ``graphdef, params = nnx.split(model)`` (``params`` may also be the tuple of
+states ``nnx.split(model, nnx.Param, ...)[1:]``); the functions here merge them inside, so
+they are pure functions of arrays that the caller jits. The model is a
+:class:`rljax.models.transformer.Transformer` (anything with ``decode(tokens, mask) ->
+(hidden, cache)`` and ``unembedding() -> [D, V]``).
+
+Token ``t`` is predicted by the model's output at position ``t - 1``: the log-prob of
+``tokens[:, t]`` comes from ``hidden[:, t - 1]``, so per-token log-probs are ``[B, T - 1]``,
+aligned with ``tokens[:, 1:]``. Log-probs are computed with
+:func:`rljax.logprobs.chunked_token_logprobs`, so no ``[B, T, V]`` float32 logits are built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
+from rljax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
+from rljax.sharding import train_state_shardings as _train_state_shardings
+
+__all__ = [
+    "PAIR_KEYS",
+    "compile_update",
+    "concatenated_sequence_logps",
+    "merge",
+    "reference_logps",
+    "sequence_logps",
+    "token_logps",
+]
+
+
+def merge(graphdef: Any, params: Any) -> nnx.Module:
+    """``nnx.merge(graphdef, params)``, or ``nnx.merge(graphdef, *params)`` for a tuple of
+    states (as ``nnx.split(model, nnx.Param, ...)[1:]`` returns)."""
+    states = params if isinstance(params, tuple) else (params,)
+    return nnx.merge(graphdef, *states, copy=True)
+
+
+def token_logps(
+    graphdef: Any,
+    params: Any,
+    tokens: jax.Array,
+    mask: jax.Array,
+    *,
+    chunk_size: int = 1024,
+) -> jax.Array:
+    r"""Per-token log-probs :math:`\log\pi(y_t \mid y_{<t})` for ``t = 1 .. T - 1``.
+
+    Args:
+      graphdef, params: the model, from ``nnx.split``.
+      tokens: ``int [B, T]`` token ids (prompt + completion, padded anywhere).
+      mask: ``[B, T]``, 1 at real tokens.
+      chunk_size: rows per chunk of :func:`rljax.logprobs.chunked_token_logprobs`.
+
+    Returns:
+      ``[B, T - 1]`` float32 (float64 for a float64 model), entry ``t - 1`` being the log-prob
+      of ``tokens[:, t]``; 0 where ``tokens[:, t]`` is padding.
+    """
+    chex.assert_rank([tokens, mask], 2)
+    chex.assert_equal_shape([tokens, mask])
+    model = merge(graphdef, params)
+    hidden, _ = model.decode(tokens, mask)
+    logps = chunked_token_logprobs(
+        hidden[:, :-1], model.unembedding(), tokens[:, 1:], chunk_size=chunk_size
+    )
+    return jnp.where(mask[:, 1:].astype(bool), logps, 0.0)
+
+
+def sequence_logps(
+    graphdef: Any,
+    params: Any,
+    tokens: jax.Array,
+    mask: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Sequence log-probs :math:`\sum_{t \in \text{completion}} \log\pi(y_t \mid y_{<t})`.
+
+    Args:
+      graphdef, params: the model, from ``nnx.split``.
+      tokens: ``int [B, T]`` prompt + completion token ids.
+      mask: ``[B, T]``, 1 at real tokens (prompt and completion).
+      loss_mask: ``[B, T]``, 1 at the tokens whose log-probs count (the completion, EOS
+        included). ``loss_mask[:, 0]`` is ignored: the first token has no prediction.
+      chunk_size: rows per chunk of :func:`rljax.logprobs.chunked_token_logprobs`.
+
+    Returns:
+      ``(logps_sum [B], num_tokens [B])``: the sum over counted tokens and their number (both
+      float32; sums and counts add exactly across micro-batches and shards).
+    """
+    chex.assert_equal_shape([tokens, loss_mask])
+    logps = token_logps(graphdef, params, tokens, mask, chunk_size=chunk_size)
+    counted = loss_mask[:, 1:].astype(bool) & mask[:, 1:].astype(bool)
+    return masked_sum_and_count(logps, counted, axis=-1)
+
+
+def concatenated_sequence_logps(
+    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected sequence log-probs from ONE forward pass on the ``[2B, T]``
+    concatenation of a preference batch (the batch contract of :mod:`rljax.data`).
+
+    Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``.
+    """
+    _check_pair_batch(batch)
+    cat = lambda name: jnp.concatenate(
+        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
+    )
+    logps, lengths = sequence_logps(
+        graphdef, params, cat("tokens"), cat("mask"), cat("loss_mask"), chunk_size=chunk_size
+    )
+    b = batch["chosen_tokens"].shape[0]
+    return logps[:b], logps[b:], lengths[:b], lengths[b:]
+
+
+PAIR_KEYS = (
+    "chosen_tokens",
+    "chosen_mask",
+    "chosen_loss_mask",
+    "rejected_tokens",
+    "rejected_mask",
+    "rejected_loss_mask",
+)
+
+
+def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(
+            f"preference batch is missing {missing}; it has {sorted(batch)} (see rljax.data: "
+            "chosen_/rejected_ tokens, mask, loss_mask, padded to the same length)"
+        )
+    shape = np.shape(batch["chosen_tokens"])
+    bad = {k: np.shape(batch[k]) for k in keys if np.shape(batch[k]) != shape}
+    if bad or len(shape) != 2:
+        raise ValueError(
+            f"preference batch arrays must all be [B, T] like chosen_tokens {shape} (chosen and "
+            f"rejected padded to the same T); mismatched: {bad}"
+        )
+
+
+def reference_logps(
+    graphdef: Any,
+    ref_params: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_size: int = 1024,
+    batch_size: int = 32,
+) -> dict[str, np.ndarray]:
+    """Precompute the reference policy's sequence log-probs over a whole preference data set.
+
+    One jitted forward per ``batch_size`` pairs (chosen and rejected concatenated); the last
+    slice is padded with repeated rows to ``batch_size`` so that it reuses the compiled
+    function. ``ref_params`` may be sharded (placed with ``jax.device_put``); the function
+    follows their shardings.
+
+    Args:
+      graphdef, ref_params: the frozen reference model, from ``nnx.split``.
+      batch: the data set as a dict of ``[N, T]`` arrays (the :mod:`rljax.data` contract;
+        extra keys are ignored).
+      chunk_size: rows per chunk of the log-prob computation.
+      batch_size: pairs per forward pass.
+
+    Returns:
+      ``{"ref_chosen_logps": float32 [N], "ref_rejected_logps": float32 [N]}`` as numpy arrays,
+      to add to the data set (``{**data, **reference_logps(...)}``) for
+      ``DPOConfig(reference="precomputed")``.
+    """
+    _check_pair_batch(batch)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = int(np.shape(batch["chosen_tokens"])[0])
+    data = {k: np.asarray(batch[k]) for k in PAIR_KEYS}
+
+    @jax.jit
+    def forward(params, rows):
+        chosen, rejected, _, _ = concatenated_sequence_logps(
+            graphdef, params, rows, chunk_size=chunk_size
+        )
+        return chosen.astype(jnp.float32), rejected.astype(jnp.float32)
+
+    chosen_out, rejected_out = [], []
+    for start in range(0, n, batch_size):
+        index = np.arange(start, start + batch_size)
+        index = np.minimum(index, n - 1)  # pad the last slice by repeating its last row
+        chosen, rejected = forward(ref_params, {k: v[index] for k, v in data.items()})
+        keep = min(batch_size, n - start)
+        chosen_out.append(np.asarray(chosen)[:keep])
+        rejected_out.append(np.asarray(rejected)[:keep])
+    empty = np.zeros((0,), np.float32)
+    return {
+        "ref_chosen_logps": np.concatenate(chosen_out) if chosen_out else empty,
+        "ref_rejected_logps": np.concatenate(rejected_out) if rejected_out else empty,
+    }
+
+
+def _leaf_batch_shardings(batch_example: Any, mesh: Mesh, rules: ShardingRules) -> Any:
+    axes = rules.mesh_axes("batch")
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+
+    def one(path, leaf):
+        shape = np.shape(leaf)
+        if not shape:
+            return replicated(mesh)
+        if shape[0] % shards:
+            name = jax.tree_util.keystr(path)
+            raise ValueError(
+                f"batch leaf {name!r} has leading size {shape[0]}, not divisible by "
+                f"{' x '.join(axes)} = {shards} devices; make the batch a multiple of {shards}"
+            )
+        return batch_sharding(mesh, rules)
+
+    return jax.tree_util.tree_map_with_path(one, batch_example)
+
+
+def compile_update(
+    update: Callable,
+    state: Any,
+    batch_example: Any,
+    mesh: Mesh,
+    rules: ShardingRules = DEFAULT_RULES,
+    *,
+    donate: bool = True,
+) -> tuple[Any, Callable, Any]:
+    """Place a train state on ``mesh`` and jit ``update(state, batch) -> (state, metrics)``.
+
+    Equivalent to::
+
+        state_shardings = rljax.sharding.train_state_shardings(state, mesh, rules)
+        state = jax.device_put(state, state_shardings)
+        step = jax.jit(update, in_shardings=(state_shardings, batch_shardings),
+                       out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+    Parameters (and every subtree shaped like them: Adam's moments, a DPO reference model)
+    get the parameter shardings of ``rules``; the rest of the state is replicated. Batch
+    arrays are split along their leading axis over ``data`` x ``fsdp``, scalars replicated.
+    Metrics come back replicated. Because the batch is one global array, means inside the
+    update are exact global-batch means.
+
+    Args:
+      update: the pure step, e.g. from :func:`rljax.dpo.make_dpo_update`.
+      state: the unplaced train state (its ``.params`` give the parameter shardings).
+      batch_example: a batch with the structure and shapes of every batch to come (only
+        shapes are read; it is used to build the batch shardings and check divisibility).
+      mesh: the device mesh (:func:`rljax.sharding.make_mesh`).
+      rules: logical-axis sharding rules.
+      donate: donate the state argument (its buffers are reused for the new state).
+
+    Returns:
+      ``(placed_state, step, batch_shardings)``: place each batch with
+      ``jax.device_put(batch, batch_shardings)`` (or :func:`rljax.sharding.shard_batch`)
+      before calling ``step(state, batch)``: jit does not reshard arguments already committed
+      to another sharding. With ``donate=True`` do not reuse ``state`` (the unplaced one)
+      afterwards: ``device_put`` may share buffers with it, which the first step deletes.
+    """
+    state_shardings = _train_state_shardings(state, mesh, rules)
+    batch_shardings = _leaf_batch_shardings(batch_example, mesh, rules)
+    placed = jax.device_put(state, state_shardings)
+    step = jax.jit(
+        update,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0 if donate else (),
+    )
+    return placed, step, batch_shardings

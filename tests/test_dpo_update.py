@@ -1,0 +1,408 @@
+"""Tests of the Direct Preference Optimization step :func:`rljax.dpo.make_dpo_update` and the
+language-model glue in :mod:`rljax.lm`.
+
+The independent reference computes sequence log-probs from the model's full ``[B, T, V]``
+logits with :func:`rljax.logprobs.token_logprobs` and a numpy mask (no chunking, no
+concatenation), and its gradient as ``J^T dL/dlogps`` with the Jacobian of those log-probs
+(``jax.jacrev``) and the gradient of :func:`rljax.dpo.dpo_loss` with respect to its inputs.
+The update uses ``optax.sgd(1.0)``, so its gradient is ``params - new_params``. Everything in
+the value/gradient checks is float64 (but the model's norms and attention softmax run in
+float32, so agreement is to about 1e-8 in values and float32 accuracy in gradients).
+
+Compiled functions are shared between tests (module-level caches) to keep the file fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rljax import sharding
+from rljax.dpo import DPOConfig, DPOState, dpo_loss, init_dpo_state, make_dpo_eval, make_dpo_update
+from rljax.lm import compile_update, reference_logps, sequence_logps, token_logps
+from rljax.logprobs import token_logprobs
+from rljax.models.transformer import Transformer, TransformerConfig
+
+VOCAB = 64
+PAIRS = 4
+TIME = 12
+
+
+def tiny_config(dtype="float32"):
+    return TransformerConfig.llama(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        param_dtype=dtype,
+        dtype=dtype,
+    )
+
+
+def make_model(seed, dtype="float32"):
+    return nnx.split(Transformer(tiny_config(dtype), rngs=nnx.Rngs(seed)))
+
+
+def make_batch(seed, pairs=PAIRS, time=TIME):
+    """A right-padded preference batch following the rljax.data contract."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    prompt = rng.integers(1, 4, pairs)  # shared prompt length per pair
+    prompt_tokens = rng.integers(0, VOCAB, (pairs, time))
+    for side in ("chosen", "rejected"):
+        length = prompt + rng.integers(1, time - 3, pairs)  # prompt + completion (>= 1 token)
+        pos = np.arange(time)[None]
+        mask = pos < length[:, None]
+        completion = rng.integers(0, VOCAB, (pairs, time))
+        tokens = np.where(pos < prompt[:, None], prompt_tokens, completion) * mask
+        batch[f"{side}_tokens"] = tokens.astype(np.int32)
+        batch[f"{side}_mask"] = mask
+        batch[f"{side}_loss_mask"] = mask & (pos >= prompt[:, None])
+    assert not batch["chosen_loss_mask"][:, 0].any()
+    return batch
+
+
+def full_logits_logps(graphdef, params, tokens, mask, loss_mask):
+    """Independent: full logits, token_logprobs, then a masked sum."""
+    model = nnx.merge(graphdef, params, copy=True)
+    logits = model(tokens, mask)  # [B, T, V]
+    lp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    counted = jnp.asarray(loss_mask[:, 1:], lp.dtype)
+    return jnp.sum(lp * counted, axis=-1), jnp.sum(counted, axis=-1)
+
+
+@functools.cache
+def policy64():
+    return make_model(0, "float64")
+
+
+@functools.cache
+def reference64():
+    return make_model(1, "float64")[1]
+
+
+@functools.cache
+def batch64():
+    return make_batch(0)
+
+
+@functools.cache
+def independent_jacobian():
+    """Policy sequence log-probs [2, B] and their Jacobian w.r.t. the params (float64)."""
+    graphdef, params = policy64()
+    batch = batch64()
+
+    def logps(p):
+        return jnp.stack(
+            [
+                full_logits_logps(
+                    graphdef, p, batch[f"{s}_tokens"], batch[f"{s}_mask"], batch[f"{s}_loss_mask"]
+                )[0]
+                for s in ("chosen", "rejected")
+            ]
+        )
+
+    value = jax.jit(logps)(params)
+    jac = jax.jit(jax.jacrev(logps))(params)
+    return value, jac
+
+
+def lengths64():
+    batch = batch64()
+    return tuple(
+        np.sum(batch[f"{s}_loss_mask"][:, 1:], axis=-1).astype(np.float64)
+        for s in ("chosen", "rejected")
+    )
+
+
+@functools.cache
+def ref_logps64():
+    graphdef, _ = policy64()
+    batch = batch64()
+    out = []
+    for s in ("chosen", "rejected"):
+        out.append(
+            np.asarray(
+                jax.jit(full_logits_logps, static_argnums=0)(
+                    graphdef,
+                    reference64(),
+                    batch[f"{s}_tokens"],
+                    batch[f"{s}_mask"],
+                    batch[f"{s}_loss_mask"],
+                )[0]
+            )
+        )
+    return tuple(out)
+
+
+def dpo_kwargs(config: DPOConfig):
+    types, weights = config.loss_types_and_weights()
+    chosen_len, rejected_len = lengths64()
+    return dict(
+        beta=config.beta,
+        loss_type=types,
+        loss_weights=weights,
+        label_smoothing=config.label_smoothing,
+        chosen_lengths=jnp.asarray(chosen_len),
+        rejected_lengths=jnp.asarray(rejected_len),
+    )
+
+
+CONFIGS = {
+    "precomputed": DPOConfig(
+        beta=0.3,
+        loss_type=("sigmoid", "ipo"),
+        loss_weights=(1.0, 0.5),
+        rpo_alpha=0.7,
+        reference="precomputed",
+        chunk_size=7,
+    ),
+    "model": DPOConfig(
+        beta=0.2,
+        loss_type=("sigmoid", "bco_pair"),
+        loss_weights=(1.0, 0.3),
+        reference="model",
+        chunk_size=16,
+    ),
+    "none": DPOConfig(
+        beta=0.1,
+        loss_type=("sigmoid_norm", "hinge"),
+        loss_weights=(0.6, 0.4),
+        rpo_alpha=0.25,
+        reference="none",
+        chunk_size=1024,
+    ),
+}
+
+
+@functools.cache
+def compiled_update64(mode):
+    graphdef, _ = policy64()
+    return jax.jit(make_dpo_update(graphdef, optax.sgd(1.0), CONFIGS[mode]))
+
+
+def state64(mode, ref_params=None):
+    _, params = policy64()
+    if mode == "model" and ref_params is None:
+        ref_params = reference64()
+    return init_dpo_state(params, optax.sgd(1.0), ref_params if mode == "model" else None)
+
+
+def batch_for(mode):
+    batch = dict(batch64())
+    if mode == "precomputed":
+        graphdef, _ = policy64()
+        batch.update(reference_logps(graphdef, reference64(), batch64(), batch_size=3))
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# rljax.lm
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sequence_and_token_logps_match_full_logits():
+    graphdef, params = policy64()
+    batch = batch64()
+    (value, _) = independent_jacobian()
+    for i, side in enumerate(("chosen", "rejected")):
+        args = (batch[f"{side}_tokens"], batch[f"{side}_mask"])
+        logps, count = jax.jit(sequence_logps, static_argnums=0, static_argnames="chunk_size")(
+            graphdef, params, *args, batch[f"{side}_loss_mask"], chunk_size=5
+        )
+        np.testing.assert_allclose(logps, value[i], rtol=1e-8)
+        np.testing.assert_array_equal(count, lengths64()[i])
+        per_token = jax.jit(token_logps, static_argnums=0, static_argnames="chunk_size")(
+            graphdef, params, *args, chunk_size=5
+        )
+        assert per_token.shape == (PAIRS, TIME - 1)
+        counted = batch[f"{side}_loss_mask"][:, 1:]
+        np.testing.assert_allclose(np.sum(per_token * counted, -1), value[i], rtol=1e-8)
+        assert np.all(np.asarray(per_token)[~batch[f"{side}_mask"][:, 1:]] == 0)
+
+
+def test_reference_logps_matches_independent():
+    out = reference_logps(policy64()[0], reference64(), batch64(), batch_size=3)
+    assert set(out) == {"ref_chosen_logps", "ref_rejected_logps"}
+    assert out["ref_chosen_logps"].shape == (PAIRS,)
+    assert out["ref_chosen_logps"].dtype == np.float32
+    ref_chosen, ref_rejected = ref_logps64()
+    np.testing.assert_allclose(out["ref_chosen_logps"], ref_chosen, rtol=1e-6)
+    np.testing.assert_allclose(out["ref_rejected_logps"], ref_rejected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) values and gradients against the independent computation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "model", "none"])
+def test_update_matches_independent_loss_and_gradient(mode):
+    config = CONFIGS[mode]
+    value, jac = independent_jacobian()
+    batch = batch_for(mode)
+    if mode == "precomputed":
+        refs = (
+            jnp.asarray(batch["ref_chosen_logps"], jnp.float64),
+            jnp.asarray(batch["ref_rejected_logps"], jnp.float64),
+        )
+    elif mode == "model":
+        refs = tuple(jnp.asarray(r) for r in ref_logps64())
+    else:
+        refs = (None, None)
+
+    def loss_of_logps(logps):
+        return dpo_loss(logps[0], logps[1], *refs, **dpo_kwargs(config))
+
+    (expected_loss, expected_metrics), dloss = jax.value_and_grad(loss_of_logps, has_aux=True)(
+        value
+    )
+    expected_grads = jax.tree.map(lambda j: jnp.tensordot(dloss, j, axes=2), jac)
+
+    state = state64(mode)
+    new_state, metrics = compiled_update64(mode)(state, batch)
+    rtol = 1e-6 if mode == "precomputed" else 1e-8  # float32 precomputed reference log-probs
+    np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=rtol)
+    for key, val in expected_metrics.items():
+        np.testing.assert_allclose(metrics[key], val, rtol=rtol, atol=1e-9, err_msg=key)
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "loss",
+        "grad_norm",
+    ):
+        assert metrics[key].shape == (), key
+    grads = jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
+    leaves, expected_leaves = jax.tree.leaves(grads), jax.tree.leaves(expected_grads)
+    assert len(leaves) == len(expected_leaves)
+    # The model runs its norms and attention softmax in float32 even with float64 weights, so
+    # gradients agree to float32 accuracy relative to each leaf's scale.
+    for g, e in zip(leaves, expected_leaves, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(e))))
+    np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(expected_grads), rtol=1e-6)
+    assert int(new_state.step) == 1
+    if mode == "model":
+        assert jax.tree.leaves(new_state.ref_params)[0] is not None
+        chex_equal = jax.tree.map(np.array_equal, new_state.ref_params, state.ref_params)
+        assert all(jax.tree.leaves(chex_equal))
+    else:
+        assert new_state.ref_params is None
+
+
+def test_policy_equal_to_reference_gives_log2():
+    _, params = policy64()
+    state = state64("model", ref_params=params)
+    _, metrics = compiled_update64("model")(state, batch64())
+    np.testing.assert_allclose(metrics["loss/sigmoid"], math.log(2.0), rtol=1e-9)
+    np.testing.assert_allclose(metrics["rewards/margins"], 0.0, atol=1e-9)
+
+
+def test_eval_matches_update_metrics():
+    graphdef, _ = policy64()
+    evaluate = jax.jit(make_dpo_eval(graphdef, CONFIGS["none"]))
+    metrics = evaluate(state64("none"), batch64())
+    _, update_metrics = compiled_update64("none")(state64("none"), batch64())
+    assert set(update_metrics) == set(metrics) | {"grad_norm"}
+    for key, val in metrics.items():
+        np.testing.assert_allclose(val, update_metrics[key], rtol=1e-8, err_msg=key)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="reference"):
+        DPOConfig(reference="frozen")
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        DPOConfig(loss_type="sigmoidd")
+    with pytest.raises(ValueError, match="loss_weights"):
+        DPOConfig(loss_type=("sigmoid", "ipo"), loss_weights=(1.0,))
+    config = DPOConfig(loss_type=["sigmoid"], rpo_alpha=0.5)
+    assert config.loss_types_and_weights() == (("sigmoid", "sft"), (1.0, 0.5))
+    hash(config)
+    graphdef, params = policy64()
+    update = make_dpo_update(graphdef, optax.sgd(1.0), DPOConfig(reference="precomputed"))
+    with pytest.raises(KeyError, match="ref_chosen_logps"):
+        jax.eval_shape(update, init_dpo_state(params, optax.sgd(1.0)), batch64())
+    update = make_dpo_update(graphdef, optax.sgd(1.0), DPOConfig(reference="model"))
+    with pytest.raises(ValueError, match="ref_params"):
+        jax.eval_shape(update, init_dpo_state(params, optax.sgd(1.0)), batch64())
+
+
+# ---------------------------------------------------------------------------------------------
+# (b)-(d): training, sharding and tracing, float32 with Adam
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_CONFIG = DPOConfig(beta=0.5, loss_type="sigmoid", rpo_alpha=0.1, reference="model")
+SHARDED_STEPS = 3
+
+
+@functools.cache
+def one_device_run(steps=12):
+    """Adam steps on a fixed batch on one device; returns per-step metrics and trace count."""
+    graphdef, params = make_model(3)
+    optimizer = optax.adam(3e-3)
+    traces = []
+
+    def counted(state, batch):
+        traces.append(1)
+        return make_dpo_update(graphdef, optimizer, TRAIN_CONFIG)(state, batch)
+
+    step = jax.jit(counted, donate_argnums=0)
+    state = init_dpo_state(params, optimizer, jax.tree.map(jnp.copy, params))
+    batch = make_batch(5, pairs=8)
+    history = []
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    return history, len(traces)
+
+
+def test_adam_steps_lower_the_loss_and_raise_accuracy():
+    history, traces = one_device_run()
+    losses = [h["loss"] for h in history]
+    assert losses[-1] < losses[0] - 0.05, losses
+    np.testing.assert_allclose(history[0]["loss/sigmoid"], math.log(2.0), rtol=1e-5)
+    assert history[-1]["rewards/accuracies"] > 0.5
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"]
+    assert traces == 1  # (d) one trace for all steps
+
+
+def test_sharded_update_matches_one_device():
+    assert jax.device_count() >= 8
+    history, _ = one_device_run()
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    graphdef, params = make_model(3)
+    optimizer = optax.adam(3e-3)
+    traces = []
+
+    def counted(state, batch):
+        traces.append(1)
+        return make_dpo_update(graphdef, optimizer, TRAIN_CONFIG)(state, batch)
+
+    state = init_dpo_state(params, optimizer, jax.tree.map(jnp.copy, params))
+    batch = make_batch(5, pairs=8)
+    state, step, batch_shardings = compile_update(counted, state, batch, mesh)
+    batch = jax.device_put(batch, batch_shardings)
+    q_spec = state.params["layers"]["q"].sharding.spec
+    assert "fsdp" in str(q_spec) and "tensor" in str(q_spec)
+    assert isinstance(state, DPOState)
+    for i in range(SHARDED_STEPS):
+        old = state
+        state, metrics = step(state, batch)
+        assert old.step.is_deleted()  # donated
+        for key, val in history[i].items():
+            np.testing.assert_allclose(float(metrics[key]), val, rtol=1e-5, atol=1e-5, err_msg=key)
+    assert state.params["layers"]["q"].sharding.spec == q_spec
+    assert state.ref_params["layers"]["q"].sharding.spec == q_spec
+    assert len(traces) == 1
