@@ -4,15 +4,33 @@ Under the Bradley-Terry model (Bradley & Terry, 1952) a reward model :math:`r` p
 chosen completion with probability :math:`\\sigma(r_w - r_l)`; RLHF fits :math:`r` by maximum
 likelihood on human preference pairs (Ouyang et al., 2022, arXiv:2203.02155, Eq. 1). Formula,
 margin and reward-centring term match TRL 1.16's ``RewardTrainer``.
+
+:func:`make_reward_update` builds the pure training step of a reward-head language model
+(``update(state, batch) -> (state, metrics)``, :class:`RewardConfig`, :class:`RewardState`);
+:func:`make_reward_eval` the metrics-only step for held-out pairs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["bradley_terry_loss"]
+from rljax.lm import PAIR_KEYS, merge
+
+__all__ = [
+    "RewardConfig",
+    "RewardState",
+    "bradley_terry_loss",
+    "init_reward_state",
+    "make_reward_eval",
+    "make_reward_update",
+]
 
 
 def bradley_terry_loss(
@@ -71,3 +89,124 @@ def bradley_terry_loss(
         "max_reward": jnp.max(both),
     }
     return loss, metrics
+
+
+# ---------------------------------------------------------------------------- update step
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Static settings of :func:`make_reward_update` and :func:`make_reward_eval`.
+
+    Attributes:
+      center_rewards_coefficient: :math:`c` of :func:`bradley_terry_loss` (TRL's
+        ``center_rewards_coefficient``; Eisenstein et al. use 0.01); ``None`` = off.
+      use_margin: subtract the batch's ``margin`` ``[B]`` from the reward gap when the batch
+        has one (TRL uses a ``margin`` column whenever the data set has it).
+    """
+
+    center_rewards_coefficient: float | None = None
+    use_margin: bool = True
+
+
+class RewardState(NamedTuple):
+    """Train state of :func:`make_reward_update` (a pytree): ``params``
+    (``nnx.split(model)[1]``), ``opt_state`` and an int32 ``step``."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+def init_reward_state(params, optimizer) -> RewardState:
+    """Initial :class:`RewardState`."""
+    return RewardState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+def _reward_objective(graphdef, config: RewardConfig) -> Callable:
+    def objective(params, batch):
+        missing = [k for k in PAIR_KEYS if k not in batch and not k.endswith("loss_mask")]
+        if missing:
+            raise KeyError(f"reward batch is missing {missing}; it has {sorted(batch)}")
+        model = merge(graphdef, params)
+        b = batch["chosen_tokens"].shape[0]
+        tokens = jnp.concatenate(
+            [jnp.asarray(batch["chosen_tokens"]), jnp.asarray(batch["rejected_tokens"])]
+        )
+        mask = jnp.concatenate(
+            [jnp.asarray(batch["chosen_mask"]), jnp.asarray(batch["rejected_mask"])]
+        )
+        rewards = model.rewards(tokens, mask)  # [2B], score at each row's last real token
+        margin = batch.get("margin") if config.use_margin else None
+        loss, metrics = bradley_terry_loss(
+            rewards[:b],
+            rewards[b:],
+            margin=None if margin is None else jnp.asarray(margin),
+            center_rewards_coefficient=config.center_rewards_coefficient,
+        )
+        chosen = jax.lax.stop_gradient(rewards[:b])
+        rejected = jax.lax.stop_gradient(rewards[b:])
+        metrics = {
+            "loss": loss,
+            **metrics,
+            "rewards/chosen": jnp.mean(chosen),
+            "rewards/rejected": jnp.mean(rejected),
+        }
+        return loss, metrics
+
+    return objective
+
+
+def make_reward_update(
+    graphdef, optimizer, config: RewardConfig = RewardConfig()
+) -> Callable[[RewardState, dict], tuple[RewardState, dict[str, jax.Array]]]:
+    """Build the pure reward-model step ``update(state, batch) -> (state, metrics)``.
+
+    One optax step on :func:`bradley_terry_loss` of the rewards of a scalar-head model
+    (``TransformerConfig(head="reward", lm_head=False)``): ``model.rewards`` reads the head at
+    the last real token of each row, in ONE forward pass over the ``[2B, T]`` concatenation of
+    the chosen and rejected sequences.
+
+    Args:
+      graphdef: ``nnx.split(model)[0]`` of a reward-head
+        :class:`rljax.models.transformer.Transformer`.
+      optimizer: optax ``GradientTransformation`` over ``state.params``.
+      config: :class:`RewardConfig`.
+
+    The ``batch`` follows the :mod:`rljax.data` contract (``chosen_tokens``, ``chosen_mask``,
+    ``rejected_tokens``, ``rejected_mask``, ``[B, T]``; loss masks are not used), optionally
+    with a float ``margin [B]``.
+
+    Metrics: ``loss``, ``accuracy``, ``margin`` (mean reward gap), ``mean_reward``,
+    ``min_reward``, ``max_reward``, ``rewards/chosen``, ``rewards/rejected`` and ``grad_norm``.
+    Not jitted; jit it as :func:`rljax.dpo.make_dpo_update`'s step (or with
+    :func:`rljax.lm.compile_update`); means are over the global batch.
+    """
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    objective = _reward_objective(graphdef, config)
+
+    def update(state: RewardState, batch: dict) -> tuple[RewardState, dict[str, jax.Array]]:
+        grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return RewardState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), (
+            metrics
+        )
+
+    return update
+
+
+def make_reward_eval(
+    graphdef, config: RewardConfig = RewardConfig()
+) -> Callable[[RewardState, dict], dict[str, jax.Array]]:
+    """The metrics of :func:`make_reward_update` on held-out pairs, without an update:
+    ``evaluate(state, batch) -> metrics`` (no ``grad_norm``)."""
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    objective = _reward_objective(graphdef, config)
+
+    def evaluate(state: RewardState, batch: dict) -> dict[str, jax.Array]:
+        return objective(state.params, batch)[1]
+
+    return evaluate
