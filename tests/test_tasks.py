@@ -248,6 +248,18 @@ def fixed_batch(tok):
     return sorting._tokenize_sft(tok, rows, sorting.max_prompt_tokens() + 8)
 
 
+def test_private_tokenisation_matches_rljax_data():
+    from rljax.data import tokenize_completions
+
+    tok = sorting.build_tokenizer()
+    rows = sorting.sft_corpus(32, seed=4)
+    length = sorting.max_prompt_tokens() + sorting.max_completion_tokens()
+    arrays, _ = tokenize_completions(rows, tok, max_length=length, pad_to=length)
+    ours = sorting._tokenize_sft(tok, rows, length)
+    for name, array in zip(("tokens", "mask", "loss_mask"), ours, strict=True):
+        np.testing.assert_array_equal(np.asarray(arrays[name]), array, err_msg=name)
+
+
 def completion_loss(model, batch):
     graphdef, params = nnx.split(model, nnx.Param)
     return float(jax.jit(sorting._completion_loss_fn(graphdef))(params, *batch))

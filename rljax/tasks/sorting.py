@@ -400,8 +400,14 @@ def max_completion_tokens(max_letters: int = MAX_LETTERS) -> int:
 
 
 def base_model_config(vocab_size: int | None = None, **overrides):
-    """The default base model: a Llama-family transformer, width 64, 2 layers, 4 query heads
-    and 2 key/value heads (about 0.1M parameters)."""
+    """The default base model: a Llama-family transformer of width 64 with 2 layers, 8 query
+    and 4 key/value heads (head width 8), MLP width 192, initialiser std 0.05 (100,800 parameters
+    with the 34-token vocabulary).
+
+    In a 1000-step trial these heads and this initialisation left the copying plateau (loss
+    ~2.26: uniform over all letters) after ~200 steps, where 4/2 heads with std 0.02 were
+    still near it after 500.
+    """
     from rljax.models.transformer import TransformerConfig
 
     if vocab_size is None:
@@ -410,10 +416,11 @@ def base_model_config(vocab_size: int | None = None, **overrides):
         vocab_size=vocab_size,
         hidden_size=64,
         num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
+        num_heads=8,
+        num_kv_heads=4,
         intermediate_size=192,
         max_position_embeddings=64,
+        initializer_range=0.05,
     )
     return TransformerConfig.llama(**{**kwargs, **overrides})
 
@@ -422,8 +429,9 @@ def _tokenize_sft(tokenizer, rows, length: int):
     """Right-padded ``tokens``, ``mask`` and ``loss_mask`` (``int32``/``bool [B, length]``) of
     prompt + completion + EOS; ``loss_mask`` is True at completion tokens and the EOS.
 
-    Minimal and private (one token per character, nothing added by the tokenizer);
-    ``rljax.data`` is the general tokeniser.
+    Minimal and private: the same arrays as ``rljax.data.tokenize_completions(rows, tokenizer,
+    max_length=length, pad_to=length)`` (a test checks it), about five times faster on these
+    short rows, which matters when every warm-up step draws a fresh batch.
     """
     b = len(rows)
     tokens = np.full((b, length), tokenizer.pad_token_id, np.int32)
@@ -471,7 +479,7 @@ class _WarmupSettings:
 
 def warmup_model(
     *,
-    steps: int = 1500,
+    steps: int = 1000,
     seed: int = 0,
     config=None,
     batch_size: int = 64,
@@ -558,7 +566,7 @@ def warmup_model(
 def warmup_base_model(
     out_folder: str | os.PathLike,
     *,
-    steps: int = 1500,
+    steps: int = 1000,
     seed: int = 0,
     config=None,
     eval_prompts: int = 256,
@@ -683,7 +691,7 @@ _CACHE_VERSION = 1
 def default_base_model(
     cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
     *,
-    steps: int = 1500,
+    steps: int = 1000,
     seed: int = 0,
     config=None,
     **warmup_kwargs,
