@@ -3,8 +3,8 @@ language-model glue in :mod:`rljax.lm`.
 
 The independent reference computes sequence log-probs from the model's full ``[B, T, V]``
 logits with :func:`rljax.logprobs.token_logprobs` and a numpy mask (no chunking, no
-concatenation), and its gradient as ``J^T dL/dlogps`` with the Jacobian of those log-probs
-(``jax.jacrev``) and the gradient of :func:`rljax.dpo.dpo_loss` with respect to its inputs.
+concatenation), and its gradient as ``J^T dL/dlogps``: a ``jax.vjp`` of those log-probs applied
+to the gradient of :func:`rljax.dpo.dpo_loss` with respect to its inputs.
 The update uses ``optax.sgd(1.0)``, so its gradient is ``params - new_params``. Everything in
 the value/gradient checks is float64 (but the model's norms and attention softmax run in
 float32, so agreement is to about 1e-8 in values and float32 accuracy in gradients).
@@ -95,25 +95,36 @@ def batch64():
     return make_batch(0)
 
 
-@functools.cache
-def independent_jacobian():
-    """Policy sequence log-probs [2, B] and their Jacobian w.r.t. the params (float64)."""
-    graphdef, params = policy64()
+def independent_logps(params):
+    """Sequence log-probs [2, B] (chosen, rejected) of batch64 from the full logits."""
+    graphdef, _ = policy64()
     batch = batch64()
+    return jnp.stack(
+        [
+            full_logits_logps(
+                graphdef, params, batch[f"{s}_tokens"], batch[f"{s}_mask"], batch[f"{s}_loss_mask"]
+            )[0]
+            for s in ("chosen", "rejected")
+        ]
+    )
 
-    def logps(p):
-        return jnp.stack(
-            [
-                full_logits_logps(
-                    graphdef, p, batch[f"{s}_tokens"], batch[f"{s}_mask"], batch[f"{s}_loss_mask"]
-                )[0]
-                for s in ("chosen", "rejected")
-            ]
-        )
 
-    value = jax.jit(logps)(params)
-    jac = jax.jit(jax.jacrev(logps))(params)
-    return value, jac
+@functools.cache
+def jitted_independent_logps():
+    return jax.jit(independent_logps)
+
+
+@functools.cache
+def independent_value():
+    """The policy's sequence log-probs [2, B] (float64)."""
+    return jitted_independent_logps()(policy64()[1])
+
+
+@functools.cache
+def jitted_independent_vjp():
+    """``(params, cotangent [2, B]) -> J^T cotangent``: the gradient of any loss of the
+    log-probs, given its gradient with respect to them (one compile for every mode)."""
+    return jax.jit(lambda params, ct: jax.vjp(independent_logps, params)[1](ct)[0])
 
 
 def lengths64():
@@ -126,22 +137,9 @@ def lengths64():
 
 @functools.cache
 def ref_logps64():
-    graphdef, _ = policy64()
-    batch = batch64()
-    out = []
-    for s in ("chosen", "rejected"):
-        out.append(
-            np.asarray(
-                jax.jit(full_logits_logps, static_argnums=0)(
-                    graphdef,
-                    reference64(),
-                    batch[f"{s}_tokens"],
-                    batch[f"{s}_mask"],
-                    batch[f"{s}_loss_mask"],
-                )[0]
-            )
-        )
-    return tuple(out)
+    """The reference model's [B] chosen and rejected log-probs (same compiled function)."""
+    chosen, rejected = np.asarray(jitted_independent_logps()(reference64()))
+    return chosen, rejected
 
 
 def dpo_kwargs(config: DPOConfig):
@@ -213,17 +211,21 @@ def batch_for(mode):
 def test_sequence_and_token_logps_match_full_logits():
     graphdef, params = policy64()
     batch = batch64()
-    (value, _) = independent_jacobian()
+    value = independent_value()
+
+    @jax.jit
+    def both(params, tokens, mask, loss_mask):
+        return (
+            sequence_logps(graphdef, params, tokens, mask, loss_mask, chunk_size=5),
+            token_logps(graphdef, params, tokens, mask, chunk_size=5),
+        )
+
     for i, side in enumerate(("chosen", "rejected")):
-        args = (batch[f"{side}_tokens"], batch[f"{side}_mask"])
-        logps, count = jax.jit(sequence_logps, static_argnums=0, static_argnames="chunk_size")(
-            graphdef, params, *args, batch[f"{side}_loss_mask"], chunk_size=5
+        (logps, count), per_token = both(
+            params, batch[f"{side}_tokens"], batch[f"{side}_mask"], batch[f"{side}_loss_mask"]
         )
         np.testing.assert_allclose(logps, value[i], rtol=1e-8)
         np.testing.assert_array_equal(count, lengths64()[i])
-        per_token = jax.jit(token_logps, static_argnums=0, static_argnames="chunk_size")(
-            graphdef, params, *args, chunk_size=5
-        )
         assert per_token.shape == (PAIRS, TIME - 1)
         counted = batch[f"{side}_loss_mask"][:, 1:]
         np.testing.assert_allclose(np.sum(per_token * counted, -1), value[i], rtol=1e-8)
@@ -248,7 +250,7 @@ def test_reference_logps_matches_independent():
 @pytest.mark.parametrize("mode", ["precomputed", "model", "none"])
 def test_update_matches_independent_loss_and_gradient(mode):
     config = CONFIGS[mode]
-    value, jac = independent_jacobian()
+    value = independent_value()
     batch = batch_for(mode)
     if mode == "precomputed":
         refs = (
@@ -266,7 +268,7 @@ def test_update_matches_independent_loss_and_gradient(mode):
     (expected_loss, expected_metrics), dloss = jax.value_and_grad(loss_of_logps, has_aux=True)(
         value
     )
-    expected_grads = jax.tree.map(lambda j: jnp.tensordot(dloss, j, axes=2), jac)
+    expected_grads = jitted_independent_vjp()(policy64()[1], dloss)
 
     state = state64(mode)
     new_state, metrics = compiled_update64(mode)(state, batch)
