@@ -15,6 +15,7 @@ aligned with ``tokens[:, 1:]``. Log-probs are computed with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -151,6 +152,21 @@ def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
         )
 
 
+@functools.lru_cache(maxsize=8)
+def _reference_forward(graphdef: Any, chunk_size: int) -> Callable:
+    """The jitted ``(params, rows) -> (chosen_logps, rejected_logps)`` of
+    :func:`reference_logps`, cached so that repeated calls reuse the compiled function."""
+
+    @jax.jit
+    def forward(params, rows):
+        chosen, rejected, _, _ = concatenated_sequence_logps(
+            graphdef, params, rows, chunk_size=chunk_size
+        )
+        return chosen.astype(jnp.float32), rejected.astype(jnp.float32)
+
+    return forward
+
+
 def reference_logps(
     graphdef: Any,
     ref_params: Any,
@@ -184,13 +200,7 @@ def reference_logps(
     n = int(np.shape(batch["chosen_tokens"])[0])
     data = {k: np.asarray(batch[k]) for k in PAIR_KEYS}
 
-    @jax.jit
-    def forward(params, rows):
-        chosen, rejected, _, _ = concatenated_sequence_logps(
-            graphdef, params, rows, chunk_size=chunk_size
-        )
-        return chosen.astype(jnp.float32), rejected.astype(jnp.float32)
-
+    forward = _reference_forward(graphdef, chunk_size)
     chosen_out, rejected_out = [], []
     for start in range(0, n, batch_size):
         index = np.arange(start, start + batch_size)
