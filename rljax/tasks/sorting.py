@@ -159,6 +159,7 @@ def score(prompt: str | list[dict], completion: str | list[dict]) -> float:
       ``0.0`` if the completion is not a permutation of the prompt's letters; otherwise
       ``#{i < j : c_i < c_j} / (k (k - 1) / 2)`` in ``[0, 1]``, which is ``1.0`` exactly when
       the completion is sorted (a one-letter prompt scores 1 for its one valid completion).
+      The reversed order also scores 0; :func:`is_valid` tells it apart from an invalid answer.
     """
     letters = letters_of(prompt)
     chars = _clean(completion)
