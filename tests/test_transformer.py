@@ -295,3 +295,17 @@ def test_presets():
     assert model.config.num_layers == 1
     with pytest.raises(ValueError, match="unknown preset"):
         preset("7b")
+
+
+def test_with_head_copies_the_backbone():
+    from rljax.models.transformer import with_head
+
+    tokens, mask = tokens_and_mask()
+    lm = make("llama")
+    reward_model = with_head(lm, "reward", rngs=nnx.Rngs(1))
+    assert reward_model.lm_head is None and reward_model.config.head == "reward"
+    np.testing.assert_allclose(reward_model.decode(tokens, mask)[0], lm.decode(tokens, mask)[0])
+    critic = with_head(make("gpt2"), "value", rngs=nnx.Rngs(1))
+    assert critic.values(tokens, mask).shape == tokens.shape
+    critic.layers["q"].value = critic.layers["q"][...] + 1.0  # a copy, not shared
+    assert not np.allclose(critic.layers["q"][...], make("gpt2").layers["q"][...])

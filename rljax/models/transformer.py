@@ -60,6 +60,7 @@ __all__ = [
     "positions_from_mask",
     "preset",
     "rope_inverse_frequencies",
+    "with_head",
 ]
 
 FAMILIES = ("gpt2", "llama")
@@ -697,6 +698,30 @@ class Transformer(nnx.Module):
         last = last_valid_index(mask)
         h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         return self.scores(h_last)
+
+
+def with_head(
+    model: Transformer, head: str | None, *, rngs: nnx.Rngs, lm_head: bool | None = None
+) -> Transformer:
+    """A new model with ``model``'s backbone (copied) and a fresh scalar ``head``.
+
+    E.g. a reward model from a causal LM: ``with_head(lm, "reward", rngs=nnx.Rngs(0))`` (the
+    LM head is dropped unless ``lm_head=True``), or a policy with a value head:
+    ``with_head(lm, "value", rngs=...)``. ``head=None`` removes the scalar head.
+    """
+    if lm_head is None:
+        lm_head = model.config.lm_head and head != "reward"
+    config = dataclasses.replace(model.config, head=head, lm_head=lm_head)
+    new = Transformer(config, rngs=rngs)
+    for name in ("embed", "pos_embed", "final_norm_scale", "final_norm_bias", "lm_head"):
+        source, target = getattr(model, name), getattr(new, name)
+        if source is not None and target is not None:
+            target.value = jnp.copy(source[...])
+    if new.lm_head is not None and model.lm_head is None:  # untie: start from the embedding
+        new.lm_head.value = jnp.copy(model.embed[...].T)
+    for name, source in model.layers.items():
+        new.layers[name].value = jnp.copy(source[...])
+    return new
 
 
 def config_summary(config: TransformerConfig) -> Mapping[str, Any]:
