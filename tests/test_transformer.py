@@ -307,5 +307,5 @@ def test_with_head_copies_the_backbone():
     np.testing.assert_allclose(reward_model.decode(tokens, mask)[0], lm.decode(tokens, mask)[0])
     critic = with_head(make("gpt2"), "value", rngs=nnx.Rngs(1))
     assert critic.values(tokens, mask).shape == tokens.shape
-    critic.layers["q"].value = critic.layers["q"][...] + 1.0  # a copy, not shared
+    critic.layers["q"][...] = critic.layers["q"][...] + 1.0  # a copy, not shared
     assert not np.allclose(critic.layers["q"][...], make("gpt2").layers["q"][...])

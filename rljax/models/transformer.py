@@ -716,11 +716,11 @@ def with_head(
     for name in ("embed", "pos_embed", "final_norm_scale", "final_norm_bias", "lm_head"):
         source, target = getattr(model, name), getattr(new, name)
         if source is not None and target is not None:
-            target.value = jnp.copy(source[...])
+            target[...] = jnp.copy(source[...])
     if new.lm_head is not None and model.lm_head is None:  # untie: start from the embedding
-        new.lm_head.value = jnp.copy(model.embed[...].T)
+        new.lm_head[...] = jnp.copy(model.embed[...].T)
     for name, source in model.layers.items():
-        new.layers[name].value = jnp.copy(source[...])
+        new.layers[name][...] = jnp.copy(source[...])
     return new
 
 
