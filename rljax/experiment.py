@@ -1,0 +1,216 @@
+"""Orchestration shared by the language-model preference experiments (``experiments/dpo.py``,
+``experiments/reward_model.py``, ``experiments/iterative_dpo.py``).
+
+What every such run does, in one place: resolve the model folder (a Hugging Face checkpoint, or
+the built-in task's warmed-up base model), load and validate preference data (a file or the
+built-in task's generated pairs), tokenise it with the model's tokenizer, build the device mesh,
+and run a resumable training loop: the train state and the data position are checkpointed with
+orbax every ``checkpoint_every`` steps, and a run started again with the same ``--out`` folder
+continues from the last checkpoint with identical results (the data order is a function of the
+seed and the position; nothing else is random).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from rljax import checkpoint, data, runs, sharding
+from rljax.tasks import sorting
+
+__all__ = [
+    "PreferenceRunConfig",
+    "build_mesh",
+    "load_preference_arrays",
+    "mean_metrics",
+    "resolve_model",
+    "train_loop",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRunConfig:
+    """Settings shared by the preference experiments.
+
+    Attributes:
+      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2); none = the built-in
+        task's tiny base model (warmed up once and cached under runs/builtin).
+      data: preference pairs (JSONL, JSON, parquet or a saved datasets folder, TRL's standard or
+        conversational format); none = the built-in task's generated pairs.
+      eval_data: held-out pairs; none = the built-in test split, or 10% of --data.
+      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
+      out: output folder (checkpoints, metrics.jsonl, summary.json, plots, the final model).
+      seed: data order and sampling seed.
+      steps: optimizer steps.
+      batch_size: pairs per step.
+      learning_rate: AdamW peak learning rate (linear warm-up over 10% of the steps).
+      max_length: tokens per sequence (prompt + completion).
+      max_prompt_length: prompt tokens kept (its end).
+      overflow: truncate or drop pairs longer than max_length.
+      skip_invalid: skip and count invalid rows instead of failing on the first.
+      train_pairs: generated training pairs (built-in task only).
+      eval_pairs: generated held-out pairs (built-in task only).
+      log_every: steps between progress lines.
+      eval_every: steps between held-out evaluations (0 = only at the end).
+      checkpoint_every: steps between checkpoints (the last step is always saved).
+    """
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    mesh: str = ""
+    out: str = "runs/dpo"
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    max_length: int = 32
+    max_prompt_length: int = 16
+    overflow: str = "truncate"
+    skip_invalid: bool = False
+    train_pairs: int = 4096
+    eval_pairs: int = 512
+    log_every: int = 25
+    eval_every: int = 100
+    checkpoint_every: int = 100
+
+
+def builtin(config: PreferenceRunConfig) -> bool:
+    """Whether the run uses the built-in task (its oracle can then score samples)."""
+    return config.data is None
+
+
+def resolve_model(config: PreferenceRunConfig) -> str:
+    """The model folder: ``config.model``, or the cached built-in base model."""
+    if config.model is None:
+        return sorting.default_base_model()
+    if not os.path.isdir(config.model):
+        raise FileNotFoundError(f"--model {config.model!r} is not a folder")
+    return config.model
+
+
+def build_mesh(spec: str):
+    """The mesh of ``spec`` (``data=2,fsdp=2,tensor=2``), or one device for ``""``."""
+    if not spec:
+        return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    return sharding.make_mesh(spec)
+
+
+def _rows(config: PreferenceRunConfig) -> tuple[list[dict], list[dict], str]:
+    if builtin(config):
+        folder = pathlib.Path(config.out) / "data"
+        paths = sorting.write_dataset(folder, config.train_pairs, config.eval_pairs, config.seed)
+        return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
+    train = data.load_rows(config.data)
+    if config.eval_data is not None:
+        return train, data.load_rows(config.eval_data), config.data
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(train))
+    n_eval = max(1, len(train) // 10)
+    held_out = [train[i] for i in sorted(order[:n_eval])]
+    return [train[i] for i in sorted(order[n_eval:])], held_out, config.data
+
+
+def load_preference_arrays(
+    config: PreferenceRunConfig, tokenizer
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Train and held-out arrays (the :mod:`rljax.data` batch contract, padded to
+    ``max_length``) and a report of what validation and tokenisation kept, truncated, dropped
+    and skipped; the report is printed."""
+    train_rows, eval_rows, source = _rows(config)
+    report: dict[str, Any] = {"source": source}
+    arrays = []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        valid, validation = data.validate_preferences(rows, skip_invalid=config.skip_invalid)
+        tokens, tokenization = data.tokenize_preferences(
+            valid,
+            tokenizer,
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            overflow=config.overflow,
+            pad_to=config.max_length,
+        )
+        if len(tokens["chosen_tokens"]) == 0:
+            raise ValueError(f"{name} data: no pairs left after validation and tokenisation")
+        print(f"{name} data ({source}): {validation}; {tokenization}")
+        report[name] = {
+            "rows": len(rows),
+            "valid": validation.kept,
+            "skipped": dict(validation.skipped),
+            "pairs": len(tokens["chosen_tokens"]),
+            "truncated": tokenization.truncated,
+            "dropped": tokenization.dropped,
+        }
+        arrays.append({k: np.asarray(v) for k, v in dict(tokens).items()})
+    return arrays[0], arrays[1], report
+
+
+def mean_metrics(evaluate: Callable, state, arrays: Mapping[str, np.ndarray], place, batch_size):
+    """Mean of ``evaluate(state, batch)`` over the whole of ``arrays`` in batches of
+    ``batch_size`` (the last one filled with repeated rows, which are not counted)."""
+    n = len(next(iter(arrays.values())))
+    totals: dict[str, float] = {}
+    for start in range(0, n, batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), n - 1)
+        keep = min(batch_size, n - start)
+        metrics = jax.device_get(evaluate(state, place({k: v[index] for k, v in arrays.items()})))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * keep
+    return {k: v / n for k, v in totals.items()}
+
+
+def train_loop(
+    *,
+    label: str,
+    config: PreferenceRunConfig,
+    state,
+    step_fn: Callable,
+    train_arrays: Mapping[str, np.ndarray],
+    place: Callable,
+    evaluate: Callable[[Any], Mapping[str, float]] | None,
+    progress_keys: tuple[str, ...],
+    checkpoint_dir: str | os.PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[Any, runs.MetricsLog, dict[str, Any]]:
+    """Run ``config.steps`` steps of ``step_fn(state, batch) -> (state, metrics)``, resuming
+    from the last checkpoint in ``checkpoint_dir`` (default ``out/checkpoints``) if there is
+    one. Logs every ``log_every`` steps, evaluates (``evaluate(state) -> metrics``, logged
+    with an ``eval/`` prefix) every ``eval_every`` steps and at the end, and checkpoints every
+    ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``."""
+    out = pathlib.Path(config.out)
+    ckpt = checkpoint.Checkpointer(checkpoint_dir or out / "checkpoints", max_to_keep=2)
+    batches = data.Batches(train_arrays, config.batch_size, seed=config.seed)
+    start = 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, saved = ckpt.restore(latest, abstract_state=checkpoint.abstract_like(state))
+        batches.restore(saved["data"])
+        start = latest
+        print(f"[{label}] resumed from checkpoint step {latest} in {ckpt.directory}", flush=True)
+    log = runs.MetricsLog(
+        out / "metrics.jsonl", label, config.steps, resume_step=start, keys=progress_keys
+    )
+    try:
+        for step in range(start + 1, config.steps + 1):
+            state, metrics = step_fn(state, place(next(batches)))
+            last = step == config.steps
+            row = {}
+            if step % config.log_every == 0 or last or step == 1:
+                row.update(jax.device_get(metrics))
+            if evaluate is not None and (
+                last or (config.eval_every and step % config.eval_every == 0)
+            ):
+                row.update({f"eval/{k}": v for k, v in evaluate(state).items()})
+            if row:
+                log.log(step, row)
+            if step % config.checkpoint_every == 0 or last:
+                ckpt.save(step, state, {"data": batches.state(), **(extra or {})}, force=True)
+    finally:
+        ckpt.close()  # finishes a save in flight, also when the run is interrupted
+    return state, log, {"resumed_from": start or None}

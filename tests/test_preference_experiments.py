@@ -1,0 +1,110 @@
+"""The preference experiments end to end on tiny settings: experiments/dpo.py (with a local
+Hugging Face checkpoint folder, resume after an interruption with identical results, and a
+sharded mesh that equals one device) and experiments/reward_model.py."""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from rljax import cli, runs
+from rljax.models import hf
+from rljax.tasks import sorting
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A briefly warmed-up base model saved as a Hugging Face folder (the --model path)."""
+    folder = tmp_path_factory.mktemp("base") / "model"
+    sorting.warmup_base_model(str(folder), steps=20, seed=0, eval_prompts=0)
+    return str(folder)
+
+
+TINY = [
+    "--steps", "6", "--batch-size", "8", "--train-pairs", "64", "--eval-pairs", "16",
+    "--log-every", "1", "--eval-every", "3", "--checkpoint-every", "3",
+]  # fmt: skip
+
+
+def test_dpo_experiment_resumes_with_identical_results(base_model, tmp_path, monkeypatch):
+    dpo = load("dpo")
+    flags = [*TINY, "--model", base_model, "--win-rate-prompts", "8"]
+    whole = dpo.main(cli.parse(dpo.Config, [*flags, "--out", str(tmp_path / "whole")]))
+    assert whole["oracle"]["prompts"] == 8 and 0.0 <= whole["oracle"]["win_rate"] <= 1.0
+    assert set(whole["eval"]) >= {"rewards/accuracies", "rewards/margins", "loss"}
+    out = tmp_path / "whole"
+    assert (out / "training.png").exists() and (out / "summary.json").exists()
+    assert hf.load_model(str(out / "policy")).config.num_layers == 2  # an HF folder
+
+    # Interrupt the second run after its step-3 checkpoint, then start it again.
+    original = runs.MetricsLog.log
+
+    def interrupted(self, step, metrics, **kw):
+        if step == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, step, metrics, **kw)
+
+    monkeypatch.setattr(runs.MetricsLog, "log", interrupted)
+    resumed_dir = str(tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        dpo.main(cli.parse(dpo.Config, [*flags, "--out", resumed_dir]))
+    monkeypatch.setattr(runs.MetricsLog, "log", original)
+    resumed = dpo.main(cli.parse(dpo.Config, [*flags, "--out", resumed_dir]))
+    assert resumed["resumed_from"] == 3
+    a = _rows(out)
+    b = _rows(pathlib.Path(resumed_dir))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm"):
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"{key} {ra['step']}")
+    np.testing.assert_allclose(resumed["eval"]["loss"], whole["eval"]["loss"], rtol=1e-6)
+
+
+def _rows(folder):
+    path = pathlib.Path(folder) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_dpo_experiment_on_a_mesh_equals_one_device(base_model, tmp_path):
+    dpo = load("dpo")
+    flags = [*TINY, "--steps", "3", "--model", base_model, "--win-rate-prompts", "4"]
+    one = dpo.main(cli.parse(dpo.Config, [*flags, "--out", str(tmp_path / "one")]))
+    mesh = dpo.main(
+        cli.parse(
+            dpo.Config,
+            [*flags, "--mesh", "data=2,fsdp=2,tensor=2", "--out", str(tmp_path / "mesh")],
+        )
+    )
+    assert one["devices"] == 1 and mesh["devices"] == 8
+    for ra, rb in zip(_rows(tmp_path / "one"), _rows(tmp_path / "mesh"), strict=True):
+        np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-5)
+        np.testing.assert_allclose(
+            rb["rewards/margins"], ra["rewards/margins"], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_reward_model_experiment(base_model, tmp_path):
+    reward_model = load("reward_model")
+    summary = reward_model.main(
+        cli.parse(reward_model.Config, [*TINY, "--model", base_model, "--out", str(tmp_path)])
+    )
+    assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert -1.0 <= summary["oracle"]["spearman"] <= 1.0
+    loaded = hf.load_model(str(tmp_path / "reward_model"), head="reward")
+    assert loaded.config.head == "reward" and loaded.lm_head is None
+    config = dataclasses.asdict(cli.parse(reward_model.Config, []))
+    assert config["model"] is None and config["data"] is None  # the built-in defaults
