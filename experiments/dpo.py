@@ -18,64 +18,21 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
-from rljax import cli, data, dpo, experiment, lm, runs
+from rljax import cli, data, experiment, lm, runs
 from rljax.models import hf
-from rljax.tasks import sorting
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(experiment.PreferenceRunConfig):
-    """Direct Preference Optimization (Rafailov et al., 2023).
+class Config(experiment.DPORunConfig):
+    """Direct Preference Optimization of a language model on preference pairs.
 
     Attributes:
-      beta: DPO's beta (strength of the KL regularisation to the reference).
-      loss_type: a TRL loss type, or several separated by commas (sigmoid,ipo,...).
-      loss_weights: comma-separated weights, one per loss type (empty = 1 each).
-      rpo_alpha: weight of the chosen NLL term (RPO, Pang et al., 2024); none = off. The default
-        0.5 keeps the chosen completions likely: with plain DPO on the built-in task both
-        log-probs fall and the policy's samples stop being valid permutations (oracle win-rate
-        0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
-      reference: precomputed (reference log-probs computed once over the data), model (a frozen
-        reference forward pass per batch) or none (reference-free).
-      chunk_size: token rows per chunk of the log-prob computation.
-      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
     """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    loss_weights: str = ""
-    rpo_alpha: float | None = 0.5
-    reference: str = "precomputed"
-    chunk_size: int = 1024
-    win_rate_prompts: int = 512
     out: str = "runs/dpo"
-
-
-def win_rate(policy_model, reference_model, tokenizer, held_out_rows, config) -> dict:
-    """Oracle win-rate (ties count half) of sampled policy completions over sampled reference
-    completions on the same held-out prompts, temperature 1."""
-    prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]
-    key = jax.random.key(config.seed + 1)
-    policy = sorting.evaluate_policy(policy_model, tokenizer, prompts, key=key)
-    reference = sorting.evaluate_policy(reference_model, tokenizer, prompts, key=key)
-    p, r = np.asarray(policy["scores"]), np.asarray(reference["scores"])
-    return {
-        "win_rate": float(np.mean((p > r) + 0.5 * (p == r))),
-        "prompts": len(prompts),
-        "policy": policy["metrics"],
-        "reference": reference["metrics"],
-        "examples": [
-            {"prompt": q, "policy": a, "reference": b}
-            for q, a, b in zip(
-                prompts[:5], policy["completions"], reference["completions"], strict=False
-            )
-        ],
-    }
 
 
 def main(config: Config) -> dict:
@@ -87,40 +44,10 @@ def main(config: Config) -> dict:
     reference_host = jax.device_get(params)  # kept apart from the donated train state
     train, held_out, data_report = experiment.load_preference_arrays(config, tokenizer)
 
-    types = tuple(t.strip() for t in config.loss_type.split(",") if t.strip())
-    weights = tuple(float(w) for w in config.loss_weights.split(",") if w.strip()) or None
-    dpo_config = dpo.DPOConfig(
-        beta=config.beta,
-        loss_type=types[0] if len(types) == 1 else types,
-        loss_weights=weights,
-        rpo_alpha=config.rpo_alpha,
-        reference=config.reference,
-        chunk_size=config.chunk_size,
-    )
-    if config.reference == "precomputed":
-        for arrays in (train, held_out):
-            arrays.update(
-                lm.reference_logps(graphdef, params, arrays, chunk_size=config.chunk_size)
-            )
     mesh = experiment.build_mesh(config.mesh)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        max(1, config.steps // 10),
-        config.steps,
-        0.1 * config.learning_rate,
+    state, step_fn, place, evaluate = experiment.dpo_run(
+        graphdef, params, train, held_out, config, mesh
     )
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    ref_params = jax.tree.map(jnp.copy, params) if config.reference == "model" else None
-    state = dpo.init_dpo_state(params, optimizer, ref_params)
-    example = {k: v[: config.batch_size] for k, v in train.items()}
-    state, step_fn, batch_shardings = lm.compile_update(
-        dpo.make_dpo_update(graphdef, optimizer, dpo_config), state, example, mesh
-    )
-    place = lambda batch: jax.device_put(batch, batch_shardings)
-    eval_fn = jax.jit(dpo.make_dpo_eval(graphdef, dpo_config))
-    evaluate = lambda s: experiment.mean_metrics(eval_fn, s, held_out, place, config.batch_size)
-
     state, log, info = experiment.train_loop(
         label="DPO",
         config=config,
@@ -148,8 +75,9 @@ def main(config: Config) -> dict:
     }
     if experiment.builtin(config):
         held_out_rows = data.load_rows(str(out / "data" / "test.jsonl"))
-        summary["oracle"] = win_rate(
-            policy_model, lm.merge(graphdef, reference_host), tokenizer, held_out_rows, config
+        prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]
+        summary["oracle"] = experiment.oracle_win_rate(
+            policy_model, lm.merge(graphdef, reference_host), tokenizer, prompts, config.seed + 1
         )
         print(
             f"[DPO] oracle win-rate of the policy over the reference: "
@@ -162,7 +90,7 @@ def main(config: Config) -> dict:
         rows,
         ["loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"],
         out / "training.png",
-        title=f"DPO ({dpo_config.loss_type}, beta {config.beta})",
+        title=f"DPO ({config.loss_type}, beta {config.beta})",
     )
     print(
         f"[DPO] held-out reward accuracy {final.get('rewards/accuracies', float('nan')):.3f}, "

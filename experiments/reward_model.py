@@ -23,7 +23,6 @@ import time
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from rljax import cli, data, experiment, lm, reward, runs
@@ -87,14 +86,7 @@ def main(config: Config) -> dict:
     reward_config = reward.RewardConfig(
         center_rewards_coefficient=config.center_rewards_coefficient
     )
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        max(1, config.steps // 10),
-        config.steps,
-        0.1 * config.learning_rate,
-    )
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    optimizer = experiment.adamw(config)
     mesh = experiment.build_mesh(config.mesh)
     example = {k: v[: config.batch_size] for k, v in train.items()}
     state, step_fn, batch_shardings = lm.compile_update(

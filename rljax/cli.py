@@ -25,7 +25,12 @@ def _optional(kind):
 
 
 def _field_help(cls) -> dict[str, str]:
-    doc = cls.__doc__ or ""
+    # Base classes first, so a subclass's docstring overrides what it redefines.
+    doc = "\n\n".join(
+        getattr(base, "__doc__", None) or ""
+        for base in reversed(cls.__mro__)
+        if dataclasses.is_dataclass(base)
+    )
     helps, current = {}, None
     for line in doc.splitlines():
         match = re.match(r"\s{2,}(\w+):\s*(.*)", line)
@@ -50,7 +55,7 @@ def parse(cls, argv: list[str] | None = None, description: str | None = None):
     for field in dataclasses.fields(cls):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
-        help_text = helps.get(field.name, "")
+        help_text = helps.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None
             inner = [a for a in typing.get_args(kind) if a is not type(None)]
             if len(inner) != 1:

@@ -19,16 +19,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from rljax import checkpoint, data, runs, sharding
+from rljax import checkpoint, data, dpo, lm, runs, sharding
 from rljax.tasks import sorting
 
 __all__ = [
+    "DPORunConfig",
     "PreferenceRunConfig",
+    "adamw",
     "build_mesh",
+    "dpo_run",
     "load_preference_arrays",
     "mean_metrics",
+    "oracle_win_rate",
     "resolve_model",
     "train_loop",
 ]
@@ -214,3 +220,106 @@ def train_loop(
     finally:
         ckpt.close()  # finishes a save in flight, also when the run is interrupted
     return state, log, {"resumed_from": start or None}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORunConfig(PreferenceRunConfig):
+    """Direct Preference Optimization (Rafailov et al., 2023).
+
+    Attributes:
+      beta: DPO's beta (strength of the KL regularisation to the reference).
+      loss_type: a TRL loss type, or several separated by commas (sigmoid,ipo,...).
+      loss_weights: comma-separated weights, one per loss type (empty = 1 each).
+      rpo_alpha: weight of the chosen NLL term (RPO, Pang et al., 2024); none = off. The default
+        0.5 keeps the chosen completions likely: with plain DPO on the built-in task both
+        log-probs fall and the policy's samples stop being valid permutations (oracle win-rate
+        0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
+      reference: precomputed (reference log-probs computed once over the data), model (a frozen
+        reference forward pass per batch) or none (reference-free).
+      chunk_size: token rows per chunk of the log-prob computation.
+      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    loss_weights: str = ""
+    rpo_alpha: float | None = 0.5
+    reference: str = "precomputed"
+    chunk_size: int = 1024
+    win_rate_prompts: int = 512
+
+    def dpo_config(self) -> dpo.DPOConfig:
+        types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
+        weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
+        return dpo.DPOConfig(
+            beta=self.beta,
+            loss_type=types[0] if len(types) == 1 else types,
+            loss_weights=weights,
+            rpo_alpha=self.rpo_alpha,
+            reference=self.reference,
+            chunk_size=self.chunk_size,
+        )
+
+
+def adamw(config: PreferenceRunConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping at 1, linear warm-up over 10% of the steps and cosine
+    decay to 10% of the peak learning rate."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        max(1, config.steps // 10),
+        config.steps,
+        0.1 * config.learning_rate,
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, reference_params=None):
+    """Everything a DPO training loop needs: reference log-probs added to ``train`` and
+    ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
+    step, the batch placement and the held-out evaluation. The reference policy is
+    ``reference_params`` (default: ``params``, the initial policy).
+
+    Returns ``(state, step_fn, place, evaluate)``.
+    """
+    dpo_config = config.dpo_config()
+    reference_params = params if reference_params is None else reference_params
+    if config.reference == "precomputed":
+        for arrays in (train, held_out):
+            arrays.update(
+                lm.reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
+            )
+    optimizer = adamw(config)
+    ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
+    example = {k: v[: config.batch_size] for k, v in train.items()}
+    state, step_fn, batch_shardings = lm.compile_update(
+        dpo.make_dpo_update(graphdef, optimizer, dpo_config),
+        dpo.init_dpo_state(params, optimizer, ref_params),
+        example,
+        mesh,
+    )
+    place = lambda batch: jax.device_put(batch, batch_shardings)
+    eval_fn = jax.jit(dpo.make_dpo_eval(graphdef, dpo_config))
+    evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
+    return state, step_fn, place, evaluate
+
+
+def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int) -> dict:
+    """The built-in task's oracle win-rate (ties count half) of one sampled policy completion
+    over one sampled reference completion per prompt (temperature 1, the same key)."""
+    key = jax.random.key(seed)
+    policy = sorting.evaluate_policy(policy_model, tokenizer, prompts, key=key)
+    reference = sorting.evaluate_policy(reference_model, tokenizer, prompts, key=key)
+    p, r = np.asarray(policy["scores"]), np.asarray(reference["scores"])
+    return {
+        "win_rate": float(np.mean((p > r) + 0.5 * (p == r))),
+        "prompts": len(prompts),
+        "policy": policy["metrics"],
+        "reference": reference["metrics"],
+        "examples": [
+            {"prompt": q, "policy": a, "reference": b}
+            for q, a, b in zip(
+                prompts[:5], policy["completions"], reference["completions"], strict=False
+            )
+        ],
+    }
