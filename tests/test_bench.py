@@ -72,3 +72,21 @@ def test_lm_speed_quick_smoke(tmp_path):
     assert train["memory"] is None or train["memory"]["argument_size_in_bytes"] > 0
     assert decode["tokens_per_s"] > 0 and 0 < decode["fraction_of_bound"]
     assert json.loads(out.read_text())["results"][0]["preset"] == "tiny"
+
+
+def test_dpo_speed_quick_smoke(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_speed.py"
+    spec = importlib.util.spec_from_file_location("dpo_speed", path)
+    dpo_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dpo_speed)
+    out = tmp_path / "dpo.json"
+    rows = dpo_speed.main(["--quick", "--json", str(out)])
+    chunked, full = rows
+    assert chunked["tokens_per_s"] > 0 and chunked["compile_s"] > 0
+    assert chunked["calls"] == 3 and "median_s" not in full  # full logits: compiled, not timed
+    assert full["temp_bytes"] is None or full["temp_bytes"] > 0
+    assert json.loads(out.read_text())["args"]["quick"] is True
