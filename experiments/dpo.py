@@ -58,21 +58,20 @@ def main(config: Config) -> dict:
         evaluate=evaluate,
         progress_keys=("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies"),
     )
-    rows = log.rows()
-    final = {k[len("eval/") :]: v for k, v in rows[-1].items() if k.startswith("eval/")}
-    out = pathlib.Path(config.out)
-    policy_model = lm.merge(graphdef, jax.device_get(state.params))
-    hf.save_model(policy_model, out / "policy", tokenizer=tokenizer)
-    summary = {
-        "model": model_path,
-        "steps": config.steps,
-        "eval": final,
-        "data": data_report,
-        "resumed_from": info["resumed_from"],
-        "wall_seconds": round(time.perf_counter() - start, 2),
-        "devices": int(mesh.size),
-        "config": dataclasses.asdict(config),
-    }
+    policy_model, summary = experiment.finish_run(
+        config,
+        graphdef=graphdef,
+        params=state.params,
+        tokenizer=tokenizer,
+        log=log,
+        info=info,
+        mesh=mesh,
+        model_path=model_path,
+        data_report=data_report,
+        wall_seconds=time.perf_counter() - start,
+        folder="policy",
+    )
+    rows, final, out = log.rows(), summary["eval"], pathlib.Path(config.out)
     if experiment.builtin(config):
         held_out_rows = data.load_rows(str(out / "data" / "test.jsonl"))
         prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]

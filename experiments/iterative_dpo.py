@@ -142,9 +142,7 @@ def train_round(r, round_dir, config, graphdef, params, initial, tokenizer, mesh
         evaluate=evaluate,
         progress_keys=("loss", "rewards/accuracies", "eval/rewards/accuracies"),
     )
-    return jax.device_get(state.params), {
-        k[5:]: v for k, v in log.rows()[-1].items() if k.startswith("eval/")
-    }
+    return jax.device_get(state.params), experiment.final_eval(log.rows())
 
 
 def main(config: Config) -> dict:

@@ -108,21 +108,20 @@ def main(config: Config) -> dict:
         evaluate=evaluate,
         progress_keys=("loss", "accuracy", "margin", "eval/accuracy"),
     )
-    rows = log.rows()
-    final = {k[len("eval/") :]: v for k, v in rows[-1].items() if k.startswith("eval/")}
-    out = pathlib.Path(config.out)
-    model = lm.merge(graphdef, jax.device_get(state.params))
-    hf.save_model(model, out / "reward_model", tokenizer=tokenizer)
-    summary = {
-        "model": model_path,
-        "steps": config.steps,
-        "eval": final,
-        "data": data_report,
-        "resumed_from": info["resumed_from"],
-        "wall_seconds": round(time.perf_counter() - start, 2),
-        "devices": int(mesh.size),
-        "config": dataclasses.asdict(config),
-    }
+    model, summary = experiment.finish_run(
+        config,
+        graphdef=graphdef,
+        params=state.params,
+        tokenizer=tokenizer,
+        log=log,
+        info=info,
+        mesh=mesh,
+        model_path=model_path,
+        data_report=data_report,
+        wall_seconds=time.perf_counter() - start,
+        folder="reward_model",
+    )
+    rows, final, out = log.rows(), summary["eval"], pathlib.Path(config.out)
     if experiment.builtin(config):
         test_rows = data.load_rows(str(out / "data" / "test.jsonl"))
         summary["oracle"] = oracle_agreement(model, tokenizer, test_rows, config.max_length)

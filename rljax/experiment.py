@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from rljax import checkpoint, data, dpo, lm, runs, sharding
+from rljax.models import hf
 from rljax.tasks import sorting
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "adamw",
     "build_mesh",
     "dpo_run",
+    "final_eval",
+    "finish_run",
     "load_preference_arrays",
     "mean_metrics",
     "oracle_win_rate",
@@ -323,3 +326,40 @@ def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int
             )
         ],
     }
+
+
+def final_eval(rows) -> dict[str, Any]:
+    """The held-out metrics (``eval/...``) of the last logged row, without the prefix."""
+    return {k[len("eval/") :]: v for k, v in rows[-1].items() if k.startswith("eval/")}
+
+
+def finish_run(
+    config: PreferenceRunConfig,
+    *,
+    graphdef,
+    params,
+    tokenizer,
+    log: runs.MetricsLog,
+    info: Mapping[str, Any],
+    mesh,
+    model_path: str,
+    data_report: Mapping[str, Any],
+    wall_seconds: float,
+    folder: str,
+):
+    """Save the trained model as a Hugging Face folder ``out/folder`` and build the common part
+    of ``summary.json``. Returns ``(model, summary)``."""
+    out = pathlib.Path(config.out)
+    model = lm.merge(graphdef, jax.device_get(params))
+    hf.save_model(model, out / folder, tokenizer=tokenizer)
+    summary = {
+        "model": model_path,
+        "steps": config.steps,
+        "eval": final_eval(log.rows()),
+        "data": dict(data_report),
+        "resumed_from": info["resumed_from"],
+        "wall_seconds": round(wall_seconds, 2),
+        "devices": int(mesh.size),
+        "config": dataclasses.asdict(config),
+    }
+    return model, summary
