@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import os
 
-# XLA's CPU runtime has been seen to wedge (0% CPU, never returning) on some vmapped programs
-# with Eigen's intra-op thread pool on; these small MLPs gain nothing from it. Set before jax
-# starts its backend.
+# Eigen's intra-op threads for dots: these small MLPs gain nothing from them (measured: same
+# step time). The 0% CPU hangs once blamed on them were batched LAPACK QRs in the seeds'
+# network initialisation waiting on each other (fixed in rljax.classic.make_networks). Set
+# before jax starts its backend.
 if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"

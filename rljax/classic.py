@@ -14,6 +14,7 @@ Per-environment defaults live in ``PPO_PRESETS``/``TRPO_PRESETS``; a config fiel
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,11 +28,15 @@ from rljax.models.mlp import Actor, Critic, pure
 __all__ = [
     "CPU_COMPILER_OPTIONS",
     "PPO_PRESETS",
+    "SHORT_RUN_COMPILER_OPTIONS",
+    "SHORT_RUN_ENV_STEPS",
     "TRPO_PRESETS",
     "ClassicConfig",
     "PPOClassicConfig",
     "Progress",
     "TRPOClassicConfig",
+    "compile_lowered",
+    "compiler_options",
     "evaluate",
     "make_networks",
     "resolve",
@@ -204,8 +209,14 @@ _DEFAULT_PPO = dict(
     learning_rate=5e-4, num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2
 )
 TRPO_PRESETS = {
+    # num_envs=8 (98 iterations of 1024 steps rather than 49 of 2048): a greedy return >= 475
+    # on 29 of 30 seeds (three 10-seed sets) against 26 of 30 with 16 envs.
     "CartPole-v1": dict(
-        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
+        max_kl=0.02,
+        value_learning_rate=1e-3,
+        n_critic_updates=10,
+        critic_minibatches=8,
+        num_envs=8,
     ),
     "Acrobot-v1": dict(
         max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
@@ -285,9 +296,55 @@ def make_networks(config: ClassicConfig, env):
     def critic(key):
         return Critic(env.observation_size, hidden=hidden, rngs=nnx.Rngs(key))
 
-    policy_fn, _ = pure(actor(jax.random.key(0)))
-    value_fn, _ = pure(critic(jax.random.key(0)))
-    return policy_fn, value_fn, lambda k: pure(actor(k))[1], lambda k: pure(critic(k))[1]
+    policy_fn, value_fn = _apply_fns(
+        env.observation_size, action_dim, config.hidden, env.continuous, config.log_std_init
+    )
+    init_policy = _one_key_at_a_time(lambda k: pure(actor(k))[1])
+    init_value = _one_key_at_a_time(lambda k: pure(critic(k))[1])
+    return policy_fn, value_fn, init_policy, init_value
+
+
+def _one_key_at_a_time(init: Callable) -> Callable:
+    """``init(key)``, but under ``jax.vmap`` the keys are taken one at a time (``lax.map``).
+
+    The orthogonal initialisation runs a QR factorisation per layer. Batched over seeds, the
+    QRs go to jaxlib's batched LAPACK kernels, which split the batch over XLA:CPU's intra-op
+    thread pool and block until the pieces are done; several such kernels running at once can
+    take every thread of the pool and wait forever (seen with jax 0.10.2 on 2 cores: a 10-seed
+    run hangs at 0% CPU). Unbatched QRs do not wait on the pool. Same values either way.
+    """
+    init = jax.custom_batching.custom_vmap(init)
+
+    @init.def_vmap
+    def _rule(axis_size, in_batched, key):
+        (batched,) = in_batched
+        keys = key if batched else jnp.broadcast_to(key, (axis_size, *key.shape))
+        out = jax.lax.map(init, keys)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return init
+
+
+@functools.lru_cache(maxsize=64)
+def _apply_fns(obs_dim, action_dim, hidden, continuous, log_std_init):
+    """``(policy_fn, value_fn)`` of :func:`make_networks`, built once per architecture.
+
+    They need only the module structure, so the modules are built abstractly
+    (``nnx.eval_shape``): no initialisation is traced, and nothing into a caller's program.
+    """
+    hidden = (hidden, hidden)
+    actor = nnx.eval_shape(
+        lambda: Actor(
+            obs_dim,
+            action_dim,
+            hidden=hidden,
+            continuous=continuous,
+            log_std_init=log_std_init,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    critic = nnx.eval_shape(lambda: Critic(obs_dim, hidden=hidden, rngs=nnx.Rngs(0)))
+    return pure(actor)[0], pure(critic)[0]
 
 
 def _rollout_batch(
@@ -381,8 +438,10 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
     if config.anneal_lr:
         updates = config.num_iterations * config.num_epochs * config.num_minibatches
         schedule = optax.linear_schedule(config.learning_rate, 0.0, updates)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule, eps=1e-5)
+    # optax.flatten: the optimizer works on one vector rather than on every parameter array
+    # (the same arithmetic in a fraction of the kernels, so the run compiles faster).
+    optimizer = optax.flatten(
+        optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule, eps=1e-5))
     )
     ppo_config = ppo.PPOConfig(
         clip_eps=config.clip_eps,
@@ -415,7 +474,7 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
     env, env_params = envs.make(config.env)
     policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
-    value_optimizer = optax.adam(config.value_learning_rate)
+    value_optimizer = optax.flatten(optax.adam(config.value_learning_rate))
     trpo_config = trpo.TRPOConfig(
         max_kl=config.max_kl,
         cg_iters=config.cg_iters,
@@ -423,6 +482,7 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
         fvp_subsample=config.fvp_subsample,
         n_critic_updates=config.n_critic_updates,
         critic_minibatches=config.critic_minibatches,
+        flat_params=True,
     )
     update = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config)
     state = trpo.init_trpo_state(
@@ -539,7 +599,46 @@ class Progress:
             )
 
 
+# XLA:CPU compile options for these programs (hundreds of small kernels, where compilation is
+# a large part of a short run). LLVM optimisation level 1 instead of the default compiles
+# faster at the same step time. For short runs (at most SHORT_RUN_ENV_STEPS environment steps,
+# all seeds together) XLA's classic LLVM IR emitters replace the MLIR fusion emitters: they
+# compile a CartPole run ~2 s faster, but their elementwise loops (tanh) are not vectorised at
+# this level, which costs ~0.7 s per seed per 100k CartPole steps, so longer runs keep the
+# fusion emitters (benchmarks/RESULTS.md#classic-control-training).
 CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+SHORT_RUN_COMPILER_OPTIONS = {**CPU_COMPILER_OPTIONS, "xla_cpu_use_fusion_emitters": False}
+SHORT_RUN_ENV_STEPS = 200_000
+
+
+def compiler_options(env_steps: int | None = None) -> dict:
+    """XLA compile options for a run of ``env_steps`` environment steps (all seeds together).
+
+    :data:`SHORT_RUN_COMPILER_OPTIONS` up to :data:`SHORT_RUN_ENV_STEPS` steps, otherwise
+    :data:`CPU_COMPILER_OPTIONS`; none off CPU. Pass the result to ``.compile(
+    compiler_options=...)`` when jitting train_ppo/train_trpo yourself, or use
+    :func:`compile_lowered`.
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    if env_steps is not None and env_steps <= SHORT_RUN_ENV_STEPS:
+        return dict(SHORT_RUN_COMPILER_OPTIONS)
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+def compile_lowered(lowered, env_steps: int | None = None):
+    """Compile a lowered program with :func:`compiler_options` for ``env_steps``.
+
+    An XLA build that does not know one of the options gets the defaults instead (same
+    results, slower compilation).
+    """
+    options = compiler_options(env_steps)
+    try:
+        return lowered.compile(compiler_options=options)
+    except jax.errors.JaxRuntimeError as error:
+        if not options or "No such compile option" not in str(error):
+            raise
+        return lowered.compile()
 
 
 def run_experiment(
@@ -571,11 +670,8 @@ def run_experiment(
         )
     )
     start = time.perf_counter()
-    # On CPU, LLVM's optimisation level 1 compiles these small-kernel programs about 20%
-    # faster than the default with no measurable change in step time (benchmarks/RESULTS.md).
-    options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else {}
     lowered = jax.jit(jax.vmap(lambda k: train(config, k, progress))).lower(keys)
-    compiled = lowered.compile(compiler_options=options)
+    compiled = compile_lowered(lowered, seeds * config.env_steps)
     compile_seconds = time.perf_counter() - start
     print(f"[{label}] compiled in {compile_seconds:.1f}s", flush=True)
     run_start = time.perf_counter()
@@ -618,6 +714,7 @@ def run_experiment(
         "compile_seconds": round(compile_seconds, 2),
         "run_seconds": round(run_seconds, 2),
         "device": jax.devices()[0].device_kind,
+        "compiler_options": compiler_options(seeds * config.env_steps),
         "config": dataclasses.asdict(config),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

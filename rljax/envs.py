@@ -513,10 +513,26 @@ def time_limit(env_params) -> int:
 
 def sample_action(key: jax.Array, outputs) -> jax.Array:
     """Sample from policy outputs (categorical logits or ``(mean, log_std)``)."""
+    return _noisy_action(outputs, _action_noise(key, outputs))
+
+
+def _action_noise(key: jax.Array, outputs) -> jax.Array:
+    """The random part of :func:`sample_action`; ``outputs`` may be shape/dtype structs.
+
+    Gumbel noise of the logits' shape (``jax.random.categorical`` is the argmax of logits plus
+    exactly this noise), or standard normal noise of the Gaussian mean's shape.
+    """
+    if is_gaussian(outputs):
+        mean = outputs[0]
+        return jax.random.normal(key, mean.shape, mean.dtype)
+    return jax.random.gumbel(key, outputs.shape, outputs.dtype)
+
+
+def _noisy_action(outputs, noise: jax.Array) -> jax.Array:
     if is_gaussian(outputs):
         mean, log_std = outputs
-        return mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
-    return jax.random.categorical(key, outputs, axis=-1)
+        return mean + jnp.exp(log_std) * noise
+    return jnp.argmax(noise + outputs, axis=-1)
 
 
 class RolloutCarry(NamedTuple):
@@ -556,16 +572,33 @@ def collect(
     v_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
     v_reset = jax.vmap(env.reset, in_axes=(0, None))
 
-    def step(carry: RolloutCarry, step_key):
+    # Everything random that does not depend on the state is drawn for all steps at once,
+    # before the scan: the same keys and values as drawing it step by step, but a few batched
+    # calls instead of a few per step (each is a small loop of kernels on CPU).
+    def step_randomness(step_key):
         k_act, k_step, k_reset = jax.random.split(step_key, 3)
+        reset_obs, reset_state = v_reset(jax.random.split(k_reset, num_envs), env_params)
+        return (
+            _action_noise(k_act, outputs_shape),
+            jax.random.split(k_step, num_envs),
+            (
+                reset_obs,
+                reset_state,
+            ),
+        )
+
+    outputs_shape = jax.eval_shape(policy_fn, policy_params, carry.obs)
+    randomness = jax.vmap(step_randomness)(jax.random.split(key, num_steps))
+
+    def step(carry: RolloutCarry, step_randomness):
+        noise, step_keys, (reset_obs, reset_state) = step_randomness
         outputs = policy_fn(policy_params, carry.obs)
-        action = sample_action(k_act, outputs)
+        action = _noisy_action(outputs, noise)
         logp = log_prob(outputs, action)
         next_obs, next_state, reward, terminated, truncated, _ = v_step(
-            jax.random.split(k_step, num_envs), carry.env_state, action, env_params
+            step_keys, carry.env_state, action, env_params
         )
         done = terminated | truncated
-        reset_obs, reset_state = v_reset(jax.random.split(k_reset, num_envs), env_params)
 
         def pick(reset_value, value):
             shape = (num_envs,) + (1,) * (value.ndim - 1)
@@ -592,7 +625,7 @@ def collect(
         }
         return new_carry, record
 
-    carry, traj = jax.lax.scan(step, carry, jax.random.split(key, num_steps))
+    carry, traj = jax.lax.scan(step, carry, randomness)
     return carry, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), traj)
 
 

@@ -399,18 +399,19 @@ def make_ppo_update(
                 params, opt_state = jax.lax.cond(stopped, lambda _: (params, opt_state), step, None)
             return (params, opt_state, stopped), (metrics, ~stopped)
 
-        def epoch(carry, epoch_key):
-            order = jax.random.permutation(epoch_key, num_rows)
+        def epoch(carry, order):
             minibatches = jax.tree.map(
                 lambda x: x[order].reshape(config.num_minibatches, rows, *x.shape[1:]), batch
             )
             return jax.lax.scan(minibatch_step, carry, minibatches)
 
         key, epochs_key = jax.random.split(state.key)
+        # Every epoch's shuffle at once (one batched sort rather than one per epoch).
+        orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
+            jax.random.split(epochs_key, config.num_epochs)
+        )
         (params, opt_state, stopped), (metrics, taken) = jax.lax.scan(
-            epoch,
-            (state.params, state.opt_state, jnp.bool_(False)),
-            jax.random.split(epochs_key, config.num_epochs),
+            epoch, (state.params, state.opt_state, jnp.bool_(False)), orders
         )
         # Average over the steps taken only; where() rather than a product, so that a metric
         # that overflowed at the step which triggered the stop cannot turn the mean into NaN.

@@ -256,3 +256,58 @@ def test_time_limit_reads_rljax_and_gymnax_params():
     np.testing.assert_array_equal(result["returns"], 1 + 2 + 3 + 4)
     with pytest.raises(ValueError, match="max_steps_in_episode"):
         envs.time_limit(object())
+
+
+def _primitive_inputs(jaxpr, name):
+    """Input avals of every ``name`` equation in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            found.append([v.aval for v in eqn.invars])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _primitive_inputs(inner, name)
+    return found
+
+
+@pytest.mark.parametrize("env_name", ["CartPole-v1", "Pendulum-v1"])
+def test_network_init_under_vmap_takes_one_key_at_a_time(env_name):
+    # Batched over seeds, the orthogonal initialisation's QRs went to jaxlib's batched LAPACK
+    # kernels, and several of them at once could wait forever on XLA:CPU's thread pool.
+    config = classic.resolve(classic.PPOClassicConfig(env=env_name))
+    env, _ = envs.make(env_name)
+    _, _, init_policy, init_value = classic.make_networks(config, env)
+    keys = jax.random.split(jax.random.key(0), 3)
+    for init in (init_policy, init_value):
+        qr_inputs = _primitive_inputs(jax.make_jaxpr(jax.vmap(init))(keys).jaxpr, "qr")
+        assert qr_inputs and all(aval.ndim == 2 for (aval,) in qr_inputs)
+        batched = jax.jit(jax.vmap(init))(keys)
+        for i, key in enumerate(keys):
+            jax.tree.map(
+                lambda b, s, i=i: np.testing.assert_array_equal(b[i], s), batched, init(key)
+            )
+    nested = jax.vmap(jax.vmap(init_value))(keys.reshape(1, 3))
+    assert jax.tree.leaves(nested)[0].shape[:2] == (1, 3)
+
+
+@pytest.mark.parametrize("env_name", ["CartPole-v1", "Pendulum-v1"])
+def test_collect_samples_as_step_by_step_sampling(env_name):
+    # collect() draws all per-step noise before its scan; the actions must be those of
+    # sample_action (i.e. jax.random.categorical / mean + std * normal) with the same keys.
+    config = classic.resolve(classic.PPOClassicConfig(env=env_name))
+    env, params = envs.make(env_name)
+    policy_fn, _, init_policy, _ = classic.make_networks(config, env)
+    policy_params = init_policy(jax.random.key(1))
+    carry = envs.init_carry(env, params, jax.random.key(2), 4)
+    key = jax.random.key(3)
+    _, traj = envs.collect(env, params, policy_fn, policy_params, carry, key, 5)
+    obs = traj["obs"]  # [envs, steps, ...]
+    for t, step_key in enumerate(jax.random.split(key, 5)):
+        k_act = jax.random.split(step_key, 3)[0]
+        expected = envs.sample_action(k_act, policy_fn(policy_params, obs[:, t]))
+        np.testing.assert_allclose(traj["actions"][:, t], expected, rtol=1e-6, atol=1e-6)
+    logits = jnp.log(jnp.array([[0.2, 0.5, 0.3]] * 6))
+    for k in jax.random.split(key, 20):
+        assert np.array_equal(envs.sample_action(k, logits), jax.random.categorical(k, logits))

@@ -790,7 +790,9 @@ def make_state(family, seed=0):
 
 
 @functools.cache
-def trpo_update(family="categorical", method="gauss_newton", subsample=1, normalize=True):
+def trpo_update(
+    family="categorical", method="gauss_newton", subsample=1, normalize=True, flat=False
+):
     """A jitted update (shared by the tests that use the same settings) and its trace count.
 
     CG runs to convergence (``cg_iters`` above the parameter count, a tiny ``cg_tol``) so the
@@ -807,6 +809,7 @@ def trpo_update(family="categorical", method="gauss_newton", subsample=1, normal
         normalize_advantages=normalize,
         n_critic_updates=10,
         critic_minibatches=2,
+        flat_params=flat,
     )
     update = make_trpo_update(POLICIES[family], value_fn, VALUE_OPT, config)
     traces = [0]
@@ -881,15 +884,16 @@ def dense_step(f, g, damping, max_kl):
 
 
 @pytest.mark.parametrize(
-    ("family", "method", "subsample", "normalize"),
+    ("family", "method", "subsample", "normalize", "flat"),
     [
-        ("categorical", "gauss_newton", 1, True),
-        ("categorical", "hessian", 2, False),
-        ("gaussian", "gauss_newton", 2, True),
+        ("categorical", "gauss_newton", 1, True, False),
+        ("categorical", "hessian", 2, False, False),
+        ("gaussian", "gauss_newton", 2, True, False),
+        ("gaussian", "gauss_newton", 1, True, True),
     ],
 )
-def test_update_matches_dense_natural_step(family, method, subsample, normalize):
-    config, update, _ = trpo_update(family, method, subsample, normalize)
+def test_update_matches_dense_natural_step(family, method, subsample, normalize, flat):
+    config, update, _ = trpo_update(family, method, subsample, normalize, flat)
     damping, max_kl = config.cg_damping, config.max_kl
     params, _, batch = bandit(family)
     new_state, metrics = update(make_state(family), batch)
