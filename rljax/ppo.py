@@ -36,6 +36,7 @@ __all__ = [
     "entropy_bonus",
     "init_ppo_state",
     "make_ppo_update",
+    "minibatch_epochs",
     "ppo_loss",
 ]
 
@@ -314,6 +315,84 @@ def init_ppo_state(policy_params, value_params, optimizer, key: jax.Array) -> PP
     return PPOState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
 
 
+def minibatch_epochs(
+    loss_fn: Callable,
+    optimizer,
+    params,
+    opt_state,
+    key: jax.Array,
+    batch: dict,
+    *,
+    num_epochs: int,
+    num_minibatches: int,
+    target_kl: float | None = None,
+    kl_metric: str = "policy/approxkl_k3",
+):
+    """``num_epochs`` passes of shuffled minibatch optax steps on ``loss_fn`` (the loop of PPO's
+    Algorithm 1, shared by :func:`make_ppo_update` and :mod:`rljax.rlhf`).
+
+    Args:
+      loss_fn: ``loss_fn(params, minibatch) -> (loss, metrics)``.
+      optimizer: optax ``GradientTransformation`` over ``params``.
+      params, opt_state: where to start.
+      key: PRNG key; the shuffles use a split of it.
+      batch: pytree of arrays with the rows on the leading axis (divisible by
+        ``num_minibatches``).
+      target_kl: skip the remaining steps once a minibatch's ``metrics[kl_metric]`` (measured
+        before its step) exceeds this (or is NaN); ``None`` = never.
+
+    Returns:
+      ``(params, opt_state, key, metrics)``: metrics are means over the steps taken, plus
+      ``updates`` (steps taken) and ``early_stopped``.
+    """
+    num_rows = jax.tree.leaves(batch)[0].shape[0]
+    if num_rows % num_minibatches:
+        raise ValueError(
+            f"batch of {num_rows} rows does not split into num_minibatches="
+            f"{num_minibatches} equal minibatches"
+        )
+    rows = num_rows // num_minibatches
+
+    def minibatch_step(carry, minibatch):
+        params, opt_state, stopped = carry
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+        if target_kl is not None:
+            # A NaN KL estimate stops as well: nothing about that step can be trusted.
+            stopped = stopped | ~(metrics[kl_metric] <= target_kl)
+
+        def step(_):
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        if target_kl is None:
+            params, opt_state = step(None)
+        else:
+            params, opt_state = jax.lax.cond(stopped, lambda _: (params, opt_state), step, None)
+        return (params, opt_state, stopped), (metrics, ~stopped)
+
+    def epoch(carry, order):
+        minibatches = jax.tree.map(
+            lambda x: x[order].reshape(num_minibatches, rows, *x.shape[1:]), batch
+        )
+        return jax.lax.scan(minibatch_step, carry, minibatches)
+
+    key, epochs_key = jax.random.split(key)
+    # Every epoch's shuffle at once (one batched sort rather than one per epoch).
+    orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
+        jax.random.split(epochs_key, num_epochs)
+    )
+    (params, opt_state, stopped), (metrics, taken) = jax.lax.scan(
+        epoch, (params, opt_state, jnp.bool_(False)), orders
+    )
+    # Average over the steps taken only; where() rather than a product, so that a metric
+    # that overflowed at the step which triggered the stop cannot turn the mean into NaN.
+    count = jnp.maximum(jnp.sum(taken, dtype=jnp.float32), 1.0)
+    metrics = {k: jnp.sum(jnp.where(taken, v, 0)) / count for k, v in metrics.items()}
+    metrics["updates"] = jnp.sum(taken, dtype=jnp.float32)
+    metrics["early_stopped"] = stopped
+    return params, opt_state, key, metrics
+
+
 def make_ppo_update(
     policy_fn: Callable,
     value_fn: Callable,
@@ -374,51 +453,17 @@ def make_ppo_update(
         missing = [k for k in required if k not in batch]
         if missing:
             raise KeyError(f"PPO batch is missing {missing}; it has {sorted(batch)}")
-        num_rows = batch["advantages"].shape[0]
-        if num_rows % config.num_minibatches:
-            raise ValueError(
-                f"batch of {num_rows} rows does not split into num_minibatches="
-                f"{config.num_minibatches} equal minibatches"
-            )
-        rows = num_rows // config.num_minibatches
-
-        def minibatch_step(carry, minibatch):
-            params, opt_state, stopped = carry
-            (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
-            if config.target_kl is not None:
-                # A NaN KL estimate stops as well: nothing about that step can be trusted.
-                stopped = stopped | ~(metrics["policy/approxkl_k3"] <= config.target_kl)
-
-            def step(_):
-                updates, new_opt_state = optimizer.update(grads, opt_state, params)
-                return optax.apply_updates(params, updates), new_opt_state
-
-            if config.target_kl is None:
-                params, opt_state = step(None)
-            else:
-                params, opt_state = jax.lax.cond(stopped, lambda _: (params, opt_state), step, None)
-            return (params, opt_state, stopped), (metrics, ~stopped)
-
-        def epoch(carry, order):
-            minibatches = jax.tree.map(
-                lambda x: x[order].reshape(config.num_minibatches, rows, *x.shape[1:]), batch
-            )
-            return jax.lax.scan(minibatch_step, carry, minibatches)
-
-        key, epochs_key = jax.random.split(state.key)
-        # Every epoch's shuffle at once (one batched sort rather than one per epoch).
-        orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
-            jax.random.split(epochs_key, config.num_epochs)
+        params, opt_state, key, metrics = minibatch_epochs(
+            loss_fn,
+            optimizer,
+            state.params,
+            state.opt_state,
+            state.key,
+            batch,
+            num_epochs=config.num_epochs,
+            num_minibatches=config.num_minibatches,
+            target_kl=config.target_kl,
         )
-        (params, opt_state, stopped), (metrics, taken) = jax.lax.scan(
-            epoch, (state.params, state.opt_state, jnp.bool_(False)), orders
-        )
-        # Average over the steps taken only; where() rather than a product, so that a metric
-        # that overflowed at the step which triggered the stop cannot turn the mean into NaN.
-        count = jnp.maximum(jnp.sum(taken, dtype=jnp.float32), 1.0)
-        metrics = {k: jnp.sum(jnp.where(taken, v, 0)) / count for k, v in metrics.items()}
-        metrics["updates"] = jnp.sum(taken, dtype=jnp.float32)
-        metrics["early_stopped"] = stopped
         return PPOState(params, opt_state, key, state.step + 1), metrics
 
     return update

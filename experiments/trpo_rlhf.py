@@ -1,0 +1,25 @@
+"""RLHF with TRPO: a natural-gradient step in a KL trust region on a policy LM, with jvp-based
+Gauss-Newton Fisher-vector products, conjugate gradient and a KL line search.
+
+With no flags: the built-in "sort the letters" task (rljax.tasks.sorting), as in
+experiments/ppo_rlhf.py: the same rollouts, reward shaping (per-token KL penalty to the
+reference) and token GAE, with a separate critic model fitted after each policy step
+(--critic none: group-relative advantages over --samples-per-prompt, no critic). Flags:
+--model, --reward-model, --prompts, --max-kl, --kl-target, --mesh, --out. Running again with
+the same --out resumes.
+
+Run: `python experiments/trpo_rlhf.py [--model DIR] [--reward-model DIR] [--mesh SPEC] [--out DIR]`.
+Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF checkpoint).
+"""
+
+from __future__ import annotations
+
+from rljax import cli, rlhf_experiment
+
+
+def main(config: rlhf_experiment.TRPORunConfig) -> dict:
+    return rlhf_experiment.run(config, "trpo")
+
+
+if __name__ == "__main__":
+    main(cli.parse(rlhf_experiment.TRPORunConfig))
