@@ -317,3 +317,19 @@ def test_default_base_model_is_built_once_per_settings(tmp_path, monkeypatch, ca
     assert sorting.default_base_model(tmp_path, **kwargs) == folder
     with pytest.raises(AssertionError, match="rebuilt"):
         sorting.default_base_model(tmp_path, **{**kwargs, "steps": 3})
+
+
+def test_default_settings_model_ships_with_the_package(tmp_path, monkeypatch):
+    def fail(*args, **kw):
+        raise AssertionError("built the base model although it ships with the package")
+
+    monkeypatch.setattr(sorting, "warmup_base_model", fail)
+    folder = sorting.default_base_model(tmp_path)
+    assert os.path.dirname(folder) == sorting.SHIPPED_MODELS_DIR
+    assert os.listdir(tmp_path) == []
+    with open(os.path.join(folder, "warmup.json")) as f:
+        info = json.load(f)
+    assert info["settings"]["steps"] == 1000 and info["settings"]["seed"] == 0
+    assert info["config"]["vocab_size"] == len(sorting.build_tokenizer().get_vocab())
+    model = hf.load_model(folder)
+    assert model.config.num_params == sorting.base_model_config().num_params

@@ -65,6 +65,7 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "SHIPPED_MODELS_DIR",
     "UNK_TOKEN",
     "base_model_config",
     "build_tokenizer",
@@ -97,6 +98,7 @@ CHAT_TEMPLATE = (
 )
 MIN_LETTERS, MAX_LETTERS = 3, 6
 DEFAULT_CACHE_DIR = os.path.join("runs", "builtin", "base_model")
+SHIPPED_MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 _PREFIX, _SUFFIX = "sort: ", " ->"
 _PROMPT_RE = re.compile(r"sort:\s*([a-z]*)\s*->")
 
@@ -702,7 +704,9 @@ def default_base_model(
 
     The folder is ``cache_dir/<hash>``, the hash covering the settings, the model config, the
     tokenizer's vocabulary and a format version; a finished folder has ``warmup.json`` and is
-    reused as is. It is built in a temporary sibling and renamed into place, so an interrupted
+    reused as is. The model of the default settings ships with the package
+    (:data:`SHIPPED_MODELS_DIR`, built by this function on the development machine: 1000 steps,
+    seed 0; 0.4 MB) and is returned when ``cache_dir`` has none, so no run has to build it. It is built in a temporary sibling and renamed into place, so an interrupted
     build leaves nothing that looks finished.
     """
     tokenizer_vocab = sorted(build_tokenizer().get_vocab().items())
@@ -723,6 +727,9 @@ def default_base_model(
     folder = os.path.join(os.fspath(cache_dir), f"sorting-{digest}")
     if os.path.exists(os.path.join(folder, "warmup.json")):
         return folder
+    shipped = os.path.join(SHIPPED_MODELS_DIR, f"sorting-{digest}")
+    if os.path.exists(os.path.join(shipped, "warmup.json")):
+        return shipped  # the default settings' model ships with the package (read it only)
     os.makedirs(os.fspath(cache_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".sorting-{digest}-", dir=os.fspath(cache_dir))
     try:
