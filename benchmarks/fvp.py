@@ -112,8 +112,11 @@ def timed(fn, *args, repeats):
     return statistics.median(times), compile_s
 
 
-def bench(case, repeats):
-    name, params, policy_fn, inputs, actions, advantages = case
+def computations(case) -> dict[str, tuple]:
+    """The timed computations of ``case`` (a tuple from :func:`mlp_policy` or
+    :func:`transformer_policy`): ``name -> (fn, args, products)``, where ``fn(*args)`` makes
+    ``products`` Fisher-vector products (0 for the gradient)."""
+    _, params, policy_fn, inputs, actions, advantages = case
     old_logps = distributions.log_prob(policy_fn(params, inputs), actions)
     vector = jax.tree.map(lambda x: jnp.ones_like(x) * 1e-3, params)
 
@@ -134,14 +137,20 @@ def bench(case, repeats):
 
         return run
 
-    grad_s, _ = timed(grad, params, repeats=repeats)
-    rows = {"grad": (grad_s, 1.0)}
+    out = {"grad": (grad, (params,), 0)}
     for method in trpo.FVP_METHODS:
-        s, _ = timed(single(method), params, vector, repeats=repeats)
-        rows[method] = (s, s / grad_s)
-        s, _ = timed(in_cg(method), params, vector, repeats=repeats)
-        rows[f"{method} (in CG)"] = (s / CG_PRODUCTS, s / CG_PRODUCTS / grad_s)
-    return name, rows
+        out[method] = (single(method), (params, vector), 1)
+        out[f"{method} (in CG)"] = (in_cg(method), (params, vector), CG_PRODUCTS)
+    return out
+
+
+def bench(case, repeats):
+    rows = {}
+    for key, (fn, args, products) in computations(case).items():
+        s, _ = timed(fn, *args, repeats=repeats)
+        s /= max(products, 1)
+        rows[key] = (s, s / rows["grad"][0] if rows else 1.0)
+    return case[0], rows
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -43,11 +43,17 @@ def build(args):
     return config, model, graphdef, params
 
 
-def train_benchmark(args, config, graphdef, params):
-    optimizer = optax.adamw(1e-4, weight_decay=0.01)
+def train_batch(config, batch: int, seq: int) -> tuple[jax.Array, jax.Array]:
+    """Random ``tokens`` and an all-ones ``mask``, ``[batch, seq + 1]`` (inputs plus the
+    shifted targets)."""
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
-    mask = jnp.ones_like(tokens, bool)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+    return tokens, jnp.ones_like(tokens, bool)
+
+
+def make_train_step(graphdef, optimizer):
+    """``step((params, opt_state), tokens, mask) -> ((params, opt_state), loss)``: one optax
+    step on the mean next-token cross-entropy over the valid target tokens."""
 
     def loss_fn(p, tokens, mask):
         model = nnx.merge(graphdef, p)
@@ -60,6 +66,14 @@ def train_benchmark(args, config, graphdef, params):
         loss, grads = jax.value_and_grad(loss_fn)(p, tokens, mask)
         updates, opt_state = optimizer.update(grads, opt_state, p)
         return (optax.apply_updates(p, updates), opt_state), loss
+
+    return step
+
+
+def train_benchmark(args, config, graphdef, params):
+    optimizer = optax.adamw(1e-4, weight_decay=0.01)
+    tokens, mask = train_batch(config, args.batch, args.seq)
+    step = make_train_step(graphdef, optimizer)
 
     params = jax.tree.map(jnp.copy, params)  # the step donates its state; keep the caller's
     state = (params, optimizer.init(params))

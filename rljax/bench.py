@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "FAST_COMPILE_CPU_OPTIONS",
     "Timing",
     "compile_ahead",
+    "compile_lowered",
     "device_peak_flops",
     "environment",
     "markdown_table",
@@ -74,11 +76,40 @@ class Timing:
         }
 
 
-def compile_ahead(fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
-    """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` and the seconds it took."""
+def compile_ahead(
+    fn: Callable, *args, compiler_options: dict | None = None, **jit_kwargs
+) -> tuple[Any, float]:
+    """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` and the seconds it took.
+
+    ``fn`` may already be jitted (``jax.jit(f, in_shardings=...)``, as
+    :func:`rljax.lm.compile_update` returns); it is then lowered as it is.
+    ``compiler_options`` go to ``.compile`` (see :func:`compile_lowered`).
+    """
     start = time.perf_counter()
-    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+    jitted = fn if hasattr(fn, "lower") and not jit_kwargs else jax.jit(fn, **jit_kwargs)
+    compiled = compile_lowered(jitted.lower(*args), compiler_options)
     return compiled, time.perf_counter() - start
+
+
+#: XLA:CPU options that compile several times faster (LLVM optimisation level 0, the classic
+#: LLVM IR emitters) and run slower: for smoke runs (``--quick``), never for timing figures.
+FAST_COMPILE_CPU_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+}
+
+
+def compile_lowered(lowered, compiler_options: dict | None = None):
+    """``lowered.compile(compiler_options=...)``; an XLA build that does not know one of the
+    options compiles with the defaults instead."""
+    if not compiler_options:
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=dict(compiler_options))
+    except jax.errors.JaxRuntimeError as error:
+        if "No such compile option" not in str(error):
+            raise
+        return lowered.compile()
 
 
 def time_calls(
