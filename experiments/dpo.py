@@ -6,6 +6,9 @@ generated pairs labelled by the programmatic oracle; the held-out evaluation rep
 reward metrics and the oracle's win-rate of the policy's samples over the reference's. Flags
 take a Hugging Face checkpoint folder (--model), a data file (--data) and a mesh (--mesh
 data=2,fsdp=2,tensor=2). Running again with the same --out resumes from the last checkpoint.
+Several processes (`python -m rljax.launch --processes 2 -- python experiments/dpo.py --mesh
+...`, or one process per host of a cluster) train one model over all their devices; process 0
+writes the outputs.
 
 Run: `python experiments/dpo.py [--model DIR] [--data FILE] [--mesh SPEC] [--out DIR]`.
 Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF checkpoint).
@@ -20,7 +23,7 @@ import time
 import jax
 from flax import nnx
 
-from rljax import cli, data, experiment, lm, runs
+from rljax import cli, data, experiment, lm, runs, sharding
 from rljax.models import hf
 
 
@@ -36,6 +39,7 @@ class Config(experiment.DPORunConfig):
 
 
 def main(config: Config) -> dict:
+    sharding.initialize_from_env()  # a multi-process run (rljax.launch); no-op otherwise
     start = time.perf_counter()
     model_path = experiment.resolve_model(config)
     tokenizer = hf.load_tokenizer(model_path)
@@ -72,6 +76,8 @@ def main(config: Config) -> dict:
         folder="policy",
     )
     rows, final, out = log.rows(), summary["eval"], pathlib.Path(config.out)
+    if not sharding.is_primary():
+        return summary  # process 0 samples, writes the summary and plots
     if experiment.builtin(config):
         held_out_rows = data.load_rows(str(out / "data" / "test.jsonl"))
         prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]

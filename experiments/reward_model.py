@@ -6,7 +6,8 @@ trained on generated pairs labelled by the programmatic oracle; the held-out eva
 the pairwise accuracy and margin, and, for the built-in task, the rank correlation between the
 reward model's scores and the oracle's on held-out completions. --model takes a Hugging Face
 causal-LM folder (or a one-label *ForSequenceClassification reward model to fine-tune), --data a
-preference file, --mesh a device mesh; the same --out resumes from the last checkpoint.
+preference file, --mesh a device mesh; the same --out resumes from the last checkpoint. Runs
+over several processes like experiments/dpo.py (python -m rljax.launch; process 0 writes).
 
 Run: `python experiments/reward_model.py [--model DIR] [--data FILE] [--mesh SPEC] [--out DIR]`.
 Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/reward_model (an HF
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rljax import cli, data, experiment, lm, reward, runs
+from rljax import cli, data, experiment, lm, reward, runs, sharding
 from rljax.models import hf
 from rljax.models.transformer import with_head
 from rljax.tasks import sorting
@@ -78,6 +79,7 @@ def oracle_agreement(model, tokenizer, rows, max_length) -> dict:
 
 
 def main(config: Config) -> dict:
+    sharding.initialize_from_env()  # a multi-process run (rljax.launch); no-op otherwise
     start = time.perf_counter()
     model_path = experiment.resolve_model(config)
     tokenizer = hf.load_tokenizer(model_path)
@@ -95,7 +97,7 @@ def main(config: Config) -> dict:
         example,
         mesh,
     )
-    place = lambda batch: jax.device_put(batch, batch_shardings)
+    place = experiment.placer(mesh, batch_shardings)
     eval_fn = jax.jit(reward.make_reward_eval(graphdef, reward_config))
     evaluate = lambda s: experiment.mean_metrics(eval_fn, s, held_out, place, config.batch_size)
     state, log, info = experiment.train_loop(
@@ -122,6 +124,8 @@ def main(config: Config) -> dict:
         folder="reward_model",
     )
     rows, final, out = log.rows(), summary["eval"], pathlib.Path(config.out)
+    if not sharding.is_primary():
+        return summary  # process 0 scores the oracle agreement, writes the summary and plots
     if experiment.builtin(config):
         test_rows = data.load_rows(str(out / "data" / "test.jsonl"))
         summary["oracle"] = oracle_agreement(model, tokenizer, test_rows, config.max_length)

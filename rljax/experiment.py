@@ -8,6 +8,14 @@ and run a resumable training loop: the train state and the data position are che
 orbax every ``checkpoint_every`` steps, and a run started again with the same ``--out`` folder
 continues from the last checkpoint with identical results (the data order is a function of the
 seed and the position; nothing else is random).
+
+Multi-process runs (``python -m rljax.launch``, or one process per host on a cluster; the
+scripts call :func:`rljax.sharding.initialize_from_env` first): every process resolves the same
+model and loads and tokenises the same data (deterministic), draws the same global batches and
+feeds only the rows its devices hold (:func:`rljax.sharding.shard_global_batch`), so a run over
+N processes computes what one process over the same devices computes. Orbax checkpoints are
+saved and restored by every process together (written once); ``metrics.jsonl``, summaries,
+plots and the exported Hugging Face model are written by process 0 only.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +47,7 @@ __all__ = [
     "load_preference_arrays",
     "mean_metrics",
     "oracle_win_rate",
+    "placer",
     "resolve_model",
     "train_loop",
 ]
@@ -96,8 +106,13 @@ def builtin(config: PreferenceRunConfig) -> bool:
 
 
 def resolve_model(config: PreferenceRunConfig) -> str:
-    """The model folder: ``config.model``, or the cached built-in base model."""
+    """The model folder: ``config.model``, or the cached built-in base model (in a
+    multi-process run process 0 builds it first and the others wait, then find it cached)."""
     if config.model is None:
+        if jax.process_count() > 1:
+            if sharding.is_primary():
+                sorting.default_base_model()
+            sharding.barrier("rljax.experiment.resolve_model")
         return sorting.default_base_model()
     if not os.path.isdir(config.model):
         raise FileNotFoundError(f"--model {config.model!r} is not a folder")
@@ -105,8 +120,12 @@ def resolve_model(config: PreferenceRunConfig) -> str:
 
 
 def build_mesh(spec: str):
-    """The mesh of ``spec`` (``data=2,fsdp=2,tensor=2``), or one device for ``""``."""
+    """The mesh of ``spec`` (``data=2,fsdp=2,tensor=2``), or one device for ``""``; in a
+    multi-process run ``""`` means ``data=-1`` (data parallel over every process's devices)
+    and any spec must cover all of ``jax.devices()``."""
     if not spec:
+        if jax.process_count() > 1:
+            return sharding.make_mesh({"data": -1})
         return sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     return sharding.make_mesh(spec)
 
@@ -114,8 +133,14 @@ def build_mesh(spec: str):
 def _rows(config: PreferenceRunConfig) -> tuple[list[dict], list[dict], str]:
     if builtin(config):
         folder = pathlib.Path(config.out) / "data"
-        paths = sorting.write_dataset(folder, config.train_pairs, config.eval_pairs, config.seed)
-        return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
+        if sharding.is_primary():
+            paths = sorting.write_dataset(
+                folder, config.train_pairs, config.eval_pairs, config.seed
+            )
+            return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
+        with tempfile.TemporaryDirectory() as own:  # the same rows, apart from process 0's files
+            paths = sorting.write_dataset(own, config.train_pairs, config.eval_pairs, config.seed)
+            return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
     train = data.load_rows(config.data)
     if config.eval_data is not None:
         return train, data.load_rows(config.eval_data), config.data
@@ -162,13 +187,14 @@ def load_preference_arrays(
 
 def mean_metrics(evaluate: Callable, state, arrays: Mapping[str, np.ndarray], place, batch_size):
     """Mean of ``evaluate(state, batch)`` over the whole of ``arrays`` in batches of
-    ``batch_size`` (the last one filled with repeated rows, which are not counted)."""
+    ``batch_size`` (the last one filled with repeated rows, which are not counted); ``place``
+    puts a batch on the mesh (:func:`placer`)."""
     n = len(next(iter(arrays.values())))
     totals: dict[str, float] = {}
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         keep = min(batch_size, n - start)
-        metrics = jax.device_get(evaluate(state, place({k: v[index] for k, v in arrays.items()})))
+        metrics = sharding.to_host(evaluate(state, place({k: v[index] for k, v in arrays.items()})))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * keep
     return {k: v / n for k, v in totals.items()}
@@ -191,7 +217,10 @@ def train_loop(
     from the last checkpoint in ``checkpoint_dir`` (default ``out/checkpoints``) if there is
     one. Logs every ``log_every`` steps, evaluates (``evaluate(state) -> metrics``, logged
     with an ``eval/`` prefix) every ``eval_every`` steps and at the end, and checkpoints every
-    ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``."""
+    ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``.
+
+    Multi-process: every process runs the loop (and the collective orbax saves and restores)
+    with the same global batches; only process 0 writes ``metrics.jsonl``."""
     out = pathlib.Path(config.out)
     ckpt = checkpoint.Checkpointer(checkpoint_dir or out / "checkpoints", max_to_keep=2)
     batches = data.Batches(train_arrays, config.batch_size, seed=config.seed)
@@ -203,7 +232,12 @@ def train_loop(
         start = latest
         print(f"[{label}] resumed from checkpoint step {latest} in {ckpt.directory}", flush=True)
     log = runs.MetricsLog(
-        out / "metrics.jsonl", label, config.steps, resume_step=start, keys=progress_keys
+        out / "metrics.jsonl",
+        label,
+        config.steps,
+        resume_step=start,
+        keys=progress_keys,
+        write=sharding.is_primary(),
     )
     try:
         for step in range(start + 1, config.steps + 1):
@@ -211,7 +245,7 @@ def train_loop(
             last = step == config.steps
             row = {}
             if step % config.log_every == 0 or last or step == 1:
-                row.update(jax.device_get(metrics))
+                row.update(sharding.to_host(metrics))
             if evaluate is not None and (
                 last or (config.eval_every and step % config.eval_every == 0)
             ):
@@ -277,6 +311,16 @@ def adamw(config: PreferenceRunConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
+def placer(mesh, batch_shardings) -> Callable:
+    """The batch placement of a step compiled by :func:`rljax.lm.compile_update`: a global
+    batch (the same in every process) to global arrays. One process: ``jax.device_put(batch,
+    batch_shardings)``; several: each process feeds its own rows
+    (:func:`rljax.sharding.shard_global_batch`, the same shardings)."""
+    if jax.process_count() == 1:
+        return lambda batch: jax.device_put(batch, batch_shardings)
+    return lambda batch: sharding.shard_global_batch(batch, mesh)
+
+
 def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, reference_params=None):
     """Everything a DPO training loop needs: reference log-probs added to ``train`` and
     ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
@@ -301,7 +345,7 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
         example,
         mesh,
     )
-    place = lambda batch: jax.device_put(batch, batch_shardings)
+    place = placer(mesh, batch_shardings)
     eval_fn = jax.jit(dpo.make_dpo_eval(graphdef, dpo_config))
     evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
     return state, step_fn, place, evaluate
@@ -330,6 +374,8 @@ def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int
 
 def final_eval(rows) -> dict[str, Any]:
     """The held-out metrics (``eval/...``) of the last logged row, without the prefix."""
+    if not rows:
+        return {}
     return {k[len("eval/") :]: v for k, v in rows[-1].items() if k.startswith("eval/")}
 
 
@@ -348,10 +394,14 @@ def finish_run(
     folder: str,
 ):
     """Save the trained model as a Hugging Face folder ``out/folder`` and build the common part
-    of ``summary.json``. Returns ``(model, summary)``."""
+    of ``summary.json``. Returns ``(model, summary)``.
+
+    Multi-process: every process calls it (the parameters are gathered to every host, a
+    collective); process 0 alone writes the folder."""
     out = pathlib.Path(config.out)
-    model = lm.merge(graphdef, jax.device_get(params))
-    hf.save_model(model, out / folder, tokenizer=tokenizer)
+    model = lm.merge(graphdef, sharding.to_host(params))
+    if sharding.is_primary():
+        hf.save_model(model, out / folder, tokenizer=tokenizer)
     summary = {
         "model": model_path,
         "steps": config.steps,
@@ -360,6 +410,7 @@ def finish_run(
         "resumed_from": info["resumed_from"],
         "wall_seconds": round(wall_seconds, 2),
         "devices": int(mesh.size),
+        "processes": jax.process_count(),
         "config": dataclasses.asdict(config),
     }
     return model, summary

@@ -46,6 +46,8 @@ class MetricsLog:
       resume_step: keep only lines with ``step <= resume_step`` of an existing file (None:
         start a new file).
       keys: metric names shown in progress lines (all are logged).
+      write: ``False`` (the processes other than 0 of a multi-process run) writes and prints
+        nothing; :meth:`rows` then returns only the rows logged through this object.
     """
 
     def __init__(
@@ -56,20 +58,27 @@ class MetricsLog:
         *,
         resume_step: int | None = None,
         keys: Sequence[str] = (),
+        write: bool = True,
     ):
         self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.label, self.total_steps, self.keys = label, total_steps, tuple(keys)
+        self.write, self._rows = write, []
+        self.start = time.perf_counter()
+        if not write:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
         if resume_step is not None and self.path.exists():
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
-        self.start = time.perf_counter()
 
     def log(self, step: int, metrics: Mapping[str, Any], *, print_line: bool = True) -> dict:
         row = {"step": int(step), **to_json(dict(metrics))}
+        if not self.write:
+            self._rows.append(row)
+            return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if print_line:
@@ -86,6 +95,8 @@ class MetricsLog:
         return row
 
     def rows(self) -> list[dict]:
+        if not self.write:
+            return list(self._rows)
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,25 +67,34 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
+    "COORDINATOR_ENV",
     "DATA_PARALLEL_RULES",
     "DEFAULT_RULES",
     "FSDP_RULES",
     "MESH_AXES",
+    "NUM_PROCESSES_ENV",
+    "PROCESS_ID_ENV",
     "RULE_PRESETS",
     "TENSOR_RULES",
     "ShardingRules",
+    "barrier",
     "batch_sharding",
     "initialize_distributed",
+    "initialize_from_env",
+    "is_primary",
     "logical_to_spec",
     "make_array_from_process_local",
     "make_mesh",
     "param_shardings",
     "param_specs",
     "parse_mesh_spec",
+    "process_rows",
     "replicated",
     "shard_batch",
+    "shard_global_batch",
     "shard_params",
     "shard_train_state",
+    "to_host",
     "train_state_shardings",
 ]
 
@@ -591,3 +601,125 @@ def initialize_distributed(
         process_id=process_id,
         local_device_ids=local_device_ids,
     )
+
+
+COORDINATOR_ENV = "RLJAX_COORDINATOR"
+NUM_PROCESSES_ENV = "RLJAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "RLJAX_PROCESS_ID"
+
+
+def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """:func:`initialize_distributed` from environment variables; what the experiments call first.
+
+    ``RLJAX_COORDINATOR`` (``host:port`` of process 0), ``RLJAX_NUM_PROCESSES`` and
+    ``RLJAX_PROCESS_ID`` are set by ``python -m rljax.launch`` (or by hand, one process per
+    host, on a cluster). ``RLJAX_COORDINATOR=auto`` calls plain ``jax.distributed.initialize()``,
+    which detects the cluster itself (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes). With
+    none of the variables set this is a no-op (one process), so scripts run unchanged.
+
+    Returns whether the process is now part of a multi-process run (``jax.process_count() >
+    1`` once initialized). Raises ``ValueError`` naming a missing or malformed variable.
+    """
+    env = os.environ if environ is None else environ
+    names = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
+    present = [name for name in names if env.get(name)]
+    if not present:
+        return False
+    coordinator = env.get(COORDINATOR_ENV, "")
+    if coordinator == "auto":
+        if not jax.distributed.is_initialized():
+            jax.distributed.initialize()
+        return jax.process_count() > 1
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise ValueError(
+            f"{', '.join(present)} set but {', '.join(missing)} not: a multi-process run needs "
+            f"all of {', '.join(names)} (or {COORDINATOR_ENV}=auto)"
+        )
+    values = {}
+    for name in (NUM_PROCESSES_ENV, PROCESS_ID_ENV):
+        try:
+            values[name] = int(env[name])
+        except ValueError:
+            raise ValueError(f"{name}={env[name]!r} is not an integer") from None
+    if ":" not in coordinator:
+        raise ValueError(f"{COORDINATOR_ENV}={coordinator!r} is not host:port (or auto)")
+    initialize_distributed(coordinator, values[NUM_PROCESSES_ENV], values[PROCESS_ID_ENV])
+    return values[NUM_PROCESSES_ENV] > 1
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes logs, summaries and exported models."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``barrier(name)`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def process_rows(rows: int, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> slice:
+    """The rows of a global batch of ``rows`` rows that this process's devices hold under
+    :func:`batch_sharding` (all of them on one process, or when the batch axes lie within a
+    host). Raises ``ValueError`` when they are not one contiguous block (a mesh whose batch axes
+    interleave hosts; put ``data`` outermost)."""
+    index_map = batch_sharding(mesh, rules).addressable_devices_indices_map((rows,))
+    spans = sorted({(s[0].indices(rows)[0], s[0].indices(rows)[1]) for s in index_map.values()})
+    start, stop = spans[0][0], spans[0][1]
+    for lo, hi in spans[1:]:
+        if lo != stop:
+            raise ValueError(
+                f"process {jax.process_index()} holds batch rows {spans} of {rows}, not one "
+                "contiguous block; order the mesh so that the batch axes (data, fsdp) split "
+                "hosts first"
+            )
+        stop = hi
+    return slice(start, stop)
+
+
+def shard_global_batch(batch: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:
+    """Place a global batch that every process holds in full (the same rows everywhere).
+
+    One process: :func:`shard_batch`. Several: each process keeps only its own rows
+    (:func:`process_rows`) and :func:`make_array_from_process_local` assembles the global
+    arrays, so the result equals the one-process placement of the same batch.
+    """
+    if jax.process_count() == 1:
+        return shard_batch(batch, mesh, rules)
+    rows = {np.shape(leaf)[0] for leaf in jax.tree.leaves(batch) if np.ndim(leaf)}
+    if len(rows) > 1:
+        raise ValueError(f"batch leaves have different leading sizes {sorted(rows)}")
+    if not rows:
+        return make_array_from_process_local(batch, mesh, rules)
+    own = process_rows(rows.pop(), mesh, rules)
+    return make_array_from_process_local(
+        jax.tree.map(lambda x: x[own] if np.ndim(x) else x, batch), mesh, rules
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """``jax.device_get`` that also works on arrays spread over several processes.
+
+    Arrays this process cannot read alone (sharded over other hosts' devices and not fully
+    replicated) are gathered with ``multihost_utils.process_allgather`` (a collective: every
+    process must call ``to_host`` on the same structure); everything else is a plain
+    ``jax.device_get``. On one process this is ``jax.device_get``.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    leaves, treedef = jax.tree.flatten(tree)
+    remote = [
+        i
+        for i, x in enumerate(leaves)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+    ]
+    if remote:
+        gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
+        for i, value in zip(remote, gathered, strict=True):
+            leaves[i] = np.asarray(value)
+    return jax.device_get(jax.tree.unflatten(treedef, leaves))
