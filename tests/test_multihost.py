@@ -175,15 +175,16 @@ def test_launch_runs_every_rank_with_prefixed_output(tmp_path):
         "e['RLJAX_COORDINATOR'], e['JAX_PLATFORMS'], e['XLA_FLAGS']); "
         "print('to stderr', file=sys.stderr)"
     )
+    port = launch.free_port()
     result = run_launch(
-        ["--processes", "3", "--devices-per-process", "2", "--port", "12345",
+        ["--processes", "3", "--devices-per-process", "2", "--port", str(port),
          "--log-dir", str(tmp_path), "--", sys.executable, "-c", code],
         timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for rank in range(3):
         line = next(x for x in result.stdout.splitlines() if x.startswith(f"[rank {rank}] {rank}"))
-        assert f"{rank} 3 127.0.0.1:12345 cpu" in line
+        assert f"{rank} 3 127.0.0.1:{port} cpu" in line
         assert line.count("--xla_force_host_platform_device_count") == 1  # replaced, not added
         assert line.endswith("--xla_force_host_platform_device_count=2")
         assert f"[rank {rank}] to stderr" in result.stderr
