@@ -42,6 +42,7 @@ from rljax.tasks import sorting
 __all__ = [
     "PPORunConfig",
     "RLHFRunConfig",
+    "Scorer",
     "TRPORunConfig",
     "evaluate_policy_kl",
     "make_rollout_fn",
@@ -209,7 +210,9 @@ class TRPORunConfig(RLHFRunConfig):
     Attributes:
       critic: separate (a critic model fitted after each step) or none (group-relative
         advantages; needs samples_per_prompt >= 2). TRPO keeps the critic apart from the policy.
-      max_kl: trust-region radius on the mean per-token KL to the rollout policy.
+      max_kl: trust-region radius on the mean per-token KL to the rollout policy (0.02, the
+        classic-control value, overfits each 64-sample batch on the built-in task: held-out
+        score 0.36 -> 0.41 in 100 iterations, against 0.36 -> 0.54 with 0.005).
       cg_iters: conjugate-gradient iterations.
       cg_damping: damping added to the Fisher.
       fvp_subsample: use every k-th row for the Fisher-vector products.
@@ -220,7 +223,7 @@ class TRPORunConfig(RLHFRunConfig):
 
     out: str = "runs/trpo_rlhf"
     critic: str = "separate"
-    max_kl: float = 0.02
+    max_kl: float = 0.005
     cg_iters: int = 10
     cg_damping: float = 0.1
     fvp_subsample: int = 1
@@ -359,22 +362,24 @@ def make_shaping_fn(config: RLHFRunConfig) -> Callable:
 # ---------------------------------------------------------------------------- scoring
 
 
-class _Scorer:
-    """Scores of sampled rows: the built-in oracle on decoded text, or a reward model."""
+class Scorer:
+    """Scores of sampled rows, ``scorer(prompts, rollout) -> float32 [B]``: the built-in task's
+    oracle on the decoded completions (``reward_model=None``), or a reward-model folder (a
+    one-label *ForSequenceClassification checkpoint with the policy's vocabulary) on the token
+    ids of prompt + completion."""
 
-    def __init__(self, config: RLHFRunConfig, tokenizer):
+    def __init__(self, tokenizer, reward_model: str | None = None):
         self.tokenizer = tokenizer
         self.model = None
-        if config.reward_model is not None:
-            folder = config.reward_model
-            rm_tokenizer = hf.load_tokenizer(folder)
+        if reward_model is not None:
+            rm_tokenizer = hf.load_tokenizer(reward_model)
             if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise ValueError(
-                    f"--reward-model {folder!r}: its tokenizer differs from the policy's (the "
-                    "reward model scores the policy's token ids, so the vocabularies must match)"
+                    f"--reward-model {reward_model!r}: its tokenizer differs from the policy's "
+                    "(the reward model scores the policy's token ids, so the vocabularies must "
+                    "match)"
                 )
-            model = hf.load_model(folder, head="reward")
-            graphdef, params = nnx.split(model)
+            graphdef, params = nnx.split(hf.load_model(reward_model, head="reward"))
             self.params = params
             self.model = jax.jit(lambda p, t, m: lm.merge(graphdef, p).rewards(t, m))
 
@@ -469,6 +474,7 @@ def evaluate_policy_kl(
     tokens, mask = _tokenize(list(prompts), tokenizer, max_prompt_length)
     scores, kls, finished, lengths = [], [], [], []
     n = len(prompts)
+    batch_size = min(batch_size, n)  # a short prompt list is not padded to a big batch
     for start in range(0, n, batch_size):
         index = np.minimum(np.arange(start, start + batch_size), n - 1)
         keep = min(batch_size, n - start)
@@ -546,7 +552,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     max_new = config.max_new_tokens or (sorting.max_completion_tokens() if builtin else 32)
     train_prompts, held_out, source = _prompt_texts(config)
     train_tokens, train_mask = _tokenize(train_prompts, tokenizer, config.max_prompt_length)
-    scorer = _Scorer(config, tokenizer)
+    scorer = Scorer(tokenizer, config.reward_model)
 
     pg, policy_params, rg, ref_params, vg, value_params = _models(config, algorithm, model_path)
     mesh = experiment.build_mesh(config.mesh)
