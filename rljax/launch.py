@@ -21,7 +21,8 @@ Every line a process prints is echoed with a ``[rank i]`` prefix (its stdout to 
 stderr to stderr); with ``--log-dir`` each rank's output also goes to ``<log-dir>/rank<i>.log``. The launcher waits for
 all processes; when one exits with a non-zero code (or a signal) it stops the others
 (SIGTERM, then SIGKILL after ``--grace`` seconds) and exits with that code, naming the rank.
-``--timeout`` stops everything after that many seconds (exit code 124).
+``--timeout`` stops everything after that many seconds (exit code 124); so do Ctrl-C and
+SIGTERM to the launcher.
 
 On a real cluster the launcher is not needed: run the same script once per host with the three
 variables set, or with ``RLJAX_COORDINATOR=auto`` where ``jax.distributed.initialize()`` detects
@@ -116,6 +117,10 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through launch(), which stops the ranks
+
+
 def _describe(code: int) -> str:
     if code < 0:
         try:
@@ -167,6 +172,9 @@ def launch(
         flush=True,
     )
     start = time.monotonic()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         for rank in range(processes):
             env = child_environment(
@@ -230,9 +238,11 @@ def launch(
             return code if code > 0 else 128 - code
         return 0
     except BaseException:
-        _stop(procs, grace)  # Ctrl-C or an error in the launcher: leave nothing running
+        _stop(procs, grace)  # Ctrl-C, SIGTERM or an error in the launcher: leave nothing running
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         for log_file in logs:
             log_file.close()
 

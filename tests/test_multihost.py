@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -31,18 +32,42 @@ TIMEOUT = 400  # seconds per launched run; generous for 2 busy cores
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def run_launch(args, timeout=TIMEOUT):
-    """``python -m rljax.launch ARGS`` from the repository root; the CompletedProcess."""
+def start_launch(args):
+    """``python -m rljax.launch ARGS`` started from the repository root (a Popen whose output
+    goes to temporary files, so a quiet wait on another run never blocks it on a full pipe)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLJAX_")}
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
-    return subprocess.run(
-        [sys.executable, "-m", "rljax.launch", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rljax.launch", *args], cwd=ROOT, env=env, stdout=out, stderr=err
     )
+    proc.outputs = out, err
+    return proc
+
+
+def finish(proc, timeout=TIMEOUT):
+    """Wait for a :func:`start_launch` process (killed after ``timeout``); ``(code, out, err)``."""
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # the launcher's own --timeout should have fired first
+        timed_out = True
+        proc.terminate()  # the launcher stops its ranks on SIGTERM
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    texts = []
+    for f in proc.outputs:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    if timed_out:
+        pytest.fail(
+            f"rljax.launch did not finish in {timeout}s:\n{texts[0][-3000:]}\n{texts[1][-3000:]}"
+        )
+    return proc.returncode, *texts
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +94,18 @@ def test_dpo_two_processes_equal_one_process(tiny_setup, tmp_path):
         "--mesh", "data=2,fsdp=2,tensor=2", "--steps", "3", "--batch-size", "8",
         "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "2",
     ]  # fmt: skip
-    runs_ = {}
-    for processes, devices in ((2, 4), (1, 8)):
-        out = tmp_path / f"{processes}x{devices}"
+    started = {}
+    for processes, devices in ((2, 4), (1, 8)):  # both at once: compiles are mostly 1 thread
         argv = [
             "--processes", str(processes), "--devices-per-process", str(devices),
-            "--timeout", str(TIMEOUT - 20), "--",
-            sys.executable, "experiments/dpo.py", *flags, "--out", str(out),
+            "--timeout", str(TIMEOUT - 20), "--", sys.executable, "experiments/dpo.py", *flags,
+            "--out", str(tmp_path / f"{processes}x{devices}"),
         ]  # fmt: skip
-        result = run_launch(argv)
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-        runs_[processes] = out, result.stdout
-    (multi, multi_stdout), (single, _) = runs_[2], runs_[1]
+        started[processes] = start_launch(argv)
+    results = {processes: finish(proc) for processes, proc in started.items()}
+    for code, out, err in results.values():
+        assert code == 0, out[-4000:] + err[-4000:]
+    multi, single, multi_stdout = tmp_path / "2x4", tmp_path / "1x8", results[2][1]
 
     # The same losses step by step (the global batch and the mesh are the same).
     a, b = _rows(single), _rows(multi)
@@ -129,14 +154,11 @@ HELPERS = textwrap.dedent(
 
 
 def test_helpers_across_two_processes():
-    result = run_launch(
-        ["--processes", "2", "--devices-per-process", "4", "--timeout", "200", "--",
-         sys.executable, "-c", HELPERS],
-        timeout=240,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    argv = ["--processes", "2", "--devices-per-process", "4", "--timeout", "200", "--"]
+    code, out, err = finish(start_launch([*argv, sys.executable, "-c", HELPERS]), timeout=240)
+    assert code == 0, out[-4000:] + err[-4000:]
     reports = {}
-    for line in result.stdout.splitlines():
+    for line in out.splitlines():
         prefix, _, rest = line.partition("] ")
         if rest.startswith("{"):
             reports[int(prefix.removeprefix("[rank "))] = json.loads(rest)
@@ -169,48 +191,42 @@ def test_launch_argument_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_launch_runs_every_rank_with_prefixed_output(tmp_path):
+def test_launch_runs_every_rank_with_prefixed_output(tmp_path, capsys):
     code = (
         "import os, sys; e = os.environ; print(e['RLJAX_PROCESS_ID'], e['RLJAX_NUM_PROCESSES'], "
         "e['RLJAX_COORDINATOR'], e['JAX_PLATFORMS'], e['XLA_FLAGS']); "
         "print('to stderr', file=sys.stderr)"
     )
     port = launch.free_port()
-    result = run_launch(
+    code_ = launch.main(
         ["--processes", "3", "--devices-per-process", "2", "--port", str(port),
-         "--log-dir", str(tmp_path), "--", sys.executable, "-c", code],
-        timeout=120,
+         "--log-dir", str(tmp_path), "--timeout", "100", "--", sys.executable, "-c", code]
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    out, err = capsys.readouterr()
+    assert code_ == 0, err
     for rank in range(3):
-        line = next(x for x in result.stdout.splitlines() if x.startswith(f"[rank {rank}] {rank}"))
+        line = next(x for x in out.splitlines() if x.startswith(f"[rank {rank}] {rank}"))
         assert f"{rank} 3 127.0.0.1:{port} cpu" in line
         assert line.count("--xla_force_host_platform_device_count") == 1  # replaced, not added
         assert line.endswith("--xla_force_host_platform_device_count=2")
-        assert f"[rank {rank}] to stderr" in result.stderr
+        assert f"[rank {rank}] to stderr" in err
         assert "to stderr" in (tmp_path / f"rank{rank}.log").read_text()
 
 
-def test_launch_failure_stops_the_others_and_names_the_rank():
+def test_launch_failure_stops_the_others_and_names_the_rank(capsys):
     code = (
         "import os, sys, time; rank = os.environ['RLJAX_PROCESS_ID']; "
         "time.sleep(300 if rank == '0' else 0.1); sys.exit(3)"
     )
-    result = run_launch(
-        ["--processes", "2", "--grace", "2", "--", sys.executable, "-c", code], timeout=120
-    )
-    assert result.returncode == 3
-    assert "rank 1 exited with code 3" in result.stderr
+    argv = ["--processes", "2", "--grace", "2", "--timeout", "100", "--"]
+    assert launch.main([*argv, sys.executable, "-c", code]) == 3  # not the timeout's 124
+    assert "rank 1 exited with code 3; stopped the other processes" in capsys.readouterr().err
 
 
-def test_launch_timeout():
-    result = run_launch(
-        ["--processes", "2", "--timeout", "1", "--grace", "2", "--",
-         sys.executable, "-c", "import time; time.sleep(300)"],
-        timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 124
-    assert "timed out after 1s" in result.stderr
+def test_launch_timeout(capsys):
+    argv = ["--processes", "2", "--timeout", "1", "--grace", "2", "--"]
+    assert launch.main([*argv, sys.executable, "-c", "import time; time.sleep(300)"]) == 124
+    assert "timed out after 1s; stopped rank(s) 0, 1" in capsys.readouterr().err
 
 
 def test_child_environment():
