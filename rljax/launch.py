@@ -172,8 +172,8 @@ def launch(
         flush=True,
     )
     start = time.monotonic()
-    previous = None
-    if threading.current_thread() is threading.main_thread():
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         for rank in range(processes):
@@ -241,8 +241,8 @@ def launch(
         _stop(procs, grace)  # Ctrl-C, SIGTERM or an error in the launcher: leave nothing running
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         for log_file in logs:
             log_file.close()
 
