@@ -6,8 +6,8 @@ Steps (the registry :data:`STEPS`, name -> builder; ``--steps a,b`` picks some):
 * ``ppo_classic``, ``trpo_classic``: a whole compiled classic-control run
   (:func:`rljax.classic.train_ppo` / :func:`~rljax.classic.train_trpo` on CartPole-v1, the
   library's presets, ``--iterations`` iterations of rollout + update, 1 greedy evaluation
-  episode) compiled with :func:`rljax.classic.compile_lowered`; the step time is the run's time
-  over its iterations, the throughput env-steps/s.
+  episode) compiled with :func:`rljax.classic.compiler_options`; the step time is the run's
+  time over its iterations, the throughput env-steps/s.
 * ``lm``: next-token cross-entropy + AdamW (``benchmarks/lm_speed.py``'s train step).
 * ``dpo``: :func:`rljax.dpo.make_dpo_update`, sigmoid loss, a frozen reference model's forward
   pass on every batch (``DPOConfig(reference="model")``, TRL's default), AdamW; batches from
@@ -16,10 +16,14 @@ Steps (the registry :data:`STEPS`, name -> builder; ``--steps a,b`` picks some):
 * ``rlhf_ppo``: :func:`rljax.rlhf.make_rlhf_ppo_update` (value head on the policy, 4 epochs of
   one minibatch) on a random rollout; tokens = rows x sequence x epochs.
 * ``rlhf_trpo``: :func:`rljax.rlhf.make_rlhf_trpo_update` with a separate value-head critic
-  (10 CG iterations, 10 critic steps); FLOPs are an estimate (one line-search step).
+  (10 CG iterations, 10 critic steps); FLOPs are an estimate (one line-search step). On a mesh
+  the critic is replicated (``compile_update`` shards the state's first item, the policy).
 * ``generate``: sampling with a KV cache, the program of
   :func:`rljax.models.generate.make_generate_fn` (temperature 1), compiled ahead of time;
   tokens = new tokens.
+
+Models are the :data:`rljax.models.transformer.PRESETS` in ``--dtype`` (float32 parameters and
+optimizer state), with random weights (:func:`random_model`); batches are random token ids.
 * ``fvp_grad``, ``fvp``, ``fvp_cg``: on the LM as a categorical policy
   (``benchmarks/fvp.py``'s computations): the surrogate's gradient, one Gauss-Newton
   Fisher-vector product, and the per-product cost inside a 10-product CG loop that shares the
@@ -41,8 +45,9 @@ run on one device. On a CPU-only machine the script simulates the devices it nee
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) when run as a script; when importing
 it, set that variable before jax is imported.
 
-Memory section (``--no-memory`` skips it): the DPO step at the chosen preset compiled (not
-run) from abstract shapes on 1 device and on ``--memory-devices`` (8) devices with FSDP rules;
+Memory section (``--memory all|fsdp|remat|none``): the DPO step at ``--memory-preset``
+(default ``--preset``) compiled (not run) from abstract shapes on 1 device and on
+``--memory-devices`` (8) devices with FSDP rules (:data:`rljax.sharding.FSDP_RULES`);
 per-device parameter + optimizer (+ reference) bytes from the shardings and XLA's argument
 bytes, and their ratios (about 8x: only norm scales stay replicated). Where fewer devices exist
 than needed (one GPU), it compiles for the simulated CPU devices: the same shard shapes. Then
@@ -74,7 +79,7 @@ def _simulate_host_devices(argv) -> None:
     if mesh:
         sizes = [int(v) for v in re.findall(r"=(\d+)", mesh.group(1))]
         needed = max(needed, int(__import__("math").prod(sizes)) if sizes else 1)
-    if "--no-memory" not in text:
+    if not re.search(r"--memory[= ](none|remat)", text):
         devices = re.search(r"--memory-devices[= ](\d+)", text)
         needed = max(needed, int(devices.group(1)) if devices else 8)
     if needed > 1:
@@ -690,6 +695,10 @@ COLUMNS = [
 ]
 
 
+def _mib(x: float | None) -> str | None:
+    return None if x is None else "<0.1" if x < 0.05 else f"{x:,.1f}"
+
+
 def _table_rows(rows):
     out = []
     for r in rows:
@@ -699,6 +708,7 @@ def _table_rows(rows):
             {
                 **r,
                 "throughput_text": f"{r['throughput']:,.0f} {unit.get(r['unit'], r['unit'])}",
+                **{k: _mib(r[k]) for k in ("argument_mib", "temp_mib", "peak_memory_mib")},
                 "gflops": None
                 if flops is None
                 else f"{'~' if r['flops_estimate'] else ''}{flops / 1e9:.4g}",
@@ -712,16 +722,13 @@ def memory_tables(memory: dict[str, Any]) -> str:
     fsdp = memory.get("fsdp")
     if fsdp and "skipped" not in fsdp:
         labels = [k for k in fsdp if isinstance(fsdp[k], dict)]
+        mib = lambda x: None if x is None else _mib(x / MiB)
         rows = [
             {
                 "mesh": label,
-                "state": fsdp[label]["state_bytes_per_device"] / MiB,
-                "args": None
-                if fsdp[label]["argument_bytes"] is None
-                else fsdp[label]["argument_bytes"] / MiB,
-                "temp": None
-                if fsdp[label]["temp_bytes"] is None
-                else fsdp[label]["temp_bytes"] / MiB,
+                "state": mib(fsdp[label]["state_bytes_per_device"]),
+                "args": mib(fsdp[label]["argument_bytes"]),
+                "temp": mib(fsdp[label]["temp_bytes"]),
             }
             for label in labels
         ]
@@ -752,7 +759,7 @@ def memory_tables(memory: dict[str, Any]) -> str:
         parts.append(
             "Rematerialisation, DPO step:\n\n"
             + bench.markdown_table(
-                remat,
+                [{**r, "temp_mib": _mib(r["temp_mib"])} for r in remat],
                 [
                     ("remat", "remat"),
                     ("model", "model"),
@@ -775,11 +782,12 @@ def results_section(env: dict, args: argparse.Namespace, rows, memory) -> str:
         "",
         f"`{command.strip()}`, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
         f"{env['device']} ({env['device_count']} device(s) visible), jax {env['jax']}, "
-        f"flax {env['flax']}, optax {env['optax']}; load average "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.",
-        "",
-        bench.markdown_table(_table_rows(rows), COLUMNS),
+        f"flax {env['flax']}, optax {env['optax']}; 1-minute load average "
+        f"{env['load_avg_start'][0]:.1f} at the start, {env['load_avg_end'][0]:.1f} at the end "
+        f"({os.cpu_count()} CPUs).",
     ]
+    if rows:
+        lines += ["", bench.markdown_table(_table_rows(rows), COLUMNS)]
     if memory:
         lines += ["", memory_tables(memory)]
     return "\n".join(lines) + "\n"
@@ -794,7 +802,9 @@ QUICK = dict(preset="tiny", batch=2, seq=16, prompt_len=8, new_tokens=8, iterati
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", default="all", help=f"comma list of {', '.join(STEPS)}")
+    parser.add_argument(
+        "--steps", default="all", help=f"comma list of {', '.join(STEPS)}; all; none"
+    )
     parser.add_argument("--preset", help="tiny, small (default), 125m or 1b")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default=None, help="e.g. fsdp=8 or data=2,fsdp=4 (LM steps)")
@@ -809,7 +819,13 @@ def parse_args(argv):
     parser.add_argument("--env", default="CartPole-v1", help="classic-control environment")
     parser.add_argument("--iterations", type=int, help="classic-control iterations; 10")
     parser.add_argument("--memory-devices", type=int, default=8)
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument(
+        "--memory",
+        default="all",
+        choices=["all", "fsdp", "remat", "none"],
+        help="memory comparisons to run (fsdp: compile only; remat: compile and time)",
+    )
+    parser.add_argument("--memory-preset", help="model of the FSDP comparison (default --preset)")
     parser.add_argument(
         "--fast-compile",
         action="store_true",
@@ -833,7 +849,10 @@ def parse_args(argv):
             setattr(args, k, v)
     if args.quick:
         args.warmup, args.fast_compile = min(args.warmup, 1), True
-    names = list(STEPS) if args.steps == "all" else [s.strip() for s in args.steps.split(",")]
+    if args.steps in ("all", "none"):
+        names = list(STEPS) + list(UNAVAILABLE) if args.steps == "all" else []
+    else:
+        names = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in names if s not in STEPS and s not in UNAVAILABLE]
     if unknown:
         parser.error(f"--steps: unknown {unknown}; choose from {', '.join(STEPS)}")
@@ -852,7 +871,7 @@ def main(argv=None) -> dict[str, Any]:
     fast = args.fast_compile and jax.default_backend() == "cpu"
     options = dict(bench.FAST_COMPILE_CPU_OPTIONS) if fast else None
     ctx = Context(args, mesh, sharding.RULE_PRESETS[args.rules], options)
-    env = bench.environment()
+    env = {**bench.environment(), "load_avg_start": os.getloadavg()}
     print(f"step_speed on {env['device']} ({env['device_count']} device(s)), jax {env['jax']}")
     rows, skipped = [], {}
     for name in args.step_names:
@@ -878,10 +897,14 @@ def main(argv=None) -> dict[str, Any]:
         if name in by_name and "fvp_grad" in by_name:
             by_name[name]["x_grad"] = by_name[name]["median_s"] / by_name["fvp_grad"]["median_s"]
     memory = {}
-    if not args.no_memory:
-        memory["fsdp"] = fsdp_memory(ctx)
+    if args.memory in ("all", "fsdp"):
+        big = argparse.Namespace(**{**vars(args), "preset": args.memory_preset or args.preset})
+        memory["fsdp"] = fsdp_memory(dataclasses.replace(ctx, args=big))
+    if args.memory in ("all", "remat"):
         memory["remat"] = remat_memory(ctx, by_name.get("dpo"))
-    print(bench.markdown_table(_table_rows(rows), COLUMNS))
+    env["load_avg_end"] = os.getloadavg()
+    if rows:
+        print(bench.markdown_table(_table_rows(rows), COLUMNS))
     if memory:
         print("\n" + memory_tables(memory))
     record = {
