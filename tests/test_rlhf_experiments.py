@@ -137,3 +137,30 @@ def test_frontier_end_to_end(tmp_path):
     assert [p["score"] for p in again["points"]] == [p["score"] for p in summary["points"]]
     with pytest.raises(ValueError, match="no arms"):
         frontier.arms(frontier.Config(dpo_betas="", ppo_kl_coefs="", trpo_kl_coefs=""))
+
+
+def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
+    # A reward-model folder (a fresh reward head on the base model, saved in HF format) replaces
+    # the oracle; 8 simulated devices (data x fsdp x tensor) give the same run as one device.
+    from flax import nnx
+
+    from rljax.models.transformer import with_head
+
+    base_path = rlhf_experiment.experiment.resolve_model(rlhf_experiment.PPORunConfig())
+    reward_model = with_head(hf.load_model(base_path), "reward", rngs=nnx.Rngs(3))
+    rm_folder = tmp_path / "rm"
+    hf.save_model(reward_model, rm_folder, tokenizer=hf.load_tokenizer(base_path))
+    ppo = load("ppo_rlhf")
+    base = rlhf_experiment.PPORunConfig(
+        reward_model=str(rm_folder), iterations=2, batch_size=4, samples_per_prompt=2,
+        critic="none", eval_prompts=8, log_every=1,
+    )  # fmt: skip
+    one = ppo.main(dataclasses.replace(base, out=str(tmp_path / "one")))
+    mesh = ppo.main(
+        dataclasses.replace(base, out=str(tmp_path / "mesh"), mesh="data=2,fsdp=2,tensor=2")
+    )
+    assert one["reward"] == str(rm_folder) and mesh["devices"] == 8
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "mesh")
+    for ra, rb in zip(a, b, strict=True):
+        for key in ra:
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-4, atol=1e-5, err_msg=key)
