@@ -195,6 +195,24 @@ class Context:
         )
         return step, (placed, jax.device_put(batch, batch_shardings)), self.mesh.size
 
+    def update_step(
+        self, update, state, batch, config, *, tokens, flops, shape, flops_estimate=False
+    ) -> Step:
+        """The :class:`Step` of an LM update ``update(state, batch)``, placed by :meth:`place`."""
+        jitted, args, devices = self.place(update, state, batch)
+        return Step(
+            update,
+            args,
+            "tokens",
+            tokens,
+            flops,
+            flops_estimate=flops_estimate,
+            jitted=jitted,
+            model=self.describe(config),
+            shape=shape,
+            devices=devices,
+        )
+
 
 @functools.lru_cache(maxsize=8)
 def random_model(config: TransformerConfig, seed: int = 0):
@@ -272,14 +290,8 @@ def _classic(ctx: Context, algo: str) -> Step:
     )
 
 
-@register("ppo_classic")
-def build_ppo_classic(ctx: Context) -> Step:
-    return _classic(ctx, "ppo")
-
-
-@register("trpo_classic")
-def build_trpo_classic(ctx: Context) -> Step:
-    return _classic(ctx, "trpo")
+register("ppo_classic")(functools.partial(_classic, algo="ppo"))
+register("trpo_classic")(functools.partial(_classic, algo="trpo"))
 
 
 # ------------------------------------------------------------------------------ language models
@@ -293,21 +305,11 @@ def build_lm(ctx: Context) -> Step:
     train_step = lm_speed.make_train_step(graphdef, optimizer)
     tokens, mask = lm_speed.train_batch(config, a.batch, a.seq)
     update = lambda state, batch: train_step(state, batch["tokens"], batch["mask"])
-    params = params
-    jitted, args, devices = ctx.place(
-        update, (params, optimizer.init(params)), {"tokens": tokens, "mask": mask}
-    )
+    state, batch = (params, optimizer.init(params)), {"tokens": tokens, "mask": mask}
     n = a.batch * a.seq
-    return Step(
-        update,
-        args,
-        "tokens",
-        n,
-        _flops(config, a.seq, n, train=1),
-        jitted=jitted,
-        model=ctx.describe(config),
-        shape=f"{a.batch} x {a.seq}",
-        devices=devices,
+    flops = _flops(config, a.seq, n, train=1)
+    return ctx.update_step(
+        update, state, batch, config, tokens=n, flops=flops, shape=f"{a.batch} x {a.seq}"
     )
 
 
@@ -343,19 +345,10 @@ def dpo_parts(ctx: Context, *, remat: bool | None = None, batch: int | None = No
 def build_dpo(ctx: Context) -> Step:
     a = ctx.args
     config, update, state, batch = dpo_parts(ctx)
-    jitted, args, devices = ctx.place(update, state, batch)
     n = 2 * a.batch * a.seq
-    return Step(
-        update,
-        args,
-        "tokens",
-        n,
-        _flops(config, a.seq, n, train=1, forward=1),  # policy train pass + reference forward
-        jitted=jitted,
-        model=ctx.describe(config),
-        shape=f"{a.batch} pairs x {a.seq}",
-        devices=devices,
-    )
+    flops = _flops(config, a.seq, n, train=1, forward=1)  # policy train pass + reference forward
+    shape = f"{a.batch} pairs x {a.seq}"
+    return ctx.update_step(update, state, batch, config, tokens=n, flops=flops, shape=shape)
 
 
 @register("reward")
@@ -364,21 +357,11 @@ def build_reward(ctx: Context) -> Step:
     config, graphdef, params = ctx.model(head="reward", lm_head=False)
     optimizer = optax.adamw(1e-5, weight_decay=0.0)
     update = make_reward_update(graphdef, optimizer)
-    jitted, args, devices = ctx.place(
-        update, init_reward_state(params, optimizer), _pair_batch(ctx, config)
-    )
+    state, batch = init_reward_state(params, optimizer), _pair_batch(ctx, config)
     n = 2 * a.batch * a.seq
-    return Step(
-        update,
-        args,
-        "tokens",
-        n,
-        _flops(config, a.seq, n, train=1),
-        jitted=jitted,
-        model=ctx.describe(config),
-        shape=f"{a.batch} pairs x {a.seq}",
-        devices=devices,
-    )
+    flops = _flops(config, a.seq, n, train=1)
+    shape = f"{a.batch} pairs x {a.seq}"
+    return ctx.update_step(update, state, batch, config, tokens=n, flops=flops, shape=shape)
 
 
 def rollout_batch(ctx: Context, vocab_size: int) -> dict:
@@ -410,19 +393,11 @@ def build_rlhf_ppo(ctx: Context) -> Step:
     ppo_config = rlhf.RLHFPPOConfig(critic="head")
     update = rlhf.make_rlhf_ppo_update(graphdef, optimizer, ppo_config)
     state = rlhf.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
-    jitted, args, devices = ctx.place(update, state, rollout_batch(ctx, config.vocab_size))
+    batch = rollout_batch(ctx, config.vocab_size)
     n = a.batch * a.seq * ppo_config.num_epochs
-    return Step(
-        update,
-        args,
-        "tokens",
-        n,
-        _flops(config, a.seq, n, train=1),
-        jitted=jitted,
-        model=ctx.describe(config),
-        shape=f"{a.batch} x ({a.prompt_len}+{a.seq - a.prompt_len}), {ppo_config.num_epochs} ep",
-        devices=devices,
-    )
+    flops = _flops(config, a.seq, n, train=1)
+    shape = f"{a.batch} x ({a.prompt_len}+{a.seq - a.prompt_len}), {ppo_config.num_epochs} ep"
+    return ctx.update_step(update, state, batch, config, tokens=n, flops=flops, shape=shape)
 
 
 @register("rlhf_trpo", unavailable=RLHF_IMPORT_ERROR)
@@ -434,24 +409,16 @@ def build_rlhf_trpo(ctx: Context) -> Step:
     trpo_config = trpo.TRPOConfig()
     update = rlhf.make_rlhf_trpo_update(graphdef, value_optimizer, trpo_config, value_graphdef)
     state = trpo.init_trpo_state(params, value_params, value_optimizer, jax.random.key(0))
-    jitted, args, devices = ctx.place(update, state, rollout_batch(ctx, config.vocab_size))
+    batch = rollout_batch(ctx, config.vocab_size)
     n = a.batch * a.seq
     # Estimate: old outputs, the gradient, the linearisation, cg_iters products (tangent +
     # transpose), one line-search forward; the critic's n_critic_updates train passes.
     policy_passes = 1 + 3 + 2 + 3 * trpo_config.cg_iters + 1
     flops = _flops(config, a.seq, n, forward=policy_passes)
     flops += _flops(value_config, a.seq, n, train=trpo_config.n_critic_updates, forward=1)
-    return Step(
-        update,
-        args,
-        "tokens",
-        n,
-        flops,
-        flops_estimate=True,
-        jitted=jitted,
-        model=ctx.describe(config),
-        shape=f"{a.batch} x ({a.prompt_len}+{a.seq - a.prompt_len}), CG {trpo_config.cg_iters}",
-        devices=devices,
+    shape = f"{a.batch} x ({a.prompt_len}+{a.seq - a.prompt_len}), CG {trpo_config.cg_iters}"
+    return ctx.update_step(
+        update, state, batch, config, tokens=n, flops=flops, shape=shape, flops_estimate=True
     )
 
 
@@ -509,19 +476,9 @@ def _fvp_step(ctx: Context, which: str) -> Step:
     )
 
 
-@register("fvp_grad")
-def build_fvp_grad(ctx: Context) -> Step:
-    return _fvp_step(ctx, "grad")
-
-
-@register("fvp")
-def build_fvp(ctx: Context) -> Step:
-    return _fvp_step(ctx, "gauss_newton")
-
-
-@register("fvp_cg")
-def build_fvp_cg(ctx: Context) -> Step:
-    return _fvp_step(ctx, "gauss_newton (in CG)")
+register("fvp_grad")(functools.partial(_fvp_step, which="grad"))
+register("fvp")(functools.partial(_fvp_step, which="gauss_newton"))
+register("fvp_cg")(functools.partial(_fvp_step, which="gauss_newton (in CG)"))
 
 
 # ------------------------------------------------------------------------------ measuring
