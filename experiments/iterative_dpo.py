@@ -6,7 +6,8 @@ programmatic oracle, or a reward model folder given with --judge), and trains DP
 pairs, with the policy at the start of the round as the reference (--reference-policy initial
 keeps the base model). After each round the policy's samples on held-out prompts are compared
 with the base model's (the oracle's win-rate). With no flags: the built-in "sort the letters"
-task and its tiny base model. The same --out resumes: finished rounds are loaded from their
+task and its tiny base model. --data takes a prompt file of your own (rows with a prompt field;
+JSONL, JSON, parquet or a datasets folder) with --judge DIR, which then also rates the win-rate. The same --out resumes: finished rounds are loaded from their
 saved policy, an unfinished round continues from its last checkpoint.
 
 Run: `python experiments/iterative_dpo.py [--rounds N] [--model DIR] [--judge DIR] [--out DIR]`.
@@ -27,6 +28,7 @@ from flax import nnx
 
 from rljax import cli, data, experiment, lm, runs
 from rljax.models import hf
+from rljax.models.generate import SamplingConfig, make_generate_fn
 from rljax.tasks import sorting
 
 
@@ -55,6 +57,34 @@ class Config(experiment.DPORunConfig):
     out: str = "runs/iterative_dpo"
 
 
+def sample_completions(model, tokenizer, prompts, config, key, batch_size: int = 256) -> list[str]:
+    """One temperature-1 completion per prompt (decoded without special tokens): the built-in
+    task's sampler, or for a prompt file (``--data``) prompts left-padded to
+    ``max_prompt_length`` and ``max_length - max_prompt_length`` new tokens."""
+    if experiment.builtin(config):
+        return sorting.evaluate_policy(model, tokenizer, prompts, key=key)["completions"]
+    sampling = SamplingConfig(
+        max_new_tokens=config.max_length - config.max_prompt_length,
+        temperature=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    graphdef, params = nnx.split(model)
+    generate_fn = make_generate_fn(graphdef, sampling)
+    tokens, mask = data.tokenize_prompts(
+        prompts, tokenizer, config.max_prompt_length, pad_to=config.max_prompt_length
+    )
+    out = []
+    batch_size = min(batch_size, len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), len(prompts) - 1)
+        result = generate_fn(params, tokens[index], mask[index], jax.random.fold_in(key, start))
+        ids, keep = jax.device_get((result.completions, result.completion_mask))
+        for row in range(min(batch_size, len(prompts) - start)):
+            out.append(tokenizer.decode(ids[row][keep[row]].tolist(), skip_special_tokens=True))
+    return out
+
+
 def sample_pairs(model, tokenizer, prompts, config, round_index, judge):
     """Sample ``samples_per_prompt`` completions per prompt and pair the best with the worst.
     Empty completions (EOS at once) cannot form a pair and are left out; prompts whose
@@ -62,9 +92,11 @@ def sample_pairs(model, tokenizer, prompts, config, round_index, judge):
     completions, scores = [], []
     for k in range(config.samples_per_prompt):
         key = jax.random.fold_in(jax.random.key(config.seed), 1000 * round_index + k)
-        result = sorting.evaluate_policy(model, tokenizer, prompts, key=key)
-        completions.append(result["completions"])
-        scores.append(result["scores"] if judge is None else judge(prompts, result["completions"]))
+        texts = sample_completions(model, tokenizer, prompts, config, key)
+        completions.append(texts)
+        scores.append(
+            sorting.score_batch(prompts, texts) if judge is None else judge(prompts, texts)
+        )
     completions = np.array(completions, dtype=object)  # [k, P]
     scores = np.asarray(scores, np.float64)
     empty = np.vectorize(lambda c: not c.strip())(completions)
@@ -87,6 +119,66 @@ def sample_pairs(model, tokenizer, prompts, config, round_index, judge):
         "prompts_without_pair": len(prompts) - len(rows),
         "empty_samples": int(empty.sum()),
         "mean_score": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
+    }
+
+
+def round_prompts(config: Config) -> tuple[list, list]:
+    """Training prompts (``rounds * prompts_per_round``) and held-out prompts: the built-in
+    task's generated ones, or those of ``--data`` (rows with a ``prompt`` field; held out:
+    ``--eval-data`` or the last 10%), cycled through in a seeded order when the rounds need more
+    prompts than the file has."""
+    n = config.rounds * config.prompts_per_round
+    if experiment.builtin(config):
+        train = sorting.prompts(n, config.seed)
+        held_out = sorted(
+            set(sorting.prompts(config.win_rate_prompts, config.seed + 7)) - set(train)
+        )
+        return train, held_out
+
+    def prompts_of(path):
+        rows = data.load_rows(path)
+        missing = [i for i, row in enumerate(rows) if not row.get("prompt")]
+        if missing:
+            raise ValueError(f"{path}: rows {missing[:5]} have no (or an empty) 'prompt' field")
+        return [row["prompt"] for row in rows]
+
+    prompts = prompts_of(config.data)
+    if config.eval_data is not None:
+        held_out = prompts_of(config.eval_data)
+    else:
+        n_eval = max(1, len(prompts) // 10)
+        prompts, held_out = prompts[:-n_eval], prompts[-n_eval:]
+    if not prompts:
+        raise ValueError(f"--data {config.data!r}: no training prompts left")
+    rng = np.random.default_rng(config.seed)
+    cycled = []
+    while len(cycled) < n:
+        cycled += [prompts[i] for i in rng.permutation(len(prompts))]
+    return cycled[:n], held_out[: config.win_rate_prompts]
+
+
+def win_rate(policy, base, tokenizer, prompts, config: Config, judge) -> dict:
+    """Win-rate (ties half) of one sampled policy completion over one sampled base-model
+    completion per held-out prompt (the same key), and both mean scores: by the oracle on the
+    built-in task, by the judge on a prompt file."""
+    if experiment.builtin(config):  # the oracle measures true improvement
+        oracle = experiment.oracle_win_rate(policy, base, tokenizer, prompts, config.seed + 1)
+        return {
+            "win_rate_vs_base": oracle["win_rate"],
+            "policy_score": oracle["policy"]["mean_score"],
+            "policy_validity": oracle["policy"]["validity"],
+            "base_score": oracle["reference"]["mean_score"],
+        }
+    key = jax.random.key(config.seed + 1)
+    mine = sample_completions(policy, tokenizer, prompts, config, key)
+    theirs = sample_completions(base, tokenizer, prompts, config, key)
+    score = judge if judge is not None else sorting.score_batch
+    p, b = np.asarray(score(prompts, mine), float), np.asarray(score(prompts, theirs), float)
+    p, b = np.nan_to_num(p, nan=-np.inf), np.nan_to_num(b, nan=-np.inf)  # empty loses
+    return {
+        "win_rate_vs_base": float(np.mean((p > b) + 0.5 * (p == b))),
+        "policy_score": float(np.mean(p[np.isfinite(p)])) if np.isfinite(p).any() else None,
+        "base_score": float(np.mean(b[np.isfinite(b)])) if np.isfinite(b).any() else None,
     }
 
 
@@ -150,10 +242,10 @@ def main(config: Config) -> dict:
         raise ValueError(
             f"--reference-policy must be previous or initial, got {config.reference_policy!r}"
         )
-    if not experiment.builtin(config):
+    if not experiment.builtin(config) and config.judge is None:
         raise ValueError(
-            "iterative_dpo.py samples the built-in task's prompts; --data (a prompt set of your "
-            "own) is not supported yet. --judge DIR replaces the oracle's labels by a reward model"
+            "--data (a prompt set of your own) needs --judge DIR (a reward-model folder): the "
+            "oracle only knows the built-in task"
         )
     start = time.perf_counter()
     out = pathlib.Path(config.out)
@@ -163,10 +255,7 @@ def main(config: Config) -> dict:
     initial = jax.device_get(initial)
     judge = None if config.judge is None else reward_model_judge(config.judge, config.max_length)
     mesh = experiment.build_mesh(config.mesh)
-    train_prompts = sorting.prompts(config.rounds * config.prompts_per_round, config.seed)
-    held_out = sorted(
-        set(sorting.prompts(config.win_rate_prompts, config.seed + 7)) - set(train_prompts)
-    )
+    train_prompts, held_out = round_prompts(config)
     params, history = initial, []
     for r in range(1, config.rounds + 1):
         round_dir = out / f"round_{r}"
@@ -193,22 +282,12 @@ def main(config: Config) -> dict:
             )
         policy = lm.merge(graphdef, params)
         hf.save_model(policy, round_dir / "policy", tokenizer=tokenizer)
-        oracle = experiment.oracle_win_rate(
-            policy, lm.merge(graphdef, initial), tokenizer, held_out, config.seed + 1
-        )
-        record = {
-            "round": r,
-            **sampling,
-            "win_rate_vs_base": oracle["win_rate"],
-            "policy_score": oracle["policy"]["mean_score"],
-            "policy_validity": oracle["policy"]["validity"],
-            "base_score": oracle["reference"]["mean_score"],
-            "eval": round_eval,
-        }
+        verdict = win_rate(policy, lm.merge(graphdef, initial), tokenizer, held_out, config, judge)
+        record = {"round": r, **sampling, **verdict, "eval": round_eval}
         done.write_text(json.dumps(runs.to_json(record)))
         history.append(record)
         print(
-            f"[iterative DPO] round {r}: win-rate over the base model {record['win_rate_vs_base']:.3f}, mean score {record['policy_score']:.3f} (base {record['base_score']:.3f})"
+            f"[iterative DPO] round {r}: win-rate over the base model {record['win_rate_vs_base']:.3f}, mean score {_fmt(record['policy_score'])} (base {_fmt(record['base_score'])})"
         )
     (out / "rounds.jsonl").write_text("".join(json.dumps(runs.to_json(h)) + "\n" for h in history))
     hf.save_model(lm.merge(graphdef, params), out / "policy", tokenizer=tokenizer)

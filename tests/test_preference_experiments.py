@@ -148,3 +148,37 @@ def test_iterative_dpo_rounds_and_resume(base_model, tmp_path):
     )
     with pytest.raises(ValueError, match="reference-policy"):
         iterative.main(cli.parse(iterative.Config, [*flags, "--reference-policy", "latest"]))
+
+
+def test_iterative_dpo_on_a_prompt_file_with_a_judge(base_model, tmp_path):
+    """--data: a prompt file of one's own (not the built-in task); the judge labels the pairs
+    and rates the win-rate. Without --judge it is refused."""
+    from flax import nnx
+
+    from rljax.models.transformer import with_head
+
+    judge = tmp_path / "judge"
+    hf.save_model(
+        with_head(hf.load_model(base_model), "reward", rngs=nnx.Rngs(4)),
+        judge,
+        tokenizer=hf.load_tokenizer(base_model),
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"sort: {w} ->"} for w in ("cab", "zyx", "mlkj", "qp", "dcba", "hgf")]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    iterative = load("iterative_dpo")
+    flags = [
+        "--data", str(prompts), "--rounds", "1", "--prompts-per-round", "20",
+        "--samples-per-prompt", "2", "--steps", "2", "--batch-size", "4", "--log-every", "1",
+        "--max-length", "26", "--max-prompt-length", "14",
+        "--model", base_model, "--judge", str(judge), "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    summary = iterative.main(cli.parse(iterative.Config, flags))
+    (record,) = summary["rounds"]
+    assert record["pairs"] > 0 and 0.0 <= record["win_rate_vs_base"] <= 1.0
+    assert "policy_validity" not in record  # judged, not the built-in oracle
+    pairs = (tmp_path / "run" / "round_1" / "pairs.jsonl").read_text().splitlines()
+    assert {json.loads(p)["prompt"] for p in pairs} <= {r["prompt"] for r in rows}
+    no_judge = [f for f in flags if f not in ("--judge", str(judge))]
+    with pytest.raises(ValueError, match="needs --judge"):
+        iterative.main(cli.parse(iterative.Config, no_judge))
