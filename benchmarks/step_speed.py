@@ -117,7 +117,7 @@ import lm_speed  # noqa: E402
 from rljax import bench, classic, lm, sharding, trpo  # noqa: E402
 from rljax.dpo import DPOConfig, init_dpo_state, make_dpo_update  # noqa: E402
 from rljax.models import generate as gen  # noqa: E402
-from rljax.models.transformer import Transformer, TransformerConfig, preset  # noqa: E402
+from rljax.models.transformer import PRESETS, Transformer, TransformerConfig, preset  # noqa: E402
 from rljax.reward import init_reward_state, make_reward_update  # noqa: E402
 
 try:  # RLHF updates (PPO/TRPO on an LM); their registry entries are skipped without it
@@ -762,27 +762,29 @@ def parse_args(argv):
     parser.add_argument(
         "--steps", default="all", help=f"comma list of {', '.join(STEPS)}; all; none"
     )
-    parser.add_argument("--preset", help="tiny, small (default), 125m or 1b")
+    parser.add_argument("--preset", choices=list(PRESETS), help="model size; small by default")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--mesh", default=None, help="e.g. fsdp=8 or data=2,fsdp=4 (LM steps)")
     parser.add_argument("--rules", default="default", choices=sorted(sharding.RULE_PRESETS))
     parser.add_argument("--remat", action="store_true", help="rematerialise layer activations")
     parser.add_argument("--repeats", type=int, help="timed calls per step; 10 (--quick: 3)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--batch", type=int, help="rows (pairs for dpo/reward); 8")
     parser.add_argument("--seq", type=int, help="tokens per sequence; 128")
     parser.add_argument("--prompt-len", type=int, help="prompt tokens of --seq (RLHF); 64")
     parser.add_argument("--new-tokens", type=int, help="generated tokens per row; 64")
     parser.add_argument("--env", default="CartPole-v1", help="classic-control environment")
     parser.add_argument("--iterations", type=int, help="classic-control iterations; 10")
-    parser.add_argument("--memory-devices", type=int, default=8)
+    parser.add_argument("--memory-devices", type=int, default=8, help="FSDP comparison mesh")
     parser.add_argument(
         "--memory",
         default="all",
         choices=["all", "fsdp", "remat", "none"],
         help="memory comparisons to run (fsdp: compile only; remat: compile and time)",
     )
-    parser.add_argument("--memory-preset", help="model of the FSDP comparison (default --preset)")
+    parser.add_argument(
+        "--memory-preset", choices=list(PRESETS), help="model of the FSDP comparison (--preset)"
+    )
     parser.add_argument(
         "--fast-compile",
         action="store_true",
@@ -791,11 +793,11 @@ def parse_args(argv):
     parser.add_argument(
         "--quick", action="store_true", help="tiny preset, small batches, 3 calls, --fast-compile"
     )
-    parser.add_argument("--json", default="benchmarks/step_speed_results.json")
+    parser.add_argument("--json", default="benchmarks/step_speed_results.json", help="output")
     parser.add_argument(
         "--results-md",
         nargs="?",
-        const="benchmarks/RESULTS.md",
+        const=str(_HERE / "RESULTS.md"),
         default=None,
         help="append a section with the tables to this file (default benchmarks/RESULTS.md)",
     )
