@@ -7,6 +7,8 @@ import math
 import pathlib
 import sys
 
+import jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -57,3 +59,17 @@ def test_step_speed_quick(tmp_path):
     assert text.count("## Step-speed harness (CPU)") == 1
     assert all(f"| {name} |" in text for name in step_speed.STEPS)
     assert "FSDP" in text and "Rematerialisation" in text
+
+
+def test_step_speed_mesh_quick(tmp_path):
+    # The DPO step on an 8-device FSDP mesh (rljax.lm.compile_update): the state (params, two
+    # AdamW moments, the reference) is sharded, so XLA's per-device argument bytes are well
+    # under the unsharded state's.
+    step_speed = _load()
+    argv = ["--quick", "--steps", "dpo", "--batch", "8", "--memory", "none", "--mesh", "fsdp=8"]
+    row = step_speed.main([*argv, "--json", str(tmp_path / "mesh.json")])["results"][0]
+    assert row["devices"] == 8 and math.isfinite(row["median_s"]) and row["median_s"] > 0
+    _, host = step_speed.random_model(step_speed.preset("tiny"))
+    state_bytes = 4 * sum(x.nbytes for x in jax.tree.leaves(host))
+    if row["memory"] is not None:
+        assert row["memory"]["argument_size_in_bytes"] < state_bytes / 4
