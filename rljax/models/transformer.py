@@ -388,6 +388,18 @@ def _normal(rngs: nnx.Rngs, shape, std, dtype):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
 
 
+def _dense(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
+    """``x``'s last ``in_axes`` axes contracted with ``w``'s first ``in_axes`` axes, as one
+    2-D matmul ``[prod(batch axes), prod(in)] @ [prod(in), prod(out)]``."""
+    batch, contracted = x.shape[: x.ndim - in_axes], x.shape[x.ndim - in_axes :]
+    if w.shape[:in_axes] != contracted:
+        raise ValueError(f"cannot contract {x.shape} with weight {w.shape} over {in_axes} axes")
+    out = w.shape[in_axes:]
+    n_in, n_out = math.prod(contracted), math.prod(out)
+    y = x.reshape(math.prod(batch), n_in) @ w.reshape(n_in, n_out)
+    return y.reshape(*batch, *out)
+
+
 class Transformer(nnx.Module):
     """Decoder-only LM (GPT-2 or Llama family) with stacked layers; see the module docstring.
 
@@ -527,10 +539,13 @@ class Transformer(nnx.Module):
         p = jax.tree.map(lambda x: x.astype(dt), p)
         gpt2 = c.family == "gpt2"
 
+        # Every projection is one 2-D matmul on [B * T, features] (the weights' head axes
+        # folded in): XLA:CPU runs these, and their gradients under the layer scan, markedly
+        # faster than the equivalent 3-D/4-D einsums (benchmarks/RESULTS.md, DPO step speed).
         x = self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
-        q = jnp.einsum("btd,dnh->btnh", x, p["q"])
-        k = jnp.einsum("btd,dkh->btkh", x, p["k"])
-        v = jnp.einsum("btd,dkh->btkh", x, p["v"])
+        q = _dense(x, p["q"])
+        k = _dense(x, p["k"])
+        v = _dense(x, p["v"])
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         if not gpt2:
@@ -545,24 +560,24 @@ class Transformer(nnx.Module):
             layer_cache = (k, v)
             query_slots = cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
         attn = self._attention(q, k, v, mask, cache_mask, query_slots, seq_lengths)
-        out = jnp.einsum("btnh,nhd->btd", attn.astype(dt), p["o"])
+        out = _dense(attn.astype(dt), p["o"], in_axes=2)
         if c.o_bias:
             out = out + p["o_bias"]
         h = h + out
 
         x = self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         act = ACTIVATIONS[c.hidden_act]
-        up = jnp.einsum("btd,df->btf", x, p["up"])
+        up = _dense(x, p["up"])
         if c.mlp_bias:
             up = up + p["up_bias"]
         if gpt2:
             hidden = act(up)
         else:
-            gate = jnp.einsum("btd,df->btf", x, p["gate"])
+            gate = _dense(x, p["gate"])
             if c.mlp_bias:
                 gate = gate + p["gate_bias"]
             hidden = act(gate) * up
-        down = jnp.einsum("btf,fd->btd", hidden, p["down"])
+        down = _dense(hidden, p["down"])
         if c.mlp_bias:
             down = down + p["down_bias"]
         return h + down, layer_cache
