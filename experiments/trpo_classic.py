@@ -24,7 +24,7 @@ if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
     ).strip()
 
-from rljax import classic, cli
+from rljax import classic, cli, runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +36,19 @@ class Config(classic.TRPOClassicConfig):
       seed: base random seed.
       out: output folder.
       progress_every: print a progress line every this many iterations.
+      compilation_cache: folder of JAX's persistent compilation cache (a second run with the
+        same settings loads the compiled program instead of compiling it); none = off.
     """
 
     seeds: int = 10
     seed: int = 0
     out: str = "runs/trpo_classic"
     progress_every: int = 10
+    compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
 
 
 def main(config: Config) -> dict:
+    runs.use_compilation_cache(config.compilation_cache)
     algo_fields = {f.name for f in dataclasses.fields(classic.TRPOClassicConfig)}
     algo_config = classic.TRPOClassicConfig(
         **{k: v for k, v in dataclasses.asdict(config).items() if k in algo_fields}

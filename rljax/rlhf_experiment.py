@@ -91,6 +91,8 @@ class RLHFRunConfig:
       eval_every: iterations between held-out evaluations (0 = only at the end).
       eval_prompts: held-out prompts sampled per evaluation.
       checkpoint_every: iterations between checkpoints (the last is always saved).
+      compilation_cache: folder of JAX's persistent compilation cache (a second run with the
+        same shapes loads the compiled programs instead of compiling them); none = off.
     """
 
     model: str | None = None
@@ -122,6 +124,7 @@ class RLHFRunConfig:
     eval_every: int = 25
     eval_prompts: int = 256
     checkpoint_every: int = 25
+    compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
 
     def __post_init__(self):
         def fail(field, problem):
@@ -544,6 +547,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     if algorithm not in ("ppo", "trpo"):
         raise ValueError(f"algorithm must be 'ppo' or 'trpo', got {algorithm!r}")
     label = label or f"{algorithm.upper()}-RLHF"
+    runs.use_compilation_cache(config.compilation_cache)
     start_time = time.perf_counter()
     out = pathlib.Path(config.out)
     model_path = experiment.resolve_model(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,36 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MetricsLog", "plot_metrics", "to_json", "write_summary"]
+__all__ = [
+    "DEFAULT_COMPILATION_CACHE",
+    "MetricsLog",
+    "plot_metrics",
+    "to_json",
+    "use_compilation_cache",
+    "write_summary",
+]
+
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/rljax/jax-compilation"
+
+
+def use_compilation_cache(folder: str | None) -> str | None:
+    """Point JAX's persistent compilation cache (``jax_compilation_cache_dir``) at ``folder``,
+    so that a second run of the same program loads it instead of compiling it again.
+
+    Does nothing for ``folder=None`` or when a cache folder is already configured (e.g. by
+    ``JAX_COMPILATION_CACHE_DIR`` or the test suite). Returns the folder in use, or ``None``.
+    """
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current or folder is None:
+        return current or None
+    folder = os.path.expanduser(folder)
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return folder
 
 
 def to_json(value: Any) -> Any:
