@@ -547,6 +547,12 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     if algorithm not in ("ppo", "trpo"):
         raise ValueError(f"algorithm must be 'ppo' or 'trpo', got {algorithm!r}")
     label = label or f"{algorithm.upper()}-RLHF"
+    if jax.process_count() > 1:
+        raise ValueError(
+            "the RLHF experiments run in one process (any number of local devices via --mesh); "
+            "multi-process runs (python -m rljax.launch) are supported by dpo.py and "
+            "reward_model.py only"
+        )
     runs.use_compilation_cache(config.compilation_cache)
     start_time = time.perf_counter()
     out = pathlib.Path(config.out)
