@@ -35,7 +35,8 @@ class Config(classic.TRPOClassicConfig):
       seeds: seeds trained at once with vmap.
       seed: base random seed.
       out: output folder.
-      progress_every: print a progress line every this many iterations.
+      progress_every: print a progress line every this many iterations (0 = none, which also
+        lets the compilation cache keep the program: JAX does not cache host callbacks).
       compilation_cache: folder of JAX's persistent compilation cache (a second run with the
         same settings loads the compiled program instead of compiling it); none = off.
     """

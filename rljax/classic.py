@@ -658,7 +658,13 @@ def run_experiment(
     train = {"ppo": train_ppo, "trpo": train_trpo}[algo]
     config = resolve(config)
     label = f"{algo.upper()} {config.env}"
-    progress = Progress(label, seeds, config.num_iterations, progress_every)
+    # progress_every <= 0: no progress lines, and no host callback in the program, which lets
+    # JAX's persistent compilation cache store it (programs with host callbacks are not cached).
+    progress = (
+        Progress(label, seeds, config.num_iterations, progress_every)
+        if progress_every > 0
+        else None
+    )
     keys = jax.random.split(jax.random.key(seed), seeds)
     print(
         f"{label}: {seeds} seed(s) x {config.env_steps:,} env steps, "

@@ -311,3 +311,25 @@ def test_collect_samples_as_step_by_step_sampling(env_name):
     logits = jnp.log(jnp.array([[0.2, 0.5, 0.3]] * 6))
     for k in jax.random.split(key, 20):
         assert np.array_equal(envs.sample_action(k, logits), jax.random.categorical(k, logits))
+
+
+def test_run_experiment_without_progress_has_no_host_callback(tmp_path, capsys, monkeypatch):
+    # progress_every=0: no progress lines and no callback in the compiled program (which is
+    # what lets JAX's persistent compilation cache keep it).
+    lowered = []
+    original = classic.compile_lowered
+
+    def spy(low, env_steps=None):
+        lowered.append(low.as_text())
+        return original(low, env_steps)
+
+    monkeypatch.setattr(classic, "compile_lowered", spy)
+    config = classic.PPOClassicConfig(
+        env="probe-action", total_steps=256, num_envs=8, num_steps=16, hidden=8
+    )
+    classic.run_experiment("ppo", config, seeds=1, seed=0, out=str(tmp_path), progress_every=0)
+    out = capsys.readouterr().out
+    assert "iteration " not in out and "greedy return" in out
+    assert "callback" not in lowered[0]
+    classic.run_experiment("ppo", config, seeds=1, seed=0, out=str(tmp_path), progress_every=1)
+    assert "callback" in lowered[1]
