@@ -31,7 +31,6 @@ from rljax.logprobs import (
     KL_ESTIMATORS,
     chunked_token_logprobs_and_entropy,
     kl_estimate,
-    masked_mean,
     masked_sum_and_count,
 )
 
@@ -48,6 +47,7 @@ __all__ = [
     "make_rlhf_ppo_update",
     "make_rlhf_trpo_update",
     "penalize_missing_eos",
+    "sequence_kl",
     "token_gae",
 ]
 
@@ -501,11 +501,10 @@ def make_rlhf_trpo_update(
     keys = ROLLOUT_KEYS + (("returns",) if value_graphdef is not None else ())
 
     def update(state: trpo.TRPOState, batch: dict):
-        n = _check_rollout(batch, keys)
+        _check_rollout(batch, keys)
         inputs = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
         mask = batch["completion_mask"]
         returns = batch.get("returns", jnp.zeros(mask.shape, jnp.float32))
-        del n
         return inner(
             state,
             {
@@ -524,8 +523,3 @@ def make_rlhf_trpo_update(
 def sequence_kl(kl: jax.Array, mask: jax.Array) -> jax.Array:
     """``[B]`` sequence KL estimates: the sum of per-token estimates over valid tokens."""
     return masked_sum_and_count(kl, mask, axis=-1)[0]
-
-
-def mean_token(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of ``x`` over valid tokens."""
-    return masked_mean(x, mask)
