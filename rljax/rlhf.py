@@ -487,7 +487,15 @@ def make_rlhf_trpo_update(
         n = inputs["completion_mask"].shape[1]
         model = lm.merge(graphdef, params)
         hidden, _ = model.decode(inputs["tokens"], inputs["mask"])
-        return model.logits(hidden[:, -n - 1 : -1]).astype(jnp.float32)
+        # float32 accumulation, as the chunked log-probs of the rollout (old_logps) use, so
+        # the ratio starts at exactly 1 for a bfloat16 model too.
+        h = hidden[:, -n - 1 : -1]
+        return jnp.einsum(
+            "bnd,dv->bnv",
+            h,
+            model.unembedding(),
+            preferred_element_type=jnp.promote_types(h.dtype, jnp.float32),
+        )
 
     def value_fn(params, inputs):
         n = inputs["completion_mask"].shape[1]

@@ -152,6 +152,12 @@ class RLHFRunConfig:
             fail("max_new_tokens", f"must be >= 1 or none, got {self.max_new_tokens}")
         if not self.temperature > 0:
             fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
+        if self.whiten_rewards and self.critic == "none":
+            fail(
+                "whiten_rewards",
+                "whitens the per-token rewards that GAE uses; critic none takes group-relative "
+                "advantages of the sequence rewards instead",
+            )
         if self.prompts is not None and self.reward_model is None:
             fail(
                 "prompts",
@@ -191,9 +197,17 @@ class PPORunConfig(RLHFRunConfig):
     num_minibatches: int = 2
     target_kl: float | None = None
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_divides(self, "num_minibatches")
+
     def update_config(self) -> rlhf.RLHFPPOConfig:
         return rlhf.RLHFPPOConfig(
             critic=self.critic,
+            # Group-relative advantages are already centred (and scaled, with --scale std) per
+            # group: whitening them again over tokens would undo --scale none and shift each
+            # group's baseline by its completion lengths.
+            normalize_advantages=self.critic != "none",
             clip_eps=self.clip_eps,
             value_clip_eps=self.value_clip_eps,
             value_coef=self.value_coef,
@@ -240,15 +254,29 @@ class TRPORunConfig(RLHFRunConfig):
             raise ValueError(
                 "--critic head: TRPO's natural step moves the policy alone; use separate or none"
             )
+        if self.critic != "none":
+            _check_divides(self, "critic_minibatches")
 
     def update_config(self) -> trpo.TRPOConfig:
         return trpo.TRPOConfig(
+            normalize_advantages=self.critic != "none",  # as PPORunConfig.update_config
             max_kl=self.max_kl,
             cg_iters=self.cg_iters,
             cg_damping=self.cg_damping,
             fvp_subsample=self.fvp_subsample,
             n_critic_updates=self.n_critic_updates,
             critic_minibatches=self.critic_minibatches,
+        )
+
+
+def _check_divides(config: RLHFRunConfig, field: str) -> None:
+    """The rollout's rows (batch_size x samples_per_prompt) split into ``field`` minibatches."""
+    parts = getattr(config, field)
+    if parts < 1 or config.rows % parts:
+        raise ValueError(
+            f"--{field.replace('_', '-')} {parts} must divide the rollout's "
+            f"{config.rows} rows (--batch-size {config.batch_size} x --samples-per-prompt "
+            f"{config.samples_per_prompt})"
         )
 
 

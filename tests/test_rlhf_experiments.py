@@ -164,3 +164,19 @@ def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
     for ra, rb in zip(a, b, strict=True):
         for key in ra:
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_run_config_checks_minibatches_and_group_settings():
+    with pytest.raises(ValueError, match="--num-minibatches 2 must divide the rollout's 3 rows"):
+        rlhf_experiment.PPORunConfig(batch_size=3)
+    with pytest.raises(ValueError, match="--critic-minibatches 4 must divide"):
+        rlhf_experiment.TRPORunConfig(batch_size=6, critic_minibatches=4)
+    rlhf_experiment.TRPORunConfig(batch_size=3, critic="none", samples_per_prompt=2)  # no critic
+    with pytest.raises(ValueError, match="--whiten-rewards"):
+        rlhf_experiment.PPORunConfig(critic="none", samples_per_prompt=2, whiten_rewards=True)
+    # Group-relative advantages are not whitened a second time (that would undo --scale none).
+    grouped = rlhf_experiment.PPORunConfig(critic="none", samples_per_prompt=2)
+    assert not grouped.update_config().normalize_advantages
+    assert rlhf_experiment.PPORunConfig().update_config().normalize_advantages
+    assert not rlhf_experiment.TRPORunConfig(critic="none", samples_per_prompt=2).update_config(
+    ).normalize_advantages  # fmt: skip
