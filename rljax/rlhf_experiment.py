@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import checkpoint, data, experiment, lm, rlhf, runs, trpo
+from rljax import checkpoint, data, experiment, lm, rlhf, runs, sharding, trpo
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import generate, hf
@@ -611,7 +611,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
             policy_params, value_params, value_optimizer, jax.random.fold_in(key, 2**31)
         )
     state, step_fn, batch_shardings = lm.compile_update(update, init, example, mesh)
-    ref_params = jax.device_put(ref_params, _param_placement(ref_params, mesh))
+    ref_params = sharding.shard_params(ref_params, mesh)
     sampling = generate.SamplingConfig(
         max_new_tokens=max_new,
         temperature=config.temperature,
@@ -630,7 +630,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
             return s.params["policy"], s.params.get("value")
         return s.policy_params, s.value_params
 
-    def evaluate(s, iteration):
+    def evaluate(s):
         policy_p, _ = params_of(s)
         return evaluate_policy_kl(
             pg,
@@ -668,7 +668,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     )
     initial = None
     if first == 0:
-        initial = evaluate(state, 0)
+        initial = evaluate(state)
         log.log(0, {f"eval/{name}": v for name, v in initial.items()})
     try:
         for it in range(first + 1, config.iterations + 1):
@@ -693,7 +693,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
             if it % config.log_every == 0 or last or it == 1:
                 row.update(jax.device_get({**rollout_metrics, **update_metrics}))
             if last or (config.eval_every and it % config.eval_every == 0):
-                row.update({f"eval/{name}": v for name, v in evaluate(state, it).items()})
+                row.update({f"eval/{name}": v for name, v in evaluate(state).items()})
             if row:
                 log.log(it, row)
             if it % config.checkpoint_every == 0 or last:
@@ -706,8 +706,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     hf.save_model(_without_value_head(policy_model, config), out / "policy", tokenizer=tokenizer)
     history = log.rows()
     evals = [r for r in history if "eval/score" in r]
-    final = {k[len("eval/") :]: v for k, v in evals[-1].items() if k.startswith("eval/")}
-    start_eval = {k[len("eval/") :]: v for k, v in evals[0].items() if k.startswith("eval/")}
+    final, start_eval = experiment.final_eval(evals), experiment.final_eval(evals[:1])
     summary = {
         "algorithm": algorithm,
         "model": model_path,
@@ -743,12 +742,6 @@ def _without_value_head(model, config):
     if config.critic != "head":
         return model
     return with_head(model, None, rngs=nnx.Rngs(0), lm_head=True)
-
-
-def _param_placement(params, mesh):
-    from rljax import sharding
-
-    return sharding.param_shardings(params, mesh)
 
 
 def _example_batch(config: RLHFRunConfig, rows: int, max_new: int) -> dict[str, np.ndarray]:
