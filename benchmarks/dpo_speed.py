@@ -16,6 +16,13 @@ synchronised calls after warm-up, the state carried from call to call. Tokens/s 
 chosen and the rejected sequence of every pair: ``2 * batch * seq / seconds_per_step``, as the
 peer script does.
 
+``--reference precomputed`` times the library steps with the reference log-probs computed
+once beforehand (``DPOConfig(reference="precomputed")``, TRL's ``precompute_ref_log_probs``);
+``--share-prompt`` adds the step on the shared-prompt layout (:func:`rljax.data.share_prompts`:
+each pair's 64-token prompt runs once and the LM head only at completion positions, 192 token
+positions per pair instead of 256). Tokens/s always counts the standard layout's ``2 * 128``
+tokens per pair, so the rows compare the same work for the user.
+
 Memory: XLA's compiled memory analysis (temporary bytes) of the update with chunked log-probs
 (``--chunk-size`` rows of ``[rows, vocab]`` logits at a time, the library's path) and of the
 same update computing full ``[2B, T, V]`` logits (``--full-logits`` times that variant too;
@@ -30,6 +37,7 @@ table and writes JSON (``--json PATH``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -40,7 +48,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import bench
+from rljax import bench, data, lm
 from rljax.dpo import DPOConfig, DPOState, dpo_loss, init_dpo_state, make_dpo_update
 from rljax.logprobs import masked_sum_and_count, token_logprobs
 from rljax.models.transformer import Transformer, TransformerConfig
@@ -157,6 +165,19 @@ def main(argv=None):
         help="also compile (not time) both variants at this vocabulary size for the memory "
         "comparison (0: skip)",
     )
+    parser.add_argument(
+        "--reference",
+        choices=("model", "precomputed"),
+        default="model",
+        help="reference log-probs of the timed library steps: a frozen reference forward pass "
+        "per batch (TRL's default) or precomputed once (TRL's precompute_ref_log_probs=True)",
+    )
+    parser.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="also time the step on the shared-prompt layout (rljax.data.share_prompts: each "
+        "pair's prompt runs once)",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny config, 3 steps")
@@ -175,18 +196,29 @@ def main(argv=None):
     env = bench.environment()
     print(f"{config.num_params / 1e6:.2f}M parameters on {env['device']}")
 
-    dpo = DPOConfig(beta=0.1, loss_type="sigmoid", reference="model", chunk_size=args.chunk_size)
+    dpo = DPOConfig(
+        beta=0.1, loss_type="sigmoid", reference=args.reference, chunk_size=args.chunk_size
+    )
+    if args.reference == "precomputed":  # the initial policy is the reference
+        batch.update(lm.reference_logps(graphdef, params, batch, chunk_size=args.chunk_size))
+    library = [(f"chunked ({args.chunk_size} rows)", batch)]
+    if args.share_prompt:
+        shared = {k: jnp.asarray(v) for k, v in data.share_prompts(jax.device_get(batch)).items()}
+        library.append((f"shared prompt, chunked ({args.chunk_size} rows)", shared))
     rows = [
         run_variant(
-            f"chunked ({args.chunk_size} rows)",
+            name,
             make_dpo_update(graphdef, optimizer, dpo),
             graphdef,
             params,
             optimizer,
-            batch,
+            variant_batch,
             args,
             timed=True,
-        ),
+        )
+        for name, variant_batch in library
+    ]
+    rows += [
         run_variant(
             "full logits",
             make_full_logits_update(graphdef, optimizer, 0.1),
@@ -200,6 +232,7 @@ def main(argv=None):
     ]
     for row in rows:
         row.update(batch_pairs=args.batch, seq=args.seq, vocab=args.vocab)
+        row["reference"] = "model" if row["variant"] == "full logits" else args.reference
         row["params"] = config.num_params
     if args.memory_vocab:
         big = argparse.Namespace(**{**vars(args), "vocab": args.memory_vocab})
@@ -207,7 +240,12 @@ def main(argv=None):
         big_graphdef, big_params = nnx.split(Transformer(big_config, rngs=nnx.Rngs(0)), nnx.Param)
         big_batch = make_batch(big, args.memory_vocab)
         for name, update in [
-            (f"chunked ({args.chunk_size} rows)", make_dpo_update(big_graphdef, optimizer, dpo)),
+            (
+                f"chunked ({args.chunk_size} rows)",
+                make_dpo_update(
+                    big_graphdef, optimizer, dataclasses.replace(dpo, reference="model")
+                ),
+            ),
             ("full logits", make_full_logits_update(big_graphdef, optimizer, 0.1)),
         ]:
             row = run_variant(

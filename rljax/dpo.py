@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.lm import concatenated_sequence_logps
+from rljax.lm import pair_sequence_logps
 
 __all__ = [
     "F_DIVERGENCE_LOSS_TYPES",
@@ -590,13 +590,13 @@ def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
                 "DPOConfig(reference='model') needs state.ref_params (init_dpo_state(params, "
                 "optimizer, ref_params=...))"
             )
-        ref_chosen, ref_rejected, _, _ = concatenated_sequence_logps(
+        ref_chosen, ref_rejected, _, _ = pair_sequence_logps(
             graphdef, jax.lax.stop_gradient(ref_params), batch, chunk_size=config.chunk_size
         )
         return jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
 
     def objective(params, ref_logps, batch):
-        chosen, rejected, chosen_lengths, rejected_lengths = concatenated_sequence_logps(
+        chosen, rejected, chosen_lengths, rejected_lengths = pair_sequence_logps(
             graphdef, params, batch, chunk_size=config.chunk_size
         )
         loss, metrics = dpo_loss(
@@ -637,8 +637,10 @@ def make_dpo_update(
 
     The ``batch`` follows the :mod:`rljax.data` contract: ``chosen_tokens``, ``chosen_mask``,
     ``chosen_loss_mask``, ``rejected_tokens``, ``rejected_mask``, ``rejected_loss_mask`` (all
-    ``[B, T]``), plus ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` for
-    ``reference="precomputed"``.
+    ``[B, T]``), or the shared-prompt layout of :func:`rljax.data.share_prompts` (each prompt
+    run once, then both completions against its key/value cache: same losses, fewer FLOPs;
+    :func:`rljax.lm.pair_sequence_logps` picks the forward by the keys), plus
+    ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` for ``reference="precomputed"``.
 
     Metrics (TRL's names, all scalars): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,

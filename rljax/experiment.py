@@ -274,6 +274,8 @@ class DPORunConfig(PreferenceRunConfig):
       reference: precomputed (reference log-probs computed once over the data), model (a frozen
         reference forward pass per batch) or none (reference-free).
       chunk_size: token rows per chunk of the log-prob computation.
+      share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
+        fewer FLOPs: both completions attend to one prompt key/value cache).
       win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
     """
 
@@ -283,6 +285,7 @@ class DPORunConfig(PreferenceRunConfig):
     rpo_alpha: float | None = 0.5
     reference: str = "precomputed"
     chunk_size: int = 1024
+    share_prompt: bool = False
     win_rate_prompts: int = 512
 
     def dpo_config(self) -> dpo.DPOConfig:
@@ -325,12 +328,20 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
     """Everything a DPO training loop needs: reference log-probs added to ``train`` and
     ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
     step, the batch placement and the held-out evaluation. The reference policy is
-    ``reference_params`` (default: ``params``, the initial policy).
+    ``reference_params`` (default: ``params``, the initial policy). With
+    ``config.share_prompt`` the arrays are first rewritten in place into the shared-prompt
+    layout (:func:`rljax.data.share_prompts`, padded to the longest prompt and completion of
+    each split).
 
     Returns ``(state, step_fn, place, evaluate)``.
     """
     dpo_config = config.dpo_config()
     reference_params = params if reference_params is None else reference_params
+    if config.share_prompt:
+        for arrays in (train, held_out):
+            shared = data.share_prompts(arrays)
+            arrays.clear()
+            arrays.update(shared)
     if config.reference == "precomputed":
         for arrays in (train, held_out):
             arrays.update(

@@ -26,7 +26,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rljax.data.prefix import SHARED_PROMPT_KEYS
 from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
+from rljax.models.transformer import KVCache
 from rljax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
 from rljax.sharding import train_state_shardings as _train_state_shardings
 
@@ -35,8 +37,10 @@ __all__ = [
     "compile_update",
     "concatenated_sequence_logps",
     "merge",
+    "pair_sequence_logps",
     "reference_logps",
     "sequence_logps",
+    "shared_prompt_sequence_logps",
     "token_logps",
 ]
 
@@ -141,8 +145,20 @@ def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
     if missing:
         raise KeyError(
             f"preference batch is missing {missing}; it has {sorted(batch)} (see rljax.data: "
-            "chosen_/rejected_ tokens, mask, loss_mask, padded to the same length)"
+            "chosen_/rejected_ tokens, mask, loss_mask, padded to the same length; or the "
+            "shared-prompt layout of rljax.data.share_prompts)"
         )
+    if keys == SHARED_PROMPT_KEYS:
+        shapes = {k: np.shape(batch[k]) for k in keys}
+        rows = {s[0] if len(s) == 2 else None for s in shapes.values()}
+        pair = {s for k, s in shapes.items() if k.startswith(("chosen", "rejected"))}
+        prompt = {shapes["prompt_tokens"], shapes["prompt_mask"]}
+        if len(rows) != 1 or None in rows or len(pair) != 1 or len(prompt) != 1:
+            raise ValueError(
+                "shared-prompt batch arrays must be [B, P] (prompt_tokens, prompt_mask) and "
+                f"[B, C] (the four completion arrays), got {shapes}"
+            )
+        return
     shape = np.shape(batch["chosen_tokens"])
     bad = {k: np.shape(batch[k]) for k in keys if np.shape(batch[k]) != shape}
     if bad or len(shape) != 2:
@@ -152,6 +168,57 @@ def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
         )
 
 
+def shared_prompt_sequence_logps(
+    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`concatenated_sequence_logps` on the shared-prompt layout
+    (:func:`rljax.data.share_prompts`): each pair's prompt runs once.
+
+    The ``[B, P]`` left-padded prompts run first and fill a key/value cache of ``P + C`` slots;
+    the cache is repeated for the chosen and the rejected half, and the ``[2B, C]`` completions
+    run against it (positions continue from each prompt's length, so RoPE / learned positions
+    are those of the standard layout). Token ``j`` of a completion is predicted from the
+    completion's hidden state ``j - 1``, token 0 from the prompt's last one; log-probs are
+    computed (chunked) only at these ``2B x C`` positions.
+
+    Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``,
+    equal to the standard layout's to float tolerance.
+    """
+    _check_pair_batch(batch, SHARED_PROMPT_KEYS)
+    model = merge(graphdef, params)
+    prompt = jnp.asarray(batch["prompt_tokens"])
+    prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
+    cat = lambda name: jnp.concatenate(
+        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
+    )
+    completion, completion_mask = cat("completion_tokens"), cat("completion_mask").astype(bool)
+    b, p = prompt.shape
+    c = completion.shape[1]
+    cache = model.init_cache(b, p + c)
+    prompt_hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
+    twice = lambda x, axis: jnp.concatenate([x, x], axis=axis)
+    cache = KVCache(twice(cache.k, 1), twice(cache.v, 1), twice(cache.mask, 0), cache.index)
+    hidden, _ = model.decode(completion, completion_mask, cache=cache)
+    last_prompt = twice(prompt_hidden[:, -1:], 0)  # left padding: the last prompt token
+    predictors = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)  # [2B, C, D]
+    logps = chunked_token_logprobs(
+        predictors, model.unembedding(), completion, chunk_size=chunk_size
+    )
+    total, lengths = masked_sum_and_count(logps, completion_mask, axis=-1)
+    return total[:b], total[b:], lengths[:b], lengths[b:]
+
+
+def pair_sequence_logps(
+    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Chosen and rejected sequence log-probs of a preference batch in either layout:
+    :func:`shared_prompt_sequence_logps` if it has ``prompt_tokens`` (the layout of
+    :func:`rljax.data.share_prompts`), else :func:`concatenated_sequence_logps`."""
+    if "prompt_tokens" in batch:
+        return shared_prompt_sequence_logps(graphdef, params, batch, chunk_size=chunk_size)
+    return concatenated_sequence_logps(graphdef, params, batch, chunk_size=chunk_size)
+
+
 @functools.lru_cache(maxsize=8)
 def _reference_forward(graphdef: Any, chunk_size: int) -> Callable:
     """The jitted ``(params, rows) -> (chosen_logps, rejected_logps)`` of
@@ -159,9 +226,7 @@ def _reference_forward(graphdef: Any, chunk_size: int) -> Callable:
 
     @jax.jit
     def forward(params, rows):
-        chosen, rejected, _, _ = concatenated_sequence_logps(
-            graphdef, params, rows, chunk_size=chunk_size
-        )
+        chosen, rejected, _, _ = pair_sequence_logps(graphdef, params, rows, chunk_size=chunk_size)
         return chosen.astype(jnp.float32), rejected.astype(jnp.float32)
 
     return forward
@@ -184,8 +249,8 @@ def reference_logps(
 
     Args:
       graphdef, ref_params: the frozen reference model, from ``nnx.split``.
-      batch: the data set as a dict of ``[N, T]`` arrays (the :mod:`rljax.data` contract;
-        extra keys are ignored).
+      batch: the data set as a dict of ``[N, T]`` arrays (the :mod:`rljax.data` contract, or
+        the shared-prompt layout of :func:`rljax.data.share_prompts`; extra keys are ignored).
       chunk_size: rows per chunk of the log-prob computation.
       batch_size: pairs per forward pass.
 
@@ -194,11 +259,12 @@ def reference_logps(
       to add to the data set (``{**data, **reference_logps(...)}``) for
       ``DPOConfig(reference="precomputed")``.
     """
-    _check_pair_batch(batch)
+    keys = SHARED_PROMPT_KEYS if "prompt_tokens" in batch else PAIR_KEYS
+    _check_pair_batch(batch, keys)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = int(np.shape(batch["chosen_tokens"])[0])
-    data = {k: np.asarray(batch[k]) for k in PAIR_KEYS}
+    n = int(np.shape(batch[keys[0]])[0])
+    data = {k: np.asarray(batch[k]) for k in keys}
 
     forward = _reference_forward(graphdef, chunk_size)
     chosen_out, rejected_out = [], []

@@ -89,12 +89,21 @@ def test_dpo_experiment_on_a_mesh_equals_one_device(base_model, tmp_path):
             [*flags, "--mesh", "data=2,fsdp=2,tensor=2", "--out", str(tmp_path / "mesh")],
         )
     )
-    assert one["devices"] == 1 and mesh["devices"] == 8
-    for ra, rb in zip(_rows(tmp_path / "one"), _rows(tmp_path / "mesh"), strict=True):
-        np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-5)
-        np.testing.assert_allclose(
-            rb["rewards/margins"], ra["rewards/margins"], rtol=1e-4, atol=1e-6
+    # The shared-prompt layout (each prompt run once) on the mesh: the same run again.
+    shared_dir = str(tmp_path / "shared")
+    shared = dpo.main(
+        cli.parse(
+            dpo.Config,
+            [*flags, "--share-prompt", "--mesh", "data=2,fsdp=2,tensor=2", "--out", shared_dir],
         )
+    )
+    assert one["devices"] == 1 and mesh["devices"] == shared["devices"] == 8
+    for other in ("mesh", "shared"):
+        for ra, rb in zip(_rows(tmp_path / "one"), _rows(tmp_path / other), strict=True):
+            np.testing.assert_allclose(rb["loss"], ra["loss"], rtol=1e-5, err_msg=other)
+            np.testing.assert_allclose(
+                rb["rewards/margins"], ra["rewards/margins"], rtol=1e-4, atol=1e-6, err_msg=other
+            )
 
 
 def test_reward_model_experiment(base_model, tmp_path):

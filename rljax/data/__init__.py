@@ -5,6 +5,7 @@
   conversational formats, errors naming row and field, or skip-and-count;
 - :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
   padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.lm`);
+- :func:`share_prompts`: the shared-prompt layout (each pair's prompt stored and run once);
 - :class:`Batches`: deterministic, resumable minibatches.
 
 numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datasets folder is read.
@@ -19,6 +20,7 @@ from rljax.data.preference import (
     validate_completions,
     validate_preferences,
 )
+from rljax.data.prefix import SHARED_PROMPT_KEYS, share_prompts
 from rljax.data.tokenize import (
     CompletionArrays,
     PreferenceArrays,
@@ -29,6 +31,7 @@ from rljax.data.tokenize import (
 )
 
 __all__ = [
+    "SHARED_PROMPT_KEYS",
     "SKIP_REASONS",
     "Batches",
     "CompletionArrays",
@@ -37,6 +40,7 @@ __all__ = [
     "ValidationReport",
     "is_conversational",
     "load_rows",
+    "share_prompts",
     "tokenize_completions",
     "tokenize_preferences",
     "tokenize_prompts",
