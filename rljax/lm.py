@@ -11,6 +11,12 @@ Token ``t`` is predicted by the model's output at position ``t - 1``: the log-pr
 ``tokens[:, t]`` comes from ``hidden[:, t - 1]``, so per-token log-probs are ``[B, T - 1]``,
 aligned with ``tokens[:, 1:]``. Log-probs are computed with
 :func:`rljax.logprobs.chunked_token_logprobs`, so no ``[B, T, V]`` float32 logits are built.
+
+Preference batches come in two layouts: the standard one (``chosen_*`` / ``rejected_*``
+``[B, T]`` prompt + completion rows, :func:`concatenated_sequence_logps`) and the shared-prompt
+one of :func:`rljax.data.share_prompts` (each prompt stored and run once,
+:func:`shared_prompt_sequence_logps`); :func:`pair_sequence_logps` and
+:func:`reference_logps` take either.
 """
 
 from __future__ import annotations

@@ -82,6 +82,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--intermediate-size", type=int, default=688)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        help="TRL's precompute_ref_log_probs=True: reference log-probs computed once before "
+        "training, no reference forward pass in the step",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -138,6 +144,7 @@ def main(argv=None):
             fp16=False,
             use_cpu=True,
             gradient_checkpointing=args.gradient_checkpointing,
+            precompute_ref_log_probs=args.precompute_ref,
             dataloader_num_workers=0,
             report_to=[],
             logging_strategy="no",
@@ -171,6 +178,7 @@ def main(argv=None):
         "batch_pairs": args.batch,
         "seq": args.seq,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "precompute_ref_log_probs": args.precompute_ref,
         "threads": args.threads,
         "params": sum(p.numel() for p in model.parameters()),
         "steps_timed": len(timed),
