@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 
 from rljax.data.prefix import SHARED_PROMPT_KEYS
 from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
-from rljax.models.transformer import KVCache
+from rljax.models.transformer import KVCache, last_valid_index
 from rljax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
 from rljax.sharding import train_state_shardings as _train_state_shardings
 
@@ -185,7 +185,8 @@ def shared_prompt_sequence_logps(
     run against it (positions continue from each prompt's length, so RoPE / learned positions
     are those of the standard layout). Token ``j`` of a completion is predicted from the
     completion's hidden state ``j - 1``, token 0 from the prompt's last one; log-probs are
-    computed (chunked) only at these ``2B x C`` positions.
+    computed (chunked) only at these ``2B x C`` positions. Prompts may be padded on either side
+    (masked cache slots are skipped; positions count real tokens only).
 
     Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``,
     equal to the standard layout's to float tolerance.
@@ -205,7 +206,8 @@ def shared_prompt_sequence_logps(
     twice = lambda x, axis: jnp.concatenate([x, x], axis=axis)
     cache = KVCache(twice(cache.k, 1), twice(cache.v, 1), twice(cache.mask, 0), cache.index)
     hidden, _ = model.decode(completion, completion_mask, cache=cache)
-    last_prompt = twice(prompt_hidden[:, -1:], 0)  # left padding: the last prompt token
+    last = last_valid_index(prompt_mask)  # P - 1 for left padding; any padding works
+    last_prompt = twice(jnp.take_along_axis(prompt_hidden, last[:, None, None], axis=1), 0)
     predictors = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)  # [2B, C, D]
     logps = chunked_token_logprobs(
         predictors, model.unembedding(), completion, chunk_size=chunk_size

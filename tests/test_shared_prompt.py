@@ -124,28 +124,53 @@ def full_logits_reference(graphdef, params, arrays):
     return out
 
 
+WEIGHTS = np.random.default_rng(0).normal(size=(2, 5))
+
+
+def weighted(out):
+    return jnp.sum(jnp.asarray(WEIGHTS) * jnp.stack(out[:2]))
+
+
+@functools.cache
+def standard_reference(family):
+    """Full-logits log-probs of the standard rows, and the gradient of a weighted sum of the
+    standard layout's log-probs (both jitted, once per model family)."""
+    graphdef, params = model(family)
+    arrays = standard_arrays(2)
+    want = jax.jit(lambda p: full_logits_reference(graphdef, p, arrays))(params)
+    grad = jax.jit(
+        jax.grad(
+            lambda p: weighted(lm.concatenated_sequence_logps(graphdef, p, arrays, chunk_size=8))
+        )
+    )(params)
+    return arrays, want, grad
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_logps_and_gradients_equal_the_standard_layout(family, jit):
     graphdef, params = model(family)
-    arrays = standard_arrays(2)
+    arrays, want, grad_standard = standard_reference(family)
     shared = data.share_prompts(arrays, prompt_length=7)  # extra left padding too
     fn = lambda p, b: lm.pair_sequence_logps(graphdef, p, b, chunk_size=8)
     if jit:
         fn = jax.jit(fn)
     chosen, rejected, chosen_n, rejected_n = fn(params, shared)
-    want = full_logits_reference(graphdef, params, arrays)
     np.testing.assert_allclose(chosen, want[0], rtol=1e-6)
     np.testing.assert_allclose(rejected, want[1], rtol=1e-6)
     np.testing.assert_array_equal(chosen_n, arrays["chosen_loss_mask"].sum(1))
     np.testing.assert_array_equal(rejected_n, arrays["rejected_loss_mask"].sum(1))
+    # Right-padded prompts (a layout of one's own) give the same log-probs.
+    pads = (~shared["prompt_mask"]).sum(axis=1)
+    right = dict(shared)
+    for key in ("prompt_tokens", "prompt_mask"):
+        right[key] = np.stack([np.roll(row, -n) for row, n in zip(shared[key], pads, strict=True)])
+    assert right["prompt_mask"][:, 0].all() and not right["prompt_mask"][:, -1].any()
+    np.testing.assert_allclose(fn(params, right)[0], want[0], rtol=1e-6)
+    if not jit:
+        return  # the gradient below is compiled; op by op it takes most of this file's time
 
-    weights = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5)))
-    objective = lambda out: jnp.sum(weights * jnp.stack(out[:2]))
-    grad_shared = jax.grad(lambda p: objective(fn(p, shared)))(params)
-    grad_standard = jax.grad(
-        lambda p: objective(lm.concatenated_sequence_logps(graphdef, p, arrays, chunk_size=8))
-    )(params)
+    grad_shared = jax.jit(jax.grad(lambda p: weighted(fn(p, shared))))(params)
     # One scale for all leaves: some gradients are zero in exact arithmetic (a key bias under
     # softmax) and only rounding noise in both layouts.
     scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(grad_standard))
