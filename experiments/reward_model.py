@@ -85,6 +85,7 @@ def main(config: Config) -> dict:
     tokenizer = hf.load_tokenizer(model_path)
     graphdef, params = nnx.split(load_reward_model(model_path, config.seed))
     train, held_out, data_report = experiment.load_preference_arrays(config, tokenizer)
+    experiment.apply_layout(config, train, held_out)  # --share-prompt
     reward_config = reward.RewardConfig(
         center_rewards_coefficient=config.center_rewards_coefficient
     )

@@ -40,6 +40,7 @@ __all__ = [
     "DPORunConfig",
     "PreferenceRunConfig",
     "adamw",
+    "apply_layout",
     "build_mesh",
     "dpo_run",
     "final_eval",
@@ -78,6 +79,8 @@ class PreferenceRunConfig:
       log_every: steps between progress lines.
       eval_every: steps between held-out evaluations (0 = only at the end).
       checkpoint_every: steps between checkpoints (the last step is always saved).
+      share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
+        fewer FLOPs: both completions attend to one prompt key/value cache).
     """
 
     model: str | None = None
@@ -98,6 +101,7 @@ class PreferenceRunConfig:
     log_every: int = 25
     eval_every: int = 100
     checkpoint_every: int = 100
+    share_prompt: bool = False
 
 
 def builtin(config: PreferenceRunConfig) -> bool:
@@ -274,8 +278,6 @@ class DPORunConfig(PreferenceRunConfig):
       reference: precomputed (reference log-probs computed once over the data), model (a frozen
         reference forward pass per batch) or none (reference-free).
       chunk_size: token rows per chunk of the log-prob computation.
-      share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
-        fewer FLOPs: both completions attend to one prompt key/value cache).
       win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
     """
 
@@ -285,7 +287,6 @@ class DPORunConfig(PreferenceRunConfig):
     rpo_alpha: float | None = 0.5
     reference: str = "precomputed"
     chunk_size: int = 1024
-    share_prompt: bool = False
     win_rate_prompts: int = 512
 
     def dpo_config(self) -> dpo.DPOConfig:
@@ -324,6 +325,18 @@ def placer(mesh, batch_shardings) -> Callable:
     return lambda batch: sharding.shard_global_batch(batch, mesh)
 
 
+def apply_layout(config: PreferenceRunConfig, *splits: dict[str, np.ndarray]) -> None:
+    """With ``config.share_prompt``, rewrite each split in place into the shared-prompt layout
+    (:func:`rljax.data.share_prompts`, padded to the split's longest prompt and completion);
+    otherwise leave them as they are."""
+    if not config.share_prompt:
+        return
+    for arrays in splits:
+        shared = data.share_prompts(arrays)
+        arrays.clear()
+        arrays.update(shared)
+
+
 def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, reference_params=None):
     """Everything a DPO training loop needs: reference log-probs added to ``train`` and
     ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
@@ -337,11 +350,7 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
     """
     dpo_config = config.dpo_config()
     reference_params = params if reference_params is None else reference_params
-    if config.share_prompt:
-        for arrays in (train, held_out):
-            shared = data.share_prompts(arrays)
-            arrays.clear()
-            arrays.update(shared)
+    apply_layout(config, train, held_out)
     if config.reference == "precomputed":
         for arrays in (train, held_out):
             arrays.update(

@@ -43,6 +43,7 @@ __all__ = [
     "compile_update",
     "concatenated_sequence_logps",
     "merge",
+    "pair_rewards",
     "pair_sequence_logps",
     "reference_logps",
     "sequence_logps",
@@ -174,16 +175,38 @@ def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
         )
 
 
+def _shared_prompt_decode(model, batch: Mapping[str, Any]):
+    """The shared-prompt forward: ``(predictors [2B, C, D], completion [2B, C],
+    completion_mask [2B, C], hidden [2B, C, D])`` where ``predictors[:, j]`` is the hidden
+    state that predicts completion token ``j`` (the prompt's last one for ``j = 0``)."""
+    prompt = jnp.asarray(batch["prompt_tokens"])
+    prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
+    cat = lambda name: jnp.concatenate(
+        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
+    )
+    completion, completion_mask = cat("completion_tokens"), cat("completion_mask").astype(bool)
+    b, p = prompt.shape
+    cache = model.init_cache(b, p + completion.shape[1])
+    prompt_hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
+    twice = lambda x, axis: jnp.concatenate([x, x], axis=axis)
+    cache = KVCache(twice(cache.k, 1), twice(cache.v, 1), twice(cache.mask, 0), cache.index)
+    hidden, _ = model.decode(completion, completion_mask, cache=cache)
+    last = last_valid_index(prompt_mask)  # P - 1 for left padding; any padding works
+    last_prompt = twice(jnp.take_along_axis(prompt_hidden, last[:, None, None], axis=1), 0)
+    predictors = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)
+    return predictors, completion, completion_mask, hidden
+
+
 def shared_prompt_sequence_logps(
     graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """:func:`concatenated_sequence_logps` on the shared-prompt layout
     (:func:`rljax.data.share_prompts`): each pair's prompt runs once.
 
-    The ``[B, P]`` left-padded prompts run first and fill a key/value cache of ``P + C`` slots;
-    the cache is repeated for the chosen and the rejected half, and the ``[2B, C]`` completions
-    run against it (positions continue from each prompt's length, so RoPE / learned positions
-    are those of the standard layout). Token ``j`` of a completion is predicted from the
+    The ``[B, P]`` prompts run first and fill a key/value cache of ``P + C`` slots; the cache
+    is repeated for the chosen and the rejected half, and the ``[2B, C]`` completions run
+    against it (positions continue from each prompt's length, so RoPE / learned positions are
+    those of the standard layout). Token ``j`` of a completion is predicted from the
     completion's hidden state ``j - 1``, token 0 from the prompt's last one; log-probs are
     computed (chunked) only at these ``2B x C`` positions. Prompts may be padded on either side
     (masked cache slots are skipped; positions count real tokens only).
@@ -193,27 +216,34 @@ def shared_prompt_sequence_logps(
     """
     _check_pair_batch(batch, SHARED_PROMPT_KEYS)
     model = merge(graphdef, params)
-    prompt = jnp.asarray(batch["prompt_tokens"])
-    prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
-    cat = lambda name: jnp.concatenate(
-        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
-    )
-    completion, completion_mask = cat("completion_tokens"), cat("completion_mask").astype(bool)
-    b, p = prompt.shape
-    c = completion.shape[1]
-    cache = model.init_cache(b, p + c)
-    prompt_hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
-    twice = lambda x, axis: jnp.concatenate([x, x], axis=axis)
-    cache = KVCache(twice(cache.k, 1), twice(cache.v, 1), twice(cache.mask, 0), cache.index)
-    hidden, _ = model.decode(completion, completion_mask, cache=cache)
-    last = last_valid_index(prompt_mask)  # P - 1 for left padding; any padding works
-    last_prompt = twice(jnp.take_along_axis(prompt_hidden, last[:, None, None], axis=1), 0)
-    predictors = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)  # [2B, C, D]
+    predictors, completion, completion_mask, _ = _shared_prompt_decode(model, batch)
     logps = chunked_token_logprobs(
         predictors, model.unembedding(), completion, chunk_size=chunk_size
     )
     total, lengths = masked_sum_and_count(logps, completion_mask, axis=-1)
+    b = total.shape[0] // 2
     return total[:b], total[b:], lengths[:b], lengths[b:]
+
+
+def pair_rewards(graphdef: Any, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, ...]:
+    """``(chosen_rewards, rejected_rewards)`` ``[B]``: a reward-head model's score at the last
+    real token of each chosen and rejected sequence, in either layout (one ``[2B, T]`` pass, or
+    the shared-prompt forward of :func:`shared_prompt_sequence_logps`)."""
+    shared = "prompt_tokens" in batch
+    keys = SHARED_PROMPT_KEYS if shared else tuple(k for k in PAIR_KEYS if "loss_mask" not in k)
+    _check_pair_batch(batch, keys)
+    model = merge(graphdef, params)
+    if shared:
+        _, _, completion_mask, hidden = _shared_prompt_decode(model, batch)
+        last = last_valid_index(completion_mask)
+        rewards = model.scores(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    else:
+        cat = lambda name: jnp.concatenate(
+            [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])]
+        )
+        rewards = model.rewards(cat("tokens"), cat("mask"))
+    b = rewards.shape[0] // 2
+    return rewards[:b], rewards[b:]
 
 
 def pair_sequence_logps(

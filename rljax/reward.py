@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rljax.lm import PAIR_KEYS, merge
+from rljax.lm import pair_rewards
 
 __all__ = [
     "RewardConfig",
@@ -125,27 +125,15 @@ def init_reward_state(params, optimizer) -> RewardState:
 
 def _reward_objective(graphdef, config: RewardConfig) -> Callable:
     def objective(params, batch):
-        missing = [k for k in PAIR_KEYS if k not in batch and not k.endswith("loss_mask")]
-        if missing:
-            raise KeyError(f"reward batch is missing {missing}; it has {sorted(batch)}")
-        model = merge(graphdef, params)
-        b = batch["chosen_tokens"].shape[0]
-        tokens = jnp.concatenate(
-            [jnp.asarray(batch["chosen_tokens"]), jnp.asarray(batch["rejected_tokens"])]
-        )
-        mask = jnp.concatenate(
-            [jnp.asarray(batch["chosen_mask"]), jnp.asarray(batch["rejected_mask"])]
-        )
-        rewards = model.rewards(tokens, mask)  # [2B], score at each row's last real token
+        chosen, rejected = pair_rewards(graphdef, params, batch)  # [B] each
         margin = batch.get("margin") if config.use_margin else None
         loss, metrics = bradley_terry_loss(
-            rewards[:b],
-            rewards[b:],
+            chosen,
+            rejected,
             margin=None if margin is None else jnp.asarray(margin),
             center_rewards_coefficient=config.center_rewards_coefficient,
         )
-        chosen = jax.lax.stop_gradient(rewards[:b])
-        rejected = jax.lax.stop_gradient(rewards[b:])
+        chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
         metrics = {
             "loss": loss,
             **metrics,
@@ -174,8 +162,9 @@ def make_reward_update(
       config: :class:`RewardConfig`.
 
     The ``batch`` follows the :mod:`rljax.data` contract (``chosen_tokens``, ``chosen_mask``,
-    ``rejected_tokens``, ``rejected_mask``, ``[B, T]``; loss masks are not used), optionally
-    with a float ``margin [B]``.
+    ``rejected_tokens``, ``rejected_mask``, ``[B, T]``; loss masks are not used), or the
+    shared-prompt layout of :func:`rljax.data.share_prompts` (each prompt run once:
+    :func:`rljax.lm.pair_rewards`), optionally with a float ``margin [B]``.
 
     Metrics: ``loss``, ``accuracy``, ``margin`` (mean reward gap), ``mean_reward``,
     ``min_reward``, ``max_reward``, ``rewards/chosen``, ``rewards/rejected`` and ``grad_norm``.

@@ -1,8 +1,8 @@
 """The shared-prompt layout (rljax.data.share_prompts) and its forward pass
 (rljax.lm.shared_prompt_sequence_logps): the layout is checked element by element against the
 standard arrays, bad rows get errors naming them, and the log-probs, gradients, reference
-log-probs and DPO updates equal those of the standard layout (independently: full logits in
-float64), with and without jit."""
+log-probs, DPO updates and reward-model rewards and updates equal those of the standard layout
+(independently: full logits in float64), with and without jit."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from rljax import data, lm
 from rljax.dpo import DPOConfig, init_dpo_state, make_dpo_update
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.reward import RewardConfig, init_reward_state, make_reward_update
 
 VOCAB = 48
 
@@ -207,3 +208,40 @@ def test_reference_logps_and_dpo_update_equal_the_standard_layout():
             )
         for a, b in zip(jax.tree.leaves(params_b), jax.tree.leaves(params_a), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_reward_update_equals_the_standard_layout():
+    config = TransformerConfig.llama(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        head="reward",
+        lm_head=False,
+    )
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(5)), nnx.Param)
+    arrays = standard_arrays(6, pairs=6)
+    arrays["margin"] = np.linspace(0.0, 1.0, 6).astype(np.float32)
+    shared = data.share_prompts(arrays)
+    # The shared forward reads the score at each completion's last token, as model.rewards does.
+    net = nnx.merge(graphdef, params, copy=True)
+    for side, index in (("chosen", 0), ("rejected", 1)):
+        want = net.rewards(arrays[f"{side}_tokens"], arrays[f"{side}_mask"])
+        got = lm.pair_rewards(graphdef, params, shared)[index]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=side)
+
+    optimizer = optax.sgd(0.1)
+    step = jax.jit(make_reward_update(graphdef, optimizer, RewardConfig(use_margin=True)))
+    results = []
+    for batch in (arrays, shared):
+        state, metrics = step(init_reward_state(params, optimizer), batch)
+        results.append((state.params, metrics))
+    (params_a, metrics_a), (params_b, metrics_b) = results
+    for key in metrics_a:
+        np.testing.assert_allclose(
+            metrics_b[key], metrics_a[key], rtol=1e-5, atol=1e-6, err_msg=key
+        )
+    for a, b in zip(jax.tree.leaves(params_b), jax.tree.leaves(params_a), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
