@@ -118,6 +118,13 @@ def sequence_logps(
     return masked_sum_and_count(logps, counted, axis=-1)
 
 
+def _both(batch: Mapping[str, Any], name: str) -> jax.Array:
+    """``chosen_<name>`` then ``rejected_<name>`` concatenated on the batch axis: ``[2B, ...]``."""
+    return jnp.concatenate(
+        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
+    )
+
+
 def concatenated_sequence_logps(
     graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -127,9 +134,7 @@ def concatenated_sequence_logps(
     Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``.
     """
     _check_pair_batch(batch)
-    cat = lambda name: jnp.concatenate(
-        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
-    )
+    cat = functools.partial(_both, batch)
     logps, lengths = sequence_logps(
         graphdef, params, cat("tokens"), cat("mask"), cat("loss_mask"), chunk_size=chunk_size
     )
@@ -181,10 +186,8 @@ def _shared_prompt_decode(model, batch: Mapping[str, Any]):
     state that predicts completion token ``j`` (the prompt's last one for ``j = 0``)."""
     prompt = jnp.asarray(batch["prompt_tokens"])
     prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
-    cat = lambda name: jnp.concatenate(
-        [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])], axis=0
-    )
-    completion, completion_mask = cat("completion_tokens"), cat("completion_mask").astype(bool)
+    completion = _both(batch, "completion_tokens")
+    completion_mask = _both(batch, "completion_mask").astype(bool)
     b, p = prompt.shape
     cache = model.init_cache(b, p + completion.shape[1])
     prompt_hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
@@ -238,10 +241,7 @@ def pair_rewards(graphdef: Any, params: Any, batch: Mapping[str, Any]) -> tuple[
         last = last_valid_index(completion_mask)
         rewards = model.scores(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     else:
-        cat = lambda name: jnp.concatenate(
-            [jnp.asarray(batch[f"chosen_{name}"]), jnp.asarray(batch[f"rejected_{name}"])]
-        )
-        rewards = model.rewards(cat("tokens"), cat("mask"))
+        rewards = model.rewards(_both(batch, "tokens"), _both(batch, "mask"))
     b = rewards.shape[0] // 2
     return rewards[:b], rewards[b:]
 
