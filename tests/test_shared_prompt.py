@@ -98,19 +98,22 @@ def test_bad_rows_are_named():
         lm.shared_prompt_sequence_logps(None, None, {"prompt_tokens": np.zeros((2, 3))})
 
 
-@functools.cache
-def model(family):
-    config = getattr(TransformerConfig, family)(
+def tiny_config(family, **overrides):
+    return getattr(TransformerConfig, family)(
         vocab_size=VOCAB,
         hidden_size=32,
         num_layers=2,
         num_heads=4,
-        **({"num_kv_heads": 2} if family == "llama" else {}),
         intermediate_size=48,
         max_position_embeddings=32,
-        dtype="float64",
-        param_dtype="float64",
+        **overrides,
     )
+
+
+@functools.cache
+def model(family):
+    gqa = {"num_kv_heads": 2} if family == "llama" else {}
+    config = tiny_config(family, **gqa, dtype="float64", param_dtype="float64")
     return nnx.split(Transformer(config, rngs=nnx.Rngs(3)), nnx.Param)
 
 
@@ -211,16 +214,7 @@ def test_reference_logps_and_dpo_update_equal_the_standard_layout():
 
 
 def test_reward_update_equals_the_standard_layout():
-    config = TransformerConfig.llama(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        head="reward",
-        lm_head=False,
-    )
+    config = tiny_config("llama", head="reward", lm_head=False)
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(5)), nnx.Param)
     arrays = standard_arrays(6, pairs=6)
     arrays["margin"] = np.linspace(0.0, 1.0, 6).astype(np.float32)
