@@ -19,7 +19,8 @@ Design, for speed and for sharding:
 - Attention is ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU with
   ``attention_impl="cudnn"``; right-padded batches then use sequence lengths instead of a mask).
 - Parameters are stored in ``param_dtype`` (float32 master weights by default) and cast to the
-  compute ``dtype`` (e.g. bfloat16) inside the forward pass; norms and softmax run in float32.
+  compute ``dtype`` (e.g. bfloat16) inside the forward pass; norms and softmax run in float32
+  (float64 in a float64 model, which is float64 throughout: the parity tests' reference).
 - Every parameter carries ``logical_axes`` metadata (``("layers", "embed", "heads",
   "head_dim")``, ...); :mod:`rljax.sharding` turns those names into ``PartitionSpec``\\ s.
   Building a model needs no mesh.
@@ -388,6 +389,23 @@ def _normal(rngs: nnx.Rngs, shape, std, dtype):
     return std * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype)
 
 
+def _wide(dtype) -> jnp.dtype:
+    """Dtype of norms, RoPE angles, softmax and scalar heads: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _float64_attention(q, k, v, allowed):
+    """Softmax attention computed entirely in float64 (``q [B,T,N,H]``, ``k, v [B,S,K,H]``,
+    ``allowed [B,T,S]``; grouped-query heads share their key/value head)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k) / jnp.sqrt(jnp.asarray(h, q.dtype))
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(q.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
 def _dense(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
     """``x``'s last ``in_axes`` axes contracted with ``w``'s first ``in_axes`` axes, as one
     2-D matmul ``[prod(batch axes), prod(in)] @ [prod(in), prod(out)]``."""
@@ -485,25 +503,27 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ forward pieces
 
     def _norm(self, x, scale, bias):
-        x32 = x.astype(jnp.float32)
+        wide = _wide(x.dtype)
+        x32 = x.astype(wide)
         if self.config.family == "gpt2":
             mean = jnp.mean(x32, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
             y = (x32 - mean) * jax.lax.rsqrt(var + self.config.norm_eps)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = y * scale.astype(wide) + bias.astype(wide)
         else:
             var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-            y = x32 * jax.lax.rsqrt(var + self.config.norm_eps) * scale.astype(jnp.float32)
+            y = x32 * jax.lax.rsqrt(var + self.config.norm_eps) * scale.astype(wide)
         return y.astype(self.config.dtype)
 
     def _rope(self, x, positions):
         """Rotate-half RoPE (Hugging Face's layout) on ``x [B, T, heads, H]``."""
-        inv_freq = jnp.asarray(self._inv_freq, jnp.float32)
-        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+        wide = _wide(x.dtype)
+        inv_freq = jnp.asarray(self._inv_freq, wide)
+        angles = positions.astype(wide)[..., None] * inv_freq  # [B, T, H/2]
         angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
         cos = jnp.cos(angles) * self._rope_attention_factor
         sin = jnp.sin(angles) * self._rope_attention_factor
-        x32 = x.astype(jnp.float32)
+        x32 = x.astype(wide)
         half = x.shape[-1] // 2
         rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
         return (x32 * cos + rotated * sin).astype(x.dtype)
@@ -512,6 +532,19 @@ class Transformer(nnx.Module):
         """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding.
         With one: keys are cache slots, allowed where valid and not after the query's slot."""
         impl = self.config.attention_impl
+        if q.dtype == jnp.float64:
+            # jax.nn.dot_product_attention runs its softmax in float32 whatever the inputs;
+            # a float64 model (the reference of the parity tests) must stay float64 throughout.
+            if cache_mask is None:
+                slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+                causal = slots[None, :] <= slots[:, None]  # [T, S]
+                allowed = mask.astype(bool)[:, None, :] & causal[None]
+            else:
+                slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+                allowed = cache_mask[:, None, :] & (
+                    slots[None, None, :] <= query_slots[None, :, None]
+                )
+            return _float64_attention(q, k, v, allowed)
         if cache_mask is None:
             if impl == "cudnn":
                 return jax.nn.dot_product_attention(
@@ -679,14 +712,13 @@ class Transformer(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), self.unembedding())
 
     def scores(self, hidden: jax.Array) -> jax.Array:
-        """The scalar head per position ``[...]`` in float32 (value or reward head)."""
+        """The scalar head per position ``[...]`` in float32 (float64 for a float64 model)."""
         if self.score is None:
             raise ValueError("this model has no scalar head (TransformerConfig.head is None)")
-        s = jnp.einsum(
-            "...d,d->...", hidden.astype(jnp.float32), self.score[...].astype(jnp.float32)
-        )
+        wide = _wide(hidden.dtype)
+        s = jnp.einsum("...d,d->...", hidden.astype(wide), self.score[...].astype(wide))
         if self.score_bias is not None:
-            s = s + self.score_bias[...].astype(jnp.float32)
+            s = s + self.score_bias[...].astype(wide)
         return s
 
     def __call__(
