@@ -38,6 +38,7 @@ class Config(experiment.DPORunConfig):
     out: str = "runs/dpo"
 
 
+@experiment.in_run_folder  # one run per --out; a resume must keep the stored settings
 def main(config: Config) -> dict:
     sharding.initialize_from_env()  # a multi-process run (rljax.launch); no-op otherwise
     start = time.perf_counter()

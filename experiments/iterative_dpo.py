@@ -237,6 +237,19 @@ def train_round(r, round_dir, config, graphdef, params, initial, tokenizer, mesh
     return jax.device_get(state.params), experiment.final_eval(log.rows())
 
 
+def saved_rounds(out: pathlib.Path) -> int | None:
+    """The last round with saved progress (finished, or an unfinished one's checkpoint)."""
+    rounds = [
+        int(folder.name.removeprefix("round_"))
+        for folder in out.glob("round_*")
+        if (folder / "done.json").exists()
+        or runs.latest_saved_step(folder / "checkpoints") is not None
+    ]
+    return max(rounds, default=None)
+
+
+# One run per --out; a resume (of finished or checkpointed rounds) must keep the settings.
+@experiment.in_run_folder(length_field=None, progress=saved_rounds)
 def main(config: Config) -> dict:
     if config.reference_policy not in ("previous", "initial"):
         raise ValueError(
@@ -304,6 +317,7 @@ def main(config: Config) -> dict:
         "final_win_rate": history[-1]["win_rate_vs_base"],
         "wall_seconds": round(time.perf_counter() - start, 2),
         "config": dataclasses.asdict(config),
+        **runs.config_record(out),  # the original settings, after --allow-config-change
     }
     runs.write_summary(out, summary)
     print(

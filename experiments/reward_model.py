@@ -78,6 +78,7 @@ def oracle_agreement(model, tokenizer, rows, max_length) -> dict:
     }
 
 
+@experiment.in_run_folder  # one run per --out; a resume must keep the stored settings
 def main(config: Config) -> dict:
     sharding.initialize_from_env()  # a multi-process run (rljax.launch); no-op otherwise
     start = time.perf_counter()

@@ -34,6 +34,14 @@ Semantics, all orbax's:
   ``abstract_state`` (``jax.ShapeDtypeStruct`` with ``.sharding``, see :func:`abstract_like`),
   which may differ from the sharding it was saved with (e.g. a different mesh).
 
+Damaged checkpoints (rljax's addition): :meth:`restore_latest` (and :meth:`restore` without a
+step) tries the step folders newest first and restores the newest one that reads back whole. A
+step that fails (a truncated array file, a garbage ``_METADATA``, an empty step folder, a
+missing ``extra/`` item, ...) gets a warning naming its folder; once an older step restored,
+the damaged newer folders are renamed to ``<step>.damaged`` (kept for inspection, invisible to
+orbax, so the run can save those steps again). When no step restores, :class:`CheckpointError`
+names the folder and each step's error.
+
 Random keys: typed keys (``jax.random.key``) are saved as their raw ``uint32`` data
 (``jax.random.key_data``) and wrapped back (``jax.random.wrap_key_data`` with the implementation
 of the matching abstract leaf) on restore, so states may hold either kind of key.
@@ -43,13 +51,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "abstract_like"]
+__all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a folder can be restored (each step's error is in the message)."""
+
 
 _STATE = "state"
 _EXTRA = "extra"
@@ -172,25 +187,94 @@ class Checkpointer:
     def restore(
         self, step: int | None = None, abstract_state: Any = None
     ) -> tuple[Any, dict[str, Any]]:
-        """``(state, extra)`` of checkpoint ``step`` (default: the latest).
+        """``(state, extra)`` of checkpoint ``step`` (default: the newest one that restores,
+        see :meth:`restore_latest`).
 
         ``abstract_state`` (e.g. :func:`abstract_like` of a freshly initialised state) gives
         the pytree structure and each array's dtype and sharding; arrays are restored straight
         into those shardings. Without it orbax restores the saved tree as nested dicts/lists
         with the saved shardings, which needs the same devices as when saving.
 
-        Raises ``FileNotFoundError`` when there is no (complete) checkpoint.
+        Raises ``FileNotFoundError`` when there is no (complete) checkpoint, and
+        :class:`CheckpointError` naming the step folder when the given ``step`` is damaged.
         """
         self.wait()
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            latest = self.restore_latest(abstract_state)
+            if latest is None:
                 raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        elif step not in self._manager.all_steps():
+            return latest[1:]
+        if step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"no complete checkpoint for step {step} in {self.directory}; "
                 f"steps on disk: {self.all_steps()}"
             )
+        try:
+            return self._restore(step, abstract_state)
+        except Exception as err:
+            raise CheckpointError(
+                f"checkpoint {self._step_dir(step)} cannot be restored: {_brief(err)}"
+            ) from err
+
+    def restore_latest(self, abstract_state: Any = None) -> tuple[int, Any, dict] | None:
+        """``(step, state, extra)`` of the newest checkpoint that restores, or ``None`` when
+        the folder holds no checkpoint (``abstract_state`` as in :meth:`restore`).
+
+        Steps are tried newest first; a step that fails to restore gets a warning naming its
+        folder, and once an older one restored, the failed newer folders are renamed to
+        ``<step>.damaged``. In a multi-process run a step counts as restored only when every
+        process restored it. Raises :class:`CheckpointError` naming the folder and each step's
+        error when none restores (a damaged folder, or a train state of another shape than the
+        saved one).
+        """
+        self.wait()
+        failed: list[tuple[int, Exception]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                state, extra = self._restore(step, abstract_state)
+                error = None
+            except Exception as err:  # whatever orbax, tensorstore or json raise
+                state = extra = None
+                error = err
+            if _everywhere(error is None):
+                if failed:
+                    self._set_aside([s for s, _ in failed])
+                return step, state, extra
+            error = error or RuntimeError("restored here but not on every process")
+            failed.append((step, error))
+            warnings.warn(
+                f"checkpoint {self._step_dir(step)} is damaged ({_brief(error)}); trying the "
+                "previous one",
+                stacklevel=2,
+            )
+        if not failed:
+            return None
+        lines = "\n".join(f"  {self._step_dir(s)}: {_brief(e)}" for s, e in failed)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be restored:\n{lines}\nIf the model or "
+            "the train state changed shape since they were saved, use a new output folder; if "
+            f"they are damaged, delete {self.directory} to start the run over."
+        ) from failed[0][1]
+
+    def _step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Rename damaged step folders to ``<step>.damaged`` (process 0, once every process is
+        done reading them) and refresh orbax's list of steps."""
+        _sync("rljax.checkpoint.set_aside")
+        if jax.process_index() == 0:
+            for step in steps:
+                source, target = self._step_dir(step), self._step_dir(step) + ".damaged"
+                n = 1
+                while os.path.exists(target):
+                    n, target = n + 1, f"{self._step_dir(step)}.damaged{n + 1}"
+                os.rename(source, target)
+                warnings.warn(f"moved the damaged checkpoint {source} to {target}", stacklevel=3)
+        _sync("rljax.checkpoint.set_aside.done")
+        self._manager.reload()
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         target = None if abstract_state is None else _abstract_keys_to_data(abstract_state)
         restored = self._manager.restore(
             int(step),
@@ -216,3 +300,26 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _brief(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line, cut to ``limit`` characters (TensorStore's are long)."""
+    text = " ".join(str(err).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (the value itself on one process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

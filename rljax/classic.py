@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rljax import advantages, envs, ppo, trpo
+from rljax import advantages, envs, finite, ppo, trpo
 from rljax.models.mlp import Actor, Critic, pure
 
 __all__ = [
@@ -646,6 +646,11 @@ def run_experiment(
 ) -> dict:
     """Train ``seeds`` seeds at once (``vmap``), time compilation and run separately, evaluate
     greedily, and write ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` to ``out``.
+
+    Updates with a NaN or inf are skipped inside the compiled run (:mod:`rljax.finite`; the
+    metric ``nonfinite`` per iteration); the summary counts them per seed
+    (``nonfinite_updates_per_seed``), and final parameters with a non-finite value raise
+    ``FloatingPointError`` after the outputs are written.
     """
     import json
     import pathlib
@@ -681,11 +686,15 @@ def run_experiment(
     compile_seconds = time.perf_counter() - start
     print(f"[{label}] compiled in {compile_seconds:.1f}s", flush=True)
     run_start = time.perf_counter()
-    _, history, evaluation = jax.block_until_ready(compiled(keys))
+    state, history, evaluation = jax.block_until_ready(compiled(keys))
     run_seconds = time.perf_counter() - run_start
     wall_seconds = time.perf_counter() - start
     history = jax.tree.map(np.asarray, history)
     per_seed = np.asarray(evaluation["mean_return"])
+    # Non-finite updates were skipped inside the compiled run; count them per seed and check
+    # that the final parameters are finite.
+    skipped = np.asarray(state.nonfinite_updates).tolist()
+    params_finite = np.asarray(jax.vmap(finite.all_finite)(_policy_and_value(state))).tolist()
 
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -721,6 +730,8 @@ def run_experiment(
         "run_seconds": round(run_seconds, 2),
         "device": jax.devices()[0].device_kind,
         "compiler_options": compiler_options(seeds * config.env_steps),
+        "nonfinite_updates_per_seed": skipped,
+        "final_params_finite_per_seed": params_finite,
         "config": dataclasses.asdict(config),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -734,6 +745,17 @@ def run_experiment(
         f"[{label}] wall {wall_seconds:.1f}s = compile {compile_seconds:.1f}s + run "
         f"{run_seconds:.1f}s; wrote {out_dir}/metrics.jsonl, summary.json, learning_curve.png"
     )
+    if any(skipped):
+        print(
+            f"[{label}] skipped non-finite updates per seed (parameters kept): {skipped}",
+            flush=True,
+        )
+    if not all(params_finite):
+        bad = [i for i, ok in enumerate(params_finite) if not ok]
+        raise FloatingPointError(
+            f"[{label}] the final parameters of seed(s) {bad} (of {seeds}) have non-finite "
+            f"values; see {out_dir}/summary.json and metrics.jsonl (nonfinite per iteration)"
+        )
     return summary
 
 

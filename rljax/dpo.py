@@ -26,8 +26,10 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from rljax.finite import count_nonfinite, step_if_finite
 from rljax.lm import pair_sequence_logps
 
 __all__ = [
@@ -555,19 +557,23 @@ class DPOState(NamedTuple):
 
     ``params``: the policy's parameters (``nnx.split(model)[1]``); ``opt_state``: the optax
     state; ``step``: int32 count of updates; ``ref_params``: the frozen reference policy's
-    parameters for ``DPOConfig(reference="model")``, else ``None`` (never updated).
+    parameters for ``DPOConfig(reference="model")``, else ``None`` (never updated);
+    ``nonfinite_updates``: int32 count of updates skipped as non-finite
+    (:func:`rljax.finite.step_if_finite`).
     """
 
     params: Any
     opt_state: Any
     step: jax.Array
     ref_params: Any = None
+    nonfinite_updates: Any = np.int32(0)
 
 
 def init_dpo_state(params, optimizer, ref_params=None) -> DPOState:
     """Initial :class:`DPOState`. For ``reference="model"`` pass ``ref_params`` (typically a
     copy of the initial policy: ``jax.tree.map(jnp.copy, params)``)."""
-    return DPOState(params, optimizer.init(params), jnp.zeros((), jnp.int32), ref_params)
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return DPOState(params, optimizer.init(params), step, ref_params, skipped)
 
 
 def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
@@ -644,8 +650,11 @@ def make_dpo_update(
 
     Metrics (TRL's names, all scalars): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
-    ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), and ``grad_norm`` (global norm
-    of the gradient before the optimizer).
+    ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), ``grad_norm`` (global norm
+    of the gradient before the optimizer), ``nonfinite`` (1.0 if the loss, the gradients or
+    the new parameters or optimizer state had a NaN or inf: the update is then skipped, the
+    parameters and optimizer state stay bitwise unchanged) and ``nonfinite_updates`` (the
+    running count of skipped updates, also ``state.nonfinite_updates``).
 
     Not jitted; jit it with the state and batch shardings and donate the state::
 
@@ -663,10 +672,13 @@ def make_dpo_update(
     def update(state: DPOState, batch: dict) -> tuple[DPOState, dict[str, jax.Array]]:
         ref_logps = reference(state.ref_params, batch)
         grads, metrics = jax.grad(objective, has_aux=True)(state.params, ref_logps, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, finite = step_if_finite(
+            optimizer, grads, state.opt_state, state.params, metrics["loss"]
+        )
+        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return DPOState(params, opt_state, state.step + 1, state.ref_params), metrics
+        metrics.update(guard_metrics)
+        return DPOState(params, opt_state, state.step + 1, state.ref_params, count), metrics
 
     return update
 

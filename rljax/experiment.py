@@ -7,7 +7,9 @@ built-in task's generated pairs), tokenise it with the model's tokenizer, build 
 and run a resumable training loop: the train state and the data position are checkpointed with
 orbax every ``checkpoint_every`` steps, and a run started again with the same ``--out`` folder
 continues from the last checkpoint with identical results (the data order is a function of the
-seed and the position; nothing else is random).
+seed and the position; nothing else is random). The drivers hold their folder while they run
+(:func:`in_run_folder`): a second run on it fails at once, and a resume with other settings than
+the stored ``out/config.json`` is refused unless ``--allow-config-change``.
 
 Multi-process runs (``python -m rljax.launch``, or one process per host on a cluster; the
 scripts call :func:`rljax.sharding.initialize_from_env` first): every process resolves the same
@@ -21,6 +23,7 @@ plots and the exported Hugging Face model are written by process 0 only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import tempfile
@@ -32,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rljax import checkpoint, data, dpo, lm, runs, sharding
+from rljax import checkpoint, data, dpo, finite, lm, runs, sharding
 from rljax.models import hf
 from rljax.tasks import sorting
 
@@ -45,11 +48,13 @@ __all__ = [
     "dpo_run",
     "final_eval",
     "finish_run",
+    "in_run_folder",
     "load_preference_arrays",
     "mean_metrics",
     "oracle_win_rate",
     "placer",
     "resolve_model",
+    "resume",
     "train_loop",
 ]
 
@@ -81,6 +86,10 @@ class PreferenceRunConfig:
       checkpoint_every: steps between checkpoints (the last step is always saved).
       share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
         fewer FLOPs: both completions attend to one prompt key/value cache).
+      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf in
+        the loss, gradients or new parameters (each is skipped, parameters unchanged).
+      allow_config_change: resume even though the settings differ from those stored in
+        out/config.json (summary.json then records both); without it such a resume is refused.
     """
 
     model: str | None = None
@@ -102,6 +111,50 @@ class PreferenceRunConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     share_prompt: bool = False
+    max_nonfinite_updates: int = 3
+    allow_config_change: bool = False
+
+    def __post_init__(self):
+        if self.max_nonfinite_updates < 1:
+            raise ValueError(
+                f"--max-nonfinite-updates must be >= 1, got {self.max_nonfinite_updates}"
+            )
+
+
+def in_run_folder(
+    main: Callable | None = None,
+    *,
+    length_field: str | None = "steps",
+    progress: Callable[[pathlib.Path], int | None] | None = None,
+) -> Callable:
+    """Decorate a driver ``main(config, ...)`` so that it runs holding its output folder
+    ``config.out`` (:class:`rljax.runs.RunFolder`): one run per folder (a lock, taken by process
+    0), and a resume refused when its settings differ from the stored ones unless
+    ``config.allow_config_change``; ``length_field`` names the setting a resume may not shrink
+    below the saved progress, and ``progress(folder)`` finds that progress (default: the newest
+    step folder in ``folder/checkpoints``). It first joins a multi-process run
+    (:func:`rljax.sharding.initialize_from_env`), which must precede any other JAX call.
+
+    Use as ``@in_run_folder`` or ``@in_run_folder(length_field=..., progress=...)``."""
+
+    def wrap(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run_in_folder(config, *args, **kwargs):
+            sharding.initialize_from_env()  # a multi-process run (rljax.launch); no-op otherwise
+            folder = runs.RunFolder(
+                config.out,
+                dataclasses.asdict(config),
+                allow_change=getattr(config, "allow_config_change", False),
+                length_field=length_field,
+                progress=progress,
+                primary=sharding.is_primary(),
+            )
+            with folder:
+                return main(config, *args, **kwargs)
+
+        return run_in_folder
+
+    return wrap if main is None else wrap(main)
 
 
 def builtin(config: PreferenceRunConfig) -> bool:
@@ -204,6 +257,26 @@ def mean_metrics(evaluate: Callable, state, arrays: Mapping[str, np.ndarray], pl
     return {k: v / n for k, v in totals.items()}
 
 
+def resume(ckpt: checkpoint.Checkpointer, state, length: int, unit: str = "step"):
+    """``(position, state, extra)`` of the newest checkpoint in ``ckpt`` that restores into the
+    shapes and shardings of ``state`` (damaged newer ones are skipped with a warning,
+    :meth:`rljax.checkpoint.Checkpointer.restore_latest`), or ``(0, state, None)`` without one.
+
+    Raises ``ValueError`` (closing ``ckpt``) when the checkpoint lies past the run's ``length``
+    (``--steps`` or ``--iterations``, after ``unit``): finishing would export a longer-trained
+    model labelled with the shorter length."""
+    restored = ckpt.restore_latest(checkpoint.abstract_like(state))
+    if restored is None:
+        return 0, state, None
+    if restored[0] > length:
+        ckpt.close()
+        raise ValueError(
+            f"{ckpt.directory} holds {unit} {restored[0]}, past --{unit}s {length}: use "
+            f"--{unit}s {restored[0]} or more to continue that run, or a new --out"
+        )
+    return restored
+
+
 def train_loop(
     *,
     label: str,
@@ -219,22 +292,25 @@ def train_loop(
 ) -> tuple[Any, runs.MetricsLog, dict[str, Any]]:
     """Run ``config.steps`` steps of ``step_fn(state, batch) -> (state, metrics)``, resuming
     from the last checkpoint in ``checkpoint_dir`` (default ``out/checkpoints``) if there is
-    one. Logs every ``log_every`` steps, evaluates (``evaluate(state) -> metrics``, logged
-    with an ``eval/`` prefix) every ``eval_every`` steps and at the end, and checkpoints every
-    ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``.
+    one (the newest that restores: :func:`resume`). Logs every ``log_every`` steps, evaluates
+    (``evaluate(state) -> metrics``, logged with an ``eval/`` prefix) every ``eval_every``
+    steps and at the end, and checkpoints every ``checkpoint_every`` steps and at the end.
+    Returns ``(state, log, info)``.
+
+    A step whose update was non-finite (its ``nonfinite`` metric, :mod:`rljax.finite`) left
+    the state unchanged; ``config.max_nonfinite_updates`` of them in a row stop the run with a
+    ``FloatingPointError`` naming the step and the last good checkpoint, and a state with a
+    non-finite value is never checkpointed.
 
     Multi-process: every process runs the loop (and the collective orbax saves and restores)
     with the same global batches; only process 0 writes ``metrics.jsonl``."""
     out = pathlib.Path(config.out)
     ckpt = checkpoint.Checkpointer(checkpoint_dir or out / "checkpoints", max_to_keep=2)
     batches = data.Batches(train_arrays, config.batch_size, seed=config.seed)
-    start = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, saved = ckpt.restore(latest, abstract_state=checkpoint.abstract_like(state))
+    start, state, saved = resume(ckpt, state, config.steps, "step")
+    if saved is not None:
         batches.restore(saved["data"])
-        start = latest
-        print(f"[{label}] resumed from checkpoint step {latest} in {ckpt.directory}", flush=True)
+        print(f"[{label}] resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     log = runs.MetricsLog(
         out / "metrics.jsonl",
         label,
@@ -243,9 +319,13 @@ def train_loop(
         keys=progress_keys,
         write=sharding.is_primary(),
     )
+    stop = finite.NonfiniteStop(config.max_nonfinite_updates, label, ckpt.directory)
+    if start:
+        stop.saved(start)
     try:
         for step in range(start + 1, config.steps + 1):
             state, metrics = step_fn(state, place(next(batches)))
+            stop.observe(step, metrics)  # the previous step's `nonfinite`; this one stays queued
             last = step == config.steps
             row = {}
             if step % config.log_every == 0 or last or step == 1:
@@ -257,7 +337,10 @@ def train_loop(
             if row:
                 log.log(step, row)
             if step % config.checkpoint_every == 0 or last:
+                stop.before_save(step, state)  # raises rather than save a non-finite state
                 ckpt.save(step, state, {"data": batches.state(), **(extra or {})}, force=True)
+                stop.saved(step)
+        stop.flush()
     finally:
         ckpt.close()  # finishes a save in flight, also when the run is interrupted
     return state, log, {"resumed_from": start or None}
@@ -393,10 +476,15 @@ def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int
 
 
 def final_eval(rows) -> dict[str, Any]:
-    """The held-out metrics (``eval/...``) of the last logged row, without the prefix."""
+    """The held-out metrics (``eval/...``) of the last logged row, without the prefix (a
+    non-finite value, logged as null, comes back as NaN so that it still formats)."""
     if not rows:
         return {}
-    return {k[len("eval/") :]: v for k, v in rows[-1].items() if k.startswith("eval/")}
+    return {
+        k[len("eval/") :]: float("nan") if v is None else v
+        for k, v in rows[-1].items()
+        if k.startswith("eval/")
+    }
 
 
 def finish_run(
@@ -419,6 +507,7 @@ def finish_run(
     Multi-process: every process calls it (the parameters are gathered to every host, a
     collective); process 0 alone writes the folder."""
     out = pathlib.Path(config.out)
+    finite.require_finite(params, f"not exporting the model to {out / folder}")
     model = lm.merge(graphdef, sharding.to_host(params))
     if sharding.is_primary():
         hf.save_model(model, out / folder, tokenizer=tokenizer)
@@ -432,5 +521,6 @@ def finish_run(
         "devices": int(mesh.size),
         "processes": jax.process_count(),
         "config": dataclasses.asdict(config),
+        **runs.config_record(out),  # the original settings, after --allow-config-change
     }
     return model, summary

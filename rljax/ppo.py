@@ -20,11 +20,12 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from rljax.advantages import whiten
 from rljax.distributions import entropy as distribution_entropy
 from rljax.distributions import log_prob
+from rljax.finite import all_finite, count_nonfinite, step_if_finite
 from rljax.logprobs import masked_mean, masked_sum_and_count
 
 __all__ = [
@@ -301,18 +302,21 @@ class PPOConfig:
 
 
 class PPOState(NamedTuple):
-    """Train state of :func:`make_ppo_update` (a pytree): ``params = {"policy", "value"}``."""
+    """Train state of :func:`make_ppo_update` (a pytree): ``params = {"policy", "value"}``;
+    ``nonfinite_updates`` counts the updates that skipped a non-finite minibatch step."""
 
     params: Any
     opt_state: Any
     key: jax.Array
     step: jax.Array
+    nonfinite_updates: Any = np.int32(0)
 
 
 def init_ppo_state(policy_params, value_params, optimizer, key: jax.Array) -> PPOState:
     """Initial :class:`PPOState`; one optax ``optimizer`` for both networks."""
     params = {"policy": policy_params, "value": value_params}
-    return PPOState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return PPOState(params, optimizer.init(params), key, step, skipped)
 
 
 def minibatch_epochs(
@@ -341,9 +345,14 @@ def minibatch_epochs(
       target_kl: skip the remaining steps once a minibatch's ``metrics[kl_metric]`` (measured
         before its step) exceeds this (or is NaN); ``None`` = never.
 
+    Each step is applied only if it is finite (:func:`rljax.finite.step_if_finite`: the loss,
+    the gradients, the new parameters and optimizer state); a non-finite one leaves both
+    unchanged.
+
     Returns:
-      ``(params, opt_state, key, metrics)``: metrics are means over the steps taken, plus
-      ``updates`` (steps taken) and ``early_stopped``.
+      ``(params, opt_state, key, metrics)``: metrics are means over the steps taken (a skipped
+      non-finite step included, so its NaN shows), plus ``updates`` (steps applied),
+      ``early_stopped`` and ``nonfinite`` (1.0 if any step was skipped as non-finite).
     """
     num_rows = jax.tree.leaves(batch)[0].shape[0]
     if num_rows % num_minibatches:
@@ -355,20 +364,21 @@ def minibatch_epochs(
 
     def minibatch_step(carry, minibatch):
         params, opt_state, stopped = carry
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
         if target_kl is not None:
             # A NaN KL estimate stops as well: nothing about that step can be trusted.
             stopped = stopped | ~(metrics[kl_metric] <= target_kl)
 
         def step(_):
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt_state
+            return step_if_finite(optimizer, grads, opt_state, params, loss)
 
         if target_kl is None:
-            params, opt_state = step(None)
+            params, opt_state, finite = step(None)
         else:
-            params, opt_state = jax.lax.cond(stopped, lambda _: (params, opt_state), step, None)
-        return (params, opt_state, stopped), (metrics, ~stopped)
+            params, opt_state, finite = jax.lax.cond(
+                stopped, lambda _: (params, opt_state, all_finite(loss, grads)), step, None
+            )
+        return (params, opt_state, stopped), (metrics, ~stopped, finite)
 
     def epoch(carry, order):
         minibatches = jax.tree.map(
@@ -381,15 +391,16 @@ def minibatch_epochs(
     orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
         jax.random.split(epochs_key, num_epochs)
     )
-    (params, opt_state, stopped), (metrics, taken) = jax.lax.scan(
+    (params, opt_state, stopped), (metrics, taken, finite) = jax.lax.scan(
         epoch, (params, opt_state, jnp.bool_(False)), orders
     )
     # Average over the steps taken only; where() rather than a product, so that a metric
     # that overflowed at the step which triggered the stop cannot turn the mean into NaN.
     count = jnp.maximum(jnp.sum(taken, dtype=jnp.float32), 1.0)
     metrics = {k: jnp.sum(jnp.where(taken, v, 0)) / count for k, v in metrics.items()}
-    metrics["updates"] = jnp.sum(taken, dtype=jnp.float32)
+    metrics["updates"] = jnp.sum(taken & finite, dtype=jnp.float32)
     metrics["early_stopped"] = stopped
+    metrics["nonfinite"] = jnp.any(~finite).astype(jnp.float32)
     return params, opt_state, key, metrics
 
 
@@ -418,7 +429,10 @@ def make_ppo_update(
     ``value_inputs`` (default ``inputs``).
 
     Metrics are means over the minibatch steps taken: those of :func:`ppo_loss`, plus
-    ``updates`` (steps taken) and ``early_stopped`` (target KL reached).
+    ``updates`` (steps applied), ``early_stopped`` (target KL reached), ``nonfinite`` (1.0 if
+    a minibatch step was skipped because its loss, gradients or result had a NaN or inf; its
+    parameters and optimizer state stay unchanged) and ``nonfinite_updates`` (the running
+    count of such updates, also ``state.nonfinite_updates``).
     """
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
@@ -464,6 +478,8 @@ def make_ppo_update(
             num_minibatches=config.num_minibatches,
             target_kl=config.target_kl,
         )
-        return PPOState(params, opt_state, key, state.step + 1), metrics
+        count, guard_metrics = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
+        metrics.update(guard_metrics)
+        return PPOState(params, opt_state, key, state.step + 1, count), metrics
 
     return update

@@ -19,8 +19,10 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from rljax.finite import count_nonfinite, step_if_finite
 from rljax.lm import pair_rewards
 
 __all__ = [
@@ -111,16 +113,19 @@ class RewardConfig:
 
 class RewardState(NamedTuple):
     """Train state of :func:`make_reward_update` (a pytree): ``params``
-    (``nnx.split(model)[1]``), ``opt_state`` and an int32 ``step``."""
+    (``nnx.split(model)[1]``), ``opt_state``, an int32 ``step`` and an int32
+    ``nonfinite_updates`` (updates skipped as non-finite, :func:`rljax.finite.step_if_finite`)."""
 
     params: Any
     opt_state: Any
     step: jax.Array
+    nonfinite_updates: Any = np.int32(0)
 
 
 def init_reward_state(params, optimizer) -> RewardState:
     """Initial :class:`RewardState`."""
-    return RewardState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return RewardState(params, optimizer.init(params), step, skipped)
 
 
 def _reward_objective(graphdef, config: RewardConfig) -> Callable:
@@ -167,8 +172,9 @@ def make_reward_update(
     :func:`rljax.lm.pair_rewards`), optionally with a float ``margin [B]``.
 
     Metrics: ``loss``, ``accuracy``, ``margin`` (mean reward gap), ``mean_reward``,
-    ``min_reward``, ``max_reward``, ``rewards/chosen``, ``rewards/rejected`` and ``grad_norm``.
-    Not jitted; jit it as :func:`rljax.dpo.make_dpo_update`'s step (or with
+    ``min_reward``, ``max_reward``, ``rewards/chosen``, ``rewards/rejected``, ``grad_norm``,
+    ``nonfinite`` and ``nonfinite_updates`` (a non-finite update is skipped, as in
+    :func:`rljax.dpo.make_dpo_update`). Not jitted; jit it as :func:`rljax.dpo.make_dpo_update`'s step (or with
     :func:`rljax.lm.compile_update`); means are over the global batch.
     """
     if not isinstance(config, RewardConfig):
@@ -177,11 +183,13 @@ def make_reward_update(
 
     def update(state: RewardState, batch: dict) -> tuple[RewardState, dict[str, jax.Array]]:
         grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return RewardState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), (
-            metrics
+        params, opt_state, finite = step_if_finite(
+            optimizer, grads, state.opt_state, state.params, metrics["loss"]
         )
+        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics.update(guard_metrics)
+        return RewardState(params, opt_state, state.step + 1, count), metrics
 
     return update
 

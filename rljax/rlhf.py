@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from rljax import lm, ppo, trpo
 from rljax.advantages import gae, whiten
+from rljax.finite import count_nonfinite
 from rljax.logprobs import (
     KL_ESTIMATORS,
     chunked_token_logprobs_and_entropy,
@@ -36,6 +37,8 @@ from rljax.logprobs import (
 
 __all__ = [
     "CRITICS",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "POLICY_LOSS_TYPES",
     "KLController",
     "RLHFPPOConfig",
     "adaptive_kl_coef",
@@ -47,11 +50,324 @@ __all__ = [
     "make_rlhf_ppo_update",
     "make_rlhf_trpo_update",
     "penalize_missing_eos",
+    "policy_loss",
     "sequence_kl",
     "token_gae",
 ]
 
 CRITICS = ("head", "separate", "none")
+
+
+# ------------------------------------------------------------------------------ policy loss
+# The GRPO family's policy loss as TRL 1.16 GRPOTrainer._compute_loss defines it. One
+# per-token objective per kind of ratio use, one aggregation per loss type, one dispatcher.
+
+
+def _clipped_objective(ratio, advantages, logps, clip_eps, clip_eps_high):
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` (PPO's clipped surrogate)."""
+    del logps
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
+    return -jnp.minimum(ratio * advantages, clipped * advantages)
+
+
+def _cispo_objective(ratio, advantages, logps, clip_eps, clip_eps_high):
+    """``-sg(min(r, eps_max)) A logp`` (CISPO: the weight is clipped, never the gradient)."""
+    del clip_eps
+    return -jax.lax.stop_gradient(jnp.minimum(ratio, clip_eps_high)) * advantages * logps
+
+
+def _sequence_mean_then_batch_mean(loss_sum_b, count_b, max_completion_len, num_items):
+    del max_completion_len, num_items
+    return jnp.mean(loss_sum_b / jnp.maximum(count_b, 1.0))
+
+
+def _token_mean(loss_sum_b, count_b, max_completion_len, num_items):
+    del max_completion_len, num_items
+    return jnp.sum(loss_sum_b) / jnp.maximum(jnp.sum(count_b), 1.0)
+
+
+def _constant_normaliser(loss_sum_b, count_b, max_completion_len, num_items):
+    del count_b, num_items
+    return jnp.sum(loss_sum_b) / (loss_sum_b.shape[0] * max_completion_len)
+
+
+def _global_token_mean(loss_sum_b, count_b, max_completion_len, num_items):
+    del max_completion_len
+    total = jnp.sum(count_b) if num_items is None else num_items
+    return jnp.sum(loss_sum_b) / jnp.maximum(total, 1.0)
+
+
+def _sequence_sum_then_batch_mean(loss_sum_b, count_b, max_completion_len, num_items):
+    del count_b, max_completion_len, num_items
+    return jnp.mean(loss_sum_b)
+
+
+# loss_type -> (per-token objective, aggregation of the masked per-row sums and counts,
+# optional arguments that this type reads).
+_POLICY_LOSSES = {
+    "grpo": (_clipped_objective, _sequence_mean_then_batch_mean, ()),
+    "bnpo": (_clipped_objective, _token_mean, ()),
+    "dr_grpo": (_clipped_objective, _constant_normaliser, ("max_completion_len",)),
+    "dapo": (_clipped_objective, _global_token_mean, ("num_items",)),
+    "cispo": (_cispo_objective, _global_token_mean, ("num_items",)),
+    "luspo": (_clipped_objective, _sequence_sum_then_batch_mean, ()),
+}
+POLICY_LOSS_TYPES = tuple(_POLICY_LOSSES)
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def _is_number_zero(x) -> bool:
+    """True for a concrete 0 (Python number or concrete array); False when traced."""
+    try:
+        return float(x) == 0.0
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return False
+
+
+def _check_policy_loss_args(
+    loss_type, importance_sampling_level, optional, clip_eps_high, ref_logps, beta
+):
+    if loss_type not in _POLICY_LOSSES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {POLICY_LOSS_TYPES}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level {importance_sampling_level!r} is not one of "
+            f"{IMPORTANCE_SAMPLING_LEVELS}"
+        )
+    reads = _POLICY_LOSSES[loss_type][2]
+    for name, value in optional.items():
+        if value is not None and name not in reads:
+            readers = [t for t, (_, _, r) in _POLICY_LOSSES.items() if name in r]
+            raise ValueError(
+                f"{name} is given but loss_type {loss_type!r} does not read it (only "
+                f"{readers} do); pass {name}=None"
+            )
+    if loss_type == "dr_grpo" and optional["max_completion_len"] is None:
+        raise ValueError(
+            "loss_type 'dr_grpo' divides by batch * max_completion_len; pass max_completion_len "
+            "(TRL's max_completion_length, the generation limit; not inferred from the width)"
+        )
+    if loss_type == "cispo" and clip_eps_high is None:
+        raise ValueError(
+            "loss_type 'cispo' caps the ratio itself at clip_eps_high (ScaleRL's epsilon_max, "
+            "recommended 5.0); pass it. TRL would fall back to epsilon (0.2), capping every "
+            "ratio near 1 at 0.2"
+        )
+    if ref_logps is None and not _is_number_zero(beta):
+        raise ValueError(
+            "beta is not the number 0 (or is traced), so the KL term needs ref_logps [B, T] "
+            "(log-probs of the reference policy); pass ref_logps, or beta=0.0"
+        )
+
+
+def _policy_loss_metrics(ratio_b1_or_bt, advantages, kl, valid, loss_type, eps_low, eps_high):
+    """TRL 1.16's logged statistics of the loss (local to this batch), gradient-free."""
+    ratio = jax.lax.stop_gradient(ratio_b1_or_bt)
+    m = valid.astype(ratio.dtype)
+    count = jnp.sum(m)
+
+    def token_mean(x):  # TRL's global_masked_mean
+        if x.shape[1] == 1:  # one value per sequence (sequence level, [B] advantages)
+            return jnp.mean(x[:, 0])
+        return jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(count, 1.0)
+
+    def row_values(x):  # TRL's masked_seq_mean, with rows that have no token dropped
+        if x.shape[1] == 1:
+            return x[:, 0], jnp.ones(x.shape[0], bool)
+        row_count = jnp.sum(m, axis=-1)
+        row_sum = jnp.sum(jnp.where(valid, x, 0.0), axis=-1)
+        return row_sum / jnp.maximum(row_count, 1.0), row_count > 0
+
+    def extreme(values, keep, reduce, fill):
+        return jnp.where(jnp.any(keep), reduce(jnp.where(keep, values, fill)), 0.0)
+
+    ratio_bt = jnp.broadcast_to(ratio, valid.shape)
+    metrics = {
+        "policy/ratio": jnp.sum(jnp.where(valid, ratio_bt, 0.0)) / jnp.maximum(count, 1.0),
+        "policy/ratio_min": extreme(ratio_bt, valid, jnp.min, jnp.inf),
+        "policy/ratio_max": extreme(ratio_bt, valid, jnp.max, -jnp.inf),
+        "count": count,
+    }
+    if kl is not None:
+        metrics["kl"] = jnp.sum(jnp.where(valid, kl, 0.0)) / jnp.maximum(count, 1.0)
+    if loss_type == "cispo":
+        clipped = ((ratio > eps_high) & (advantages > 0)).astype(ratio.dtype)
+        metrics["cispo_clip_ratio"] = token_mean(clipped)
+        return metrics
+    low = ((ratio < 1.0 - eps_low) & (advantages < 0)).astype(ratio.dtype)
+    high = ((ratio > 1.0 + eps_high) & (advantages > 0)).astype(ratio.dtype)
+    region = jnp.maximum(low, high)
+    low_rows, low_keep = row_values(low)
+    high_rows, high_keep = row_values(high)
+    metrics |= {
+        "clip_ratio/low_mean": token_mean(low),
+        "clip_ratio/high_mean": token_mean(high),
+        "clip_ratio/region_mean": token_mean(region),
+        "clip_ratio/low_min": extreme(low_rows, low_keep, jnp.min, jnp.inf),
+        "clip_ratio/high_max": extreme(high_rows, high_keep, jnp.max, -jnp.inf),
+    }
+    return metrics
+
+
+def policy_loss(
+    logps: jax.Array,
+    old_logps: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    clip_eps: float | jax.Array = 0.2,
+    clip_eps_high: float | jax.Array | None = None,
+    ref_logps: jax.Array | None = None,
+    beta: float | jax.Array = 0.0,
+    max_completion_len: int | jax.Array | None = None,
+    num_items: int | jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Policy loss of the GRPO family; equals TRL 1.16 ``GRPOTrainer._compute_loss``.
+
+    With :math:`m_{i,t}` the mask, :math:`A_{i,t}` the advantage (a ``[B]`` advantage is
+    the same for every token of its row) and the importance ratio
+
+    .. math::
+        r_{i,t} = \exp(\log\pi_{i,t} - \log\pi^{old}_{i,t}) \quad (\text{token}), \qquad
+        r_{i} = \exp\Big(\frac{\sum_t m_{i,t} (\log\pi_{i,t} - \log\pi^{old}_{i,t})}
+                             {\max(1, \sum_t m_{i,t})}\Big) \quad (\text{sequence, GSPO}),
+
+    the per-token loss is, for every type but cispo, the clipped surrogate (clip-higher:
+    separate :math:`\epsilon_{low}` = ``clip_eps``, :math:`\epsilon_{high}` = ``clip_eps_high``)
+
+    .. math::
+        \ell_{i,t} = -\min\big(r A_{i,t},\ \mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})
+                     A_{i,t}\big) + \beta\, k_{i,t},
+
+    and for cispo :math:`\ell_{i,t} = -\mathrm{sg}(\min(r, \epsilon_{max})) A_{i,t}
+    \log\pi_{i,t} + \beta k_{i,t}` with :math:`\epsilon_{max}` = ``clip_eps_high``. The KL
+    term is Schulman's k3 estimator of KL(pi || pi_ref) ("Approximating KL divergence", 2020),
+    :math:`k_{i,t} = e^{\log\pi^{ref} - \log\pi} - (\log\pi^{ref} - \log\pi) - 1` (TRL's
+    ``beta * per_token_kl``, not multiplied by the ratio). The loss aggregates
+    :math:`S_i = \sum_t m_{i,t} \ell_{i,t}` and :math:`n_i = \sum_t m_{i,t}` per ``loss_type``:
+
+    - ``grpo`` (Shao et al. 2024, arXiv:2402.03300): :math:`\frac1B \sum_i S_i / \max(1, n_i)`.
+    - ``bnpo``: :math:`\sum_i S_i / \max(1, \sum_i n_i)` (token mean of this batch).
+    - ``dr_grpo`` (Liu et al. 2025, arXiv:2503.20783): :math:`\sum_i S_i / (B \cdot L)`,
+      :math:`L` = ``max_completion_len`` (required: TRL uses its ``max_completion_length``
+      setting, default 512, never the padded width ``T``).
+    - ``dapo`` (Yu et al. 2025, arXiv:2503.14476): :math:`\sum_i S_i / \max(1, N)`, :math:`N`
+      = ``num_items``, the valid-token count of the whole optimizer step (all devices and
+      accumulation steps; TRL's ``num_items_in_batch``); ``None`` = this batch's count, which
+      makes it equal to ``bnpo``.
+    - ``cispo`` (MiniMax-M1, arXiv:2506.13585; :math:`\epsilon_{max}` as in ScaleRL,
+      arXiv:2510.13786): aggregated like ``dapo``.
+    - ``luspo`` (LUSPO, arXiv:2602.05261): :math:`\frac1B \sum_i S_i` (GSPO with each
+      sequence's loss scaled by its length; meant for ``importance_sampling_level="sequence"``).
+
+    ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025, arXiv:2507.18071) as
+    TRL 1.16 computes it: the gradient flows through the mean log-ratio (no stop-gradient; TRL
+    1.16 has no "sequence_token" level). A row with no valid token contributes 0 to the loss and
+    exactly 0 to the gradient: masked positions are neutralised before ``exp``, so padding may
+    hold anything (``-inf`` log-probs, ``nan`` advantages).
+
+    The loss is TRL's before its division by the gradient-accumulation step count (what TRL
+    logs as ``policy_loss``); with ``dapo``/``cispo`` TRL's normaliser
+    ``num_items_in_batch / num_processes`` under a data-parallel gradient mean is ``num_items``
+    here, since this function sees the global batch. Not covered: TRL's ``delta`` (two-sided
+    clipping), ``use_bias_correction_kl``, ``off_policy_mask_threshold``, the entropy mask and
+    bonus, the vLLM importance-sampling correction (multiply ``advantages`` by the weights),
+    and the ``sapo``/``vespo`` loss types.
+
+    Args:
+      logps: ``[B, T]`` log-probs of the sampled tokens under the current policy (the only
+        input gradients flow through).
+      old_logps: ``[B, T]`` log-probs under the policy that sampled them.
+      advantages: ``[B]`` (per sequence) or ``[B, T]`` (per token).
+      mask: ``[B, T]``, 1 at valid completion tokens.
+      loss_type: one of :data:`POLICY_LOSS_TYPES` (static).
+      importance_sampling_level: ``"token"`` or ``"sequence"`` (static).
+      clip_eps: :math:`\epsilon_{low}` (TRL's ``epsilon``); not read by ``cispo``.
+      clip_eps_high: :math:`\epsilon_{high}` (TRL's ``epsilon_high``; DAPO recommends 0.28);
+        ``None`` = ``clip_eps``, as in TRL. For ``cispo`` it is :math:`\epsilon_{max}`, the cap
+        of the ratio itself (recommended 5.0) and is required: TRL's fallback to ``epsilon``
+        would cap every near-1 ratio at 0.2.
+      ref_logps: ``[B, T]`` reference-policy log-probs; required unless ``beta`` is the number
+        0. Given, they also give the ``kl`` metric.
+      beta: weight of the k3 KL in the loss (traced, like ``clip_eps``/``clip_eps_high``); the
+        number 0 leaves the term out, as TRL does for ``beta == 0``.
+      max_completion_len: ``dr_grpo``'s constant; an error for the other types.
+      num_items: ``dapo``/``cispo``'s token count; an error for the other types.
+
+    Returns:
+      ``(loss, metrics)``, metrics scalars named as TRL logs them: ``clip_ratio/low_mean``,
+      ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (fraction of valid tokens, or of
+      rows for sequence-level ratios with ``[B]`` advantages, where the ratio is below
+      :math:`1-\epsilon_{low}` with :math:`A<0`, above :math:`1+\epsilon_{high}` with
+      :math:`A>0`, either), ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (min / max over
+      rows of the per-row fraction; 0 where TRL gives nan for a batch with no valid token), or
+      for ``cispo`` ``cispo_clip_ratio`` (ratio above :math:`\epsilon_{max}` with
+      :math:`A>0`); ``kl`` (mean k3 over valid tokens, when ``ref_logps`` is given);
+      ``policy/ratio``, ``policy/ratio_min``, ``policy/ratio_max`` (over valid tokens, a
+      sequence's ratio counted once per token; 0 with no valid token) and ``count`` (valid
+      tokens).
+
+    Raises:
+      ValueError: an unknown ``loss_type`` or level; an argument the chosen type does not
+        read; ``dr_grpo`` without ``max_completion_len``; ``cispo`` without
+        ``clip_eps_high``; a nonzero or traced ``beta`` without ``ref_logps``.
+    """
+    chex.assert_rank([logps, old_logps, mask], 2)
+    chex.assert_equal_shape([logps, old_logps, mask])
+    chex.assert_type([logps, old_logps], float)
+    chex.assert_rank(advantages, {1, 2})
+    chex.assert_shape(advantages, logps.shape[: advantages.ndim])
+    if ref_logps is not None:
+        chex.assert_equal_shape([logps, ref_logps])
+    optional = {
+        "max_completion_len": max_completion_len,
+        "num_items": num_items,
+    }
+    _check_policy_loss_args(
+        loss_type, importance_sampling_level, optional, clip_eps_high, ref_logps, beta
+    )
+    objective, aggregate, _ = _POLICY_LOSSES[loss_type]
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+
+    valid = mask.astype(bool)
+    m = valid.astype(logps.dtype)
+    count_b = jnp.sum(m, axis=-1)
+    sg = jax.lax.stop_gradient
+    # TRL's shapes: [B] advantages act as [B, 1]; the metrics' flags see them unmasked.
+    raw_advantages = sg(advantages[:, None] if advantages.ndim == 1 else advantages)
+    # Padding may hold anything; neutralise it before exp, or 0 * inf reaches the gradient.
+    safe_logps = jnp.where(valid, logps, 0.0)
+    log_ratio = jnp.where(valid, logps - sg(old_logps), 0.0)
+    if advantages.ndim == 1:
+        advantages = jnp.where(count_b > 0, raw_advantages[:, 0], 0.0)[:, None]
+    else:
+        advantages = jnp.where(valid, raw_advantages, 0.0)
+    if importance_sampling_level == "sequence":
+        log_ratio = (jnp.sum(log_ratio, axis=-1) / jnp.maximum(count_b, 1.0))[:, None]
+    ratio = jnp.exp(log_ratio)  # [B, T] or [B, 1]
+
+    per_token = objective(ratio, advantages, safe_logps, clip_eps, clip_eps_high)
+    kl = None
+    if ref_logps is not None:
+        ref_minus = jnp.where(valid, sg(ref_logps) - logps, 0.0)
+        kl = jnp.exp(ref_minus) - ref_minus - 1.0
+        if not _is_number_zero(beta):  # TRL adds the term only for beta != 0
+            per_token = per_token + beta * kl
+    per_token = jnp.broadcast_to(per_token, logps.shape)
+    loss_sum_b = jnp.sum(jnp.where(valid, per_token, 0.0), axis=-1)
+    loss = aggregate(loss_sum_b, count_b, max_completion_len, num_items)
+    metrics = _policy_loss_metrics(
+        ratio,
+        raw_advantages,
+        sg(kl) if kl is not None else None,
+        valid,
+        loss_type,
+        clip_eps,
+        clip_eps_high,
+    )
+    return loss, metrics
 
 
 # ------------------------------------------------------------------------------ reward shaping
@@ -338,7 +654,8 @@ def init_rlhf_ppo_state(policy_params, optimizer, key: jax.Array, value_params=N
     params = {"policy": policy_params}
     if value_params is not None:
         params["value"] = value_params
-    return ppo.PPOState(params, optimizer.init(params), key, jnp.zeros((), jnp.int32))
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return ppo.PPOState(params, optimizer.init(params), key, step, skipped)
 
 
 def make_rlhf_ppo_update(
@@ -365,7 +682,9 @@ def make_rlhf_ppo_update(
     ``advantages`` ``[B, N]``; with a critic also ``returns`` and ``old_values`` ``[B, N]``.
     State: :func:`init_rlhf_ppo_state`. Metrics (TRL names): ``policy/approxkl_avg``,
     ``policy/clipfrac_avg``, ``policy/entropy_avg``, ``loss/policy_avg``, ``val/ratio``, and
-    with a critic ``loss/value_avg``, ``val/clipfrac_avg``, ``val/vpred``; plus ``updates``.
+    with a critic ``loss/value_avg``, ``val/clipfrac_avg``, ``val/vpred``; plus ``updates``,
+    ``nonfinite`` and ``nonfinite_updates`` (non-finite minibatch steps are skipped:
+    :func:`rljax.ppo.minibatch_epochs`).
     """
     if not isinstance(config, RLHFPPOConfig):
         raise TypeError(f"config must be an RLHFPPOConfig, got {type(config).__name__}")
@@ -428,6 +747,7 @@ def make_rlhf_ppo_update(
         "val/vpred": "val/vpred",
         "updates": "updates",
         "early_stopped": "early_stopped",
+        "nonfinite": "nonfinite",
     }
     critic_only = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
 
@@ -450,7 +770,9 @@ def make_rlhf_ppo_update(
             for k, v in metrics.items()
             if k in names and (with_critic or names[k] not in critic_only)
         }
-        return ppo.PPOState(params, opt_state, key, state.step + 1), metrics
+        count, guard_metrics = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
+        metrics.update(guard_metrics)
+        return ppo.PPOState(params, opt_state, key, state.step + 1, count), metrics
 
     return update
 

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import checkpoint, data, experiment, lm, rlhf, runs, sharding, trpo
+from rljax import checkpoint, data, experiment, finite, lm, rlhf, runs, sharding, trpo
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import generate, hf
@@ -93,6 +93,10 @@ class RLHFRunConfig:
       checkpoint_every: iterations between checkpoints (the last is always saved).
       compilation_cache: folder of JAX's persistent compilation cache (a second run with the
         same shapes loads the compiled programs instead of compiling them); none = off.
+      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf (in
+        the loss, gradients, new parameters, or the critic's fit; each is skipped).
+      allow_config_change: resume even though the settings differ from those stored in
+        out/config.json (summary.json then records both); without it such a resume is refused.
     """
 
     model: str | None = None
@@ -125,12 +129,20 @@ class RLHFRunConfig:
     eval_prompts: int = 256
     checkpoint_every: int = 25
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
+    max_nonfinite_updates: int = 3
+    allow_config_change: bool = False
 
     def __post_init__(self):
         def fail(field, problem):
             raise ValueError(f"--{field.replace('_', '-')}: {problem}")
 
-        for field in ("iterations", "batch_size", "samples_per_prompt", "max_prompt_length"):
+        for field in (
+            "iterations",
+            "batch_size",
+            "samples_per_prompt",
+            "max_prompt_length",
+            "max_nonfinite_updates",
+        ):
             if getattr(self, field) < 1:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
         if self.critic not in rlhf.CRITICS:
@@ -296,7 +308,8 @@ def make_rollout_fn(
     prompt_mask, key) -> dict``: samples, then the per-token log-probs of the samples under the
     policy (``old_logps``) and the reference (``ref_logps``), the policy's ``entropy`` and, with
     a critic, ``old_values`` (all ``[B, N]``, 0 at padding), with ``tokens``, ``mask``,
-    ``completion_mask`` and ``finished``."""
+    ``completion_mask``, ``finished`` and ``sampler_logps`` (the sampler's log-probs of its
+    tokens at temperature 1)."""
 
     @jax.jit
     def rollout(policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key):
@@ -326,6 +339,9 @@ def make_rollout_fn(
             "old_logps": zero(policy["logps"]),
             "ref_logps": zero(ref["logps"]),
             "entropy": zero(policy["entropy"]),
+            # The sampler's own log-probs (KV-cache decode, temperature 1): their gap to
+            # old_logps (the trainer's full forward) is the sampler/trainer mismatch.
+            "sampler_logps": zero(gen.policy_logprobs),
         }
         if critic == "head":
             out["old_values"] = zero(policy["values"])
@@ -567,6 +583,7 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate, eps=1e-5))
 
 
+@experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
 def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> dict[str, Any]:
     """Train with ``algorithm`` (``"ppo"`` with a :class:`PPORunConfig`, ``"trpo"`` with a
     :class:`TRPORunConfig`); writes ``out/metrics.jsonl``, ``out/summary.json``,
@@ -647,13 +664,10 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
         )
 
     ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=2)
-    first = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, saved = ckpt.restore(latest, abstract_state=checkpoint.abstract_like(state))
+    first, state, saved = experiment.resume(ckpt, state, config.iterations, "iteration")
+    if saved is not None:  # the newest checkpoint that restores (damaged ones are skipped)
         kl_coef = jnp.asarray(saved["kl_coef"], jnp.float32)
-        first = latest
-        print(f"[{label}] resumed from iteration {latest} in {ckpt.directory}", flush=True)
+        print(f"[{label}] resumed from iteration {first} in {ckpt.directory}", flush=True)
     log = runs.MetricsLog(
         out / "metrics.jsonl",
         label,
@@ -670,6 +684,11 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     if first == 0:
         initial = evaluate(state)
         log.log(0, {f"eval/{name}": v for name, v in initial.items()})
+    stop = finite.NonfiniteStop(
+        config.max_nonfinite_updates, label, ckpt.directory, unit="iteration"
+    )
+    if first:
+        stop.saved(first)
     try:
         for it in range(first + 1, config.iterations + 1):
             lo = (it - 1) * config.batch_size
@@ -687,6 +706,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
             scores = jnp.asarray(scorer(prompts, rollout))
             batch, rollout_metrics, seq_kl = shape_fn(rollout, scores, kl_coef)
             state, update_metrics = step_fn(state, jax.device_put(batch, batch_shardings))
+            stop.observe(it, update_metrics)  # the previous iteration's `nonfinite`
             kl_coef = controller.update(kl_coef, jnp.mean(seq_kl), rows)
             last = it == config.iterations
             row = {}
@@ -697,11 +717,15 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
             if row:
                 log.log(it, row)
             if it % config.checkpoint_every == 0 or last:
+                stop.before_save(it, (state, kl_coef))  # never checkpoint a non-finite state
                 ckpt.save(it, state, {"kl_coef": float(kl_coef)}, force=True)
+                stop.saved(it)
+        stop.flush()
     finally:
         ckpt.close()
 
     policy_p, _ = params_of(state)
+    finite.require_finite(policy_p, f"[{label}] not exporting the policy to {out / 'policy'}")
     policy_model = lm.merge(pg, jax.device_get(policy_p))
     hf.save_model(_without_value_head(policy_model, config), out / "policy", tokenizer=tokenizer)
     history = log.rows()
@@ -720,6 +744,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
         "wall_seconds": round(time.perf_counter() - start_time, 2),
         "devices": int(mesh.size),
         "config": dataclasses.asdict(config),
+        **runs.config_record(out),  # the original settings, after --allow-config-change
     }
     runs.write_summary(out, summary)
     runs.plot_metrics(

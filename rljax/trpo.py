@@ -23,10 +23,11 @@ import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from rljax.advantages import explained_variance, whiten
 from rljax.distributions import Outputs, is_gaussian, kl_divergence, log_prob
+from rljax.finite import all_finite, count_nonfinite, select, step_if_finite
 from rljax.logprobs import masked_mean, masked_sum_and_count
 
 __all__ = [
@@ -539,13 +540,15 @@ class TRPOConfig:
 
 
 class TRPOState(NamedTuple):
-    """Train state of :func:`make_trpo_update` (a pytree)."""
+    """Train state of :func:`make_trpo_update` (a pytree); ``nonfinite_updates`` counts the
+    updates with a non-finite policy step or critic step (each skipped)."""
 
     policy_params: Any
     value_params: Any
     value_opt_state: Any
     key: jax.Array
     step: jax.Array
+    nonfinite_updates: Any = np.int32(0)
 
 
 def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array) -> TRPOState:
@@ -556,6 +559,7 @@ def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array
         value_opt_state=value_optimizer.init(value_params),
         key=key,
         step=jnp.zeros((), jnp.int32),
+        nonfinite_updates=jnp.zeros((), jnp.int32),
     )
 
 
@@ -595,7 +599,12 @@ def make_trpo_update(
     Metrics: ``surrogate_before``, ``surrogate_after``, ``improvement``, ``kl``,
     ``step_fraction``, ``line_search_steps``, ``accepted``, ``cg_iterations``,
     ``cg_residual``, ``step_size``, ``grad_norm``, ``value_loss``, ``explained_variance``
-    (of the value predictions before the update).
+    (of the value predictions before the update), ``nonfinite`` (1.0 if this update had a NaN
+    or inf: in the surrogate, its gradient or the new policy, which then stays unchanged, or
+    in a critic minibatch step, which is skipped), ``nonfinite_policy``, ``nonfinite_critic``
+    (which of the two) and ``nonfinite_updates`` (the running count, also
+    ``state.nonfinite_updates``). A non-finite critic makes the advantages of the next
+    rollouts non-finite, so each later policy step is reported too, not silently rejected.
     """
     if not isinstance(config, TRPOConfig):
         raise TypeError(f"config must be a TRPOConfig, got {type(config).__name__}")
@@ -648,11 +657,17 @@ def make_trpo_update(
         )
         if unravel is not None:
             new_params = unravel(new_params)
+        policy_finite = all_finite(surrogate_before, grad, new_params)
+        new_params = select(policy_finite, new_params, params)
 
         value_params, value_opt_state, key, value_metrics = _fit_value(
             state.value_params, state.value_opt_state, state.key, batch, mask
         )
-        new_state = TRPOState(new_params, value_params, value_opt_state, key, state.step + 1)
+        critic_finite = value_metrics.pop("finite")
+        count, guard_metrics = count_nonfinite(
+            state.nonfinite_updates, policy_finite & critic_finite
+        )
+        new_state = TRPOState(new_params, value_params, value_opt_state, key, state.step + 1, count)
         metrics = {
             "surrogate_before": surrogate_before,
             "surrogate_after": ls_info.surrogate,
@@ -666,6 +681,9 @@ def make_trpo_update(
             "step_size": step_info.step_size,
             "grad_norm": jnp.sqrt(tree_vdot(grad, grad)),
             **value_metrics,
+            **guard_metrics,
+            "nonfinite_policy": jnp.logical_not(policy_finite).astype(jnp.float32),
+            "nonfinite_critic": jnp.logical_not(critic_finite).astype(jnp.float32),
         }
         return new_state, metrics
 
@@ -695,8 +713,8 @@ def make_trpo_update(
         def minibatch_step(carry, minibatch):
             p, s = carry
             loss, grads = jax.value_and_grad(loss_fn)(p, minibatch)
-            updates, s = value_optimizer.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s), loss
+            p, s, finite = step_if_finite(value_optimizer, grads, s, p, loss)
+            return (p, s), (loss, finite)
 
         def epoch(carry, order):
             shuffled = _rows(data, order)
@@ -711,7 +729,9 @@ def make_trpo_update(
         orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
             jax.random.split(epochs_key, config.n_critic_updates)
         )
-        (value_params, opt_state), losses = jax.lax.scan(epoch, (value_params, opt_state), orders)
+        (value_params, opt_state), (losses, finite) = jax.lax.scan(
+            epoch, (value_params, opt_state), orders
+        )
         value_loss = jnp.mean(losses) if config.n_critic_updates else jnp.zeros(())
         return (
             value_params,
@@ -720,6 +740,7 @@ def make_trpo_update(
             {
                 "value_loss": value_loss,
                 "explained_variance": ev,
+                "finite": jnp.all(finite),
             },
         )
 

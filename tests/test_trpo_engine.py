@@ -747,6 +747,10 @@ METRIC_KEYS = {
     "grad_norm",
     "value_loss",
     "explained_variance",
+    "nonfinite",
+    "nonfinite_policy",
+    "nonfinite_critic",
+    "nonfinite_updates",
 }
 
 
