@@ -1,0 +1,711 @@
+"""RL on language models with verifiable (or any Python) rewards: the GRPO family's loop.
+
+One iteration, one named stage per line of :func:`run`::
+
+    rollout, scores, stats = collect(...)   # sample G completions per prompt, score them with
+                                            # the reward functions; DAPO dynamic sampling
+                                            # samples more until the batch has informative groups
+    batch, shaped = shape(...)              # overlong handling, group advantages, importance
+                                            # weights between the sampler and the trainer
+    state, metrics = step(state, batch)     # the compiled GRPO-family update (rljax.grpo)
+    evaluate / log / checkpoint
+
+Every stage is a function of its inputs (testable on its own); the compiled pieces are the
+rollout (:func:`make_rollout_fn`: sampling plus one policy and one reference forward; the
+same program evaluates), and the update. Reward functions follow TRL's convention
+(:mod:`rljax.rewards`): ``fn(prompts, completions, **columns) -> list[float | None]``, where
+``columns`` are the data set's other fields.
+
+Checkpoints hold the train state and the prompt cursor; a run started again with the same
+``out`` continues where the last checkpoint left it (the rollout key of iteration ``i`` is
+``fold_in(key(seed), i)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rljax import (
+    advantages,
+    checkpoint,
+    data,
+    experiment,
+    finite,
+    grpo,
+    lm,
+    rewards,
+    rlhf,
+    runs,
+    sharding,
+)
+from rljax.models import generate, hf
+from rljax.tasks import arithmetic
+
+__all__ = [
+    "GRPORunConfig",
+    "Prompts",
+    "collect",
+    "evaluate",
+    "load_prompts",
+    "make_rollout_fn",
+    "reward_set",
+    "run",
+    "shape",
+]
+
+ESTIMATORS = tuple(advantages.OUTCOME_ESTIMATORS)
+OVERLONG = ("none", "mask", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPORunConfig:
+    """GRPO-family RL with reward functions (the loss settings are GRPOConfig's).
+
+    Attributes:
+      model: the policy's Hugging Face checkpoint folder (also the reference); none = the
+        built-in arithmetic task's small base model.
+      data: a prompt file (JSONL, JSON, parquet or a datasets folder) with a prompt field
+        (text or chat messages) and any fields the reward functions read (e.g. answer); none =
+        the built-in arithmetic word problems.
+      reward: reward function MODULE:FUNCTION[=WEIGHT] (MODULE importable from PYTHONPATH or
+        a path to a .py file); none = the built-in task's accuracy (1.0) and format (0.1)
+        rewards.
+      on_reward_error: raise (stop, naming the function and the row) or mask (leave that
+        sample out of the update and count it).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, plots, the final policy).
+      seed: prompt order, sampling and data split seed.
+      iterations: sample + update iterations.
+      batch_size: prompts per update (rows = batch_size * group_size).
+      group_size: completions sampled per prompt (TRL's num_generations).
+      estimator: group advantages: grpo (group mean/std), grpo_batch_std, dr_grpo (mean
+        only), rloo (leave-one-out), reinforce_pp (batch-normalised) or
+        reinforce_pp_baseline.
+      dynamic_sampling: DAPO: leave out groups whose rewards are all equal and sample more
+        prompts until the batch is full (or max_sampling_rounds is reached; the rest of the
+        batch is then masked out and counted).
+      max_sampling_rounds: sampling rounds per iteration with dynamic_sampling.
+      overlong: completions that hit max_new_tokens without EOS: none (kept), mask (left out
+        of the loss, TRL's mask_truncated_completions) or soft (DAPO's soft overlong penalty
+        added to the reward).
+      overlong_buffer: soft penalty ramp length in tokens (DAPO's L_cache).
+      overlong_penalty: soft penalty at max_new_tokens (DAPO's penalty factor).
+      tis_cap: truncated importance sampling cap on exp(trainer - sampler log-probs) per token
+        (the sampler is the KV-cache decode, the trainer the full forward); none = off (the
+        mismatch is logged either way).
+      max_prompt_length: prompt tokens kept (left-padded to this width); none = the built-in
+        task's longest prompt, or 256.
+      max_new_tokens: completion tokens sampled; none = the built-in task's longest answer,
+        or 64.
+      temperature: sampling temperature.
+      learning_rate: Adam learning rate.
+      eval_prompts: held-out prompts evaluated (greedy accuracy, sampled KL).
+      eval_every: iterations between evaluations (0 = only before and after).
+      log_every: iterations between progress lines.
+      checkpoint_every: iterations between checkpoints (the last is always saved).
+      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
+      compilation_cache: folder of JAX's persistent compilation cache; none = off.
+      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf (each
+        is skipped: parameters unchanged); the error names the last good checkpoint.
+      allow_config_change: resume a run folder whose stored settings differ from these (the
+        summary records both); without it such a resume is refused, naming each change.
+      grpo: the update's settings.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    reward: tuple[str, ...] = ()
+    on_reward_error: str = "raise"
+    out: str = "runs/grpo"
+    seed: int = 0
+    iterations: int = 60
+    batch_size: int = 16
+    group_size: int = 8
+    estimator: str = "grpo"
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    overlong: str = "none"
+    overlong_buffer: int = 4
+    overlong_penalty: float = 1.0
+    tis_cap: float | None = None
+    max_prompt_length: int | None = None
+    max_new_tokens: int | None = None
+    temperature: float = 1.0
+    learning_rate: float = 1e-3
+    eval_prompts: int = 256
+    eval_every: int = 20
+    log_every: int = 5
+    checkpoint_every: int = 20
+    mesh: str = ""
+    compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
+    max_nonfinite_updates: int = 3
+    allow_config_change: bool = False
+    grpo: grpo.GRPOConfig = dataclasses.field(
+        default_factory=lambda: grpo.GRPOConfig(loss_type="dapo", num_minibatches=2)
+    )
+
+    def __post_init__(self):
+        def fail(field, problem):
+            raise ValueError(f"--{field.replace('_', '-')}: {problem}")
+
+        positive = (
+            "iterations",
+            "batch_size",
+            "max_sampling_rounds",
+            "eval_prompts",
+            "log_every",
+            "checkpoint_every",
+            "max_nonfinite_updates",
+        )
+        for field in positive:
+            if getattr(self, field) < 1:
+                fail(field, f"must be >= 1, got {getattr(self, field)}")
+        if self.group_size < 2:
+            fail(
+                "group_size",
+                f"group advantages need >= 2 samples per prompt, got {self.group_size}",
+            )
+        if self.eval_every < 0:
+            fail("eval_every", f"must be >= 0, got {self.eval_every}")
+        if self.estimator not in ESTIMATORS:
+            fail("estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.overlong not in OVERLONG:
+            fail("overlong", f"must be one of {OVERLONG}, got {self.overlong!r}")
+        if self.overlong == "soft":
+            if self.overlong_buffer < 1:
+                fail("overlong_buffer", f"must be >= 1, got {self.overlong_buffer}")
+            if self.overlong_penalty < 0:
+                fail("overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
+        if self.on_reward_error not in ("raise", "mask"):
+            fail("on_reward_error", f"must be raise or mask, got {self.on_reward_error!r}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            fail("tis_cap", f"must be > 0 or none, got {self.tis_cap}")
+        for field in ("max_new_tokens", "max_prompt_length"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                fail(field, f"must be >= 1 or none, got {getattr(self, field)}")
+        if not self.temperature > 0:
+            fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
+        if not self.learning_rate > 0:
+            fail("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if self.data is not None and not self.reward:
+            fail("reward", "a data set of your own needs --reward MODULE:FUNCTION")
+        rows = self.batch_size * self.group_size
+        if rows % self.grpo.num_minibatches:
+            fail(
+                "num_minibatches",
+                f"{self.grpo.num_minibatches} must divide the batch's {rows} rows "
+                f"(--batch-size {self.batch_size} x --group-size {self.group_size})",
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.group_size
+
+    @property
+    def prompt_width(self) -> int:
+        if self.max_prompt_length is not None:
+            return self.max_prompt_length
+        return arithmetic.MAX_PROMPT_TOKENS if self.data is None else 256
+
+    @property
+    def completion_width(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return arithmetic.MAX_COMPLETION_TOKENS if self.data is None else 64
+
+
+# ---------------------------------------------------------------------------- data and rewards
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Prompt rows cycled in a fixed shuffled order: ``texts`` (what the reward functions see
+    as ``prompts``), ``columns`` (the other fields, one list per field), ``tokens``/``mask``
+    (left-padded ``[N, max_prompt_length]``)."""
+
+    texts: list[Any]
+    columns: dict[str, list]
+    tokens: np.ndarray
+    mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, index: np.ndarray) -> tuple[list[Any], dict[str, list], np.ndarray, np.ndarray]:
+        idx = [int(i) for i in index]
+        columns = {k: [v[i] for i in idx] for k, v in self.columns.items()}
+        return [self.texts[i] for i in idx], columns, self.tokens[index], self.mask[index]
+
+
+def _prompts(rows: Sequence[dict], tokenizer, max_prompt_length: int, where: str) -> Prompts:
+    if not rows:
+        raise ValueError(f"{where}: no rows")
+    fields = set(rows[0])
+    for i, row in enumerate(rows):
+        if "prompt" not in row:
+            raise ValueError(f"{where} row {i} (0-based): field 'prompt' is missing")
+        if set(row) != fields:
+            raise ValueError(
+                f"{where} row {i} (0-based): fields {sorted(row)} differ from row 0's "
+                f"{sorted(fields)} (reward functions get one list per field)"
+            )
+    tokens, mask = data.tokenize_prompts(
+        [r["prompt"] for r in rows], tokenizer, max_prompt_length, pad_to=max_prompt_length
+    )
+    empty = np.flatnonzero(~mask.any(axis=1))
+    if empty.size:
+        raise ValueError(f"{where} rows {empty[:5].tolist()} (0-based): prompt has no tokens")
+    columns = {k: [r[k] for r in rows] for k in sorted(fields - {"prompt"})}
+    return Prompts([r["prompt"] for r in rows], columns, tokens, mask)
+
+
+def load_prompts(config: GRPORunConfig, tokenizer) -> tuple[Prompts, Prompts, str]:
+    """``(train, held_out, source)``: the built-in arithmetic problems, or ``config.data``
+    with every tenth row (in a seeded order) held out."""
+    if config.data is None:
+        as_row = lambda p: {"prompt": p["question"], "answer": p["answer"]}
+        train = [as_row(p) for p in arithmetic.problems(4096, config.seed, split="train")]
+        held_out = [as_row(p) for p in arithmetic.problems(config.eval_prompts, 0, "heldout")]
+        source = "built-in arithmetic word problems"
+    else:
+        rows = data.load_rows(config.data)
+        if len(rows) < 2:
+            raise ValueError(f"--data {config.data!r}: need at least 2 rows, got {len(rows)}")
+        order = np.random.default_rng(config.seed).permutation(len(rows))
+        n_eval = max(1, min(config.eval_prompts, len(rows) // 10))
+        held_out = [rows[i] for i in sorted(order[:n_eval])]
+        train = [rows[i] for i in sorted(order[n_eval:])]
+        source = config.data
+    return (
+        _prompts(train, tokenizer, config.prompt_width, source + " (train)"),
+        _prompts(held_out, tokenizer, config.prompt_width, source + " (held out)"),
+        source,
+    )
+
+
+def reward_set(config: GRPORunConfig) -> rewards.RewardSet:
+    """``--reward`` specs, or the built-in task's accuracy (1.0) and format (0.1) rewards."""
+    if config.reward:
+        return rewards.RewardSet.from_specs(config.reward)
+    return rewards.RewardSet.of(
+        [(arithmetic.accuracy_reward, 1.0), (arithmetic.format_reward, 0.1)]
+    )
+
+
+def decode_completions(tokenizer, rollout: dict) -> list[str]:
+    """The completions' text (up to and including EOS, special tokens dropped)."""
+    cmask = np.asarray(rollout["completion_mask"])
+    tokens = np.asarray(rollout["tokens"])[:, -cmask.shape[1] :]
+    return [
+        tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
+        for row, m in zip(tokens, cmask, strict=True)
+    ]
+
+
+# ---------------------------------------------------------------------------- stages
+
+
+def make_rollout_fn(graphdef, sampling: generate.SamplingConfig, *, chunk_size: int = 1024):
+    """The jitted rollout ``(policy_params, ref_params, prompt_tokens, prompt_mask, key,
+    temperature) -> dict``: KV-cache sampling from the policy (``temperature`` traced: one
+    compiled program serves training, greedy evaluation at 0 and sampled evaluation), then
+    one forward pass each of the policy and the reference over the samples. Returns
+    ``tokens``, ``mask`` ``[B, P + N]``, ``completion_mask``, ``finished``, and per token
+    ``[B, N]`` (0 at padding): ``old_logps`` (the trainer's log-probs), ``ref_logps``,
+    ``sampler_logps`` (the sampler's own log-probs at temperature 1: their gap to old_logps
+    is the sampler/trainer mismatch)."""
+
+    @jax.jit
+    def rollout(policy_params, ref_params, prompt_tokens, prompt_mask, key, temperature):
+        gen = generate.generate(
+            (graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling,
+            temperature=temperature,
+        )  # fmt: skip
+        n = gen.completion_mask.shape[1]
+        cmask = gen.completion_mask
+        zero = lambda x: jnp.where(cmask, x, 0.0)
+        logps = {}
+        for name, params in (("old_logps", policy_params), ("ref_logps", ref_params)):
+            out = rlhf.completion_outputs(
+                graphdef, params, gen.tokens, gen.mask, n, chunk_size=chunk_size
+            )
+            logps[name] = zero(out["logps"])
+        return {
+            "tokens": gen.tokens,
+            "mask": gen.mask,
+            "completion_mask": cmask,
+            "finished": gen.finished,
+            "sampler_logps": zero(gen.policy_logprobs),
+            **logps,
+        }
+
+    return rollout
+
+
+def collect(
+    rollout_fn,
+    policy_params,
+    ref_params,
+    prompts: Prompts,
+    cursor: int,
+    key: jax.Array,
+    reward: rewards.RewardSet,
+    tokenizer,
+    config: GRPORunConfig,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, float], int]:
+    """Sample ``group_size`` completions for each of ``batch_size`` prompts (from ``cursor``
+    in the cycled prompt order) and score them.
+
+    With ``dynamic_sampling`` (DAPO, Yu et al., 2025, Sec. 3.2), groups whose rewards are all
+    equal (zero advantage: no gradient) are left out and further rounds sample new prompts
+    until ``batch_size`` groups are kept or ``max_sampling_rounds`` is reached; what is still
+    missing is filled with masked-out rows (no tokens in the loss) and counted.
+
+    Returns ``(rollout, scores [B], valid [B], metrics, cursor)``, ``rollout`` on the host
+    with the rows grouped contiguously.
+    """
+    k, want = config.group_size, config.batch_size
+    kept: list[dict[str, np.ndarray]] = []
+    kept_scores, kept_valid, reward_metrics = [], [], []
+    have = dropped = rounds = 0
+    while have < want and rounds < (config.max_sampling_rounds if config.dynamic_sampling else 1):
+        index = (cursor + np.arange(want)) % len(prompts)
+        cursor += want
+        texts, columns, tokens, mask = prompts.take(np.repeat(index, k))
+        out = jax.device_get(
+            rollout_fn(
+                policy_params,
+                ref_params,
+                tokens,
+                mask,
+                jax.random.fold_in(key, rounds),
+                config.temperature,
+            )
+        )
+        rounds += 1
+        scored = reward.score(
+            texts, decode_completions(tokenizer, out), columns, on_error=config.on_reward_error
+        )
+        reward_metrics.append(scored.metrics())
+        keep = np.ones(want * k, bool)
+        if config.dynamic_sampling:
+            keep, n_dropped = advantages.filter_groups(scored.rewards, k, valid=scored.valid)
+            dropped += int(n_dropped)
+        keep_groups = np.flatnonzero(keep.reshape(want, k).all(axis=1))[: want - have]
+        rows = (keep_groups[:, None] * k + np.arange(k)).reshape(-1)
+        kept.append({name: value[rows] for name, value in out.items()})
+        kept_scores.append(scored.rewards[rows])
+        kept_valid.append(scored.valid[rows])
+        have += len(keep_groups)
+    rollout = {name: np.concatenate([part[name] for part in kept]) for name in kept[0]}
+    scores = np.concatenate(kept_scores).astype(np.float32)
+    valid = np.concatenate(kept_valid)
+    missing = want - have
+    if missing:  # dynamic sampling ran out of rounds: masked rows fill the fixed shape
+        fill = {
+            name: np.zeros((missing * k, *value.shape[1:]), value.dtype)
+            for name, value in rollout.items()
+        }
+        fill["tokens"] = np.repeat(rollout["tokens"][:1], missing * k, axis=0)
+        fill["mask"] = np.repeat(rollout["mask"][:1], missing * k, axis=0)
+        rollout = {name: np.concatenate([rollout[name], fill[name]]) for name in rollout}
+        scores = np.concatenate([scores, np.zeros(missing * k, np.float32)])
+        valid = np.concatenate([valid, np.zeros(missing * k, bool)])
+    metrics = {}
+    for name in reward_metrics[0]:  # mean over the rounds (NaN: no row scored in any round)
+        values = np.array([m[name] for m in reward_metrics], np.float64)
+        metrics[name] = (
+            float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
+        )
+    metrics.update(
+        {
+            "sampling/rounds": float(rounds),
+            "sampling/dropped_groups": float(dropped),
+            "sampling/masked_groups": float(missing),
+        }
+    )
+    return rollout, scores, valid, metrics, cursor
+
+
+def shape(
+    rollout: dict[str, np.ndarray],
+    scores: np.ndarray,
+    valid: np.ndarray,
+    config: GRPORunConfig,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The update's batch: overlong handling, group advantages over the valid rows, truncated
+    importance weights (``tis_cap``) and the sampler/trainer mismatch metrics."""
+    cmask = np.asarray(rollout["completion_mask"]) & valid[:, None]
+    lengths = cmask.sum(axis=1)
+    truncated = ~np.asarray(rollout["finished"]) & valid
+    n = cmask.shape[1]
+    share = lambda x: float(x[valid].mean()) if valid.any() else 0.0  # over the valid rows
+    metrics: dict[str, float] = {"completions/truncated_fraction": share(truncated)}
+    if config.overlong == "mask":
+        cmask = np.asarray(advantages.mask_truncated(jnp.asarray(cmask), jnp.asarray(truncated)))
+    elif config.overlong == "soft":
+        penalty = np.asarray(
+            advantages.soft_overlong_penalty(
+                jnp.asarray(lengths), n, config.overlong_buffer, config.overlong_penalty
+            )
+        )
+        scores = scores + np.where(valid, penalty, 0.0).astype(np.float32)
+        metrics["rewards/overlong_penalty/mean"] = share(penalty)
+    adv = np.asarray(
+        advantages.outcome_advantages(
+            jnp.asarray(scores, jnp.float32),
+            config.group_size,
+            estimator=config.estimator,
+            valid=jnp.asarray(valid),
+        )
+    )
+    adv = np.where(valid, adv, 0.0).astype(np.float32)
+    weights, tis = advantages.truncated_importance_weights(
+        jnp.asarray(rollout["old_logps"]),
+        jnp.asarray(rollout["sampler_logps"]),
+        jnp.asarray(cmask),
+        cap=config.tis_cap if config.tis_cap is not None else None,
+    )
+    metrics.update({name: float(value) for name, value in tis.items()})  # sampling/...
+    batch = {
+        "tokens": rollout["tokens"],
+        "mask": rollout["mask"],
+        "completion_mask": cmask,
+        "old_logps": np.where(cmask, rollout["old_logps"], 0.0).astype(np.float32),
+        "advantages": adv,
+    }
+    if config.grpo.beta > 0:
+        batch["ref_logps"] = np.where(cmask, rollout["ref_logps"], 0.0).astype(np.float32)
+    if config.tis_cap is not None:
+        batch["is_weights"] = np.asarray(weights, np.float32)
+    seq_kl = np.sum((rollout["old_logps"] - rollout["ref_logps"]) * cmask, axis=1)
+    metrics.update(
+        {
+            "objective/kl": share(seq_kl),
+            "completions/mean_length": share(lengths),
+            "advantages/abs_mean": share(np.abs(adv)),
+        }
+    )
+    return batch, metrics
+
+
+def evaluate(
+    rollout_fn, policy_params, ref_params, tokenizer, held_out: Prompts, reward, config
+) -> dict[str, float]:
+    """Held-out metrics from the training rollout's compiled program (no compile of its own):
+    on greedy completions, ``accuracy`` (exact match of the final answer, when the rows have
+    an ``answer`` field) and ``reward`` (the reward functions); on temperature-1 samples,
+    ``sampled_accuracy`` and ``kl``, the mean sequence KL(policy || reference) estimated as
+    the sum over tokens of ``log pi - log pi_ref`` (unbiased on the policy's samples)."""
+    result: dict[str, float] = {}
+    n, rows = len(held_out), config.rows
+    for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        completions, kls, lengths = [], [], []
+        for start in range(0, n, rows):
+            index = np.minimum(np.arange(start, start + rows), n - 1)  # pad the last batch
+            keep = min(rows, n - start)
+            _, _, tokens, mask = held_out.take(index)
+            key = jax.random.fold_in(jax.random.key(config.seed + 1), start)
+            out = jax.device_get(
+                rollout_fn(policy_params, ref_params, tokens, mask, key, temperature)
+            )
+            cmask = out["completion_mask"]
+            completions += decode_completions(tokenizer, out)[:keep]
+            kls.append(np.sum((out["old_logps"] - out["ref_logps"]) * cmask, axis=1)[:keep])
+            lengths.append(cmask.sum(axis=1)[:keep])
+        accuracy = None
+        if "answer" in held_out.columns:
+            accuracy = float(
+                np.mean(
+                    arithmetic.accuracy_reward(
+                        held_out.texts, completions, answer=held_out.columns["answer"]
+                    )
+                )
+            )
+        if mode == "greedy":
+            scored = reward.score(held_out.texts, completions, held_out.columns, on_error="mask")
+            result["reward"] = scored.metrics()["reward"]
+            if accuracy is not None:
+                result["accuracy"] = accuracy
+        else:
+            if accuracy is not None:
+                result["sampled_accuracy"] = accuracy
+            result["kl"] = float(np.mean(np.concatenate(kls)))
+            result["sampled_length"] = float(np.mean(np.concatenate(lengths)))
+    return result
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _resolve_model(config: GRPORunConfig) -> str:
+    if config.model is None:
+        return arithmetic.default_base_model()
+    return experiment.resolve_model(config)
+
+
+def _example_batch(config: GRPORunConfig, max_new: int) -> dict[str, np.ndarray]:
+    rows, width = config.rows, config.prompt_width + max_new
+    per_token = np.zeros((rows, max_new), np.float32)
+    batch = {
+        "tokens": np.zeros((rows, width), np.int32),
+        "mask": np.zeros((rows, width), bool),
+        "completion_mask": np.zeros((rows, max_new), bool),
+        "old_logps": per_token,
+        "advantages": np.zeros((rows,), np.float32),
+    }
+    if config.grpo.beta > 0:
+        batch["ref_logps"] = per_token
+    if config.tis_cap is not None:
+        batch["is_weights"] = per_token
+    return batch
+
+
+@experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
+def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
+    """Train; writes ``out/metrics.jsonl``, ``out/summary.json`` (with
+    ``heldout_accuracy_before``/``_after`` and ``kl_to_reference``), ``out/training.png`` and
+    the final policy as a Hugging Face folder ``out/policy``; returns the summary."""
+    if jax.process_count() > 1:
+        raise ValueError("grpo.py runs in one process (any number of local devices via --mesh)")
+    runs.use_compilation_cache(config.compilation_cache)
+    start_time = time.perf_counter()
+    out = pathlib.Path(config.out)
+    model_path = _resolve_model(config)
+    tokenizer = hf.load_tokenizer(model_path)
+    max_new = config.completion_width
+    train, held_out, source = load_prompts(config, tokenizer)
+    reward = reward_set(config)
+
+    base = hf.load_model(model_path)
+    graphdef, params = nnx.split(base)
+    params = jax.tree.map(np.array, jax.device_get(params))
+    mesh = experiment.build_mesh(config.mesh)
+    key = jax.random.key(config.seed)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
+    update = grpo.make_grpo_update(graphdef, optimizer, config.grpo)
+    init = grpo.init_grpo_state(params, optimizer, jax.random.fold_in(key, 2**31))
+    state, step, batch_shardings = lm.compile_update(
+        update, init, _example_batch(config, max_new), mesh
+    )
+    ref_params = sharding.shard_params(params, mesh)
+    sampling = generate.SamplingConfig(
+        max_new_tokens=max_new,
+        temperature=config.temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    rollout_fn = make_rollout_fn(graphdef, sampling, chunk_size=config.grpo.chunk_size)
+
+    def held_out_eval(s):
+        return evaluate(
+            rollout_fn, s.params["policy"], ref_params, tokenizer, held_out, reward, config
+        )
+
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=2)
+    first, state, saved = experiment.resume(ckpt, state, config.iterations, "iteration")
+    cursor = 0
+    if saved is not None:  # the newest checkpoint that restores (damaged ones are skipped)
+        cursor = int(saved["cursor"])
+        print(f"[{label}] resumed from iteration {first} in {ckpt.directory}", flush=True)
+    log = runs.MetricsLog(
+        out / "metrics.jsonl",
+        label,
+        config.iterations,
+        resume_step=first or None,
+        keys=("reward", "objective/kl", "eval/accuracy", "eval/kl"),
+    )
+    print(
+        f"[{label}] {source}; {config.iterations} iterations x {config.rows} samples "
+        f"({config.batch_size} prompts x {config.group_size}), loss {config.grpo.loss_type}, "
+        f"advantages {config.estimator}, rewards {', '.join(reward.names)}, "
+        f"{mesh.size} device(s)",
+        flush=True,
+    )
+    if first == 0:
+        log.log(0, {f"eval/{k}": v for k, v in held_out_eval(state).items()})
+    stop = finite.NonfiniteStop(
+        config.max_nonfinite_updates, label, ckpt.directory, unit="iteration"
+    )
+    if first:
+        stop.saved(first)
+    try:
+        for it in range(first + 1, config.iterations + 1):
+            rollout, scores, valid, collected, cursor = collect(
+                rollout_fn, state.params["policy"], ref_params, train, cursor,
+                jax.random.fold_in(key, it), reward, tokenizer, config,
+            )  # fmt: skip
+            batch, shaped = shape(rollout, scores, valid, config)
+            state, metrics = step(state, jax.device_put(batch, batch_shardings))
+            stop.observe(it, metrics)  # the previous iteration's `nonfinite`
+            last = it == config.iterations
+            row = {}
+            if it % config.log_every == 0 or last or it == 1:
+                row.update({**collected, **shaped, **jax.device_get(metrics)})
+            if last or (config.eval_every and it % config.eval_every == 0):
+                row.update({f"eval/{k}": v for k, v in held_out_eval(state).items()})
+            if row:
+                log.log(it, row)
+            if it % config.checkpoint_every == 0 or last:
+                stop.before_save(it, state)  # never checkpoint a non-finite state
+                ckpt.save(it, state, {"cursor": cursor}, force=True)
+                stop.saved(it)
+        stop.flush()
+    finally:
+        ckpt.close()
+
+    finite.require_finite(state.params["policy"], f"[{label}] not exporting the policy")
+    policy = lm.merge(graphdef, jax.device_get(state.params["policy"]))
+    hf.save_model(policy, out / "policy", tokenizer=tokenizer)
+    history = log.rows()
+    evals = [r for r in history if "eval/kl" in r]
+    before, after = evals[0], evals[-1]
+    summary = {
+        "algorithm": f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)",
+        "model": model_path,
+        "data": source,
+        "rewards": dict(zip(reward.names, map(float, reward.weights), strict=True)),
+        "iterations": config.iterations,
+        "samples": config.iterations * config.rows,
+        "heldout_accuracy_before": before.get("eval/accuracy"),
+        "heldout_accuracy_after": after.get("eval/accuracy"),
+        "heldout_reward_before": before.get("eval/reward"),
+        "heldout_reward_after": after.get("eval/reward"),
+        "kl_to_reference": after.get("eval/kl"),
+        "resumed_from": first or None,
+        "wall_seconds": round(time.perf_counter() - start_time, 2),
+        "devices": int(mesh.size),
+        "config": dataclasses.asdict(config),
+        **runs.config_record(out),  # the original settings, after --allow-config-change
+    }
+    runs.write_summary(out, summary)
+    runs.plot_metrics(
+        history,
+        ["reward", "objective/kl", "eval/accuracy", "eval/kl"],
+        out / "training.png",
+        title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
+    )
+    acc = ""
+    if summary["heldout_accuracy_before"] is not None:
+        acc = (
+            f"held-out accuracy {summary['heldout_accuracy_before']:.3f} -> "
+            f"{summary['heldout_accuracy_after']:.3f}, "
+        )
+    print(
+        f"[{label}] {acc}held-out reward {summary['heldout_reward_before']:.3f} -> "
+        f"{summary['heldout_reward_after']:.3f}, KL to the reference "
+        f"{summary['kl_to_reference']:.3f} nats; wrote {out}/metrics.jsonl, summary.json, "
+        f"training.png, policy/ ({summary['wall_seconds']:.0f}s)",
+        flush=True,
+    )
+    return summary
