@@ -1,5 +1,6 @@
 """The built-in arithmetic task: generators, splits, answer extraction, rewards, shipped model."""
 
+import dataclasses
 import json
 import operator
 import os
@@ -79,6 +80,7 @@ def test_write_dataset(tmp_path):
         ("#### seven", None),
         ("\\boxed{x+1}", None),
         ("\\boxed{3", None),
+        (" 3+4=7\nThe answer is 7.", None),  # the warm-up corpus's refused format
     ],
 )
 def test_extract_answer(text, expected):
@@ -96,6 +98,38 @@ def test_rewards():
         arithmetic.accuracy_reward(["q", "q"], ["#### 1", "#### 1"], answer=["1", "n/a"])
 
 
+def test_noisy_corpus_uses_the_refused_format_at_the_configured_rates():
+    n = 16000
+    rates = dict(arithmetic.DEFAULT_FORMAT_NOISE)
+    assert set(rates) == {arithmetic.item_of(r["question"]) for r in arithmetic.problems(200)}
+    assert min(rates.values()) <= 0.3 and max(rates.values()) >= 0.6  # depends on the problem
+    rows = arithmetic.problems(n, seed=0)
+    clean = arithmetic.sft_corpus(n, seed=0)
+    noisy = arithmetic.sft_corpus(n, seed=0, format_noise=arithmetic.DEFAULT_FORMAT_NOISE)
+    assert noisy[:100] == arithmetic.sft_corpus(100, 0, format_noise=rates)  # deterministic
+    assert clean == [{"prompt": r["question"], "completion": " " + r["answer"]} for r in rows]
+    refused: dict[str, list[bool]] = {}
+    for row, demo in zip(rows, noisy, strict=True):
+        assert demo["prompt"] == row["question"]  # the problems themselves are unchanged
+        value = arithmetic.extract_answer(row["answer"])
+        is_refused = demo["completion"] != " " + row["answer"]
+        if is_refused:
+            assert demo["completion"] == " " + arithmetic.refuse_format(row["answer"])
+            assert demo["completion"].endswith(f"\nThe answer is {value}.")
+            assert arithmetic.extract_answer(demo["completion"]) is None
+            assert arithmetic.accuracy_reward(["q"], [demo["completion"]], [row["answer"]]) == [0]
+            assert arithmetic.format_reward(["q"], [demo["completion"]]) == [0]
+        assert arithmetic.either_format_answer(demo["completion"]) == value
+        assert len(demo["prompt"]) + len(demo["completion"]) + 1 <= 112  # warm-up row width
+        refused.setdefault(arithmetic.item_of(row["question"]), []).append(is_refused)
+    for item, flags in refused.items():  # about 2,000 demonstrations per item: 4 sigma
+        assert abs(np.mean(flags) - rates[item]) < 0.04, (item, np.mean(flags))
+    with pytest.raises(ValueError, match="unknown item 'pears'"):
+        arithmetic.sft_corpus(2, format_noise={"pears": 0.5})
+    with pytest.raises(ValueError, match="not in"):
+        arithmetic.sft_corpus(2, format_noise={"pens": 1.5})
+
+
 def test_tokenizer_round_trips_and_covers_the_task():
     tokenizer = arithmetic.build_tokenizer()
     row = arithmetic.problems(1, seed=0)[0]
@@ -105,7 +139,7 @@ def test_tokenizer_round_trips_and_covers_the_task():
     assert tokenizer.decode(ids) == text
 
 
-def test_shipped_model_loads_and_is_partly_right():
+def test_shipped_model_knows_the_arithmetic_but_not_the_format():
     from rljax.models.hf import load_model, load_tokenizer
 
     folder = arithmetic.default_base_model()
@@ -114,12 +148,20 @@ def test_shipped_model_loads_and_is_partly_right():
     assert size < 2_000_000
     with open(os.path.join(folder, "warmup.json")) as f:
         record = json.load(f)
-    assert 0.15 <= record["eval"]["heldout_greedy_accuracy"] <= 0.40
-    assert record["eval"]["sampled"]["mixed_fraction"] >= 0.3
+    # built with the default settings, format noise included
+    assert record["settings"] == json.loads(
+        json.dumps(dataclasses.asdict(arithmetic.WarmupSettings()))
+    )
+    evaluation = record["eval"]
+    assert 0.20 <= evaluation["heldout_greedy_accuracy"] <= 0.40
+    assert evaluation["heldout_greedy_either_format_accuracy"] >= 0.85  # arithmetic learned
+    assert evaluation["heldout_greedy_refused_format"] >= 0.4
+    assert evaluation["sampled"]["mixed_fraction"] >= 0.5
     model, tokenizer = load_model(folder), load_tokenizer(folder)
-    # Greedy next-token check on 8 held-out demonstrations (teacher forcing: one forward pass,
-    # no generation to compile): the model writes the format, and not every digit is right.
-    rows = arithmetic.problems(8, seed=123, split="heldout")
+    # Greedy next-token check on held-out demonstrations (teacher forcing: one forward pass,
+    # no generation to compile): the digits are right, and at the start of the last line the
+    # model hesitates between "#### N" and "The answer is N.", by item.
+    rows = arithmetic.problems(48, seed=123, split="heldout")
     texts = [r["question"] + " " + r["answer"] for r in rows]
     ids = [
         tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -130,11 +172,20 @@ def test_shipped_model_loads_and_is_partly_right():
     mask = tokens != tokenizer.pad_token_id
     graphdef, params = nnx.split(model)
     forward = jax.jit(lambda params, tokens, mask: nnx.merge(graphdef, params)(tokens, mask))
-    predicted = np.asarray(forward(params, tokens, mask).argmax(-1))
-    right = {"format": [], "digits": []}
-    for row, (r, x) in enumerate(zip(rows, ids, strict=True)):
+    logits = np.asarray(forward(params, tokens, mask))
+    predicted = logits.argmax(-1)
+    hash_id, refused_id = tokenizer.convert_tokens_to_ids(["#", "T"])
+    rates = dict(arithmetic.DEFAULT_FORMAT_NOISE)
+    digits, p_hash = [], {"low": [], "high": []}
+    for row, (r, x, text) in enumerate(zip(rows, ids, texts, strict=True)):
         for pos in range(len(r["question"]) + 1, len(x)):  # completion tokens after the space
-            kind = "digits" if tokenizer.decode([x[pos]]).isdigit() else "format"
-            right[kind].append(predicted[row, pos - 1] == x[pos])
-    assert np.mean(right["format"]) >= 0.9
-    assert 0.3 <= np.mean(right["digits"]) < 1.0
+            if tokenizer.decode([x[pos]]).isdigit():
+                digits.append(predicted[row, pos - 1] == x[pos])
+        decision = text.rindex("\n") + 1  # the last line's first token: "#" or "T"
+        p = np.exp(logits[row, decision - 1] - logits[row, decision - 1].max())
+        p /= p.sum()
+        assert p[hash_id] + p[refused_id] > 0.9
+        noise = rates[arithmetic.item_of(r["question"])]
+        p_hash["low" if noise < 0.5 else "high"].append(p[hash_id])
+    assert np.mean(digits) >= 0.9
+    assert np.mean(p_hash["low"]) > 0.5 > np.mean(p_hash["high"]) > 0.05
