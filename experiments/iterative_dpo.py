@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rljax import cli, data, experiment, lm, runs
+from rljax import checks, cli, data, experiment, lm, runs
 from rljax.models import hf
 from rljax.models.generate import SamplingConfig, make_generate_fn
 from rljax.tasks import sorting
@@ -55,6 +55,18 @@ class Config(experiment.DPORunConfig):
     reference_policy: str = "previous"
     steps: int = 100
     out: str = "runs/iterative_dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(
+            self, {"rounds": ">= 1", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2"}
+        )
+        if self.data is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"--max-prompt-length {self.max_prompt_length} must be below --max-length "
+                f"{self.max_length}: completions of a prompt file are sampled up to "
+                "max_length - max_prompt_length tokens"
+            )
 
 
 def sample_completions(model, tokenizer, prompts, config, key, batch_size: int = 256) -> list[str]:
@@ -260,6 +272,7 @@ def main(config: Config) -> dict:
             "--data (a prompt set of your own) needs --judge DIR (a reward-model folder): the "
             "oracle only knows the built-in task"
         )
+    checks.require_folder("--judge", config.judge, "reward-model folder")
     start = time.perf_counter()
     out = pathlib.Path(config.out)
     model_path = experiment.resolve_model(config)

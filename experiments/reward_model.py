@@ -44,6 +44,13 @@ class Config(experiment.PreferenceRunConfig):
     center_rewards_coefficient: float | None = None
     out: str = "runs/reward_model"
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.reward_config()  # RewardConfig checks center_rewards_coefficient
+
+    def reward_config(self) -> reward.RewardConfig:
+        return reward.RewardConfig(center_rewards_coefficient=self.center_rewards_coefficient)
+
 
 def load_reward_model(path: str, seed: int):
     """A one-label *ForSequenceClassification folder as is; a causal LM with a fresh head."""
@@ -87,9 +94,7 @@ def main(config: Config) -> dict:
     graphdef, params = nnx.split(load_reward_model(model_path, config.seed))
     train, held_out, data_report = experiment.load_preference_arrays(config, tokenizer)
     experiment.apply_layout(config, train, held_out)  # --share-prompt
-    reward_config = reward.RewardConfig(
-        center_rewards_coefficient=config.center_rewards_coefficient
-    )
+    reward_config = config.reward_config()
     optimizer = experiment.adamw(config)
     mesh = experiment.build_mesh(config.mesh)
     example = {k: v[: config.batch_size] for k, v in train.items()}

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rljax import advantages, envs, finite, ppo, trpo
+from rljax import advantages, checks, envs, finite, ppo, trpo
 from rljax.models.mlp import Actor, Critic, pure
 
 __all__ = [
@@ -250,21 +250,20 @@ def resolve(config: ClassicConfig) -> ClassicConfig:
 
 def _validate(config: ClassicConfig) -> None:
     positive = ["total_steps", "num_envs", "num_steps", "hidden", "eval_episodes"]
-    in_unit = ["gamma", "gae_lambda"]
+    rules = {"gamma": "in (0, 1]", "gae_lambda": "in [0, 1]"}
     if isinstance(config, PPOClassicConfig):
         positive += ["learning_rate", "max_grad_norm", "num_epochs", "num_minibatches"]
         positive += ["clip_eps"]
+        # 0 turns value clipping and the KL early stop off
+        nonnegative = ["value_clip_eps", "value_coef", "entropy_coef", "target_kl"]
         divides = {"num_minibatches": config.num_minibatches}
     else:
         positive += ["max_kl", "cg_iters", "fvp_subsample", "value_learning_rate"]
         positive += ["n_critic_updates", "critic_minibatches"]
+        nonnegative = ["cg_damping"]
         divides = {"critic_minibatches": config.critic_minibatches}
-    for name in positive:
-        if not getattr(config, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}")
-    for name in in_unit:
-        if not 0 <= getattr(config, name) <= 1:
-            raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+    rules |= {name: "> 0" for name in positive} | {name: ">= 0" for name in nonnegative}
+    checks.check(config, rules, library=True)
     for name, value in divides.items():
         if config.steps_per_iteration % value:
             raise ValueError(

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rljax import checks
 from rljax.finite import count_nonfinite, step_if_finite
 from rljax.lm import pair_sequence_logps
 
@@ -526,6 +527,9 @@ class DPOConfig:
             )
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"DPOConfig.chunk_size must be a positive int, got {self.chunk_size}")
+        checks.check(
+            self, {"beta": "> 0", "discopop_tau": "> 0", "rpo_alpha": ">= 0"}, library=True
+        )
         types, weights = self.loss_types_and_weights()
         # Validate the loss-type combination now rather than at the first trace.
         _validate(

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rljax import checkpoint, data, dpo, finite, lm, runs, sharding
+from rljax import checkpoint, checks, data, dpo, finite, lm, runs, sharding
 from rljax.models import hf
 from rljax.tasks import sorting
 
@@ -115,10 +115,24 @@ class PreferenceRunConfig:
     allow_config_change: bool = False
 
     def __post_init__(self):
-        if self.max_nonfinite_updates < 1:
-            raise ValueError(
-                f"--max-nonfinite-updates must be >= 1, got {self.max_nonfinite_updates}"
-            )
+        checks.check(
+            self,
+            {
+                "seed": ">= 0",
+                "steps": ">= 1",
+                "batch_size": ">= 1",
+                "learning_rate": "> 0",
+                "max_length": ">= 2",  # one prompt and one completion token
+                "max_prompt_length": ">= 1",
+                "train_pairs": ">= 1",
+                "eval_pairs": ">= 1",
+                "log_every": ">= 1",
+                "eval_every": ">= 0",
+                "checkpoint_every": ">= 1",
+                "max_nonfinite_updates": ">= 1",
+            },
+        )
+        checks.check_choice(self, "overflow", ("truncate", "drop"))
 
 
 def in_run_folder(
@@ -171,8 +185,7 @@ def resolve_model(config: PreferenceRunConfig) -> str:
                 sorting.default_base_model()
             sharding.barrier("rljax.experiment.resolve_model")
         return sorting.default_base_model()
-    if not os.path.isdir(config.model):
-        raise FileNotFoundError(f"--model {config.model!r} is not a folder")
+    checks.require_folder("--model", config.model, "Hugging Face checkpoint folder")
     return config.model
 
 
@@ -187,25 +200,54 @@ def build_mesh(spec: str):
     return sharding.make_mesh(spec)
 
 
-def _rows(config: PreferenceRunConfig) -> tuple[list[dict], list[dict], str]:
+_Split = tuple[list[dict], data.RowNumbers]  # rows, and where each lies in the user's file
+
+
+def _file_rows(path: str, option: str) -> _Split:
+    """The rows of ``path`` (given as ``option``) with their numbers; an empty file raises."""
+    rows, numbering = data.load_numbered_rows(path)
+    if not rows:
+        raise ValueError(
+            f"{option} {path}: the file holds 0 rows (it is empty, or only blank lines); "
+            "give a file with at least one preference pair"
+        )
+    return rows, numbering
+
+
+def _rows(config: PreferenceRunConfig) -> tuple[_Split, _Split, str]:
+    """``(train, held_out, source)``: each split's rows with their :class:`rljax.data.RowNumbers`
+    (numbered as the user's file numbers them, also when the held-out split is carved from
+    ``--data``)."""
     if builtin(config):
         folder = pathlib.Path(config.out) / "data"
+
+        def generated(root) -> tuple[_Split, _Split, str]:
+            paths = sorting.write_dataset(root, config.train_pairs, config.eval_pairs, config.seed)
+            train = _file_rows(paths["train"], "built-in pairs")
+            test = _file_rows(paths["test"], "built-in pairs")
+            return train, test, str(folder)
+
         if sharding.is_primary():
-            paths = sorting.write_dataset(
-                folder, config.train_pairs, config.eval_pairs, config.seed
-            )
-            return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
+            return generated(folder)
         with tempfile.TemporaryDirectory() as own:  # the same rows, apart from process 0's files
-            paths = sorting.write_dataset(own, config.train_pairs, config.eval_pairs, config.seed)
-            return data.load_rows(paths["train"]), data.load_rows(paths["test"]), str(folder)
-    train = data.load_rows(config.data)
+            return generated(own)
+    train, numbering = _file_rows(config.data, "--data")
     if config.eval_data is not None:
-        return train, data.load_rows(config.eval_data), config.data
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(train))
+        return (train, numbering), _file_rows(config.eval_data, "--eval-data"), config.data
+    if len(train) < 2:
+        raise ValueError(
+            f"--data {config.data}: the file holds {len(train)} row, too few to split: the "
+            "held-out evaluation split is carved from it (10%, at least 1 row) and the rest is "
+            "trained on, so it needs at least 2 rows; add rows or pass --eval-data"
+        )
+    order = np.random.default_rng(config.seed).permutation(len(train))
     n_eval = max(1, len(train) // 10)
-    held_out = [train[i] for i in sorted(order[:n_eval])]
-    return [train[i] for i in sorted(order[n_eval:])], held_out, config.data
+    held_out, kept = sorted(order[:n_eval]), sorted(order[n_eval:])
+    return (
+        ([train[i] for i in kept], numbering.take(kept)),
+        ([train[i] for i in held_out], numbering.take(held_out)),
+        config.data,
+    )
 
 
 def load_preference_arrays(
@@ -213,12 +255,16 @@ def load_preference_arrays(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
     """Train and held-out arrays (the :mod:`rljax.data` batch contract, padded to
     ``max_length``) and a report of what validation and tokenisation kept, truncated, dropped
-    and skipped; the report is printed."""
-    train_rows, eval_rows, source = _rows(config)
+    and skipped, and of the tokens outside the vocabulary; the report is printed (both splits,
+    before a split with no pairs left raises). Errors and reports name rows as the user's file
+    numbers them (the 1-based line of a JSON-lines file, else the 0-based row)."""
+    train_split, eval_split, source = _rows(config)
     report: dict[str, Any] = {"source": source}
-    arrays = []
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
-        valid, validation = data.validate_preferences(rows, skip_invalid=config.skip_invalid)
+    arrays, empty = [], []
+    for name, (rows, numbering) in (("train", train_split), ("eval", eval_split)):
+        valid, validation = data.validate_preferences(
+            rows, skip_invalid=config.skip_invalid, numbering=numbering
+        )
         tokens, tokenization = data.tokenize_preferences(
             valid,
             tokenizer,
@@ -226,10 +272,9 @@ def load_preference_arrays(
             max_prompt_length=config.max_prompt_length,
             overflow=config.overflow,
             pad_to=config.max_length,
+            numbering=numbering.take(validation.kept_rows),
         )
-        if len(tokens["chosen_tokens"]) == 0:
-            raise ValueError(f"{name} data: no pairs left after validation and tokenisation")
-        print(f"{name} data ({source}): {validation}; {tokenization}")
+        print(f"{name} data ({numbering.source}): {validation}; {tokenization}", flush=True)
         report[name] = {
             "rows": len(rows),
             "valid": validation.kept,
@@ -237,8 +282,18 @@ def load_preference_arrays(
             "pairs": len(tokens["chosen_tokens"]),
             "truncated": tokenization.truncated,
             "dropped": tokenization.dropped,
+            "unknown_tokens": tokenization.unknown_tokens,
+            "unknown_token_rows": tokenization.unknown_rows,
         }
+        if len(tokens["chosen_tokens"]) == 0:
+            empty.append(
+                f"{name} data ({numbering.source}): no pairs left of {len(rows)} rows "
+                f"({validation.num_skipped} skipped as invalid, {tokenization.dropped} dropped as "
+                "longer than --max-length; see the report above)"
+            )
         arrays.append({k: np.asarray(v) for k, v in dict(tokens).items()})
+    if empty:
+        raise ValueError("; ".join(empty))
     return arrays[0], arrays[1], report
 
 
@@ -372,9 +427,20 @@ class DPORunConfig(PreferenceRunConfig):
     chunk_size: int = 1024
     win_rate_prompts: int = 512
 
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"win_rate_prompts": ">= 1"})
+        self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
+
     def dpo_config(self) -> dpo.DPOConfig:
         types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
-        weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
+        try:
+            weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
+        except ValueError:
+            raise ValueError(
+                f"--loss-weights {self.loss_weights!r}: expected numbers separated by commas, "
+                "one per loss type"
+            ) from None
         return dpo.DPOConfig(
             beta=self.beta,
             loss_type=types[0] if len(types) == 1 else types,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rljax import checks
 from rljax.advantages import whiten
 from rljax.distributions import entropy as distribution_entropy
 from rljax.distributions import log_prob
@@ -291,14 +292,21 @@ class PPOConfig:
     target_kl: float | None = None
 
     def __post_init__(self):
-        _check_clip(self.clip_eps, self.clip_eps_high, self.dual_clip)
-        if self.num_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError(
-                f"num_epochs and num_minibatches must be >= 1; got {self.num_epochs}, "
-                f"{self.num_minibatches}"
-            )
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise ValueError(f"target_kl must be > 0 or None; got {self.target_kl}")
+        checks.check(
+            self,
+            {
+                "clip_eps": ">= 0",
+                "clip_eps_high": ">= 0",
+                "value_clip_eps": ">= 0",
+                "value_coef": ">= 0",
+                "entropy_coef": ">= 0",
+                "num_epochs": ">= 1",
+                "num_minibatches": ">= 1",
+                "target_kl": "> 0",
+            },
+            library=True,
+        )
+        _check_clip(self.clip_eps, self.clip_eps_high, self.dual_clip)  # dual_clip > 1
 
 
 class PPOState(NamedTuple):

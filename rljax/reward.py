@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rljax import checks
 from rljax.finite import count_nonfinite, step_if_finite
 from rljax.lm import pair_rewards
 
@@ -109,6 +110,9 @@ class RewardConfig:
 
     center_rewards_coefficient: float | None = None
     use_margin: bool = True
+
+    def __post_init__(self):
+        checks.check(self, {"center_rewards_coefficient": ">= 0"}, library=True)
 
 
 class RewardState(NamedTuple):

@@ -39,6 +39,7 @@ from flax import nnx
 from rljax import (
     advantages,
     checkpoint,
+    checks,
     data,
     experiment,
     finite,
@@ -128,7 +129,7 @@ class GRPORunConfig:
     on_reward_error: str = "raise"
     out: str = "runs/grpo"
     seed: int = 0
-    iterations: int = 60
+    iterations: int = 30
     batch_size: int = 16
     group_size: int = 8
     estimator: str = "grpo"
@@ -141,11 +142,11 @@ class GRPORunConfig:
     max_prompt_length: int | None = None
     max_new_tokens: int | None = None
     temperature: float = 1.0
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     eval_prompts: int = 256
-    eval_every: int = 20
+    eval_every: int = 10
     log_every: int = 5
-    checkpoint_every: int = 20
+    checkpoint_every: int = 10
     mesh: str = ""
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
     max_nonfinite_updates: int = 3
@@ -170,6 +171,7 @@ class GRPORunConfig:
         for field in positive:
             if getattr(self, field) < 1:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
+        checks.check(self, {"seed": ">= 0"})  # numpy's generators take no negative seed
         if self.group_size < 2:
             fail(
                 "group_size",
@@ -247,16 +249,26 @@ class Prompts:
         return [self.texts[i] for i in idx], columns, self.tokens[index], self.mask[index]
 
 
-def _prompts(rows: Sequence[dict], tokenizer, max_prompt_length: int, where: str) -> Prompts:
+def _prompts(
+    rows: Sequence[dict],
+    tokenizer,
+    max_prompt_length: int,
+    where: str,
+    numbering: data.RowNumbers | None = None,
+) -> Prompts:
+    """``numbering``: where each row lies in the user's file (errors name that row)."""
     if not rows:
         raise ValueError(f"{where}: no rows")
+    numbering = data.RowNumbers.of(len(rows)) if numbering is None else numbering
+    in_file = dataclasses.replace(numbering, source=None)  # `where` names the file
+    name = lambda i: f"{where} {in_file.label(i)}"
     fields = set(rows[0])
     for i, row in enumerate(rows):
         if "prompt" not in row:
-            raise ValueError(f"{where} row {i} (0-based): field 'prompt' is missing")
+            raise ValueError(f"{name(i)}: field 'prompt' is missing")
         if set(row) != fields:
             raise ValueError(
-                f"{where} row {i} (0-based): fields {sorted(row)} differ from row 0's "
+                f"{name(i)}: fields {sorted(row)} differ from those of {name(0)}, "
                 f"{sorted(fields)} (reward functions get one list per field)"
             )
     tokens, mask = data.tokenize_prompts(
@@ -264,7 +276,8 @@ def _prompts(rows: Sequence[dict], tokenizer, max_prompt_length: int, where: str
     )
     empty = np.flatnonzero(~mask.any(axis=1))
     if empty.size:
-        raise ValueError(f"{where} rows {empty[:5].tolist()} (0-based): prompt has no tokens")
+        numbers = [numbering.numbers[i] for i in empty[:5]]
+        raise ValueError(f"{where} {numbering.labels(numbers, empty.size)}: prompt has no tokens")
     columns = {k: [r[k] for r in rows] for k in sorted(fields - {"prompt"})}
     return Prompts([r["prompt"] for r in rows], columns, tokens, mask)
 
@@ -277,18 +290,25 @@ def load_prompts(config: GRPORunConfig, tokenizer) -> tuple[Prompts, Prompts, st
         train = [as_row(p) for p in arithmetic.problems(4096, config.seed, split="train")]
         held_out = [as_row(p) for p in arithmetic.problems(config.eval_prompts, 0, "heldout")]
         source = "built-in arithmetic word problems"
+        train_numbers = held_numbers = None  # generated rows: their index in the list
     else:
-        rows = data.load_rows(config.data)
+        rows, numbering = data.load_numbered_rows(config.data)
         if len(rows) < 2:
-            raise ValueError(f"--data {config.data!r}: need at least 2 rows, got {len(rows)}")
+            raise ValueError(
+                f"--data {config.data!r}: the file holds {len(rows)} row"
+                f"{'' if len(rows) == 1 else 's (it is empty)'}, too few to split: "
+                "a held-out split (10%, at least 1 row) is carved from it and the rest is "
+                "trained on, so it needs at least 2 rows"
+            )
         order = np.random.default_rng(config.seed).permutation(len(rows))
         n_eval = max(1, min(config.eval_prompts, len(rows) // 10))
-        held_out = [rows[i] for i in sorted(order[:n_eval])]
-        train = [rows[i] for i in sorted(order[n_eval:])]
+        held_index, train_index = sorted(order[:n_eval]), sorted(order[n_eval:])
+        held_out, held_numbers = [rows[i] for i in held_index], numbering.take(held_index)
+        train, train_numbers = [rows[i] for i in train_index], numbering.take(train_index)
         source = config.data
     return (
-        _prompts(train, tokenizer, config.prompt_width, source + " (train)"),
-        _prompts(held_out, tokenizer, config.prompt_width, source + " (held out)"),
+        _prompts(train, tokenizer, config.prompt_width, source + " (train)", train_numbers),
+        _prompts(held_out, tokenizer, config.prompt_width, source + " (held out)", held_numbers),
         source,
     )
 

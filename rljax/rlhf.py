@@ -618,6 +618,8 @@ class RLHFPPOConfig:
         ppo.PPOConfig(
             clip_eps=self.clip_eps,
             value_clip_eps=self.value_clip_eps,
+            value_coef=self.value_coef,
+            entropy_coef=self.entropy_coef,
             num_epochs=self.num_epochs,
             num_minibatches=self.num_minibatches,
             target_kl=self.target_kl,

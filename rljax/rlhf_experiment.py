@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import checkpoint, data, experiment, finite, lm, rlhf, runs, sharding, trpo
+from rljax import checkpoint, checks, data, experiment, finite, lm, rlhf, runs, sharding, trpo
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import generate, hf
@@ -136,15 +136,31 @@ class RLHFRunConfig:
         def fail(field, problem):
             raise ValueError(f"--{field.replace('_', '-')}: {problem}")
 
-        for field in (
-            "iterations",
-            "batch_size",
-            "samples_per_prompt",
-            "max_prompt_length",
-            "max_nonfinite_updates",
-        ):
-            if getattr(self, field) < 1:
-                fail(field, f"must be >= 1, got {getattr(self, field)}")
+        checks.check(
+            self,
+            {
+                "seed": ">= 0",
+                "iterations": ">= 1",
+                "batch_size": ">= 1",
+                "samples_per_prompt": ">= 1",
+                "max_prompt_length": ">= 1",
+                "max_new_tokens": ">= 1",
+                "temperature": "> 0",  # RL needs sampling
+                "learning_rate": "> 0",
+                "kl_coef": ">= 0",
+                "kl_target": "> 0",
+                "kl_horizon": "> 0",
+                "missing_eos_penalty": ">= 0",
+                "gamma": "in (0, 1]",
+                "lam": "in [0, 1]",
+                "chunk_size": ">= 1",
+                "log_every": ">= 1",
+                "eval_every": ">= 0",
+                "eval_prompts": ">= 1",
+                "checkpoint_every": ">= 1",
+                "max_nonfinite_updates": ">= 1",
+            },
+        )
         if self.critic not in rlhf.CRITICS:
             fail("critic", f"must be one of {rlhf.CRITICS}, got {self.critic!r}")
         if self.critic == "none" and self.samples_per_prompt < 2:
@@ -158,12 +174,6 @@ class RLHFRunConfig:
             fail("scale", f"must be std or none, got {self.scale!r}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             fail("kl_estimator", f"must be k1, k2 or k3, got {self.kl_estimator!r}")
-        if self.kl_coef < 0:
-            fail("kl_coef", f"must be >= 0, got {self.kl_coef}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            fail("max_new_tokens", f"must be >= 1 or none, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
         if self.whiten_rewards and self.critic == "none":
             fail(
                 "whiten_rewards",
@@ -212,6 +222,7 @@ class PPORunConfig(RLHFRunConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_divides(self, "num_minibatches")
+        self.update_config()  # RLHFPPOConfig and PPOConfig check the clip ranges, epochs, ...
 
     def update_config(self) -> rlhf.RLHFPPOConfig:
         return rlhf.RLHFPPOConfig(
@@ -268,6 +279,8 @@ class TRPORunConfig(RLHFRunConfig):
             )
         if self.critic != "none":
             _check_divides(self, "critic_minibatches")
+        checks.check(self, {"value_learning_rate": "> 0"})
+        self.update_config()  # TRPOConfig checks max_kl, cg_iters, cg_damping, ...
 
     def update_config(self) -> trpo.TRPOConfig:
         return trpo.TRPOConfig(
@@ -453,14 +466,18 @@ def _prompt_texts(config: RLHFRunConfig) -> tuple[list[str], list[str], str]:
         train = sorting.prompts(n_train, config.seed)
         held_out = sorted(set(sorting.prompts(config.eval_prompts, config.seed + 7)) - set(train))
         return train, held_out[: config.eval_prompts], "built-in sorting task"
-    rows = data.load_rows(config.prompts)
+    rows, numbering = data.load_numbered_rows(config.prompts)
     texts = []
     for i, row in enumerate(rows):
         if "prompt" not in row:
-            raise ValueError(f"--prompts {config.prompts!r} row {i}: field 'prompt' is missing")
+            raise ValueError(f"--prompts {numbering.label(i)}: field 'prompt' is missing")
         texts.append(row["prompt"])
     if len(texts) < 2:
-        raise ValueError(f"--prompts {config.prompts!r}: need at least 2 prompts, got {len(texts)}")
+        raise ValueError(
+            f"--prompts {config.prompts!r}: the file holds {len(texts)} prompts, too few to "
+            "split: the last 10% (at least 1) are held out and the rest trained on, so it needs "
+            "at least 2"
+        )
     n_eval = max(1, min(config.eval_prompts, len(texts) // 10))
     held_out, train = texts[-n_eval:], texts[:-n_eval]
     # Cycle through the prompt set (deterministically shuffled per pass) for the iterations.
@@ -476,7 +493,7 @@ def _tokenize(prompts, tokenizer, max_prompt_length: int):
         prompts, tokenizer, max_prompt_length, pad_to=max_prompt_length
     )
     if not np.all(mask.any(axis=1)):
-        empty = [int(i) for i in np.flatnonzero(~mask.any(axis=1))[:5]]
+        empty = [prompts[int(i)] for i in np.flatnonzero(~mask.any(axis=1))[:3]]
         raise ValueError(f"prompts {empty} tokenise to nothing; every prompt needs a token")
     return tokens, mask
 
@@ -591,6 +608,7 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     returns the summary."""
     if algorithm not in ("ppo", "trpo"):
         raise ValueError(f"algorithm must be 'ppo' or 'trpo', got {algorithm!r}")
+    checks.require_folder("--reward-model", config.reward_model, "reward-model folder")
     label = label or f"{algorithm.upper()}-RLHF"
     if jax.process_count() > 1:
         raise ValueError(

@@ -25,6 +25,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+from rljax import checks
 from rljax.advantages import explained_variance, whiten
 from rljax.distributions import Outputs, is_gaussian, kl_divergence, log_prob
 from rljax.finite import all_finite, count_nonfinite, select, step_if_finite
@@ -520,23 +521,21 @@ class TRPOConfig:
             raise ValueError(
                 f"fvp_method {self.fvp_method!r} unknown; valid choices: {list(FVP_METHODS)}"
             )
-        checks = {
-            "max_kl": self.max_kl > 0,
-            "cg_iters": self.cg_iters >= 1,
-            "cg_damping": self.cg_damping >= 0,
-            "backtrack_coeff": 0 < self.backtrack_coeff < 1,
-            "max_backtracks": self.max_backtracks >= 1,
-            "fvp_subsample": self.fvp_subsample >= 1,
-            "n_critic_updates": self.n_critic_updates >= 0,
-            "critic_minibatches": self.critic_minibatches >= 1,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid TRPOConfig field(s) {bad}: need max_kl > 0, cg_iters >= 1, "
-                f"cg_damping >= 0, 0 < backtrack_coeff < 1, max_backtracks >= 1, "
-                f"fvp_subsample >= 1, n_critic_updates >= 0, critic_minibatches >= 1"
-            )
+        checks.check(
+            self,
+            {
+                "max_kl": "> 0",
+                "cg_iters": ">= 1",
+                "cg_damping": ">= 0",
+                "cg_tol": ">= 0",
+                "backtrack_coeff": "in (0, 1)",
+                "max_backtracks": ">= 1",
+                "fvp_subsample": ">= 1",
+                "n_critic_updates": ">= 0",
+                "critic_minibatches": ">= 1",
+            },
+            library=True,
+        )
 
 
 class TRPOState(NamedTuple):

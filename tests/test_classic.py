@@ -188,7 +188,7 @@ def test_resolve_fills_presets_and_rounds_steps_up():
         (classic.PPOClassicConfig(num_minibatches=3), "num_minibatches=3 must divide"),
         (classic.TRPOClassicConfig(critic_minibatches=7), "critic_minibatches=7 must divide"),
         (classic.PPOClassicConfig(total_steps=0), "total_steps must be > 0"),
-        (classic.PPOClassicConfig(gamma=1.5), r"gamma must be in \[0, 1\]"),
+        (classic.PPOClassicConfig(gamma=1.5), r"gamma must be in \(0, 1\]"),
         (classic.TRPOClassicConfig(max_kl=0.0), "max_kl must be > 0"),
         (classic.PPOClassicConfig(eval_episodes=0), "eval_episodes must be > 0"),
     ],

@@ -1,6 +1,8 @@
 """Preference and prompt data: load, validate, tokenize, pad and batch.
 
 - :func:`load_rows`: rows from JSONL / JSON / parquet files or a saved HF ``datasets`` folder;
+  :func:`load_numbered_rows` also gives the :class:`RowNumbers` that name each row as the file
+  does (1-based line of a JSON-lines file, else 0-based row) in errors and reports;
 - :func:`validate_preferences` / :func:`validate_completions`: TRL's standard and
   conversational formats, errors naming row and field, or skip-and-count;
 - :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
@@ -12,7 +14,7 @@ numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datase
 """
 
 from rljax.data.batching import Batches
-from rljax.data.load import load_rows
+from rljax.data.load import RowNumbers, load_numbered_rows, load_rows
 from rljax.data.preference import (
     SKIP_REASONS,
     ValidationReport,
@@ -36,9 +38,11 @@ __all__ = [
     "Batches",
     "CompletionArrays",
     "PreferenceArrays",
+    "RowNumbers",
     "TokenizationReport",
     "ValidationReport",
     "is_conversational",
+    "load_numbered_rows",
     "load_rows",
     "share_prompts",
     "tokenize_completions",

@@ -6,17 +6,74 @@ read, so the rest of :mod:`rljax.data` works without them (``pip install 'rljax[
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["load_rows"]
+__all__ = ["RowNumbers", "load_numbered_rows", "load_rows"]
 
 _JSON_LINES = (".jsonl", ".ndjson")
+_FIRST = 5  # row numbers listed by RowNumbers.labels before "..."
 
 
-def _read_json_lines(path: Path) -> list[dict]:
-    rows = []
+@dataclasses.dataclass(frozen=True)
+class RowNumbers:
+    """Where each row of a list came from, so that messages name the row in the user's file.
+
+    Row ``i`` of the list is ``numbers[i]`` of ``source``, counted by ``unit``:
+
+    - ``"line"``: the 1-based line of a JSON-lines file (blank lines count);
+    - ``"row"``: the 0-based row of a JSON array, a parquet table or a datasets split;
+    - ``"index"``: the 0-based index in a list given in Python (the default; messages then
+      say ``row i``, as before files were tracked).
+
+    :meth:`take` follows the rows through a selection (a held-out split, the rows that
+    survived validation), so numbers stay those of the file.
+    """
+
+    numbers: tuple[int, ...]
+    unit: str = "index"
+    source: str | None = None
+
+    @classmethod
+    def of(cls, count: int) -> RowNumbers:
+        """Plain 0-based indices of a list of ``count`` rows."""
+        return cls(tuple(range(count)))
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def take(self, index: Sequence[int]) -> RowNumbers:
+        """The numbers of the rows ``index`` (positions in this list), in that order."""
+        return dataclasses.replace(self, numbers=tuple(self.numbers[int(i)] for i in index))
+
+    def _unit(self, plural: bool) -> tuple[str, str]:
+        word = {"line": "line", "row": "row", "index": "row"}[self.unit]
+        note = {"line": " (1-based)", "row": " (0-based)", "index": ""}[self.unit]
+        return word + ("s" if plural else ""), note
+
+    def label(self, i: int) -> str:
+        """Row ``i`` of the list, as the user's file numbers it: ``data.jsonl line 7
+        (1-based)``, ``data.parquet row 6 (0-based)``, or ``row 6`` for a plain list."""
+        word, note = self._unit(False)
+        where = f"{self.source} " if self.source else ""
+        return f"{where}{word} {self.numbers[i]}{note}"
+
+    def labels(self, numbers: Sequence[int], count: int | None = None) -> str:
+        """``lines 3, 9 (1-based)`` for file numbers already mapped (``numbers[:5]`` shown,
+        ``...`` when ``count`` says there are more)."""
+        count = len(numbers) if count is None else count
+        word, note = self._unit(True)
+        shown = ", ".join(map(str, list(numbers)[:_FIRST]))
+        more = ", ..." if count > min(len(numbers), _FIRST) else ""
+        return f"{word} {shown}{more}{note}"
+
+
+def _read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows and the 1-based line of each."""
+    rows, lines = [], []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -34,10 +91,12 @@ def _read_json_lines(path: Path) -> list[dict]:
                     "(one row per line)"
                 )
             rows.append(row)
-    return rows
+            lines.append(number)
+    return rows, lines
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path) -> tuple[list[dict], list[int] | None]:
+    """The rows, and their lines if the file is JSON lines (``None`` for a JSON array)."""
     text = path.read_text(encoding="utf-8")
     if not text.lstrip().startswith("["):
         return _read_json_lines(path)  # a .json file written as JSON lines
@@ -50,7 +109,7 @@ def _read_json(path: Path) -> list[dict]:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"{path}: element {i} is a {type(row).__name__}, expected an object")
-    return rows
+    return rows, None
 
 
 def _import(name: str):
@@ -100,11 +159,28 @@ def load_rows(path: str | os.PathLike, *, split: str | None = None) -> list[dict
     Rows are returned as read; check them with :func:`rljax.data.validate_preferences` or
     :func:`rljax.data.validate_completions`.
     """
+    return load_numbered_rows(path, split=split)[0]
+
+
+def load_numbered_rows(
+    path: str | os.PathLike, *, split: str | None = None
+) -> tuple[list[dict], RowNumbers]:
+    """:func:`load_rows`, and the :class:`RowNumbers` that name each row as the file does:
+    its 1-based line in a JSON-lines file (blank lines are skipped but counted), otherwise
+    its 0-based row."""
     path = Path(path)
+    rows, lines = _load(path, split)
+    if lines is not None:
+        return rows, RowNumbers(tuple(lines), "line", str(path))
+    return rows, RowNumbers(tuple(range(len(rows))), "row", str(path))
+
+
+def _load(path: Path, split: str | None) -> tuple[list[dict], list[int] | None]:
+    """The rows, and the 1-based line of each in a JSON-lines file (else ``None``)."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_dir():
-        return _read_datasets_folder(path, split)
+        return _read_datasets_folder(path, split), None
     if split is not None:
         raise ValueError(f"{path}: split={split!r} applies only to a datasets folder; drop it")
     suffix = path.suffix.lower()
@@ -113,7 +189,7 @@ def load_rows(path: str | os.PathLike, *, split: str | None = None) -> list[dict
     if suffix == ".json":
         return _read_json(path)
     if suffix in (".parquet", ".pq"):
-        return _read_parquet(path)
+        return _read_parquet(path), None
     raise ValueError(
         f"{path}: unknown data format {suffix!r}; expected .jsonl, .ndjson, .json, .parquet or a "
         "folder saved by datasets' save_to_disk"

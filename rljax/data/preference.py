@@ -11,7 +11,9 @@ Accepted row forms (TRL's "standard" and "conversational" formats):
 - prompt-completion (SFT): ``{"prompt": ..., "completion": ...}``, plain or conversational.
 
 Other keys of a row (scores, ids) are kept untouched. Rows are numbered by their index in the
-list given (0-based), which is what every error and report names.
+list given (0-based), which is what every error and report names, unless ``numbering`` (a
+:class:`rljax.data.RowNumbers`, from :func:`rljax.data.load_numbered_rows`) says where each row
+lies in the user's file (its 1-based line in a JSON-lines file, else its 0-based row).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
+
+from rljax.data.load import RowNumbers
 
 __all__ = [
     "SKIP_REASONS",
@@ -48,9 +52,12 @@ class ValidationReport:
       total: rows given.
       kept: rows returned.
       skipped: reason -> number of rows skipped for it (reasons from :data:`SKIP_REASONS`).
-      first_rows: reason -> the first few row numbers skipped for it.
+      first_rows: reason -> the first few row numbers skipped for it (numbered as the file
+        numbers them when validated with ``numbering``).
       first_errors: reason -> the message of the first row skipped for it.
-      kept_rows: the row number of every returned row, in order (maps results back to input).
+      kept_rows: the index (in the list given) of every returned row, in order (maps results
+        back to input; ``numbering.take(kept_rows)`` numbers the returned rows).
+      numbering: how rows are numbered in ``first_rows`` and messages.
     """
 
     total: int = 0
@@ -59,6 +66,7 @@ class ValidationReport:
     first_rows: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     first_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     kept_rows: list[int] = dataclasses.field(default_factory=list)
+    numbering: RowNumbers | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def num_skipped(self) -> int:
@@ -75,9 +83,9 @@ class ValidationReport:
         text = f"validation: kept {self.kept} of {self.total} rows"
         if not self.skipped:
             return text + " (none skipped)"
+        numbering = self.numbering or RowNumbers(())
         parts = [
-            f"{reason}: {count} (rows {', '.join(map(str, self.first_rows[reason]))}"
-            + (", ..." if count > len(self.first_rows[reason]) else "")
+            f"{reason}: {count} ({numbering.labels(self.first_rows[reason], count)}"
             + f"; first: {self.first_errors[reason]})"
             for reason, count in self.skipped.items()
         ]
@@ -89,6 +97,7 @@ class _RowError(ValueError):
         super().__init__(f"row {row}: {message}")
         self.row = row
         self.reason = reason
+        self.detail = message  # the message without the row
 
 
 def is_conversational(value: Any) -> bool:
@@ -226,10 +235,24 @@ def _split_implicit_prompt(row: int, example: dict) -> dict:
     }
 
 
+def _numbering(rows: Sequence[Any], numbering: RowNumbers | None) -> RowNumbers:
+    if numbering is None:
+        return RowNumbers.of(len(rows))
+    if len(numbering) != len(rows):
+        raise ValueError(f"numbering has {len(numbering)} row numbers for {len(rows)} rows")
+    return numbering
+
+
 def _validate(
-    rows: Sequence[Any], fields: dict[str, str], *, pair: bool, skip_invalid: bool
+    rows: Sequence[Any],
+    fields: dict[str, str],
+    *,
+    pair: bool,
+    skip_invalid: bool,
+    numbering: RowNumbers | None,
 ) -> tuple[list[dict], ValidationReport]:
-    report = ValidationReport(total=len(rows))
+    numbering = _numbering(rows, numbering)
+    report = ValidationReport(total=len(rows), numbering=numbering)
     valid = []
     for row, example in enumerate(rows):
         try:
@@ -241,11 +264,13 @@ def _validate(
                     row, "identical_completions", "fields 'chosen' and 'rejected' are identical"
                 )
         except _RowError as error:
+            message = f"{numbering.label(row)}: {error.detail}"
             if not skip_invalid:
                 raise ValueError(
-                    f"{error} (pass skip_invalid=True to skip and count such rows)"
+                    f"{message} (pass skip_invalid=True, --skip-invalid in the scripts, to skip "
+                    "and count such rows)"
                 ) from None
-            report._skip(row, error.reason, str(error))
+            report._skip(numbering.numbers[row], error.reason, message)
             continue
         valid.append(example)
         report.kept_rows.append(row)
@@ -254,7 +279,7 @@ def _validate(
 
 
 def validate_preferences(
-    rows: Sequence[Any], *, skip_invalid: bool = False
+    rows: Sequence[Any], *, skip_invalid: bool = False, numbering: RowNumbers | None = None
 ) -> tuple[list[dict], ValidationReport]:
     """Check preference rows (``prompt``/``chosen``/``rejected``, plain or conversational).
 
@@ -262,18 +287,20 @@ def validate_preferences(
     text mixed with messages, or identical ``chosen`` and ``rejected`` raises ``ValueError``
     naming the row and the field; with ``skip_invalid=True`` it is skipped and counted in the
     report instead. Conversational rows without ``prompt`` (TRL's implicit prompt) come back
-    with the shared leading messages split off as ``prompt``.
+    with the shared leading messages split off as ``prompt``. ``numbering``
+    (:class:`rljax.data.RowNumbers`) makes errors and the report name each row as the user's
+    file numbers it.
 
     Returns ``(valid_rows, report)``.
     """
     fields = {"prompt": "prompt", "chosen": "completion", "rejected": "completion"}
-    return _validate(rows, fields, pair=True, skip_invalid=skip_invalid)
+    return _validate(rows, fields, pair=True, skip_invalid=skip_invalid, numbering=numbering)
 
 
 def validate_completions(
-    rows: Sequence[Any], *, skip_invalid: bool = False
+    rows: Sequence[Any], *, skip_invalid: bool = False, numbering: RowNumbers | None = None
 ) -> tuple[list[dict], ValidationReport]:
     """Check prompt-completion (SFT) rows (``prompt``/``completion``); same rules and report as
     :func:`validate_preferences` (no identical-completions check)."""
     fields = {"prompt": "prompt", "completion": "completion"}
-    return _validate(rows, fields, pair=False, skip_invalid=skip_invalid)
+    return _validate(rows, fields, pair=False, skip_invalid=skip_invalid, numbering=numbering)

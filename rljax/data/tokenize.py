@@ -31,6 +31,7 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
+from rljax.data.load import RowNumbers
 from rljax.data.preference import (
     _check_value,
     _RowError,
@@ -76,7 +77,8 @@ class CompletionArrays(TypedDict):
 
 @dataclasses.dataclass
 class TokenizationReport:
-    """What tokenisation kept, truncated and dropped (rows numbered as given).
+    """What tokenisation kept, truncated and dropped, and how many tokens were unknown (rows
+    numbered as given, or as the user's file numbers them when tokenized with ``numbering``).
 
     Attributes:
       total: rows given. kept: rows in the arrays (``total - dropped``).
@@ -85,7 +87,11 @@ class TokenizationReport:
         cut (counted whether the row was then kept or dropped).
       dropped: rows left out (``overflow="drop"``).
       truncated_rows / dropped_rows: the first few row numbers of each.
-      kept_rows: the input row number of each output row, in order.
+      unknown_tokens: tokens the tokenizer mapped to its unknown id (``unk_token_id``) although
+        the text did not spell its unknown token (e.g. characters outside the vocabulary),
+        counted over every row before truncation.
+      unknown_rows: rows with at least one; unknown_first_rows: the first few of them.
+      kept_rows: the index (in the list given) of each output row, in order.
       length: ``T``, the padded length.
     """
 
@@ -97,14 +103,18 @@ class TokenizationReport:
     completion_truncated: int = 0
     truncated_rows: list[int] = dataclasses.field(default_factory=list)
     dropped_rows: list[int] = dataclasses.field(default_factory=list)
+    unknown_tokens: int = 0
+    unknown_rows: int = 0
+    unknown_first_rows: list[int] = dataclasses.field(default_factory=list)
     kept_rows: list[int] = dataclasses.field(default_factory=list)
     length: int = 0
+    numbering: RowNumbers | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
+        numbering = self.numbering or RowNumbers(())
+
         def rows(numbers, count):
-            return (
-                f" (rows {', '.join(map(str, numbers))}{', ...' if count > len(numbers) else ''})"
-            )
+            return f" ({numbering.labels(numbers, count)})"
 
         text = f"tokenization: kept {self.kept} of {self.total} rows, padded to {self.length}"
         text += f"; truncated {self.truncated}" + (
@@ -117,6 +127,11 @@ class TokenizationReport:
             text += (
                 f" [too long: prompt {self.prompt_truncated}, "
                 f"completion {self.completion_truncated}]"
+            )
+        if self.unknown_tokens:
+            text += (
+                f"; {self.unknown_tokens} unknown tokens (outside the vocabulary) in "
+                f"{self.unknown_rows} rows" + rows(self.unknown_first_rows, self.unknown_rows)
             )
         return text
 
@@ -134,40 +149,58 @@ def _chat(tokenizer, messages: list, *, generation_prompt: bool) -> str:
     )
 
 
+def _unknown(tokenizer, text: str, ids: list[int], *, special: bool) -> int:
+    """Tokens of ``text`` (encoded as ``ids``) mapped to the tokenizer's unknown id although
+    ``text`` did not spell the unknown token itself: characters or words outside the
+    vocabulary. 0 for tokenizers without an unknown token (byte-level BPE)."""
+    unk_id = getattr(tokenizer, "unk_token_id", None)
+    if unk_id is None or unk_id not in ids:
+        return 0
+    if special:  # count without the special tokens added around the text
+        ids = _encode(tokenizer, text, special=False)
+    return max(0, ids.count(unk_id) - text.count(str(tokenizer.unk_token)))
+
+
 def _render(
-    row: int, tokenizer, prompt: Any, completions: dict[str, Any]
-) -> tuple[list[int], dict[str, list[int]]]:
-    """Token ids of the prompt and of each completion (no EOS added, nothing cut)."""
+    where: str, tokenizer, prompt: Any, completions: dict[str, Any]
+) -> tuple[list[int], dict[str, list[int]], int]:
+    """Token ids of the prompt and of each completion (no EOS added, nothing cut), and the
+    number of unknown tokens among them (:func:`_unknown`). ``where`` names the row."""
     if isinstance(prompt, str):
         prompt_ids = _encode(tokenizer, prompt, special=True)
-        completion_ids = {
-            f: _encode(tokenizer, text, special=False) for f, text in completions.items()
-        }
+        unknown = _unknown(tokenizer, prompt, prompt_ids, special=True)
+        completion_ids = {}
+        for f, text in completions.items():
+            completion_ids[f] = _encode(tokenizer, text, special=False)
+            unknown += _unknown(tokenizer, text, completion_ids[f], special=False)
     else:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
-                f"row {row}: conversational rows need a tokenizer with a chat_template; set "
+                f"{where}: conversational rows need a tokenizer with a chat_template; set "
                 "tokenizer.chat_template or render the rows to text first"
             )
         prompt_text = _chat(tokenizer, prompt, generation_prompt=True)
         prompt_ids = _encode(tokenizer, prompt_text, special=False)
+        unknown = _unknown(tokenizer, prompt_text, prompt_ids, special=False)
         completion_ids = {}
         for field, messages in completions.items():
             full = _chat(tokenizer, list(prompt) + list(messages), generation_prompt=False)
             if not full.startswith(prompt_text):
                 raise ValueError(
-                    f"row {row}: field {field!r}: the chat template applied to prompt + "
+                    f"{where}: field {field!r}: the chat template applied to prompt + "
                     "completion does not start with the template applied to the prompt (with "
                     "add_generation_prompt=True), so the completion cannot be split off; use a "
                     f"prefix-preserving template. prompt: {prompt_text!r}; full: {full!r}"
                 )
-            completion_ids[field] = _encode(tokenizer, full[len(prompt_text) :], special=False)
+            text = full[len(prompt_text) :]
+            completion_ids[field] = _encode(tokenizer, text, special=False)
+            unknown += _unknown(tokenizer, text, completion_ids[field], special=False)
     if not prompt_ids:
-        raise ValueError(f"row {row}: field 'prompt' tokenizes to no tokens")
+        raise ValueError(f"{where}: field 'prompt' tokenizes to no tokens")
     for field, ids in completion_ids.items():
         if not ids:
-            raise ValueError(f"row {row}: field {field!r} tokenizes to no tokens")
-    return prompt_ids, completion_ids
+            raise ValueError(f"{where}: field {field!r} tokenizes to no tokens")
+    return prompt_ids, completion_ids, unknown
 
 
 # ----------------------------------------------------------------------------- 2. fit
@@ -240,23 +273,31 @@ def _tokenize_rows(
     overflow: Overflow,
     add_eos: bool,
     pad_to: int | None,
+    numbering: RowNumbers | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, TokenizationReport]:
     """The shared core: render, fit and right-pad ``fields`` (the completions) of each row.
 
     Returns ``({field: (tokens, mask, loss_mask)}, prompt_lengths, report)``.
     """
+    numbering = RowNumbers.of(len(rows)) if numbering is None else numbering
     _check_options(max_length, max_prompt_length, truncation_mode, overflow, pad_to)
     pad_id = _pad_id(tokenizer)
     eos_id = _eos_id(tokenizer) if add_eos else None
     prompt_limit = max_length - 1
     if max_prompt_length is not None:
         prompt_limit = min(prompt_limit, max_prompt_length)
-    report = TokenizationReport(total=len(rows))
+    report = TokenizationReport(total=len(rows), numbering=numbering)
     prompts, completions = [], {f: [] for f in fields}
     for row, example in enumerate(rows):
-        prompt_ids, completion_ids = _render(
-            row, tokenizer, example["prompt"], {f: example[f] for f in fields}
+        number = numbering.numbers[row]  # the row as the user's file numbers it
+        prompt_ids, completion_ids, unknown = _render(
+            numbering.label(row), tokenizer, example["prompt"], {f: example[f] for f in fields}
         )
+        if unknown:
+            report.unknown_tokens += unknown
+            report.unknown_rows += 1
+            if len(report.unknown_first_rows) < _FIRST_ROWS:
+                report.unknown_first_rows.append(number)
         prompt_cut = len(prompt_ids) > prompt_limit
         prompt_ids = _cut(prompt_ids, prompt_limit, truncation_mode)
         budget = max_length - len(prompt_ids)
@@ -272,11 +313,11 @@ def _tokenize_rows(
             if overflow == "drop":
                 report.dropped += 1
                 if len(report.dropped_rows) < _FIRST_ROWS:
-                    report.dropped_rows.append(row)
+                    report.dropped_rows.append(number)
                 continue
             report.truncated += 1
             if len(report.truncated_rows) < _FIRST_ROWS:
-                report.truncated_rows.append(row)
+                report.truncated_rows.append(number)
         report.kept_rows.append(row)
         prompts.append(prompt_ids)
         for field, ids in completion_ids.items():
@@ -310,18 +351,21 @@ def tokenize_preferences(
     overflow: Overflow = "truncate",
     add_eos: bool = True,
     pad_to: int | None = None,
+    numbering: RowNumbers | None = None,
 ) -> tuple[PreferenceArrays, TokenizationReport]:
     """Tokenize preference rows (``prompt``/``chosen``/``rejected``; see the module docstring).
 
     Rows are checked with :func:`rljax.data.validate_preferences` first (an invalid row raises;
     validate with ``skip_invalid=True`` beforehand to skip them). Chosen and rejected are padded
     to the same ``T``: the longest prompt + completion, or ``pad_to`` (``>= max_length``).
+    ``numbering`` (:class:`rljax.data.RowNumbers`) makes errors and the report name each row
+    as the user's file numbers it.
 
     Returns ``(arrays, report)``; ``arrays`` has ``chosen_tokens``, ``chosen_mask``,
     ``chosen_loss_mask``, ``rejected_tokens``, ``rejected_mask``, ``rejected_loss_mask``
     (``[N, T]``) and ``prompt_lengths`` (``int32 [N]``, after truncation).
     """
-    rows, _ = validate_preferences(rows)
+    rows, _ = validate_preferences(rows, numbering=numbering)
     arrays, prompt_lengths, report = _tokenize_rows(
         rows,
         tokenizer,
@@ -332,6 +376,7 @@ def tokenize_preferences(
         overflow=overflow,
         add_eos=add_eos,
         pad_to=pad_to,
+        numbering=numbering,
     )
     out = {}
     for field, (tokens, mask, loss_mask) in arrays.items():
@@ -354,12 +399,13 @@ def tokenize_completions(
     overflow: Overflow = "truncate",
     add_eos: bool = True,
     pad_to: int | None = None,
+    numbering: RowNumbers | None = None,
 ) -> tuple[CompletionArrays, TokenizationReport]:
     """Tokenize prompt-completion (SFT) rows: same rules as :func:`tokenize_preferences`.
 
     Returns ``(arrays, report)``; ``arrays`` has ``tokens``, ``mask``, ``loss_mask`` (``[N, T]``).
     """
-    rows, _ = validate_completions(rows)
+    rows, _ = validate_completions(rows, numbering=numbering)
     arrays, _, report = _tokenize_rows(
         rows,
         tokenizer,
@@ -370,9 +416,16 @@ def tokenize_completions(
         overflow=overflow,
         add_eos=add_eos,
         pad_to=pad_to,
+        numbering=numbering,
     )
     tokens, mask, loss_mask = arrays["completion"]
     return CompletionArrays(tokens=tokens, mask=mask, loss_mask=loss_mask), report
+
+
+def _warn_rows(what: str, rows: list[int]) -> None:
+    """A warning from :func:`tokenize_prompts` (to its caller) naming the first ``rows``."""
+    more = " ..." if len(rows) > _FIRST_ROWS else ""
+    warnings.warn(f"tokenize_prompts: {what}; rows {rows[:_FIRST_ROWS]}{more}", stacklevel=3)
 
 
 def tokenize_prompts(
@@ -400,7 +453,7 @@ def tokenize_prompts(
             "pad_to >= max_prompt_length"
         )
     pad_id = _pad_id(tokenizer)
-    sequences, cut_rows = [], []
+    sequences, cut_rows, unknown_rows, unknown = [], [], [], 0
     for row, prompt in enumerate(prompts):
         if isinstance(prompt, dict):
             if "prompt" not in prompt:
@@ -410,16 +463,24 @@ def tokenize_prompts(
             _check_value(row, "prompt", prompt, role="prompt")
         except _RowError as error:
             raise ValueError(str(error)) from None
-        ids, _ = _render(row, tokenizer, prompt, {})
+        ids, _, row_unknown = _render(f"row {row}", tokenizer, prompt, {})
+        if row_unknown:
+            unknown += row_unknown
+            unknown_rows.append(row)
         if len(ids) > max_prompt_length:
             cut_rows.append(row)
         sequences.append(_cut(ids, max_prompt_length, truncation_mode))
     if cut_rows:
-        warnings.warn(
-            f"tokenize_prompts: truncated {len(cut_rows)} of {len(sequences)} prompts to "
-            f"max_prompt_length={max_prompt_length} ({truncation_mode}); rows {cut_rows[:_FIRST_ROWS]}"
-            + (" ..." if len(cut_rows) > _FIRST_ROWS else ""),
-            stacklevel=2,
+        _warn_rows(
+            f"truncated {len(cut_rows)} of {len(sequences)} prompts to "
+            f"max_prompt_length={max_prompt_length} ({truncation_mode})",
+            cut_rows,
+        )
+    if unknown:
+        _warn_rows(
+            f"{unknown} unknown tokens (outside the tokenizer's vocabulary) in "
+            f"{len(unknown_rows)} of {len(sequences)} prompts",
+            unknown_rows,
         )
     length = max((len(s) for s in sequences), default=0) if pad_to is None else pad_to
     return _pad(sequences, pad_id, length, left=True)

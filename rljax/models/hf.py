@@ -816,8 +816,35 @@ def save_model(
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
+#: Files of which a tokenizer folder holds at least one (fast, BPE, sentencepiece, WordPiece).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+)
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The ``transformers`` tokenizer of a checkpoint folder (never runs remote code)."""
+    """The ``transformers`` tokenizer of a checkpoint folder (never runs remote code).
+
+    Raises ``FileNotFoundError`` at once when ``path`` is not a local folder (a Hub name is not
+    downloaded) or holds no tokenizer file (tokenizer.json, vocab.json, ...)."""
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=False)
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        problem = "a file" if os.path.exists(path) else "missing"
+        raise FileNotFoundError(
+            f"tokenizer folder {path!r} is {problem}: pass a local checkpoint folder with the "
+            "tokenizer's files (Hub names are not downloaded; fetch one first with "
+            "huggingface_hub.snapshot_download)"
+        )
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: the tokenizer files are missing (none of {list(_TOKENIZER_FILES)}); save "
+            "the tokenizer into the folder (tokenizer.save_pretrained) or copy its files in"
+        )
+    return transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
