@@ -702,11 +702,9 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
         "heldout_reward_before": before.get("eval/reward"),
         "heldout_reward_after": after.get("eval/reward"),
         "kl_to_reference": after.get("eval/kl"),
-        "resumed_from": first or None,
-        "wall_seconds": round(time.perf_counter() - start_time, 2),
-        "devices": int(mesh.size),
-        "config": dataclasses.asdict(config),
-        **runs.config_record(out),  # the original settings, after --allow-config-change
+        **runs.run_record(
+            config, out, resumed_from=first, start_time=start_time, devices=mesh.size
+        ),
     }
     runs.write_summary(out, summary)
     runs.plot_metrics(

@@ -321,8 +321,7 @@ def make_rollout_fn(
     prompt_mask, key) -> dict``: samples, then the per-token log-probs of the samples under the
     policy (``old_logps``) and the reference (``ref_logps``), the policy's ``entropy`` and, with
     a critic, ``old_values`` (all ``[B, N]``, 0 at padding), with ``tokens``, ``mask``,
-    ``completion_mask``, ``finished`` and ``sampler_logps`` (the sampler's log-probs of its
-    tokens at temperature 1)."""
+    ``completion_mask`` and ``finished``."""
 
     @jax.jit
     def rollout(policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key):
@@ -352,9 +351,6 @@ def make_rollout_fn(
             "old_logps": zero(policy["logps"]),
             "ref_logps": zero(ref["logps"]),
             "entropy": zero(policy["entropy"]),
-            # The sampler's own log-probs (KV-cache decode, temperature 1): their gap to
-            # old_logps (the trainer's full forward) is the sampler/trainer mismatch.
-            "sampler_logps": zero(gen.policy_logprobs),
         }
         if critic == "head":
             out["old_values"] = zero(policy["values"])
@@ -758,11 +754,9 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
         "initial_eval": start_eval,
         "final_eval": final,
         "final_kl_coef": float(kl_coef),
-        "resumed_from": first or None,
-        "wall_seconds": round(time.perf_counter() - start_time, 2),
-        "devices": int(mesh.size),
-        "config": dataclasses.asdict(config),
-        **runs.config_record(out),  # the original settings, after --allow-config-change
+        **runs.run_record(
+            config, out, resumed_from=first, start_time=start_time, devices=mesh.size
+        ),
     }
     runs.write_summary(out, summary)
     runs.plot_metrics(

@@ -12,6 +12,7 @@ run per folder) and the stored configuration (``DIR/config.json``), which a resu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -315,6 +316,20 @@ def _describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "\n".join(
         f"  {name} ({flag(name)}): {old!r} -> {new!r}" for name, (old, new) in changes.items()
     )
+
+
+def run_record(config: Any, folder: str | pathlib.Path, *, resumed_from, start_time, devices):
+    """The part of a summary every driver writes: ``resumed_from`` (None for a fresh run),
+    ``wall_seconds`` since ``start_time`` (``time.perf_counter()``), ``devices``, the resolved
+    ``config`` and, after ``--allow-config-change``, the original settings
+    (:func:`config_record`)."""
+    return {
+        "resumed_from": resumed_from or None,
+        "wall_seconds": round(time.perf_counter() - start_time, 2),
+        "devices": int(devices),
+        "config": dataclasses.asdict(config),
+        **config_record(folder),
+    }
 
 
 def config_record(folder: str | pathlib.Path) -> dict[str, Any]:

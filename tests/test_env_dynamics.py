@@ -286,9 +286,12 @@ def test_acrobot_one_step_map_over_the_state_space_vmapped():
     n_terminal = n_clipped = 0
     for i in range(n):
         ref_s, ref_obs, ref_reward, ref_terminated = gymnasium_acrobot_step(s[i], actions[i])
-        # Velocities can be large (9 pi): relative tolerance for the float32 RK4 step.
-        np.testing.assert_allclose(obs[i], ref_obs, rtol=1e-4, atol=1e-4)
-        if abs(acrobot_height(ref_s) - 1.0) > 1e-4:  # not ambiguous in float32
+        # Velocities reach 9 pi and the dynamics amplify rounding: a float32 RK4 step differs
+        # from the float64 reference by up to ~2.5e-4 relative depending on how XLA orders and
+        # fuses the float32 operations (measured: 2.4e-4 without backend optimisation), so the
+        # tolerance leaves 4x room for another compiler or CPU.
+        np.testing.assert_allclose(obs[i], ref_obs, rtol=1e-3, atol=1e-3)
+        if abs(acrobot_height(ref_s) - 1.0) > 1e-3:  # not ambiguous in float32
             assert terminated[i] == ref_terminated, i
             assert reward[i] == ref_reward, i
             assert truncated[i] == (time[i] == 499 and not ref_terminated), i

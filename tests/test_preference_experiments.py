@@ -189,5 +189,6 @@ def test_iterative_dpo_on_a_prompt_file_with_a_judge(base_model, tmp_path):
     pairs = (tmp_path / "run" / "round_1" / "pairs.jsonl").read_text().splitlines()
     assert {json.loads(p)["prompt"] for p in pairs} <= {r["prompt"] for r in rows}
     no_judge = [f for f in flags if f not in ("--judge", str(judge))]
+    no_judge[no_judge.index(str(tmp_path / "run"))] = str(tmp_path / "run_no_judge")
     with pytest.raises(ValueError, match="needs --judge"):
         iterative.main(cli.parse(iterative.Config, no_judge))
