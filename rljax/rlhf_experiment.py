@@ -364,9 +364,10 @@ def make_rollout_fn(
 
 
 def make_shaping_fn(config: RLHFRunConfig) -> Callable:
-    """The jitted ``(rollout, scores, kl_coef) -> (batch, metrics)``: the missing-EOS penalty,
-    the KL-penalised per-token rewards, optional reward whitening and the advantages (token GAE
-    with a critic, group-relative without), and TRL's ``objective/...`` metrics."""
+    """The jitted ``(rollout, scores, kl_coef) -> (batch, metrics, seq_kl)``: the missing-EOS
+    penalty, the KL-penalised per-token rewards, optional reward whitening and the advantages
+    (token GAE with a critic, group-relative without), TRL's ``objective/...`` metrics, and the
+    per-row sequence KL ``[B]`` (for the KL controller)."""
 
     @jax.jit
     def shape(rollout, scores, kl_coef):
