@@ -82,18 +82,15 @@ from typing import Any
 import numpy as np
 
 from rljax.tasks.sorting import (
-    BOS_TOKEN,
-    CHAT_TEMPLATE,
     EOS_TOKEN,
-    PAD_TOKEN,
     SHIPPED_MODELS_DIR,
     SPECIAL_TOKENS,
-    UNK_TOKEN,
     _completion_loss_fn,
     _rng,
     _text,
     _tokenize_sft,
     _write_jsonl,
+    char_tokenizer,
 )
 
 __all__ = [
@@ -404,26 +401,7 @@ def build_tokenizer(folder: str | os.PathLike | None = None):
     (anything else is ``<unk>``), nothing added on encoding, the chat template of
     :mod:`rljax.tasks.sorting`. ``folder``: also ``save_pretrained`` there.
     """
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token=PAD_TOKEN,
-        eos_token=EOS_TOKEN,
-        bos_token=BOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        padding_side="right",
-        model_max_length=MAX_PROMPT_TOKENS + MAX_COMPLETION_TOKENS,
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if folder is not None:
-        tokenizer.save_pretrained(os.fspath(folder))
-    return tokenizer
+    return char_tokenizer(CHARACTERS, MAX_PROMPT_TOKENS + MAX_COMPLETION_TOKENS, folder)
 
 
 # ---------------------------------------------------------------------------- base model

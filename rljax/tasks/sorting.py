@@ -367,10 +367,19 @@ def build_tokenizer(folder: str | os.PathLike | None = None):
       folder: if given, the tokenizer is also written there with ``save_pretrained``, so
         ``rljax.models.hf.load_tokenizer(folder)`` loads it.
     """
+    return char_tokenizer(TASK_CHARACTERS, 512, folder)
+
+
+def char_tokenizer(characters: str, max_length: int, folder: str | os.PathLike | None = None):
+    """A character-level ``transformers.PreTrainedTokenizerFast`` (the built-in tasks'):
+    ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, ``<unk>`` 3, then ``characters`` in order; one
+    token per character (anything else is ``<unk>``), decoding concatenates, nothing added on
+    encoding, right padding, ``model_max_length=max_length``, :data:`CHAT_TEMPLATE`.
+    ``folder``: also ``save_pretrained`` there."""
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *TASK_CHARACTERS))}
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *characters))}
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -381,7 +390,7 @@ def build_tokenizer(folder: str | os.PathLike | None = None):
         bos_token=BOS_TOKEN,
         unk_token=UNK_TOKEN,
         padding_side="right",
-        model_max_length=512,
+        model_max_length=max_length,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     if folder is not None:
