@@ -23,7 +23,6 @@ from typing import Any
 import jax.numpy as jnp
 
 from rljax import ppo, rlhf
-from rljax.finite import count_nonfinite
 
 __all__ = ["GRPOConfig", "init_grpo_state", "make_grpo_update"]
 
@@ -164,19 +163,14 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
 
     def update(state: ppo.PPOState, batch: dict):
         _check_batch(batch, config)
-        params, opt_state, key, metrics = ppo.minibatch_epochs(
+        new_state, metrics = ppo.epochs_step(
             loss_fn,
             optimizer,
-            state.params,
-            state.opt_state,
-            state.key,
+            state,
             batch,
             num_epochs=config.num_epochs,
             num_minibatches=config.num_minibatches,
         )
-        metrics = {k: v for k, v in metrics.items() if k != "early_stopped"}
-        count, guard = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
-        metrics.update(guard)
-        return ppo.PPOState(params, opt_state, key, state.step + 1, count), metrics
+        return new_state, {k: v for k, v in metrics.items() if k != "early_stopped"}
 
     return update

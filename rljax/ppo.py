@@ -36,6 +36,7 @@ __all__ = [
     "clipped_surrogate_per_token",
     "clipped_value_loss",
     "entropy_bonus",
+    "epochs_step",
     "init_ppo_state",
     "make_ppo_update",
     "minibatch_epochs",
@@ -412,6 +413,39 @@ def minibatch_epochs(
     return params, opt_state, key, metrics
 
 
+def epochs_step(
+    loss_fn: Callable,
+    optimizer,
+    state: PPOState,
+    batch: dict,
+    *,
+    num_epochs: int,
+    num_minibatches: int,
+    target_kl: float | None = None,
+) -> tuple[PPOState, dict]:
+    """One update of a :class:`PPOState`: :func:`minibatch_epochs` from the state's params,
+    optimizer state and key, then the step and the running count of non-finite updates
+    advanced (:func:`rljax.finite.count_nonfinite`). Shared by :func:`make_ppo_update`,
+    :func:`rljax.rlhf.make_rlhf_ppo_update` and :func:`rljax.grpo.make_grpo_update`.
+
+    Returns ``(new_state, metrics)``: :func:`minibatch_epochs`' metrics with ``nonfinite``
+    (1.0 if a minibatch step was skipped) and ``nonfinite_updates`` (the new count)."""
+    params, opt_state, key, metrics = minibatch_epochs(
+        loss_fn,
+        optimizer,
+        state.params,
+        state.opt_state,
+        state.key,
+        batch,
+        num_epochs=num_epochs,
+        num_minibatches=num_minibatches,
+        target_kl=target_kl,
+    )
+    count, guard_metrics = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
+    new_state = PPOState(params, opt_state, key, state.step + 1, count)
+    return new_state, {**metrics, **guard_metrics}
+
+
 def make_ppo_update(
     policy_fn: Callable,
     value_fn: Callable,
@@ -475,19 +509,14 @@ def make_ppo_update(
         missing = [k for k in required if k not in batch]
         if missing:
             raise KeyError(f"PPO batch is missing {missing}; it has {sorted(batch)}")
-        params, opt_state, key, metrics = minibatch_epochs(
+        return epochs_step(
             loss_fn,
             optimizer,
-            state.params,
-            state.opt_state,
-            state.key,
+            state,
             batch,
             num_epochs=config.num_epochs,
             num_minibatches=config.num_minibatches,
             target_kl=config.target_kl,
         )
-        count, guard_metrics = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
-        metrics.update(guard_metrics)
-        return PPOState(params, opt_state, key, state.step + 1, count), metrics
 
     return update

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 
 from rljax import lm, ppo, trpo
 from rljax.advantages import gae, whiten
-from rljax.finite import count_nonfinite
 from rljax.logprobs import (
     KL_ESTIMATORS,
     chunked_token_logprobs_and_entropy,
@@ -750,18 +749,17 @@ def make_rlhf_ppo_update(
         "updates": "updates",
         "early_stopped": "early_stopped",
         "nonfinite": "nonfinite",
+        "nonfinite_updates": "nonfinite_updates",
     }
     critic_only = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
 
     def update(state: ppo.PPOState, batch: dict):
         _check_rollout(batch, keys)
         batch = {k: batch[k] for k in keys}
-        params, opt_state, key, metrics = ppo.minibatch_epochs(
+        new_state, metrics = ppo.epochs_step(
             loss_fn,
             optimizer,
-            state.params,
-            state.opt_state,
-            state.key,
+            state,
             batch,
             num_epochs=config.num_epochs,
             num_minibatches=config.num_minibatches,
@@ -772,9 +770,7 @@ def make_rlhf_ppo_update(
             for k, v in metrics.items()
             if k in names and (with_critic or names[k] not in critic_only)
         }
-        count, guard_metrics = count_nonfinite(state.nonfinite_updates, metrics["nonfinite"] == 0)
-        metrics.update(guard_metrics)
-        return ppo.PPOState(params, opt_state, key, state.step + 1, count), metrics
+        return new_state, metrics
 
     return update
 
