@@ -91,6 +91,7 @@ from rljax.tasks.sorting import (
     _tokenize_sft,
     _write_jsonl,
     char_tokenizer,
+    sample_texts,
 )
 
 __all__ = [
@@ -445,33 +446,17 @@ def sample_completions(
     """One completion per prompt (decoded without special tokens); ``temperature`` 0 is
     greedy. Prompts are left-padded to :data:`MAX_PROMPT_TOKENS` in fixed-size batches (one
     compilation)."""
-    import jax
-    from flax import nnx
-
-    from rljax.models.generate import SamplingConfig, left_pad, make_generate_fn
-
-    sampling = SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    graphdef, params = nnx.split(model)
-    generate_fn = make_generate_fn(graphdef, sampling)
     batch_size = min(batch_size, max(len(prompt_texts), 1))
-    completions = []
-    for start in range(0, len(prompt_texts), batch_size):
-        chunk = list(prompt_texts[start : start + batch_size])
-        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        ids += [ids[0]] * (batch_size - len(ids))  # a fixed batch shape
-        tokens, mask = left_pad(
-            ids, tokenizer.pad_token_id, length=max(MAX_PROMPT_TOKENS, *map(len, ids))
-        )
-        out = generate_fn(params, tokens, mask, jax.random.fold_in(key, start))
-        out_tokens, out_mask = jax.device_get((out.completions, out.completion_mask))
-        for row in range(len(chunk)):
-            kept = out_tokens[row][out_mask[row].astype(bool)].tolist()
-            completions.append(tokenizer.decode(kept, skip_special_tokens=True))
+    completions, _ = sample_texts(
+        model,
+        tokenizer,
+        prompt_texts,
+        key=key,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+        prompt_width=MAX_PROMPT_TOKENS,
+        batch_size=batch_size,
+    )
     return completions
 
 

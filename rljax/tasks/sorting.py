@@ -634,6 +634,53 @@ def warmup_base_model(
     return out_folder
 
 
+def sample_texts(
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    *,
+    key,
+    temperature: float,
+    max_new_tokens: int,
+    prompt_width: int,
+    batch_size: int,
+) -> tuple[list[str], list[bool]]:
+    """One completion per prompt from a built-in task's model: ``(completions, finished)``,
+    completions decoded without special tokens, ``finished`` whether each stopped at EOS.
+    Prompts are left-padded to at least ``prompt_width`` in batches of exactly ``batch_size``
+    rows (the last batch filled with copies of its first prompt: one compilation);
+    ``temperature`` 0 is greedy; batch ``start`` samples with ``fold_in(key, start)``."""
+    import jax
+    from flax import nnx
+
+    from rljax.models.generate import SamplingConfig, left_pad, make_generate_fn
+
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    graphdef, params = nnx.split(model)
+    generate_fn = make_generate_fn(graphdef, sampling)
+    completions, finished = [], []
+    for start in range(0, len(prompt_texts), batch_size):
+        chunk = list(prompt_texts[start : start + batch_size])
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        ids += [ids[0]] * (batch_size - len(ids))  # a fixed batch shape: one compilation
+        length = max(prompt_width, *map(len, ids))
+        tokens, mask = left_pad(ids, tokenizer.pad_token_id, length=length)
+        out = generate_fn(params, tokens, mask, jax.random.fold_in(key, start))
+        out_tokens, out_mask, done = jax.device_get(
+            (out.completions, out.completion_mask, out.finished)
+        )
+        for row in range(len(chunk)):
+            kept = [int(t) for t, m in zip(out_tokens[row], out_mask[row], strict=True) if m]
+            completions.append(tokenizer.decode(kept, skip_special_tokens=True))
+            finished.append(bool(done[row]))
+    return completions, finished
+
+
 def evaluate_policy(
     model,
     tokenizer,
@@ -657,34 +704,16 @@ def evaluate_policy(
       ``{"completions": [...], "scores": [...], "metrics": {"validity", "mean_score",
       "sorted_rate", "eos_rate"}}``; completions are decoded without special tokens.
     """
-    import jax
-    from flax import nnx
-
-    from rljax.models.generate import SamplingConfig, left_pad, make_generate_fn
-
-    sampling = SamplingConfig(
-        max_new_tokens=max_completion_tokens(max_letters),
+    completions, finished = sample_texts(
+        model,
+        tokenizer,
+        prompt_texts,
+        key=key,
         temperature=temperature,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_completion_tokens(max_letters),
+        prompt_width=max_prompt_tokens(max_letters),
+        batch_size=batch_size,
     )
-    graphdef, params = nnx.split(model)
-    generate_fn = make_generate_fn(graphdef, sampling)
-    width = max_prompt_tokens(max_letters)
-    completions, finished = [], []
-    for start in range(0, len(prompt_texts), batch_size):
-        chunk = list(prompt_texts[start : start + batch_size])
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        ids += [ids[0]] * (batch_size - len(ids))  # a fixed batch shape: one compilation
-        tokens, mask = left_pad(ids, tokenizer.pad_token_id, length=max(width, *map(len, ids)))
-        out = generate_fn(params, tokens, mask, jax.random.fold_in(key, start))
-        out_tokens, out_mask, done = jax.device_get(
-            (out.completions, out.completion_mask, out.finished)
-        )
-        for row in range(len(chunk)):
-            kept = [int(t) for t, m in zip(out_tokens[row], out_mask[row], strict=True) if m]
-            completions.append(tokenizer.decode(kept, skip_special_tokens=True))
-            finished.append(bool(done[row]))
     scores = score_batch(list(prompt_texts), completions)
     valid = [is_valid(p, c) for p, c in zip(prompt_texts, completions, strict=True)]
     n = max(len(scores), 1)
