@@ -1,14 +1,14 @@
-"""GRPO side by side: rljax's ``experiments/grpo.py`` (:func:`rljax.rl_loop.run`) and TRL's
+"""GRPO side by side: rljax's ``experiments/grpo.py`` (:func:`rljax.rl.grpo.run`) and TRL's
 ``GRPOTrainer`` (``benchmarks/peers/trl_grpo.py``, in its own virtual environment) on the same
 task, model, prompts and settings; seconds per iteration and held-out accuracy.
 
 The settings are the recipe's: every flag of ``experiments/grpo.py`` is a flag here, with the
-defaults of :class:`rljax.rl_loop.GRPORunConfig` read at run time (so the comparison follows
+defaults of :class:`rljax.rl.grpo.GRPORunConfig` read at run time (so the comparison follows
 the recipe when its defaults change), except ``--eval-every 0`` (evaluate only before and
 after, so no iteration carries an evaluation) and ``--checkpoint-every 1000000`` (only the
 final checkpoint, after the timed iterations; TRL saves nothing). The TRL peer gets the same
-base model folder, the same prompt rows in the same order (``rl_loop.load_prompts``, written
-to JSONL), the same reward functions and weights (``rl_loop.reward_set``: rljax's
+base model folder, the same prompt rows in the same order (``rl.grpo.load_prompts``, written
+to JSONL), the same reward functions and weights (``rl.grpo.reward_set``: rljax's
 ``accuracy_reward`` 1.0 and ``format_reward`` 0.1, which TRL calls itself), prompts per
 iteration, group size (``num_generations``), optimizer steps per iteration
 (``steps_per_generation`` = ``--num-minibatches``, no gradient accumulation), epochs
@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import time
 
-from rljax import cli, rl_loop
+from rljax import cli, rl
 from rljax.models import hf
 from rljax.tasks import arithmetic
 
@@ -60,10 +60,10 @@ SCALE_REWARDS = {"grpo": "group", "grpo_batch_std": "batch", "dr_grpo": "none"}
 REWARDS = ("accuracy_reward", "format_reward")  # the order the peer passes them to TRL
 
 
-def _recipe() -> rl_loop.GRPORunConfig:
+def _recipe() -> rl.grpo.GRPORunConfig:
     """The recipe's defaults, evaluated only before and after, checkpointed only at the end."""
     return dataclasses.replace(
-        rl_loop.GRPORunConfig(),
+        rl.grpo.GRPORunConfig(),
         out="runs/grpo_vs_trl/rljax",
         eval_every=0,
         checkpoint_every=1_000_000,
@@ -94,10 +94,10 @@ class GRPOvsTRLConfig:
     skip_trl: bool = False
     overwrite: bool = False
     peer_timeout: int = 3600
-    run: rl_loop.GRPORunConfig = dataclasses.field(default_factory=_recipe)
+    run: rl.grpo.GRPORunConfig = dataclasses.field(default_factory=_recipe)
 
 
-def check_comparable(run: rl_loop.GRPORunConfig) -> None:
+def check_comparable(run: rl.grpo.GRPORunConfig) -> None:
     """Refuse settings the TRL peer cannot mirror, naming the flag."""
 
     def refuse(flag, why):
@@ -115,11 +115,11 @@ def check_comparable(run: rl_loop.GRPORunConfig) -> None:
         refuse("tis-cap", "TRL's importance-sampling correction is for vLLM only")
     if run.max_prompt_length is not None and run.max_prompt_length < run.prompt_width:
         refuse("max-prompt-length", "TRL 1.16 does not truncate prompts")
-    if rl_loop.reward_set(run).names != REWARDS:
-        raise ValueError(f"the recipe's rewards {rl_loop.reward_set(run).names} are not {REWARDS}")
+    if rl.grpo.reward_set(run).names != REWARDS:
+        raise ValueError(f"the recipe's rewards {rl.grpo.reward_set(run).names} are not {REWARDS}")
 
 
-def shared_settings(run: rl_loop.GRPORunConfig, model: str) -> dict:
+def shared_settings(run: rl.grpo.GRPORunConfig, model: str) -> dict:
     """The settings both sides run with, as recorded in the results."""
     return {
         "model": model,
@@ -141,17 +141,17 @@ def shared_settings(run: rl_loop.GRPORunConfig, model: str) -> dict:
         "scale_rewards": SCALE_REWARDS[run.estimator],
         "overlong": run.overlong,
         "reward_weights": dict(
-            zip(REWARDS, map(float, rl_loop.reward_set(run).weights), strict=True)
+            zip(REWARDS, map(float, rl.grpo.reward_set(run).weights), strict=True)
         ),
         "eval_prompts": run.eval_prompts,
         "seed": run.seed,
     }
 
 
-def write_prompts(run: rl_loop.GRPORunConfig, tokenizer, folder: str) -> dict[str, str]:
+def write_prompts(run: rl.grpo.GRPORunConfig, tokenizer, folder: str) -> dict[str, str]:
     """The rows rljax trains on, in the order it takes them (the cursor cycles through the
     prompt list), and its held-out rows, as JSONL ``{"prompt", "answer"}`` files."""
-    train, held_out, _ = rl_loop.load_prompts(run, tokenizer)
+    train, held_out, _ = rl.grpo.load_prompts(run, tokenizer)
     order = [i % len(train) for i in range(run.iterations * run.batch_size)]
     rows = {
         "train": [(train.texts[i], train.columns["answer"][i]) for i in order],
@@ -243,18 +243,18 @@ def iteration_times(collects: list[tuple], evaluations: list[tuple]) -> list[flo
     return [b - a for a, b in itertools.pairwise(starts)]
 
 
-def run_rljax(run: rl_loop.GRPORunConfig) -> dict:
-    """``rl_loop.run`` (experiments/grpo.py) with its stages timed from outside."""
+def run_rljax(run: rl.grpo.GRPORunConfig) -> dict:
+    """``rl.grpo.run`` (experiments/grpo.py) with its stages timed from outside."""
     import flax
     import jax
     import optax
 
     start, load_before = time.perf_counter(), os.getloadavg()
     with (
-        _timestamps(rl_loop, "collect", []) as collects,
-        _timestamps(rl_loop, "evaluate", []) as evaluations,
+        _timestamps(rl.grpo, "collect", []) as collects,
+        _timestamps(rl.grpo, "evaluate", []) as evaluations,
     ):
-        summary = rl_loop.run(run)
+        summary = rl.grpo.run(run)
     iterations = iteration_times(collects, evaluations)
     rollouts = [end - begin for begin, end in collects]
     return {

@@ -11,7 +11,7 @@ TRL's separate critic) and a reward model (a reward head, no LM head, TRL's
 head on it (:func:`rljax.models.transformer.with_head`'s layout, one forward pass).
 
 One iteration, every phase compiled ahead of time and timed on its own (synchronised with
-``block_until_ready``), in the order of :func:`rljax.rlhf_experiment.run`:
+``block_until_ready``), in the order of :func:`rljax.rl.rlhf.run`:
 
 * **generation**: ``--batch`` random prompts of ``--prompt-len`` tokens, ``--new-tokens``
   sampled at temperature 1 with a KV cache (the program of
@@ -27,7 +27,7 @@ One iteration, every phase compiled ahead of time and timed on its own (synchron
   the ``P + N`` tokens, and the critic's values (the value model; with ``head``, the policy's
   own head in the same pass, timed as its own row).
 * **scoring**: the reward model's score at the last token (``Transformer.rewards``).
-* **shaping**: :func:`rljax.rlhf_experiment.make_shaping_fn` (per-token KL penalty, token GAE).
+* **shaping**: :func:`rljax.rl.rlhf.make_shaping_fn` (per-token KL penalty, token GAE).
 * **update**: :func:`rljax.rlhf.make_rlhf_ppo_update`, ``--epochs`` (4) passes of
   ``--minibatches`` (1) minibatches, TRL's ``num_ppo_epochs`` and ``num_mini_batches``
   defaults, AdamW lr 3e-6 (TRL's), with the separate critic (``critic="separate"``, TRL's
@@ -38,7 +38,7 @@ One iteration, every phase compiled ahead of time and timed on its own (synchron
   times the tokens each optimizer step sees; for TRPO an estimate (as ``step_speed.py``).
   GFLOP/s = FLOPs / median time; MFU against the device's bfloat16 peak where known (not on
   CPU).
-* **fused rollout**: :func:`rljax.rlhf_experiment.make_rollout_fn` (generation and the
+* **fused rollout**: :func:`rljax.rl.rollout.make_rollout_fn` (generation and the
   policy, reference and critic passes in one jit, what the experiments run), for comparison
   with the sum of its parts.
 
@@ -79,7 +79,7 @@ if str(_HERE) not in sys.path:  # the sibling benchmark scripts, whose builders 
 import dpo_speed  # noqa: E402
 import step_speed  # noqa: E402
 
-from rljax import bench, lm, rlhf, rlhf_experiment, trpo  # noqa: E402
+from rljax import bench, lm, ppo, rl, rlhf, trpo  # noqa: E402
 from rljax.models import generate as gen  # noqa: E402
 
 PHASES = (
@@ -163,11 +163,11 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
         return lambda p, prompts, mask, key: gen.generate((pg, p), prompts, mask, key, config)
 
     optimizer = optax.adamw(args.learning_rate, weight_decay=0.0)
-    ppo = lambda critic: rlhf.RLHFPPOConfig(
-        critic=critic,
-        num_epochs=args.epochs,
-        num_minibatches=args.minibatches,
-        chunk_size=chunk,
+    ppo_config = ppo.PPOConfig(
+        value_coef=0.1, num_epochs=args.epochs, num_minibatches=args.minibatches
+    )
+    ppo_update = lambda graphdef, critic, value_graphdef=None: rlhf.make_rlhf_ppo_update(
+        graphdef, optimizer, ppo_config, value_graphdef, critic=critic, chunk_size=chunk
     )
     value_optimizer = optax.adam(1e-3)
     trpo_config = trpo.TRPOConfig(cg_iters=args.cg_iters, n_critic_updates=4, critic_minibatches=2)
@@ -179,12 +179,15 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
         "policy_value_head_forward": forward(hg, True),
         "value_forward": value_forward,
         "scoring": scoring,
-        "shaping": rlhf_experiment.make_shaping_fn(shaping_config),
-        "ppo_update_separate": rlhf.make_rlhf_ppo_update(pg, optimizer, ppo("separate"), vg),
-        "ppo_update_head": rlhf.make_rlhf_ppo_update(hg, optimizer, ppo("head")),
+        "shaping": rl.rlhf.make_shaping_fn(shaping_config),
+        "ppo_update_separate": ppo_update(pg, "separate", vg),
+        "ppo_update_head": ppo_update(hg, "head"),
         "trpo_update": rlhf.make_rlhf_trpo_update(pg, value_optimizer, trpo_config, vg),
-        "fused_rollout": rlhf_experiment.make_rollout_fn(
-            pg, pg, sampling, critic="separate", value_graphdef=vg, chunk_size=chunk
+        "fused_rollout": functools.partial(
+            rl.rollout.make_rollout_fn(
+                pg, sampling, critic="separate", value_graphdef=vg, chunk_size=chunk
+            ),
+            temp=1.0,
         ),
     }, {"optimizer": optimizer, "value_optimizer": value_optimizer, "trpo": trpo_config}
 
@@ -270,7 +273,7 @@ def main(argv=None):
         max_new_tokens=args.new_tokens, temperature=1.0, eos_token_id=None, pad_token_id=0
     )
     prefill_sampling = dataclasses.replace(sampling, max_new_tokens=1)
-    shaping_config = rlhf_experiment.PPORunConfig(
+    shaping_config = rl.rlhf.PPORunConfig(
         batch_size=args.batch,
         max_prompt_length=args.prompt_len,
         max_new_tokens=args.new_tokens,

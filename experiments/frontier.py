@@ -26,8 +26,8 @@ import time
 import jax
 from flax import nnx
 
-from rljax import cli, experiment, rlhf_experiment, runs
-from rljax.models import hf
+from rljax import cli, experiment, rl, runs
+from rljax.models import generate, hf
 from rljax.tasks import sorting
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -124,12 +124,8 @@ def train_arm(arm: dict, config: Config, model_path: str) -> None:
             )
         )
     else:
-        cls = (
-            rlhf_experiment.PPORunConfig
-            if arm["method"] == "PPO"
-            else rlhf_experiment.TRPORunConfig
-        )
-        rl_config = cls(
+        rl_config = rl.config(
+            arm["method"].lower(),  # the registry's ppo or trpo
             model=model_path,
             out=folder,
             seed=config.seed,
@@ -138,7 +134,7 @@ def train_arm(arm: dict, config: Config, model_path: str) -> None:
             eval_every=0,
             eval_prompts=64,
         )
-        rlhf_experiment.run(rl_config, arm["method"].lower(), label=f"{arm['method']}-RLHF")
+        rl.train(rl_config, label=f"{arm['method']}-RLHF")
 
 
 def main(config: Config) -> dict:
@@ -150,21 +146,28 @@ def main(config: Config) -> dict:
     tokenizer = hf.load_tokenizer(model_path)
     ref_graphdef, ref_params = nnx.split(hf.load_model(model_path))
     prompts = sorting.prompts(config.eval_prompts, config.seed + 11)
-    scorer = rlhf_experiment.Scorer(tokenizer)
+    scorer = rl.rlhf.Scorer(tokenizer)
     key = jax.random.key(config.seed + 12)
 
+    sampling = generate.SamplingConfig(
+        max_new_tokens=sorting.max_completion_tokens(),
+        temperature=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
     def point(graphdef, params):
-        return rlhf_experiment.evaluate_policy_kl(
-            graphdef,
+        rollout_fn = rl.rollout.make_rollout_fn(graphdef, sampling, ref_graphdef=ref_graphdef)
+        return rl.rlhf.evaluate_policy_kl(
+            rollout_fn,
             params,
-            ref_graphdef,
             ref_params,
             tokenizer,
             prompts,
             scorer,
             key=key,
             max_prompt_length=16,
-            max_new_tokens=sorting.max_completion_tokens(),
+            rows=min(256, len(prompts)),
         )
 
     points = [{"method": "reference", "coef": None, **point(ref_graphdef, ref_params)}]

@@ -21,12 +21,12 @@ Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF 
 
 from __future__ import annotations
 
-from rljax import cli, rl_loop
+from rljax import cli, rl
 
 
-def main(config: rl_loop.GRPORunConfig) -> dict:
-    return rl_loop.run(config)
+def main(config: rl.grpo.GRPORunConfig) -> dict:
+    return rl.grpo.run(config)
 
 
 if __name__ == "__main__":
-    main(cli.parse(rl_loop.GRPORunConfig))
+    main(cli.parse(rl.grpo.GRPORunConfig))

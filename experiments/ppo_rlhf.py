@@ -17,12 +17,12 @@ Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF 
 
 from __future__ import annotations
 
-from rljax import cli, rlhf_experiment
+from rljax import cli, rl
 
 
-def main(config: rlhf_experiment.PPORunConfig) -> dict:
-    return rlhf_experiment.run(config, "ppo")
+def main(config: rl.rlhf.PPORunConfig) -> dict:
+    return rl.rlhf.run(config)
 
 
 if __name__ == "__main__":
-    main(cli.parse(rlhf_experiment.PPORunConfig))
+    main(cli.parse(rl.rlhf.PPORunConfig))

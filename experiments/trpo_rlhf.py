@@ -14,12 +14,12 @@ Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF 
 
 from __future__ import annotations
 
-from rljax import cli, rlhf_experiment
+from rljax import cli, rl
 
 
-def main(config: rlhf_experiment.TRPORunConfig) -> dict:
-    return rlhf_experiment.run(config, "trpo")
+def main(config: rl.rlhf.TRPORunConfig) -> dict:
+    return rl.rlhf.run(config)
 
 
 if __name__ == "__main__":
-    main(cli.parse(rlhf_experiment.TRPORunConfig))
+    main(cli.parse(rl.rlhf.TRPORunConfig))

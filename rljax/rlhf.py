@@ -39,7 +39,6 @@ __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "POLICY_LOSS_TYPES",
     "KLController",
-    "RLHFPPOConfig",
     "adaptive_kl_coef",
     "completion_outputs",
     "group_advantages",
@@ -578,54 +577,8 @@ def completion_outputs(
 # ------------------------------------------------------------------------------ PPO
 
 
-@dataclasses.dataclass(frozen=True)
-class RLHFPPOConfig:
-    """Static settings of :func:`make_rlhf_ppo_update` (defaults follow TRL's PPO trainer).
-
-    Attributes:
-      critic: ``"head"`` (a value head on the policy model, one forward pass),
-        ``"separate"`` (a critic model of its own) or ``"none"`` (critic-free: the batch's
-        advantages are group-relative, no value loss).
-      clip_eps: clip range of the probability ratio (TRL ``cliprange``).
-      value_clip_eps: clip range of the value update (``cliprange_value``); ``None`` = off.
-      value_coef: weight of the value loss (``vf_coef``).
-      entropy_coef: weight of the entropy bonus.
-      num_epochs: passes over the rollout (``num_ppo_epochs``).
-      num_minibatches: minibatches per pass (the rollout's rows must divide evenly).
-      normalize_advantages: whiten advantages per minibatch over valid tokens (TRL whitens
-        over the whole rollout; use one minibatch for the same).
-      target_kl: stop the remaining minibatch steps once the k3 KL to the rollout policy
-        exceeds this; ``None`` = never.
-      chunk_size: token rows per chunk of the log-prob computation.
-    """
-
-    critic: str = "head"
-    clip_eps: float = 0.2
-    value_clip_eps: float | None = 0.2
-    value_coef: float = 0.1
-    entropy_coef: float = 0.0
-    num_epochs: int = 4
-    num_minibatches: int = 1
-    normalize_advantages: bool = True
-    target_kl: float | None = None
-    chunk_size: int = 1024
-
-    def __post_init__(self):
-        if self.critic not in CRITICS:
-            raise ValueError(f"critic must be one of {CRITICS}, got {self.critic!r}")
-        # PPOConfig validates the rest with the same messages.
-        ppo.PPOConfig(
-            clip_eps=self.clip_eps,
-            value_clip_eps=self.value_clip_eps,
-            value_coef=self.value_coef,
-            entropy_coef=self.entropy_coef,
-            num_epochs=self.num_epochs,
-            num_minibatches=self.num_minibatches,
-            target_kl=self.target_kl,
-        )
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-
+# TRL's PPO trainer's defaults (vf_coef 0.1, one minibatch); the other fields are PPOConfig's.
+_RLHF_PPO = ppo.PPOConfig(value_coef=0.1, num_minibatches=1)
 
 ROLLOUT_KEYS = ("tokens", "mask", "completion_mask", "old_logps", "advantages")
 
@@ -662,8 +615,11 @@ def init_rlhf_ppo_state(policy_params, optimizer, key: jax.Array, value_params=N
 def make_rlhf_ppo_update(
     graphdef: Any,
     optimizer,
-    config: RLHFPPOConfig = RLHFPPOConfig(),
+    config: ppo.PPOConfig = _RLHF_PPO,
     value_graphdef: Any = None,
+    *,
+    critic: str = "head",
+    chunk_size: int = 1024,
 ) -> Callable:
     """Build the pure PPO step on a policy LM, ``update(state, batch) -> (state, metrics)``.
 
@@ -674,10 +630,18 @@ def make_rlhf_ppo_update(
     (:func:`kl_penalty_rewards`), hence in the advantages, not in this loss.
 
     Args:
-      graphdef: the policy model (with a value head when ``config.critic == "head"``).
+      graphdef: the policy model (with a value head when ``critic == "head"``).
       optimizer: optax transformation over ``state.params``.
-      config: :class:`RLHFPPOConfig`.
-      value_graphdef: the critic model (value head) for ``config.critic == "separate"``.
+      config: the PPO settings, :class:`rljax.ppo.PPOConfig` (every field is read; the
+        default is TRL's PPO trainer's: ``value_coef=0.1``, one minibatch). With
+        ``critic="none"`` the advantages are group-relative and ``normalize_advantages`` whitens
+        them again per minibatch over tokens (usually unwanted: it shifts each group's baseline
+        by its completion lengths).
+      value_graphdef: the critic model (value head) for ``critic == "separate"``.
+      critic: ``"head"`` (a value head on the policy model, one forward pass),
+        ``"separate"`` (a critic model of its own) or ``"none"`` (critic-free: no value loss;
+        ``value_coef`` and ``value_clip_eps`` are then not read).
+      chunk_size: token rows per chunk of the log-prob computation.
 
     ``batch``: ``tokens``, ``mask`` ``[B, P + N]``; ``completion_mask``, ``old_logps``,
     ``advantages`` ``[B, N]``; with a critic also ``returns`` and ``old_values`` ``[B, N]``.
@@ -687,13 +651,21 @@ def make_rlhf_ppo_update(
     ``nonfinite`` and ``nonfinite_updates`` (non-finite minibatch steps are skipped:
     :func:`rljax.ppo.minibatch_epochs`).
     """
-    if not isinstance(config, RLHFPPOConfig):
-        raise TypeError(f"config must be an RLHFPPOConfig, got {type(config).__name__}")
-    if (config.critic == "separate") != (value_graphdef is not None):
-        raise ValueError(
-            f"critic={config.critic!r}: pass value_graphdef exactly when critic='separate'"
+    if not isinstance(config, ppo.PPOConfig):
+        raise TypeError(
+            f"make_rlhf_ppo_update: config must be a rljax.ppo.PPOConfig, got "
+            f"{type(config).__name__}"
         )
-    with_critic = config.critic != "none"
+    if critic not in CRITICS:
+        raise ValueError(f"make_rlhf_ppo_update: critic must be one of {CRITICS}, got {critic!r}")
+    if (critic == "separate") != (value_graphdef is not None):
+        raise ValueError(
+            f"make_rlhf_ppo_update: critic={critic!r}: pass value_graphdef exactly when "
+            "critic='separate'"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"make_rlhf_ppo_update: chunk_size must be >= 1, got {chunk_size}")
+    with_critic = critic != "none"
     keys = ROLLOUT_KEYS + (("returns", "old_values") if with_critic else ())
 
     def loss_fn(params, mb):
@@ -704,10 +676,10 @@ def make_rlhf_ppo_update(
             mb["tokens"],
             mb["mask"],
             n,
-            chunk_size=config.chunk_size,
-            values=config.critic == "head",
+            chunk_size=chunk_size,
+            values=critic == "head",
         )
-        if config.critic == "separate":
+        if critic == "separate":
             model = lm.merge(value_graphdef, params["value"])
             hidden, _ = model.decode(mb["tokens"], mb["mask"])
             out["values"] = model.scores(hidden[:, -n - 1 : -1])
@@ -731,6 +703,8 @@ def make_rlhf_ppo_update(
             out["entropy"],
             mask,
             clip_eps=config.clip_eps,
+            clip_eps_high=config.clip_eps_high,
+            dual_clip=config.dual_clip,
             value_clip_eps=config.value_clip_eps,
             value_coef=value_coef,
             entropy_coef=config.entropy_coef,

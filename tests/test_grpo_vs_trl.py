@@ -1,6 +1,6 @@
 """benchmarks/grpo_vs_trl.py without TRL: the flags follow the recipe's defaults and reach the
 peer's command line, settings TRL cannot mirror are refused, the prompt files hold rljax's rows
-in rljax's order, the timing plumbing around rl_loop.run, and the peer's task loader imports
+in rljax's order, the timing plumbing around rl.grpo.run, and the peer's task loader imports
 rljax's reward functions without jax."""
 
 import dataclasses
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from rljax import cli, rl_loop
+from rljax import cli, rl
 from rljax.tasks import arithmetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def _load():
 
 
 class _CharTokenizer:
-    """What rl_loop.load_prompts needs of a tokenizer (transformers takes seconds to import)."""
+    """What rl.grpo.load_prompts needs of a tokenizer (transformers takes seconds to import)."""
 
     pad_token_id = 0
 
@@ -44,7 +44,7 @@ def _flag(command, name):
 def test_defaults_follow_the_recipe_and_reach_the_peer():
     gvt = _load()
     config = cli.parse(gvt.GRPOvsTRLConfig, [])
-    recipe, run = rl_loop.GRPORunConfig(), config.run
+    recipe, run = rl.grpo.GRPORunConfig(), config.run
     for field in ("iterations", "batch_size", "group_size", "learning_rate", "temperature"):
         assert getattr(run, field) == getattr(recipe, field), field
     assert run.grpo == recipe.grpo
@@ -94,13 +94,13 @@ def test_defaults_follow_the_recipe_and_reach_the_peer():
 )
 def test_settings_trl_cannot_mirror_are_refused(change, flag):
     gvt = _load()
-    run = dataclasses.replace(rl_loop.GRPORunConfig(), **change)
+    run = dataclasses.replace(rl.grpo.GRPORunConfig(), **change)
     with pytest.raises(ValueError, match=flag):
         gvt.check_comparable(run)
 
 
 def test_prompt_files_hold_rljax_rows_in_order(tmp_path, monkeypatch):
-    """The rows of rl_loop.load_prompts, the training rows cycled as rljax's cursor takes
+    """The rows of rl.grpo.load_prompts, the training rows cycled as rljax's cursor takes
     them (4 training problems here instead of 4,096, so 6 rows wrap around)."""
     gvt = _load()
     problems = arithmetic.problems
@@ -117,18 +117,18 @@ def test_prompt_files_hold_rljax_rows_in_order(tmp_path, monkeypatch):
 
 
 def test_rljax_side_timing(monkeypatch):
-    """run_rljax around a stand-in rl_loop.run: one evaluation, N collects, one evaluation."""
+    """run_rljax around a stand-in rl.grpo.run: one evaluation, N collects, one evaluation."""
     gvt = _load()
     clock = iter(range(100))
     monkeypatch.setattr(gvt.time, "perf_counter", lambda: float(next(clock)))
-    monkeypatch.setattr(rl_loop, "collect", lambda: None)
-    monkeypatch.setattr(rl_loop, "evaluate", lambda: None)
+    monkeypatch.setattr(rl.grpo, "collect", lambda: None)
+    monkeypatch.setattr(rl.grpo, "evaluate", lambda: None)
 
     def fake_run(run):
-        rl_loop.evaluate()
+        rl.grpo.evaluate()
         for _ in range(run.iterations):
-            rl_loop.collect()
-        rl_loop.evaluate()
+            rl.grpo.collect()
+        rl.grpo.evaluate()
         return {
             "samples": run.iterations * run.rows,
             **{
@@ -137,7 +137,7 @@ def test_rljax_side_timing(monkeypatch):
             "kl_to_reference": 0.0,
         }
 
-    monkeypatch.setattr(rl_loop, "run", fake_run)
+    monkeypatch.setattr(rl.grpo, "run", fake_run)
     run = dataclasses.replace(gvt._recipe(), iterations=4, batch_size=2, group_size=2)
     result = gvt.run_rljax(run)
     # perf_counter ticks 1 per call: run start 0, evaluation (1, 2), collects (3, 4) ...
@@ -145,7 +145,7 @@ def test_rljax_side_timing(monkeypatch):
     assert result["iteration_times_s"] == [2, 2, 2, 2]
     assert result["rollout_times_s"] == [1, 1, 1, 1]
     assert result["steady_iteration"]["n"] == 3 and result["samples_seen"] == 16
-    assert rl_loop.collect.__name__ == "<lambda>"  # the wrappers are removed afterwards
+    assert rl.grpo.collect.__name__ == "<lambda>"  # the wrappers are removed afterwards
 
 
 def test_peer_loads_the_reward_functions_without_jax():

@@ -234,8 +234,8 @@ def test_trpo_update_guards_the_policy_step_and_the_critic_fit():
 def test_rlhf_ppo_update_reports_and_counts():
     graphdef, params = tiny_lm()
     optimizer = optax.adam(1e-2)
-    config = rlhf.RLHFPPOConfig(critic="none", num_epochs=1, num_minibatches=1)
-    step = jax.jit(rlhf.make_rlhf_ppo_update(graphdef, optimizer, config))
+    config = ppo.PPOConfig(num_epochs=1, num_minibatches=1)
+    step = jax.jit(rlhf.make_rlhf_ppo_update(graphdef, optimizer, config, critic="none"))
     rng = np.random.default_rng(0)
     rows, prompt, new_tokens = 4, 3, 4
     cmask = np.ones((rows, new_tokens), bool)

@@ -1,5 +1,5 @@
 """Tests of the GRPO family's update (:mod:`rljax.grpo`) and of the RL loop's stages
-(:mod:`rljax.rl_loop`), each on its own against a hand-built reference, plus one short run of
+(:mod:`rljax.rl.grpo`), each on its own against a hand-built reference, plus one short run of
 ``experiments/grpo.py``'s driver with a reward function of the user's (and one that raises).
 
 The update reference computes per-token log-probs from the model's full ``[B, N, V]`` float64
@@ -22,7 +22,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import advantages, grpo, rewards, rl_loop, rlhf
+from rljax import advantages, grpo, rewards, rl, rlhf
 from rljax.models.transformer import Transformer, TransformerConfig
 
 B, P, N, V, K = 8, 4, 5, 24, 4  # rows, prompt width, completion width, vocabulary, group
@@ -62,7 +62,7 @@ def rollout(seed, rows=B):
 def config(**kw):
     fields = {"batch_size": B // K, "group_size": K, "eval_prompts": 4}
     grpo_kw = {k: kw.pop(k) for k in list(kw) if k in ("beta", "loss_type", "num_minibatches")}
-    return rl_loop.GRPORunConfig(
+    return rl.grpo.GRPORunConfig(
         **fields, **kw, grpo=grpo.GRPOConfig(**{"num_minibatches": 1, **grpo_kw})
     )
 
@@ -78,7 +78,7 @@ def test_shape_matches_hand_built_reference(overlong, estimator):
     valid = np.ones(B, bool)
     valid[5] = False  # a row whose reward failed: out of the baselines and the loss
     c = config(overlong=overlong, estimator=estimator, beta=0.04, tis_cap=1.5)
-    batch, metrics = rl_loop.shape(out, scores, valid, c)
+    batch, metrics = rl.grpo.shape(out, scores, valid, c)
 
     cmask = out["completion_mask"] & valid[:, None]
     truncated = ~out["finished"] & valid
@@ -112,7 +112,7 @@ def test_shape_matches_hand_built_reference(overlong, estimator):
 
 
 def test_shape_leaves_out_what_the_loss_would_not_read():
-    batch, _ = rl_loop.shape(rollout(1), np.zeros(B, np.float32), np.ones(B, bool), config())
+    batch, _ = rl.grpo.shape(rollout(1), np.zeros(B, np.float32), np.ones(B, bool), config())
     assert set(batch) == set(grpo.KEYS)  # no ref_logps without beta, no weights without a cap
 
 
@@ -125,14 +125,14 @@ class CharTokenizer:
 
 
 def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
-    prompts = rl_loop.Prompts(
+    prompts = rl.grpo.Prompts(
         texts=[f"p{i}" for i in range(6)],
         columns={"informative": [i % 2 == 0 for i in range(6)]},
         tokens=np.arange(6 * P, dtype=np.int32).reshape(6, P),
         mask=np.ones((6, P), bool),
     )
 
-    def fake_rollout(policy, ref, tokens, mask, key, temperature):
+    def fake_rollout(policy, ref, value, tokens, mask, key, temperature):
         rows = tokens.shape[0]
         out = rollout(0, rows)
         out["tokens"][:, :P] = tokens  # rows keep their prompt
@@ -149,7 +149,7 @@ def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
 
     reward_set = rewards.RewardSet.of([reward])
     c = config(dynamic_sampling=True, max_sampling_rounds=3)
-    out, scores, valid, metrics, cursor = rl_loop.collect(
+    out, scores, valid, metrics, cursor = rl.grpo.collect(
         fake_rollout, None, None, prompts, 0, jax.random.key(0), reward_set, CharTokenizer(), c
     )
     # round 1 takes prompts 0, 1 (keeps 0); round 2 prompts 2, 3 (keeps 2): the batch is full
@@ -160,12 +160,12 @@ def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
     assert valid.all()
 
     every = rewards.RewardSet.of([lambda prompts, completions, **_: [1.0] * len(prompts)])
-    out, scores, valid, metrics, cursor = rl_loop.collect(
+    out, scores, valid, metrics, cursor = rl.grpo.collect(
         fake_rollout, None, None, prompts, 0, jax.random.key(0), every, CharTokenizer(), c
     )  # nothing informative: 3 rounds, then the batch is filled with masked-out rows
     assert metrics["sampling/rounds"] == 3 and metrics["sampling/masked_groups"] == 2
     assert not valid.any() and not out["completion_mask"].any() and cursor == 6
-    batch, _ = rl_loop.shape(out, scores, valid, c)
+    batch, _ = rl.grpo.shape(out, scores, valid, c)
     assert not batch["completion_mask"].any() and not batch["advantages"].any()
 
 
@@ -247,13 +247,13 @@ def test_update_checks_its_batch():
 
 def test_run_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--group-size"):
-        rl_loop.GRPORunConfig(group_size=1)
+        rl.grpo.GRPORunConfig(group_size=1)
     with pytest.raises(ValueError, match="--reward"):
-        rl_loop.GRPORunConfig(data="prompts.jsonl")
+        rl.grpo.GRPORunConfig(data="prompts.jsonl")
     with pytest.raises(ValueError, match="--num-minibatches: 3 must divide"):
-        rl_loop.GRPORunConfig(batch_size=2, group_size=2, grpo=grpo.GRPOConfig(num_minibatches=3))
+        rl.grpo.GRPORunConfig(batch_size=2, group_size=2, grpo=grpo.GRPOConfig(num_minibatches=3))
     with pytest.raises(ValueError, match="--estimator"):
-        rl_loop.GRPORunConfig(estimator="ppo")
+        rl.grpo.GRPORunConfig(estimator="ppo")
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -296,15 +296,15 @@ def test_readme_grpo_quickstart_runs_as_written(tmp_path):
 def test_a_raising_reward_function_stops_the_loop_naming_it(tmp_path):
     module = tmp_path / "bad_rewards.py"
     module.write_text("def broken(prompts, completions, **columns):\n    return 1 / 0\n")
-    prompts = rl_loop.Prompts(["p"] * 2, {}, np.ones((2, P), np.int32), np.ones((2, P), bool))
+    prompts = rl.grpo.Prompts(["p"] * 2, {}, np.ones((2, P), np.int32), np.ones((2, P), bool))
     fake_rollout = lambda *args: rollout(0, B)
     reward_set = rewards.RewardSet.from_specs([f"{module}:broken"])
     with pytest.raises(rewards.RewardError, match="broken"):
-        rl_loop.collect(
+        rl.grpo.collect(
             fake_rollout, None, None, prompts, 0, jax.random.key(0), reward_set, CharTokenizer(),
             config(),
         )  # fmt: skip
-    _, _, valid, metrics, _ = rl_loop.collect(
+    _, _, valid, metrics, _ = rl.grpo.collect(
         fake_rollout, None, None, prompts, 0, jax.random.key(0), reward_set, CharTokenizer(),
         config(on_reward_error="mask"),
     )  # fmt: skip
@@ -312,7 +312,7 @@ def test_a_raising_reward_function_stops_the_loop_naming_it(tmp_path):
 
 
 def test_outcome_estimators_are_the_run_config_choices():
-    assert set(rl_loop.ESTIMATORS) == set(advantages.OUTCOME_ESTIMATORS)
+    assert set(rl.grpo.ESTIMATORS) == set(advantages.OUTCOME_ESTIMATORS)
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_path, monkeypatch):
@@ -329,14 +329,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
     )
     die = tmp_path / "die"
     monkeypatch.setenv("RLJAX_TEST_DIE", str(die))
-    settings = rl_loop.GRPORunConfig(
+    settings = rl.grpo.GRPORunConfig(
         reward=(f"{module}:score",), out=str(tmp_path / "run"), iterations=3, batch_size=2,
         group_size=4, eval_prompts=4, max_new_tokens=8, log_every=1, eval_every=0,
         checkpoint_every=1, mesh="data=2,fsdp=2,tensor=2", compilation_cache=None,
         grpo=grpo.GRPOConfig(num_minibatches=1),
     )  # fmt: skip
     calls = {"n": 0}
-    original = rl_loop.collect
+    original = rl.grpo.collect
 
     def dying_collect(*args, **kwargs):
         calls["n"] += 1
@@ -344,14 +344,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
             die.touch()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rl_loop, "collect", dying_collect)
+    monkeypatch.setattr(rl.grpo, "collect", dying_collect)
     with pytest.raises(rewards.RewardError, match="killed"):
-        rl_loop.run(settings)
+        rl.grpo.run(settings)
     die.unlink()
-    monkeypatch.setattr(rl_loop, "collect", original)
-    summary = rl_loop.run(settings)
+    monkeypatch.setattr(rl.grpo, "collect", original)
+    summary = rl.grpo.run(settings)
     assert summary["resumed_from"] == 2 and summary["devices"] == 8
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="learning_rate"):
-        rl_loop.run(dataclasses.replace(settings, learning_rate=0.5))
+        rl.grpo.run(dataclasses.replace(settings, learning_rate=0.5))

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import rlhf, trpo
+from rljax import ppo, rlhf, trpo
 from rljax.models.transformer import Transformer, TransformerConfig, with_head
 
 B, P, N, V = 6, 5, 7, 24
@@ -237,11 +237,11 @@ def test_ppo_update_is_a_gradient_step_on_the_reference_loss(critic):
     critic_model = with_head(base, "value", rngs=nnx.Rngs(2)) if critic == "separate" else None
     pg, pp = nnx.split(policy)
     vg, vp = nnx.split(critic_model) if critic_model is not None else (None, None)
-    config = rlhf.RLHFPPOConfig(
-        critic=critic, num_epochs=1, num_minibatches=1, entropy_coef=0.05, chunk_size=5
-    )
+    config = ppo.PPOConfig(value_coef=0.1, num_epochs=1, num_minibatches=1, entropy_coef=0.05)
     optimizer = optax.sgd(1.0)
-    update = jax.jit(rlhf.make_rlhf_ppo_update(pg, optimizer, config, vg))
+    update = jax.jit(
+        rlhf.make_rlhf_ppo_update(pg, optimizer, config, vg, critic=critic, chunk_size=5)
+    )
     batch = rollout_batch(3, critic != "none")
     state = rlhf.init_rlhf_ppo_state(pp, optimizer, jax.random.key(0), vp)
     new_state, metrics = update(state, batch)
@@ -276,11 +276,11 @@ def test_ppo_update_checks_batch_and_config():
     with pytest.raises(ValueError, match="old_values"):
         update(state, {**batch, "old_values": batch["old_values"][:, :-1]})
     with pytest.raises(ValueError, match="value_graphdef"):
-        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), rlhf.RLHFPPOConfig(critic="separate"))
-    with pytest.raises(ValueError, match="critic"):
-        rlhf.RLHFPPOConfig(critic="both")
-    with pytest.raises(ValueError, match="num_epochs"):
-        rlhf.RLHFPPOConfig(num_epochs=0)
+        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="separate")
+    with pytest.raises(ValueError, match="critic must be one of"):
+        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="both")
+    with pytest.raises(TypeError, match="PPOConfig"):
+        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), trpo.TRPOConfig())
 
 
 @pytest.mark.parametrize("with_critic", [True, False])

@@ -14,10 +14,15 @@ import sys
 import numpy as np
 import pytest
 
-from rljax import rlhf_experiment
+from rljax import rl
 from rljax.models import hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Critic-free PPO: group-relative advantages, not whitened again (the run config insists).
+GROUPED = dict(
+    critic="none",
+    ppo=dataclasses.replace(rl.rlhf.PPORunConfig.ppo, normalize_advantages=False),
+)
 
 
 def load(name):
@@ -37,9 +42,9 @@ def test_ppo_rlhf_raises_the_oracle_score(tmp_path):
     ppo = load("ppo_rlhf")
     # Critic-free (GRPO-style group advantages, 4 samples per prompt): the cleanest signal in
     # few iterations (measured: held-out score 0.38 -> 0.53 in these 30 iterations).
-    config = rlhf_experiment.PPORunConfig(
+    config = rl.rlhf.PPORunConfig(
         out=str(tmp_path / "ppo"), iterations=30, batch_size=16, samples_per_prompt=4,
-        critic="none", eval_every=0, eval_prompts=64, log_every=1,
+        eval_every=0, eval_prompts=64, log_every=1, **GROUPED,
     )  # fmt: skip
     summary = ppo.main(config)
     before, after = summary["initial_eval"], summary["final_eval"]
@@ -54,23 +59,23 @@ def test_ppo_rlhf_raises_the_oracle_score(tmp_path):
 
 def test_ppo_rlhf_resumes_with_identical_results(tmp_path, monkeypatch):
     ppo = load("ppo_rlhf")
-    base = rlhf_experiment.PPORunConfig(
-        iterations=4, checkpoint_every=2, eval_every=2, critic="none", samples_per_prompt=2,
+    base = rl.rlhf.PPORunConfig(
+        iterations=4, checkpoint_every=2, eval_every=2, samples_per_prompt=2, **GROUPED,
         kl_target=1.0, kl_horizon=100.0, batch_size=8, eval_prompts=16, log_every=1,
     )  # fmt: skip
     whole = ppo.main(dataclasses.replace(base, out=str(tmp_path / "whole")))
 
-    original = rlhf_experiment.runs.MetricsLog.log
+    original = rl.rlhf.runs.MetricsLog.log
 
     def interrupted(self, step, metrics, **kw):
         if step == 3:
             raise KeyboardInterrupt
         return original(self, step, metrics, **kw)
 
-    monkeypatch.setattr(rlhf_experiment.runs.MetricsLog, "log", interrupted)
+    monkeypatch.setattr(rl.rlhf.runs.MetricsLog, "log", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ppo.main(dataclasses.replace(base, out=str(tmp_path / "split")))
-    monkeypatch.setattr(rlhf_experiment.runs.MetricsLog, "log", original)
+    monkeypatch.setattr(rl.rlhf.runs.MetricsLog, "log", original)
     resumed = ppo.main(dataclasses.replace(base, out=str(tmp_path / "split")))
     assert resumed["resumed_from"] == 2
     a, b = rows(tmp_path / "whole"), rows(tmp_path / "split")
@@ -86,14 +91,15 @@ def test_ppo_rlhf_resumes_with_identical_results(tmp_path, monkeypatch):
 
 def test_trpo_rlhf_runs_and_steps_in_the_trust_region(tmp_path):
     trpo = load("trpo_rlhf")
-    config = rlhf_experiment.TRPORunConfig(
+    config = rl.rlhf.TRPORunConfig(
         out=str(tmp_path / "trpo"), iterations=3, eval_every=0, batch_size=16, eval_prompts=16,
-        log_every=1, n_critic_updates=1,
+        log_every=1,
+        trpo=dataclasses.replace(rl.rlhf.TRPORunConfig.trpo, n_critic_updates=1),
     )  # fmt: skip
     summary = trpo.main(config)
     logged = rows(config.out)
     for r in logged[1:]:
-        assert r["accepted"] and 0 < r["kl"] <= config.max_kl * (1 + 1e-4)
+        assert r["accepted"] and 0 < r["kl"] <= config.trpo.max_kl * (1 + 1e-4)
         assert np.isfinite(r["value_loss"])
     assert summary["final_eval"]["kl"] > 0
     assert (tmp_path / "trpo" / "policy" / "model.safetensors").exists()
@@ -101,15 +107,17 @@ def test_trpo_rlhf_runs_and_steps_in_the_trust_region(tmp_path):
 
 def test_run_config_errors():
     with pytest.raises(ValueError, match="samples-per-prompt"):
-        rlhf_experiment.PPORunConfig(critic="none", samples_per_prompt=1)
+        rl.rlhf.PPORunConfig(critic="none", samples_per_prompt=1)
     with pytest.raises(ValueError, match="--critic head"):
-        rlhf_experiment.TRPORunConfig(critic="head")
+        rl.rlhf.TRPORunConfig(critic="head")
     with pytest.raises(ValueError, match="--prompts"):
-        rlhf_experiment.PPORunConfig(prompts="p.jsonl")
+        rl.rlhf.PPORunConfig(prompts="p.jsonl")
     with pytest.raises(ValueError, match="--kl-estimator"):
-        rlhf_experiment.PPORunConfig(kl_estimator="k4")
-    with pytest.raises(ValueError, match="algorithm"):
-        rlhf_experiment.run(rlhf_experiment.PPORunConfig(), "a2c")
+        rl.rlhf.PPORunConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="--no-normalize-advantages"):
+        rl.rlhf.PPORunConfig(critic="none", samples_per_prompt=2)
+    with pytest.raises(TypeError, match="PPORunConfig or TRPORunConfig"):
+        rl.rlhf.run(rl.grpo.GRPORunConfig())
 
 
 def test_frontier_end_to_end(tmp_path):
@@ -146,14 +154,14 @@ def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
 
     from rljax.models.transformer import with_head
 
-    base_path = rlhf_experiment.experiment.resolve_model(rlhf_experiment.PPORunConfig())
+    base_path = rl.rlhf.experiment.resolve_model(rl.rlhf.PPORunConfig())
     reward_model = with_head(hf.load_model(base_path), "reward", rngs=nnx.Rngs(3))
     rm_folder = tmp_path / "rm"
     hf.save_model(reward_model, rm_folder, tokenizer=hf.load_tokenizer(base_path))
     ppo = load("ppo_rlhf")
-    base = rlhf_experiment.PPORunConfig(
+    base = rl.rlhf.PPORunConfig(
         reward_model=str(rm_folder), iterations=2, batch_size=4, samples_per_prompt=2,
-        critic="none", eval_prompts=8, log_every=1,
+        eval_prompts=8, log_every=1, **GROUPED,
     )  # fmt: skip
     one = ppo.main(dataclasses.replace(base, out=str(tmp_path / "one")))
     mesh = ppo.main(
@@ -168,15 +176,17 @@ def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
 
 def test_run_config_checks_minibatches_and_group_settings():
     with pytest.raises(ValueError, match="--num-minibatches 2 must divide the rollout's 3 rows"):
-        rlhf_experiment.PPORunConfig(batch_size=3)
+        rl.rlhf.PPORunConfig(batch_size=3)
+    trpo_config = rl.rlhf.TRPORunConfig.trpo
     with pytest.raises(ValueError, match="--critic-minibatches 4 must divide"):
-        rlhf_experiment.TRPORunConfig(batch_size=6, critic_minibatches=4)
-    rlhf_experiment.TRPORunConfig(batch_size=3, critic="none", samples_per_prompt=2)  # no critic
+        rl.rlhf.TRPORunConfig(
+            batch_size=6, trpo=dataclasses.replace(trpo_config, critic_minibatches=4)
+        )
+    no_whitening = dataclasses.replace(trpo_config, normalize_advantages=False)
+    rl.rlhf.TRPORunConfig(batch_size=3, critic="none", samples_per_prompt=2, trpo=no_whitening)
     with pytest.raises(ValueError, match="--whiten-rewards"):
-        rlhf_experiment.PPORunConfig(critic="none", samples_per_prompt=2, whiten_rewards=True)
+        rl.rlhf.PPORunConfig(samples_per_prompt=2, whiten_rewards=True, **GROUPED)
     # Group-relative advantages are not whitened a second time (that would undo --scale none).
-    grouped = rlhf_experiment.PPORunConfig(critic="none", samples_per_prompt=2)
-    assert not grouped.update_config().normalize_advantages
-    assert rlhf_experiment.PPORunConfig().update_config().normalize_advantages
-    assert not rlhf_experiment.TRPORunConfig(critic="none", samples_per_prompt=2).update_config(
-    ).normalize_advantages  # fmt: skip
+    with pytest.raises(ValueError, match="--no-normalize-advantages"):
+        rl.rlhf.TRPORunConfig(critic="none", samples_per_prompt=2)
+    assert rl.rlhf.PPORunConfig().ppo.normalize_advantages  # a critic's GAE: whitened

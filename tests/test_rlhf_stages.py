@@ -1,4 +1,4 @@
-"""Exact tests of the RLHF loop's stages (:mod:`rljax.rlhf_experiment`, :mod:`rljax.rlhf`), each
+"""Exact tests of the RLHF loop's stages (:mod:`rljax.rl.rlhf`, :mod:`rljax.rlhf`), each
 against a reference written here from the docstrings, in float64:
 
 1. reward shaping (:func:`make_shaping_fn`): the missing-EOS penalty, the per-token KL penalty,
@@ -29,7 +29,8 @@ from jax.flatten_util import ravel_pytree
 from rljax import rlhf, trpo
 from rljax.models import generate
 from rljax.models.transformer import Transformer, TransformerConfig, with_head
-from rljax.rlhf_experiment import PPORunConfig, TRPORunConfig, make_rollout_fn, make_shaping_fn
+from rljax.rl.rlhf import PPORunConfig, TRPORunConfig, make_shaping_fn
+from rljax.rl.rollout import make_rollout_fn
 
 # float64 throughout: summation order alone moves results by ~1e-15 relative, so 1e-10 leaves
 # five orders of magnitude for another CPU while any real change (a sign, a column) is O(1e-2+).
@@ -171,6 +172,8 @@ def shaping_config(critic, **overrides):
         kl_coef=KL_COEF,
         missing_eos_penalty=EOS_PENALTY,
     )
+    if critic == "none":  # group advantages are used as they are (not whitened again)
+        settings["ppo"] = dataclasses.replace(PPORunConfig.ppo, normalize_advantages=False)
     return PPORunConfig(**{**settings, **overrides})
 
 
@@ -189,7 +192,7 @@ SHAPING_CASES = {
 
 def run_shaping(config, rollout, scores):
     shape = make_shaping_fn(config)
-    kl_coef = config.kl_controller().init()  # float32, as in rlhf_experiment.run
+    kl_coef = config.kl_controller().init()  # float32, as in rl.rlhf.run
     return jax.device_get(shape(rollout, jnp.asarray(scores), kl_coef))
 
 
@@ -201,7 +204,7 @@ def test_shaping_matches_numpy_reference(case):
     check_shaping(got, ref_shaping(rollout, scores, config), rollout, config)
     if case == "grpo":
         assert PPORunConfig().kl_estimator == "k1"  # the default: kl_t = log pi - log ref
-        assert not config.update_config().normalize_advantages  # group advantages kept as is
+        assert not config.ppo.normalize_advantages  # group advantages kept as is
     # The check catches KL rewarded instead of penalised.
     with pytest.raises(AssertionError, match="advantages"):
         check_shaping(got, ref_shaping(rollout, scores, config, kl_sign=1.0), rollout, config)
@@ -311,8 +314,8 @@ def rollout_fn(critic):
     policy = models["head"] if critic == "head" else models["base"]
     value_graphdef = models["critic"][0] if critic == "separate" else None
     return make_rollout_fn(
-        policy[0], models["ref"][0], SAMPLING, critic=critic, value_graphdef=value_graphdef,
-        chunk_size=4,  # several chunks, the last one partial
+        policy[0], SAMPLING, ref_graphdef=models["ref"][0], critic=critic,
+        value_graphdef=value_graphdef, chunk_size=4,  # several chunks, the last one partial
     )  # fmt: skip
 
 
@@ -348,7 +351,7 @@ def rollout_references(critic, out, offset=0):
     return want
 
 
-@pytest.mark.parametrize("critic", ["head", "separate"])
+@pytest.mark.parametrize("critic", ["head", "separate", "none"])
 def test_rollout_outputs_match_full_forward(critic):
     models = tiny_models()
     prompt_tokens, prompt_mask = left_padded_prompts(PROMPT_LENGTHS, P, seed=1)
@@ -356,7 +359,7 @@ def test_rollout_outputs_match_full_forward(critic):
     value_params = models["critic"][1] if critic == "separate" else None
     out = rollout_fn(critic)(
         policy_params, models["ref"][1], value_params, prompt_tokens, prompt_mask,
-        jax.random.key(3),
+        jax.random.key(3), 1.0,
     )  # fmt: skip
     out = jax.device_get(out)
 
@@ -373,10 +376,14 @@ def test_rollout_outputs_match_full_forward(critic):
     assert 0 < out["finished"].sum() < len(lengths) and len(set(lengths.tolist())) >= 3
 
     want = rollout_references(critic, out)
-    assert set(want) <= set(out)
+    assert set(want) <= set(out) and ("old_values" in out) == (critic != "none")
     for key, value in want.items():
         assert out[key].dtype == np.float64, key
         np.testing.assert_allclose(out[key], value, RTOL, ATOL, err_msg=key)
+    # The sampler's own log-probs (KV-cache decode, temperature 1) are the trainer's up to the
+    # sampler's float32 log-softmax (~2e-7 seen with this float64 model), so the
+    # sampler/trainer mismatch starts near 0; a wrong column or temperature is O(1e-1).
+    np.testing.assert_allclose(out["sampler_logps"], want["old_logps"], rtol=1e-5, atol=1e-5)
 
     # A reader one column off (either way) fails every per-token check.
     for offset in (-1, 1):
@@ -384,6 +391,16 @@ def test_rollout_outputs_match_full_forward(critic):
         for key, value in shifted.items():
             with pytest.raises(AssertionError):
                 np.testing.assert_allclose(out[key], value, RTOL, ATOL, err_msg=key)
+
+
+def test_rollout_fn_checks_its_critic_arguments():
+    graphdef = tiny_models()["base"][0]
+    with pytest.raises(ValueError, match="critic must be one of"):
+        make_rollout_fn(graphdef, SAMPLING, critic="both")
+    with pytest.raises(ValueError, match="pass value_graphdef exactly when critic='separate'"):
+        make_rollout_fn(graphdef, SAMPLING, critic="separate")
+    with pytest.raises(ValueError, match="pass value_graphdef exactly when critic='separate'"):
+        make_rollout_fn(graphdef, SAMPLING, critic="none", value_graphdef=graphdef)
 
 
 # ------------------------------------------------------------------------------ 3. TRPO step
@@ -486,12 +503,15 @@ def test_trpo_update_is_the_dense_natural_step():
         critic="none",
         batch_size=TRPO_PROMPTS,
         samples_per_prompt=TRPO_K,
-        max_kl=MAX_KL,
-        cg_iters=n_params,
-        cg_damping=DAMPING,
-        fvp_subsample=SUBSAMPLE,
+        trpo=trpo.TRPOConfig(
+            max_kl=MAX_KL,
+            cg_iters=n_params,
+            cg_damping=DAMPING,
+            fvp_subsample=SUBSAMPLE,
+            normalize_advantages=False,
+        ),
     )
-    config = run_config.update_config()
+    config = run_config.trpo
     assert config.fvp_method == "gauss_newton" and not config.normalize_advantages
     # Run CG to convergence: stop at |r| <= 1e-10 |g| (the default 1e-10 on |r|^2 is absolute).
     config = dataclasses.replace(config, cg_tol=float(1e-20 * ref["grad"] @ ref["grad"]))

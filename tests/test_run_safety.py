@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax import experiment, rlhf_experiment, runs
+from rljax import experiment, rl, runs
 from rljax.checkpoint import Checkpointer, CheckpointError, abstract_like
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -118,12 +118,12 @@ def test_drivers_refuse_a_changed_resume_before_any_work(tmp_path):
         dpo.main(dpo.Config(out=out, steps=200, allow_config_change=True))
 
     out = str(tmp_path / "ppo")
-    config = rlhf_experiment.PPORunConfig(out=out)
+    config = rl.rlhf.PPORunConfig(out=out)
     with runs.RunFolder(out, dataclasses.asdict(config)):
         pass
     saved_progress(out, 50)
     with pytest.raises(runs.ConfigChangedError, match=r"kl_coef \(--kl-coef\): 0.05 -> 0.1"):
-        rlhf_experiment.run(dataclasses.replace(config, kl_coef=0.1), "ppo")
+        rl.rlhf.run(dataclasses.replace(config, kl_coef=0.1))
 
 
 # ---------------------------------------------------------------------------- lock

@@ -38,19 +38,18 @@ from flax import nnx
 
 from rljax import (
     advantages,
-    checkpoint,
     checks,
     data,
     experiment,
-    finite,
     grpo,
     lm,
     rewards,
-    rlhf,
     runs,
     sharding,
 )
 from rljax.models import generate, hf
+from rljax.rl.loop import export_policy, finish, train_loop
+from rljax.rl.rollout import decode_completions, make_rollout_fn
 from rljax.tasks import arithmetic
 
 __all__ = [
@@ -322,54 +321,7 @@ def reward_set(config: GRPORunConfig) -> rewards.RewardSet:
     )
 
 
-def decode_completions(tokenizer, rollout: dict) -> list[str]:
-    """The completions' text (up to and including EOS, special tokens dropped)."""
-    cmask = np.asarray(rollout["completion_mask"])
-    tokens = np.asarray(rollout["tokens"])[:, -cmask.shape[1] :]
-    return [
-        tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
-        for row, m in zip(tokens, cmask, strict=True)
-    ]
-
-
 # ---------------------------------------------------------------------------- stages
-
-
-def make_rollout_fn(graphdef, sampling: generate.SamplingConfig, *, chunk_size: int = 1024):
-    """The jitted rollout ``(policy_params, ref_params, prompt_tokens, prompt_mask, key,
-    temperature) -> dict``: KV-cache sampling from the policy (``temperature`` traced: one
-    compiled program serves training, greedy evaluation at 0 and sampled evaluation), then
-    one forward pass each of the policy and the reference over the samples. Returns
-    ``tokens``, ``mask`` ``[B, P + N]``, ``completion_mask``, ``finished``, and per token
-    ``[B, N]`` (0 at padding): ``old_logps`` (the trainer's log-probs), ``ref_logps``,
-    ``sampler_logps`` (the sampler's own log-probs at temperature 1: their gap to old_logps
-    is the sampler/trainer mismatch)."""
-
-    @jax.jit
-    def rollout(policy_params, ref_params, prompt_tokens, prompt_mask, key, temperature):
-        gen = generate.generate(
-            (graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling,
-            temperature=temperature,
-        )  # fmt: skip
-        n = gen.completion_mask.shape[1]
-        cmask = gen.completion_mask
-        zero = lambda x: jnp.where(cmask, x, 0.0)
-        logps = {}
-        for name, params in (("old_logps", policy_params), ("ref_logps", ref_params)):
-            out = rlhf.completion_outputs(
-                graphdef, params, gen.tokens, gen.mask, n, chunk_size=chunk_size
-            )
-            logps[name] = zero(out["logps"])
-        return {
-            "tokens": gen.tokens,
-            "mask": gen.mask,
-            "completion_mask": cmask,
-            "finished": gen.finished,
-            "sampler_logps": zero(gen.policy_logprobs),
-            **logps,
-        }
-
-    return rollout
 
 
 def collect(
@@ -406,6 +358,7 @@ def collect(
             rollout_fn(
                 policy_params,
                 ref_params,
+                None,
                 tokens,
                 mask,
                 jax.random.fold_in(key, rounds),
@@ -537,7 +490,7 @@ def evaluate(
             _, _, tokens, mask = held_out.take(index)
             key = jax.random.fold_in(jax.random.key(config.seed + 1), start)
             out = jax.device_get(
-                rollout_fn(policy_params, ref_params, tokens, mask, key, temperature)
+                rollout_fn(policy_params, ref_params, None, tokens, mask, key, temperature)
             )
             cmask = out["completion_mask"]
             completions += decode_completions(tokenizer, out)[:keep]
@@ -632,62 +585,33 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
             rollout_fn, s.params["policy"], ref_params, tokenizer, held_out, reward, config
         )
 
-    ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=2)
-    first, state, saved = experiment.resume(ckpt, state, config.iterations, "iteration")
-    cursor = 0
-    if saved is not None:  # the newest checkpoint that restores (damaged ones are skipped)
-        cursor = int(saved["cursor"])
-        print(f"[{label}] resumed from iteration {first} in {ckpt.directory}", flush=True)
-    log = runs.MetricsLog(
-        out / "metrics.jsonl",
-        label,
-        config.iterations,
-        resume_step=first or None,
-        keys=("reward", "objective/kl", "eval/accuracy", "eval/kl"),
-    )
-    print(
-        f"[{label}] {source}; {config.iterations} iterations x {config.rows} samples "
-        f"({config.batch_size} prompts x {config.group_size}), loss {config.grpo.loss_type}, "
-        f"advantages {config.estimator}, rewards {', '.join(reward.names)}, "
-        f"{mesh.size} device(s)",
-        flush=True,
-    )
-    if first == 0:
-        log.log(0, {f"eval/{k}": v for k, v in held_out_eval(state).items()})
-    stop = finite.NonfiniteStop(
-        config.max_nonfinite_updates, label, ckpt.directory, unit="iteration"
-    )
-    if first:
-        stop.saved(first)
-    try:
-        for it in range(first + 1, config.iterations + 1):
-            rollout, scores, valid, collected, cursor = collect(
-                rollout_fn, state.params["policy"], ref_params, train, cursor,
-                jax.random.fold_in(key, it), reward, tokenizer, config,
-            )  # fmt: skip
-            batch, shaped = shape(rollout, scores, valid, config)
-            state, metrics = step(state, jax.device_put(batch, batch_shardings))
-            stop.observe(it, metrics)  # the previous iteration's `nonfinite`
-            last = it == config.iterations
-            row = {}
-            if it % config.log_every == 0 or last or it == 1:
-                row.update({**collected, **shaped, **jax.device_get(metrics)})
-            if last or (config.eval_every and it % config.eval_every == 0):
-                row.update({f"eval/{k}": v for k, v in held_out_eval(state).items()})
-            if row:
-                log.log(it, row)
-            if it % config.checkpoint_every == 0 or last:
-                stop.before_save(it, state)  # never checkpoint a non-finite state
-                ckpt.save(it, state, {"cursor": cursor}, force=True)
-                stop.saved(it)
-        stop.flush()
-    finally:
-        ckpt.close()
+    def iterate(it, state, carry):
+        rollout, scores, valid, collected, cursor = collect(
+            rollout_fn, state.params["policy"], ref_params, train, carry["cursor"],
+            jax.random.fold_in(key, it), reward, tokenizer, config,
+        )  # fmt: skip
+        batch, shaped = shape(rollout, scores, valid, config)
+        state, metrics = step(state, jax.device_put(batch, batch_shardings))
+        return state, metrics, {**collected, **shaped}, {"cursor": cursor}
 
-    finite.require_finite(state.params["policy"], f"[{label}] not exporting the policy")
-    policy = lm.merge(graphdef, jax.device_get(state.params["policy"]))
-    hf.save_model(policy, out / "policy", tokenizer=tokenizer)
-    history = log.rows()
+    result = train_loop(
+        config,
+        label=label,
+        state=state,
+        carry={"cursor": 0},
+        iterate=iterate,
+        evaluate=held_out_eval,
+        log_keys=("reward", "objective/kl", "eval/accuracy", "eval/kl"),
+        describe=(
+            f"{source}; {config.iterations} iterations x {config.rows} samples "
+            f"({config.batch_size} prompts x {config.group_size}), loss {config.grpo.loss_type}, "
+            f"advantages {config.estimator}, rewards {', '.join(reward.names)}, "
+            f"{mesh.size} device(s)"
+        ),
+    )
+    state, history = result.state, result.history
+
+    export_policy(label, out, lm.merge(graphdef, jax.device_get(state.params["policy"])), tokenizer)
     evals = [r for r in history if "eval/kl" in r]
     before, after = evals[0], evals[-1]
     summary = {
@@ -702,28 +626,25 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
         "heldout_reward_before": before.get("eval/reward"),
         "heldout_reward_after": after.get("eval/reward"),
         "kl_to_reference": after.get("eval/kl"),
-        **runs.run_record(
-            config, out, resumed_from=first, start_time=start_time, devices=mesh.size
-        ),
     }
-    runs.write_summary(out, summary)
-    runs.plot_metrics(
-        history,
-        ["reward", "objective/kl", "eval/accuracy", "eval/kl"],
-        out / "training.png",
-        title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
-    )
     acc = ""
     if summary["heldout_accuracy_before"] is not None:
         acc = (
             f"held-out accuracy {summary['heldout_accuracy_before']:.3f} -> "
             f"{summary['heldout_accuracy_after']:.3f}, "
         )
-    print(
-        f"[{label}] {acc}held-out reward {summary['heldout_reward_before']:.3f} -> "
-        f"{summary['heldout_reward_after']:.3f}, KL to the reference "
-        f"{summary['kl_to_reference']:.3f} nats; wrote {out}/metrics.jsonl, summary.json, "
-        f"training.png, policy/ ({summary['wall_seconds']:.0f}s)",
-        flush=True,
+    return finish(
+        config,
+        label=label,
+        result=result,
+        summary=summary,
+        plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
+        title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
+        message=(
+            f"{acc}held-out reward {summary['heldout_reward_before']:.3f} -> "
+            f"{summary['heldout_reward_after']:.3f}, KL to the reference "
+            f"{summary['kl_to_reference']:.3f} nats"
+        ),
+        start_time=start_time,
+        devices=mesh.size,
     )
-    return summary

@@ -1,14 +1,21 @@
-"""Orchestration of the RLHF experiments (``experiments/ppo_rlhf.py``, ``experiments/trpo_rlhf.py``
-and the RL arms of ``experiments/frontier.py``).
+"""RLHF on language models with PPO or TRPO: the driver of ``experiments/ppo_rlhf.py``,
+``experiments/trpo_rlhf.py`` and the RL arms of ``experiments/frontier.py``.
 
-One iteration: a batch of prompts (each repeated ``samples_per_prompt`` times) -> compiled
-KV-cache sampling from the policy, plus one forward pass each of the policy (log-probs and, with
-a value head, values), the frozen reference and the critic -> scores from the built-in task's
-oracle or a reward-model folder -> reward shaping with the KL penalty (:mod:`rljax.rlhf`) and
-advantages (token GAE with a critic, group-relative without) -> the compiled PPO or TRPO update
--> the KL controller's update. The train state, the KL coefficient and the iteration are
-checkpointed with orbax; the rollout key of iteration ``i`` is ``fold_in(key(seed), i)``, so a
-run started again with the same ``--out`` continues with identical results.
+One iteration, one stage per line of :func:`run`'s ``iterate`` (each a function of its
+inputs, tested alone in tests/test_rlhf_stages.py)::
+
+    rollout = rollout_fn(...)                 # rljax.rl.rollout: sample, then one forward pass
+                                              # each of policy (+ value head), reference, critic
+    scores = scorer(prompts, rollout)         # Scorer: built-in oracle or a reward-model folder
+    batch, metrics, seq_kl = shape_fn(...)    # make_shaping_fn: missing-EOS penalty, per-token
+                                              # KL-penalised rewards, GAE or group advantages
+    state, metrics = step(state, batch)       # config.make_update: the compiled PPO/TRPO update
+    kl_coef = controller.update(...)          # the adaptive KL controller (Ziegler et al.)
+
+The loop around it (resume, logging, evaluation, checkpoints, the non-finite stop) is
+:func:`rljax.rl.loop.train_loop`. The train state and the KL coefficient are checkpointed; the
+rollout key of iteration ``i`` is ``fold_in(key(seed), i)``, so a run started again with the
+same ``--out`` continues with identical results.
 
 Evaluation (every ``eval_every`` iterations and at the end) samples the policy on held-out
 prompts and reports the oracle's (or reward model's) mean score and the mean sequence
@@ -20,11 +27,10 @@ reward-vs-KL frontier (Rafailov et al., 2023, Fig. 2).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import pathlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +38,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import checkpoint, checks, data, experiment, finite, lm, rlhf, runs, sharding, trpo
+from rljax import checks, data, experiment, lm, rlhf, runs, sharding
+from rljax import ppo as ppo_lib
+from rljax import trpo as trpo_lib
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import generate, hf
 from rljax.models.transformer import with_head
+from rljax.rl.loop import export_policy, finish, train_loop
+from rljax.rl.rollout import make_rollout_fn
 from rljax.tasks import sorting
 
 __all__ = [
+    "Models",
     "PPORunConfig",
+    "PolicyUpdate",
     "RLHFRunConfig",
     "Scorer",
     "TRPORunConfig",
     "evaluate_policy_kl",
-    "make_rollout_fn",
+    "load_models",
     "make_shaping_fn",
     "run",
 ]
@@ -195,51 +207,43 @@ class RLHFRunConfig:
         return rlhf.KLController(self.kl_coef, self.kl_target, self.kl_horizon)
 
 
+# The update settings of the RLHF runs (frozen, so safe as dataclass defaults): PPOConfig's with
+# TRL's value weight and two minibatches; TRPOConfig's with the trust region measured for the
+# built-in task (see TRPORunConfig) and a short critic fit.
+PPO_DEFAULTS = ppo_lib.PPOConfig(value_coef=0.1, num_minibatches=2)
+TRPO_DEFAULTS = trpo_lib.TRPOConfig(max_kl=0.005, n_critic_updates=4, critic_minibatches=2)
+
+
 @dataclasses.dataclass(frozen=True)
 class PPORunConfig(RLHFRunConfig):
     """RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; Ouyang et al., 2022).
 
     Attributes:
-      clip_eps: clip range of the probability ratio.
-      value_clip_eps: clip range of the value update; none = off.
-      value_coef: weight of the value loss.
-      entropy_coef: weight of the entropy bonus.
-      num_epochs: PPO epochs over each rollout.
-      num_minibatches: minibatches per epoch.
-      target_kl: stop an update's remaining minibatches beyond this k3 KL to the rollout
-        policy; none = never.
+      ppo: the PPO update's settings (:class:`rljax.ppo.PPOConfig`: clip ranges, value and
+        entropy weights, epochs, minibatches, advantage whitening, KL early stop).
     """
 
     out: str = "runs/ppo_rlhf"
-    clip_eps: float = 0.2
-    value_clip_eps: float | None = 0.2
-    value_coef: float = 0.1
-    entropy_coef: float = 0.0
-    num_epochs: int = 4
-    num_minibatches: int = 2
-    target_kl: float | None = None
+    ppo: ppo_lib.PPOConfig = PPO_DEFAULTS
 
     def __post_init__(self):
         super().__post_init__()
-        _check_divides(self, "num_minibatches")
-        self.update_config()  # RLHFPPOConfig and PPOConfig check the clip ranges, epochs, ...
+        _check_divides(self, "num_minibatches", self.ppo.num_minibatches)
+        _check_group_whitening(self, self.ppo.normalize_advantages)
 
-    def update_config(self) -> rlhf.RLHFPPOConfig:
-        return rlhf.RLHFPPOConfig(
+    def make_update(self, models: Models, key: jax.Array) -> PolicyUpdate:
+        """The compiled-to-be PPO update on ``models`` and its initial state."""
+        optimizer = _adam(self.learning_rate)
+        update = rlhf.make_rlhf_ppo_update(
+            models.policy_graphdef,
+            optimizer,
+            self.ppo,
+            models.value_graphdef,
             critic=self.critic,
-            # Group-relative advantages are already centred (and scaled, with --scale std) per
-            # group: whitening them again over tokens would undo --scale none and shift each
-            # group's baseline by its completion lengths.
-            normalize_advantages=self.critic != "none",
-            clip_eps=self.clip_eps,
-            value_clip_eps=self.value_clip_eps,
-            value_coef=self.value_coef,
-            entropy_coef=self.entropy_coef,
-            num_epochs=self.num_epochs,
-            num_minibatches=self.num_minibatches,
-            target_kl=self.target_kl,
             chunk_size=self.chunk_size,
         )
+        state = rlhf.init_rlhf_ppo_state(models.policy_params, optimizer, key, models.value_params)
+        return PolicyUpdate(update, state, lambda s: (s.params["policy"], s.params.get("value")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,26 +254,17 @@ class TRPORunConfig(RLHFRunConfig):
     Attributes:
       critic: separate (a critic model fitted after each step) or none (group-relative
         advantages; needs samples_per_prompt >= 2). TRPO keeps the critic apart from the policy.
-      max_kl: trust-region radius on the mean per-token KL to the rollout policy (0.02, the
-        classic-control value, overfits each 64-sample batch on the built-in task: held-out
-        score 0.36 -> 0.41 in 100 iterations, against 0.36 -> 0.54 with 0.005).
-      cg_iters: conjugate-gradient iterations.
-      cg_damping: damping added to the Fisher.
-      fvp_subsample: use every k-th row for the Fisher-vector products.
       value_learning_rate: Adam learning rate of the critic.
-      n_critic_updates: passes over the rollout fitting the critic.
-      critic_minibatches: minibatches per pass.
+      trpo: the TRPO update's settings (:class:`rljax.trpo.TRPOConfig`). The defaults here:
+        max_kl 0.005 (0.02, the classic-control value, overfits each 64-sample batch on the
+        built-in task: held-out score 0.36 -> 0.41 in 100 iterations, against 0.36 -> 0.54
+        with 0.005), 4 critic passes of 2 minibatches.
     """
 
     out: str = "runs/trpo_rlhf"
     critic: str = "separate"
-    max_kl: float = 0.005
-    cg_iters: int = 10
-    cg_damping: float = 0.1
-    fvp_subsample: int = 1
     value_learning_rate: float = 1e-3
-    n_critic_updates: int = 4
-    critic_minibatches: int = 2
+    trpo: trpo_lib.TRPOConfig = TRPO_DEFAULTS
 
     def __post_init__(self):
         super().__post_init__()
@@ -278,26 +273,24 @@ class TRPORunConfig(RLHFRunConfig):
                 "--critic head: TRPO's natural step moves the policy alone; use separate or none"
             )
         if self.critic != "none":
-            _check_divides(self, "critic_minibatches")
+            _check_divides(self, "critic_minibatches", self.trpo.critic_minibatches)
+        _check_group_whitening(self, self.trpo.normalize_advantages)
         checks.check(self, {"value_learning_rate": "> 0"})
-        self.update_config()  # TRPOConfig checks max_kl, cg_iters, cg_damping, ...
 
-    def update_config(self) -> trpo.TRPOConfig:
-        return trpo.TRPOConfig(
-            normalize_advantages=self.critic != "none",  # as PPORunConfig.update_config
-            max_kl=self.max_kl,
-            cg_iters=self.cg_iters,
-            cg_damping=self.cg_damping,
-            fvp_subsample=self.fvp_subsample,
-            n_critic_updates=self.n_critic_updates,
-            critic_minibatches=self.critic_minibatches,
+    def make_update(self, models: Models, key: jax.Array) -> PolicyUpdate:
+        """The compiled-to-be TRPO update on ``models`` and its initial state."""
+        value_optimizer = _adam(self.value_learning_rate)
+        update = rlhf.make_rlhf_trpo_update(
+            models.policy_graphdef, value_optimizer, self.trpo, models.value_graphdef
         )
+        value_params = {} if models.value_params is None else models.value_params
+        state = trpo_lib.init_trpo_state(models.policy_params, value_params, value_optimizer, key)
+        return PolicyUpdate(update, state, lambda s: (s.policy_params, s.value_params))
 
 
-def _check_divides(config: RLHFRunConfig, field: str) -> None:
-    """The rollout's rows (batch_size x samples_per_prompt) split into ``field`` minibatches."""
-    parts = getattr(config, field)
-    if parts < 1 or config.rows % parts:
+def _check_divides(config: RLHFRunConfig, field: str, parts: int) -> None:
+    """The rollout's rows (batch_size x samples_per_prompt) split into ``parts`` minibatches."""
+    if config.rows % parts:
         raise ValueError(
             f"--{field.replace('_', '-')} {parts} must divide the rollout's "
             f"{config.rows} rows (--batch-size {config.batch_size} x --samples-per-prompt "
@@ -305,62 +298,19 @@ def _check_divides(config: RLHFRunConfig, field: str) -> None:
         )
 
 
+def _check_group_whitening(config: RLHFRunConfig, normalize_advantages: bool) -> None:
+    """Group-relative advantages (critic none) are already centred (and, with --scale std,
+    scaled) per group: whitening them again over tokens would undo --scale none and shift each
+    group's baseline by its completion lengths, so the combination is refused."""
+    if config.critic == "none" and normalize_advantages:
+        raise ValueError(
+            "--critic none takes group-relative advantages (centred per group, --baseline/"
+            "--scale); --normalize-advantages would whiten them again over tokens, shifting "
+            "each group's baseline by its completion lengths: pass --no-normalize-advantages"
+        )
+
+
 # ---------------------------------------------------------------------------- compiled pieces
-
-
-def make_rollout_fn(
-    policy_graphdef,
-    ref_graphdef,
-    sampling: generate.SamplingConfig,
-    *,
-    critic: str,
-    value_graphdef=None,
-    chunk_size: int = 1024,
-) -> Callable:
-    """The jitted rollout ``(policy_params, ref_params, value_params, prompt_tokens,
-    prompt_mask, key) -> dict``: samples, then the per-token log-probs of the samples under the
-    policy (``old_logps``) and the reference (``ref_logps``), the policy's ``entropy`` and, with
-    a critic, ``old_values`` (all ``[B, N]``, 0 at padding), with ``tokens``, ``mask``,
-    ``completion_mask`` and ``finished``."""
-
-    @jax.jit
-    def rollout(policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key):
-        gen = generate.generate(
-            (policy_graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling
-        )
-        n = gen.completion_mask.shape[1]
-        cmask = gen.completion_mask
-        policy = rlhf.completion_outputs(
-            policy_graphdef,
-            policy_params,
-            gen.tokens,
-            gen.mask,
-            n,
-            chunk_size=chunk_size,
-            values=critic == "head",
-        )
-        ref = rlhf.completion_outputs(
-            ref_graphdef, ref_params, gen.tokens, gen.mask, n, chunk_size=chunk_size
-        )
-        zero = lambda x: jnp.where(cmask, x, 0.0)
-        out = {
-            "tokens": gen.tokens,
-            "mask": gen.mask,
-            "completion_mask": cmask,
-            "finished": gen.finished,
-            "old_logps": zero(policy["logps"]),
-            "ref_logps": zero(ref["logps"]),
-            "entropy": zero(policy["entropy"]),
-        }
-        if critic == "head":
-            out["old_values"] = zero(policy["values"])
-        elif critic == "separate":
-            model = lm.merge(value_graphdef, value_params)
-            hidden, _ = model.decode(gen.tokens, gen.mask)
-            out["old_values"] = zero(model.scores(hidden[:, -n - 1 : -1]))
-        return out
-
-    return rollout
 
 
 def make_shaping_fn(config: RLHFRunConfig) -> Callable:
@@ -498,17 +448,9 @@ def _tokenize(prompts, tokenizer, max_prompt_length: int):
 # ---------------------------------------------------------------------------- evaluation
 
 
-@functools.lru_cache(maxsize=8)
-def _eval_rollout(policy_graphdef, ref_graphdef, sampling, chunk_size):
-    return make_rollout_fn(
-        policy_graphdef, ref_graphdef, sampling, critic="none", chunk_size=chunk_size
-    )
-
-
 def evaluate_policy_kl(
-    policy_graphdef,
+    rollout_fn: Callable,
     policy_params,
-    ref_graphdef,
     ref_params,
     tokenizer,
     prompts: Sequence[str],
@@ -516,36 +458,31 @@ def evaluate_policy_kl(
     *,
     key: jax.Array,
     max_prompt_length: int,
-    max_new_tokens: int,
-    batch_size: int = 256,
-    chunk_size: int = 1024,
+    rows: int,
+    value_params=None,
 ) -> dict[str, float]:
     """Mean score and mean sequence KL(policy || reference) of one temperature-1 sample per
-    held-out prompt: ``{"score", "kl", "validity" (built-in task), "eos_rate", "length"}``.
+    held-out prompt: ``{"score", "kl", "eos_rate", "length", "prompts"}``.
 
-    The KL is estimated on the policy's own samples as the sum over tokens of
+    ``rollout_fn`` is a :func:`rljax.rl.rollout.make_rollout_fn` program (the training one:
+    its temperature is traced, so evaluation compiles nothing new); the prompts go through it
+    ``rows`` at a time (the last batch padded by repeating the last prompt; the padding is not
+    counted). The KL is estimated on the policy's own samples as the sum over tokens of
     ``log pi(y_t) - log pi_ref(y_t)`` (k1; unbiased for the sequence KL)."""
-    sampling = generate.SamplingConfig(
-        max_new_tokens=max_new_tokens,
-        temperature=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    rollout_fn = _eval_rollout(policy_graphdef, ref_graphdef, sampling, chunk_size)
     tokens, mask = _tokenize(list(prompts), tokenizer, max_prompt_length)
     scores, kls, finished, lengths = [], [], [], []
     n = len(prompts)
-    batch_size = min(batch_size, n)  # a short prompt list is not padded to a big batch
-    for start in range(0, n, batch_size):
-        index = np.minimum(np.arange(start, start + batch_size), n - 1)
-        keep = min(batch_size, n - start)
+    for start in range(0, n, rows):
+        index = np.minimum(np.arange(start, start + rows), n - 1)
+        keep = min(rows, n - start)
         out = rollout_fn(
             policy_params,
             ref_params,
-            None,
+            value_params,
             tokens[index],
             mask[index],
             jax.random.fold_in(key, start),
+            1.0,
         )
         out = jax.device_get(out)
         chunk_prompts = [prompts[i] for i in index]
@@ -563,12 +500,34 @@ def evaluate_policy_kl(
     }
 
 
-# ---------------------------------------------------------------------------- the run
+# ---------------------------------------------------------------------------- models, update
 
 
-def _models(config: RLHFRunConfig, algorithm: str, model_path: str):
-    """``(policy_graphdef, policy_params, ref_graphdef, ref_params, value_graphdef,
-    value_params)`` on the host."""
+class Models(NamedTuple):
+    """The networks of an RLHF run (parameters on the host): the policy (with a value head
+    for critic head), the frozen reference and, for critic separate, the value model."""
+
+    policy_graphdef: Any
+    policy_params: Any
+    ref_graphdef: Any
+    ref_params: Any
+    value_graphdef: Any = None
+    value_params: Any = None
+
+
+class PolicyUpdate(NamedTuple):
+    """An algorithm's update (``update(state, batch) -> (state, metrics)``, not yet
+    compiled), its initial state, and ``params(state) -> (policy_params, value_params)``."""
+
+    update: Callable
+    state: Any
+    params: Callable[[Any], tuple[Any, Any]]
+
+
+def load_models(config: RLHFRunConfig, model_path: str) -> Models:
+    """The policy, reference and critic of ``config.critic`` from a checkpoint folder: the
+    reference is the checkpoint; a value head (critic head, or the separate critic's own
+    copy of the network) starts from ``seed + 1``."""
     base = hf.load_model(model_path)
     ref_graphdef, ref_params = nnx.split(base)
     rngs = nnx.Rngs(config.seed + 1)
@@ -580,16 +539,14 @@ def _models(config: RLHFRunConfig, algorithm: str, model_path: str):
         if config.critic == "separate":
             value_graphdef, value_params = nnx.split(with_head(base, "value", rngs=rngs))
     policy_graphdef, policy_params = nnx.split(policy)
-    if algorithm == "trpo" and value_params is None:
-        value_params = {}
-    copy = lambda tree: jax.tree.map(np.array, jax.device_get(tree))
-    return (
+    copy = lambda tree: None if tree is None else jax.tree.map(np.array, jax.device_get(tree))
+    return Models(
         policy_graphdef,
         copy(policy_params),
         ref_graphdef,
         copy(ref_params),
         value_graphdef,
-        None if value_params is None else copy(value_params),
+        copy(value_params),
     )
 
 
@@ -597,14 +554,21 @@ def _adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate, eps=1e-5))
 
 
+# ---------------------------------------------------------------------------- the run
+
+
 @experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
-def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> dict[str, Any]:
-    """Train with ``algorithm`` (``"ppo"`` with a :class:`PPORunConfig`, ``"trpo"`` with a
-    :class:`TRPORunConfig`); writes ``out/metrics.jsonl``, ``out/summary.json``,
-    ``out/training.png`` and the final policy as a Hugging Face folder ``out/policy``, and
-    returns the summary."""
-    if algorithm not in ("ppo", "trpo"):
-        raise ValueError(f"algorithm must be 'ppo' or 'trpo', got {algorithm!r}")
+def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> dict[str, Any]:
+    """Train with the algorithm of ``config`` (a :class:`PPORunConfig` or
+    :class:`TRPORunConfig`: its ``make_update`` builds the update); writes
+    ``out/metrics.jsonl``, ``out/summary.json``, ``out/training.png`` and the final policy as a
+    Hugging Face folder ``out/policy``, and returns the summary."""
+    if not hasattr(config, "make_update"):
+        raise TypeError(
+            f"rljax.rl.rlhf.run: config must be a PPORunConfig or TRPORunConfig, got "
+            f"{type(config).__name__}"
+        )
+    algorithm = "ppo" if isinstance(config, PPORunConfig) else "trpo"
     checks.require_folder("--reward-model", config.reward_model, "reward-model folder")
     label = label or f"{algorithm.upper()}-RLHF"
     if jax.process_count() > 1:
@@ -624,26 +588,15 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
     train_tokens, train_mask = _tokenize(train_prompts, tokenizer, config.max_prompt_length)
     scorer = Scorer(tokenizer, config.reward_model)
 
-    pg, policy_params, rg, ref_params, vg, value_params = _models(config, algorithm, model_path)
+    models = load_models(config, model_path)
     mesh = experiment.build_mesh(config.mesh)
     key = jax.random.key(config.seed)
-    k = config.samples_per_prompt
-    rows = config.rows
-    example = _example_batch(config, rows, max_new)
-    if algorithm == "ppo":
-        optimizer = _adam(config.learning_rate)
-        update = rlhf.make_rlhf_ppo_update(pg, optimizer, config.update_config(), vg)
-        init = rlhf.init_rlhf_ppo_state(
-            policy_params, optimizer, jax.random.fold_in(key, 2**31), value_params
-        )
-    else:
-        value_optimizer = _adam(config.value_learning_rate)
-        update = rlhf.make_rlhf_trpo_update(pg, value_optimizer, config.update_config(), vg)
-        init = trpo.init_trpo_state(
-            policy_params, value_params, value_optimizer, jax.random.fold_in(key, 2**31)
-        )
-    state, step_fn, batch_shardings = lm.compile_update(update, init, example, mesh)
-    ref_params = sharding.shard_params(ref_params, mesh)
+    k, rows = config.samples_per_prompt, config.rows
+    algo = config.make_update(models, jax.random.fold_in(key, 2**31))
+    state, step_fn, batch_shardings = lm.compile_update(
+        algo.update, algo.state, _example_batch(config, rows, max_new), mesh
+    )
+    ref_params = sharding.shard_params(models.ref_params, mesh)
     sampling = generate.SamplingConfig(
         max_new_tokens=max_new,
         temperature=config.temperature,
@@ -651,100 +604,65 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
         pad_token_id=tokenizer.pad_token_id,
     )
     rollout_fn = make_rollout_fn(
-        pg, rg, sampling, critic=config.critic, value_graphdef=vg, chunk_size=config.chunk_size
+        models.policy_graphdef,
+        sampling,
+        ref_graphdef=models.ref_graphdef,
+        critic=config.critic,
+        value_graphdef=models.value_graphdef,
+        chunk_size=config.chunk_size,
     )
     shape_fn = make_shaping_fn(config)
     controller = config.kl_controller()
-    kl_coef = controller.init()
-
-    def params_of(s):
-        if algorithm == "ppo":
-            return s.params["policy"], s.params.get("value")
-        return s.policy_params, s.value_params
 
     def evaluate(s):
-        policy_p, _ = params_of(s)
+        policy_params, value_params = algo.params(s)
         return evaluate_policy_kl(
-            pg,
-            policy_p,
-            rg,
+            rollout_fn,
+            policy_params,
             ref_params,
             tokenizer,
             held_out,
             scorer,
             key=jax.random.fold_in(jax.random.key(config.seed + 1), 0),
             max_prompt_length=config.max_prompt_length,
-            max_new_tokens=max_new,
-            chunk_size=config.chunk_size,
+            rows=rows,
+            value_params=value_params,
         )
 
-    ckpt = checkpoint.Checkpointer(out / "checkpoints", max_to_keep=2)
-    first, state, saved = experiment.resume(ckpt, state, config.iterations, "iteration")
-    if saved is not None:  # the newest checkpoint that restores (damaged ones are skipped)
-        kl_coef = jnp.asarray(saved["kl_coef"], jnp.float32)
-        print(f"[{label}] resumed from iteration {first} in {ckpt.directory}", flush=True)
-    log = runs.MetricsLog(
-        out / "metrics.jsonl",
-        label,
-        config.iterations,
-        resume_step=first or None,
-        keys=("objective/scores", "objective/kl", "objective/kl_coef", "eval/score", "eval/kl"),
-    )
-    print(
-        f"[{label}] {source}; {config.iterations} iterations x {rows} samples "
-        f"({config.batch_size} prompts x {k}), critic {config.critic}, {mesh.size} device(s)",
-        flush=True,
-    )
-    initial = None
-    if first == 0:
-        initial = evaluate(state)
-        log.log(0, {f"eval/{name}": v for name, v in initial.items()})
-    stop = finite.NonfiniteStop(
-        config.max_nonfinite_updates, label, ckpt.directory, unit="iteration"
-    )
-    if first:
-        stop.saved(first)
-    try:
-        for it in range(first + 1, config.iterations + 1):
-            lo = (it - 1) * config.batch_size
-            index = np.repeat(np.arange(lo, lo + config.batch_size), k)  # groups contiguous
-            prompts = [train_prompts[i] for i in index]
-            policy_p, value_p = params_of(state)
-            rollout = rollout_fn(
-                policy_p,
-                ref_params,
-                value_p,
-                train_tokens[index],
-                train_mask[index],
-                jax.random.fold_in(key, it),
-            )
-            scores = jnp.asarray(scorer(prompts, rollout))
-            batch, rollout_metrics, seq_kl = shape_fn(rollout, scores, kl_coef)
-            state, update_metrics = step_fn(state, jax.device_put(batch, batch_shardings))
-            stop.observe(it, update_metrics)  # the previous iteration's `nonfinite`
-            kl_coef = controller.update(kl_coef, jnp.mean(seq_kl), rows)
-            last = it == config.iterations
-            row = {}
-            if it % config.log_every == 0 or last or it == 1:
-                row.update(jax.device_get({**rollout_metrics, **update_metrics}))
-            if last or (config.eval_every and it % config.eval_every == 0):
-                row.update({f"eval/{name}": v for name, v in evaluate(state).items()})
-            if row:
-                log.log(it, row)
-            if it % config.checkpoint_every == 0 or last:
-                stop.before_save(it, (state, kl_coef))  # never checkpoint a non-finite state
-                ckpt.save(it, state, {"kl_coef": float(kl_coef)}, force=True)
-                stop.saved(it)
-        stop.flush()
-    finally:
-        ckpt.close()
+    def iterate(it, state, carry):
+        lo = (it - 1) * config.batch_size
+        index = np.repeat(np.arange(lo, lo + config.batch_size), k)  # groups contiguous
+        prompts = [train_prompts[i] for i in index]
+        policy_params, value_params = algo.params(state)
+        rollout = rollout_fn(
+            policy_params, ref_params, value_params, train_tokens[index], train_mask[index],
+            jax.random.fold_in(key, it), config.temperature,
+        )  # fmt: skip
+        scores = jnp.asarray(scorer(prompts, rollout))
+        batch, rollout_metrics, seq_kl = shape_fn(rollout, scores, carry["kl_coef"])
+        state, update_metrics = step_fn(state, jax.device_put(batch, batch_shardings))
+        kl_coef = controller.update(carry["kl_coef"], jnp.mean(seq_kl), rows)
+        return state, update_metrics, rollout_metrics, {"kl_coef": kl_coef}
 
-    policy_p, _ = params_of(state)
-    finite.require_finite(policy_p, f"[{label}] not exporting the policy to {out / 'policy'}")
-    policy_model = lm.merge(pg, jax.device_get(policy_p))
-    hf.save_model(_without_value_head(policy_model, config), out / "policy", tokenizer=tokenizer)
-    history = log.rows()
-    evals = [r for r in history if "eval/score" in r]
+    result = train_loop(
+        config,
+        label=label,
+        state=state,
+        carry={"kl_coef": controller.init()},
+        iterate=iterate,
+        evaluate=evaluate,
+        log_keys=("objective/scores", "objective/kl", "objective/kl_coef", "eval/score", "eval/kl"),
+        describe=(
+            f"{source}; {config.iterations} iterations x {rows} samples "
+            f"({config.batch_size} prompts x {k}), critic {config.critic}, {mesh.size} device(s)"
+        ),
+    )
+    state = result.state
+
+    policy_params, _ = algo.params(state)
+    policy_model = lm.merge(models.policy_graphdef, jax.device_get(policy_params))
+    export_policy(label, out, _without_value_head(policy_model, config), tokenizer)
+    evals = [r for r in result.history if "eval/score" in r]
     final, start_eval = experiment.final_eval(evals), experiment.final_eval(evals[:1])
     summary = {
         "algorithm": algorithm,
@@ -754,25 +672,22 @@ def run(config: RLHFRunConfig, algorithm: str, *, label: str | None = None) -> d
         "iterations": config.iterations,
         "initial_eval": start_eval,
         "final_eval": final,
-        "final_kl_coef": float(kl_coef),
-        **runs.run_record(
-            config, out, resumed_from=first, start_time=start_time, devices=mesh.size
-        ),
+        "final_kl_coef": float(result.carry["kl_coef"]),
     }
-    runs.write_summary(out, summary)
-    runs.plot_metrics(
-        history,
-        ["objective/scores", "objective/kl", "eval/score", "eval/kl"],
-        out / "training.png",
+    return finish(
+        config,
+        label=label,
+        result=result,
+        summary=summary,
+        plot_keys=["objective/scores", "objective/kl", "eval/score", "eval/kl"],
         title=f"{label} (critic {config.critic}, KL coef {config.kl_coef})",
+        message=(
+            f"held-out score {start_eval['score']:.3f} -> {final['score']:.3f}, "
+            f"KL to the reference {final['kl']:.3f} nats"
+        ),
+        start_time=start_time,
+        devices=mesh.size,
     )
-    print(
-        f"[{label}] held-out score {start_eval['score']:.3f} -> {final['score']:.3f}, "
-        f"KL to the reference {final['kl']:.3f} nats; wrote {out}/metrics.jsonl, summary.json, "
-        f"training.png, policy/ ({summary['wall_seconds']:.0f}s)",
-        flush=True,
-    )
-    return summary
 
 
 def _without_value_head(model, config):

@@ -1,0 +1,103 @@
+"""The rollout stage of RL on language models: sample completions, then read the trainer's view
+of them (one compiled program for every algorithm and for evaluation).
+
+:func:`make_rollout_fn` samples with the KV-cache sampler (:mod:`rljax.models.generate`) and
+then runs one forward pass each of the policy, the frozen reference and (with a critic) the
+value model over prompt + completion, reading every per-token quantity at the completion
+columns (the logits at position ``t`` predict token ``t + 1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rljax import lm, rlhf
+from rljax.models import generate
+
+__all__ = ["CRITICS", "decode_completions", "make_rollout_fn"]
+
+CRITICS = rlhf.CRITICS  # "head", "separate", "none"
+
+
+def make_rollout_fn(
+    graphdef,
+    sampling: generate.SamplingConfig,
+    *,
+    ref_graphdef=None,
+    critic: str = "none",
+    value_graphdef=None,
+    chunk_size: int = 1024,
+) -> Callable:
+    """The jitted rollout ``(policy_params, ref_params, value_params, prompt_tokens,
+    prompt_mask, key, temperature) -> dict``.
+
+    ``temperature`` is traced: one compiled program serves training, greedy evaluation at 0
+    and sampled evaluation at 1. ``ref_graphdef`` defaults to ``graphdef`` (the reference is
+    the initial policy). ``critic``: ``"head"`` (``graphdef`` carries a value head; its values
+    come from the policy's forward pass), ``"separate"`` (a value model ``value_graphdef``
+    with ``value_params``) or ``"none"`` (``value_params`` is ignored; pass ``None``).
+
+    Returns ``tokens``, ``mask`` ``[B, P + N]``, ``completion_mask`` ``[B, N]``, ``finished``
+    ``[B]`` and per token ``[B, N]`` (0 at padding): ``old_logps`` (the trainer's
+    log-probs), ``ref_logps``, ``sampler_logps`` (the sampler's own log-probs at
+    temperature 1: their gap to ``old_logps`` is the sampler/trainer mismatch), ``entropy``
+    (the policy's), and with a critic ``old_values``.
+    """
+    if critic not in CRITICS:
+        raise ValueError(f"make_rollout_fn: critic must be one of {CRITICS}, got {critic!r}")
+    if (critic == "separate") != (value_graphdef is not None):
+        raise ValueError(
+            f"make_rollout_fn: critic={critic!r}: pass value_graphdef exactly when "
+            "critic='separate'"
+        )
+    ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
+
+    @jax.jit
+    def rollout(policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key, temp):
+        gen = generate.generate(
+            (graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling, temperature=temp
+        )
+        n = gen.completion_mask.shape[1]
+        cmask = gen.completion_mask
+        zero = lambda x: jnp.where(cmask, x, 0.0)
+        policy = rlhf.completion_outputs(
+            graphdef, policy_params, gen.tokens, gen.mask, n, chunk_size=chunk_size,
+            values=critic == "head",
+        )  # fmt: skip
+        ref = rlhf.completion_outputs(
+            ref_graphdef, ref_params, gen.tokens, gen.mask, n, chunk_size=chunk_size
+        )
+        out = {
+            "tokens": gen.tokens,
+            "mask": gen.mask,
+            "completion_mask": cmask,
+            "finished": gen.finished,
+            "old_logps": zero(policy["logps"]),
+            "ref_logps": zero(ref["logps"]),
+            "sampler_logps": zero(gen.policy_logprobs),
+            "entropy": zero(policy["entropy"]),
+        }
+        if critic == "head":
+            out["old_values"] = zero(policy["values"])
+        elif critic == "separate":
+            model = lm.merge(value_graphdef, value_params)
+            hidden, _ = model.decode(gen.tokens, gen.mask)
+            out["old_values"] = zero(model.scores(hidden[:, -n - 1 : -1]))
+        return out
+
+    return rollout
+
+
+def decode_completions(tokenizer, rollout: dict) -> list[str]:
+    """The completion texts of a rollout (its valid completion tokens, special tokens
+    skipped)."""
+    cmask = np.asarray(rollout["completion_mask"])
+    tokens = np.asarray(rollout["tokens"])[:, -cmask.shape[1] :]
+    return [
+        tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
+        for row, m in zip(tokens, cmask, strict=True)
+    ]

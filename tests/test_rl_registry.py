@@ -1,0 +1,80 @@
+"""The algorithm registry (:mod:`rljax.rl`): each name builds its run configuration with the
+settings that make it that algorithm, overrides win over the preset, bad names fail with the
+valid ones listed, and ``train`` hands a configuration to the driver of its class."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rljax import grpo, ppo, rl, trpo
+
+# What each name must mean, read from the built configuration (not from the preset table).
+EXPECTED = {
+    "ppo": lambda c: isinstance(c.ppo, ppo.PPOConfig) and c.critic == "head",
+    "ppo_critic": lambda c: isinstance(c.ppo, ppo.PPOConfig) and c.critic == "separate",
+    "trpo": lambda c: isinstance(c.trpo, trpo.TRPOConfig) and c.critic == "separate",
+    "grpo": lambda c: c.estimator == "grpo" and c.grpo.importance_sampling_level == "token",
+    "dr_grpo": lambda c: c.estimator == "dr_grpo" and c.grpo.loss_type == "dr_grpo",
+    "dapo": lambda c: (
+        c.grpo.loss_type == "dapo"
+        and c.grpo.clip_eps_high > c.grpo.clip_eps
+        and c.dynamic_sampling
+        and c.overlong == "soft"
+    ),
+    "gspo": lambda c: c.grpo.importance_sampling_level == "sequence",
+    "cispo": lambda c: c.grpo.loss_type == "cispo" and c.grpo.clip_eps_high is not None,
+    "rloo": lambda c: c.estimator == "rloo",
+    "reinforce_pp": lambda c: c.estimator == "reinforce_pp",
+}
+
+
+def test_every_algorithm_is_named_once_and_builds_its_configuration():
+    assert set(rl.ALGORITHMS) == set(EXPECTED)
+    for name, entry in rl.ALGORITHMS.items():
+        config = rl.config(name)
+        assert type(config) is entry.config_class, name
+        assert EXPECTED[name](config), (name, config)
+        assert entry.description
+
+
+def test_overrides_win_over_the_preset_and_reach_nested_configs():
+    config = rl.config("dapo", clip_eps_high=0.3, iterations=3, beta=0.02)
+    assert config.grpo.clip_eps_high == 0.3 and config.grpo.beta == 0.02
+    assert config.iterations == 3 and config.dynamic_sampling  # the rest of the preset stays
+    ppo_config = rl.config("ppo", clip_eps=0.1, kl_coef=0.2)
+    assert ppo_config.ppo.clip_eps == 0.1 and ppo_config.kl_coef == 0.2
+    # untouched nested fields keep the run configuration's defaults
+    assert ppo_config.ppo.num_minibatches == rl.rlhf.PPORunConfig.ppo.num_minibatches
+    assert rl.config("trpo", max_kl=0.01).trpo.max_kl == 0.01
+
+
+def test_bad_names_and_values_fail_clearly():
+    with pytest.raises(ValueError, match=r"unknown algorithm 'a2c'; valid: \['cispo'"):
+        rl.config("a2c")
+    with pytest.raises(ValueError, match=r"\['learning_rte'\] are not fields of GRPORunConfig"):
+        rl.config("grpo", learning_rte=1e-3)
+    with pytest.raises(ValueError, match=r"PPOConfig.clip_eps must be >= 0"):
+        rl.config("ppo", clip_eps=-1.0)
+    with pytest.raises(ValueError, match="--clip-eps-high"):  # cispo needs its cap
+        rl.config("cispo", clip_eps_high=None)
+
+
+def test_train_hands_the_configuration_to_its_driver(monkeypatch):
+    calls = []
+    for name in ("grpo", "ppo", "trpo"):
+        entry = rl.ALGORITHMS[name]
+        fake = lambda config, _name=name, **kw: calls.append((_name, type(config), kw)) or {}
+        monkeypatch.setitem(rl.ALGORITHMS, name, dataclasses.replace(entry, run=fake))
+    rl.train(rl.config("ppo"), label="x")
+    rl.train(rl.config("trpo"))
+    rl.train(rl.config("rloo"))  # a preset of the grpo driver's configuration
+    assert [(n, t.__name__) for n, t, _ in calls] == [
+        ("ppo", "PPORunConfig"),
+        ("trpo", "TRPORunConfig"),
+        ("grpo", "GRPORunConfig"),
+    ]
+    assert calls[0][2] == {"label": "x"}
+    with pytest.raises(TypeError, match="no registered algorithm trains a GRPOConfig"):
+        rl.train(grpo.GRPOConfig())
