@@ -114,7 +114,7 @@ import dpo_speed  # noqa: E402
 import fvp  # noqa: E402
 import lm_speed  # noqa: E402
 
-from rljax import bench, classic, lm, sharding, trpo  # noqa: E402
+from rljax import bench, classic, lm, ppo, sharding, trpo  # noqa: E402
 from rljax.dpo import DPOConfig, init_dpo_state, make_dpo_update  # noqa: E402
 from rljax.models import generate as gen  # noqa: E402
 from rljax.models.transformer import PRESETS, Transformer, TransformerConfig, preset  # noqa: E402
@@ -272,8 +272,7 @@ def _flops(config, seq: int, tokens: int, *, forward: float = 0.0, train: float 
 
 def _classic(ctx: Context, algo: str) -> Step:
     a = ctx.args
-    Config = classic.PPOClassicConfig if algo == "ppo" else classic.TRPOClassicConfig
-    config = classic.resolve(Config(env=a.env, eval_episodes=1, total_steps=1))
+    config = classic.preset(a.env, algo, eval_episodes=1)
     config = dataclasses.replace(config, total_steps=a.iterations * config.steps_per_iteration)
     train = classic.train_ppo if algo == "ppo" else classic.train_trpo
     env_steps = config.env_steps
@@ -390,8 +389,8 @@ def build_rlhf_ppo(ctx: Context) -> Step:
     a = ctx.args
     config, graphdef, params = ctx.model(head="value")
     optimizer = optax.adamw(1e-6, weight_decay=0.0)
-    ppo_config = rlhf.RLHFPPOConfig(critic="head")
-    update = rlhf.make_rlhf_ppo_update(graphdef, optimizer, ppo_config)
+    ppo_config = ppo.PPOConfig(value_coef=0.1, num_minibatches=1)  # TRL's PPO trainer's
+    update = rlhf.make_rlhf_ppo_update(graphdef, optimizer, ppo_config, critic="head")
     state = rlhf.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
     batch = rollout_batch(ctx, config.vocab_size)
     n = a.batch * a.seq * ppo_config.num_epochs

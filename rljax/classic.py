@@ -7,14 +7,18 @@ train many seeds at once (as purejaxrl does), built from rljax's pure pieces:
 :func:`rljax.envs.collect`, :func:`rljax.advantages.gae`, :func:`rljax.ppo.make_ppo_update`,
 :func:`rljax.trpo.make_trpo_update`.
 
-Per-environment defaults live in ``PPO_PRESETS``/``TRPO_PRESETS``; a config field left at
-``None`` takes the preset's value (:func:`resolve`).
+A run configuration nests the algorithm's own config (``PPOClassicConfig.ppo:
+rljax.ppo.PPOConfig``, ``TRPOClassicConfig.trpo: rljax.trpo.TRPOConfig``), so the update's
+settings are declared once. The dataclass defaults are CartPole-v1's tuned settings;
+:func:`preset` gives each environment's (``PPO_PRESETS``/``TRPO_PRESETS``), and the experiment
+scripts take them as the defaults of their flags (:func:`parse`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 
 import jax
@@ -22,24 +26,28 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rljax import advantages, checks, envs, finite, ppo, trpo
+from rljax import advantages, checks, cli, envs, finite, ppo, runs, trpo
 from rljax.models.mlp import Actor, Critic, pure
 
 __all__ = [
     "CPU_COMPILER_OPTIONS",
+    "OTHER_ENV_PRESETS",
     "PPO_PRESETS",
     "SHORT_RUN_COMPILER_OPTIONS",
     "SHORT_RUN_ENV_STEPS",
     "TRPO_PRESETS",
     "ClassicConfig",
+    "ExperimentSettings",
     "PPOClassicConfig",
     "Progress",
     "TRPOClassicConfig",
     "compile_lowered",
     "compiler_options",
     "evaluate",
+    "main",
     "make_networks",
-    "resolve",
+    "parse",
+    "preset",
     "run_experiment",
     "train_ppo",
     "train_trpo",
@@ -48,7 +56,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class ClassicConfig:
-    """Settings shared by PPO and TRPO runs (``None`` = the environment's preset).
+    """Settings shared by PPO and TRPO runs (defaults: CartPole-v1's preset).
 
     Attributes:
       env: environment name (see rljax.envs.make).
@@ -56,21 +64,26 @@ class ClassicConfig:
       num_envs: environments stepped in parallel per seed.
       num_steps: steps per environment per iteration.
       gamma: discount.
-      gae_lambda: GAE lambda.
+      lam: GAE lambda (rljax.advantages.gae).
       hidden: width of the two hidden layers of actor and critic.
       log_std_init: initial log standard deviation of a Gaussian policy.
       eval_episodes: greedy evaluation episodes per seed at the end.
     """
 
     env: str = "CartPole-v1"
-    total_steps: int | None = None
-    num_envs: int | None = None
-    num_steps: int | None = None
-    gamma: float | None = None
-    gae_lambda: float | None = None
-    hidden: int | None = None
-    log_std_init: float | None = None
+    total_steps: int = 100_000
+    num_envs: int = 8
+    num_steps: int = 128
+    gamma: float = 0.99
+    lam: float = 0.95
+    hidden: int = 64
+    log_std_init: float = 0.0
     eval_episodes: int = 10
+
+    def __post_init__(self):
+        rules = {"gamma": "in (0, 1]", "lam": "in [0, 1]"}
+        positive = ["total_steps", "num_envs", "num_steps", "hidden", "eval_episodes"]
+        checks.check(self, rules | {name: "> 0" for name in positive}, library=True)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -86,190 +99,137 @@ class ClassicConfig:
         """Environment steps per seed actually run: ``num_iterations`` whole iterations."""
         return self.num_iterations * self.steps_per_iteration
 
+    def _check_divides(self, name: str, value: int) -> None:
+        if self.steps_per_iteration % value:
+            raise ValueError(
+                f"{type(self).__name__}: {name}={value} ({checks.flag(name)}) must divide the "
+                f"batch of num_envs * num_steps = {self.steps_per_iteration} rows"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class PPOClassicConfig(ClassicConfig):
-    """PPO on a classic-control environment (``None`` = the environment's preset).
+    """PPO on a classic-control environment (defaults: CartPole-v1's preset).
 
     Attributes:
       learning_rate: Adam step size (annealed linearly to 0 when anneal_lr).
       anneal_lr: linear learning-rate decay over the run.
       max_grad_norm: global gradient-norm clip.
-      num_epochs: passes over each batch.
-      num_minibatches: minibatches per pass.
-      clip_eps: PPO ratio clip range.
-      value_clip_eps: value clip range (0 disables value clipping).
-      value_coef: value-loss weight.
-      entropy_coef: entropy-bonus weight.
-      target_kl: early-stop threshold on the approximate KL per update (0 disables).
+      ppo: the PPO update's settings (rljax.ppo.PPOConfig: clip_eps, value_clip_eps, value_coef,
+        entropy_coef, num_epochs, num_minibatches, target_kl, ...).
     """
 
-    learning_rate: float | None = None
+    learning_rate: float = 2e-3
     anneal_lr: bool = True
     max_grad_norm: float = 0.5
-    num_epochs: int | None = None
-    num_minibatches: int | None = None
-    clip_eps: float = 0.2
-    value_clip_eps: float | None = None
-    value_coef: float = 0.5
-    entropy_coef: float | None = None
-    target_kl: float = 0.0
+    ppo: ppo.PPOConfig = dataclasses.field(default_factory=lambda: ppo.PPOConfig(num_epochs=8))
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"learning_rate": "> 0", "max_grad_norm": "> 0"}, library=True)
+        self._check_divides("num_minibatches", self.ppo.num_minibatches)
 
 
 @dataclasses.dataclass(frozen=True)
 class TRPOClassicConfig(ClassicConfig):
-    """TRPO on a classic-control environment (``None`` = the environment's preset).
+    """TRPO on a classic-control environment (defaults: CartPole-v1's preset).
 
     Attributes:
-      max_kl: trust-region radius on the mean KL.
-      cg_iters: conjugate-gradient iterations.
-      cg_damping: Fisher damping.
-      fvp_subsample: use every k-th row for Fisher-vector products.
       value_learning_rate: Adam step size of the value function.
-      n_critic_updates: value-function passes per iteration.
-      critic_minibatches: value-function minibatches per pass.
+      trpo: the TRPO update's settings (rljax.trpo.TRPOConfig: max_kl, cg_iters, cg_damping,
+        fvp_subsample, n_critic_updates, critic_minibatches, ...); flat_params is on (these
+        small networks compile faster on one flat vector).
     """
 
-    max_kl: float | None = None
-    cg_iters: int = 10
-    cg_damping: float = 0.1
-    fvp_subsample: int = 1
-    value_learning_rate: float | None = None
-    n_critic_updates: int | None = None
-    critic_minibatches: int | None = None
+    value_learning_rate: float = 1e-3
+    trpo: trpo.TRPOConfig = dataclasses.field(
+        default_factory=lambda: trpo.TRPOConfig(max_kl=0.02, critic_minibatches=8, flat_params=True)
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"value_learning_rate": "> 0"}, library=True)
+        self._check_divides("critic_minibatches", self.trpo.critic_minibatches)
 
 
-_COMMON = {
-    "CartPole-v1": dict(
-        total_steps=100_000,
-        num_envs=16,
-        num_steps=128,
-        gamma=0.99,
-        gae_lambda=0.95,
-        hidden=64,
-        log_std_init=0.0,
-    ),
-    "Acrobot-v1": dict(
-        total_steps=200_000,
-        num_envs=16,
-        num_steps=128,
-        gamma=0.99,
-        gae_lambda=0.95,
-        hidden=64,
-        log_std_init=0.0,
-    ),
-    "Pendulum-v1": dict(
-        total_steps=400_000,
-        num_envs=16,
-        num_steps=256,
-        gamma=0.95,
-        gae_lambda=0.95,
-        hidden=64,
-        log_std_init=0.0,
-    ),
-    "MountainCarContinuous-v0": dict(
-        total_steps=400_000,
-        num_envs=16,
-        num_steps=256,
-        gamma=0.99,
-        gae_lambda=0.95,
-        hidden=64,
-        log_std_init=0.0,
-    ),
-}
-_DEFAULT_COMMON = dict(
-    total_steps=100_000,
-    num_envs=16,
-    num_steps=128,
-    gamma=0.99,
-    gae_lambda=0.95,
-    hidden=64,
-    log_std_init=0.0,
-)
+# Per-environment settings, by flat field name (a nested config's fields too); the settings not
+# listed keep the dataclass defaults. Every row names the same settings, so a row reads whole.
 PPO_PRESETS = {
     "CartPole-v1": dict(
-        learning_rate=2e-3,
-        num_epochs=8,
-        num_minibatches=4,
-        entropy_coef=0.0,
-        value_clip_eps=0.2,
-        num_envs=8,
+        total_steps=100_000, num_envs=8, num_steps=128, gamma=0.99, learning_rate=2e-3,
+        num_epochs=8, num_minibatches=4, entropy_coef=0.0, value_clip_eps=0.2,
     ),
     "Acrobot-v1": dict(
-        learning_rate=5e-4, num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2
+        total_steps=200_000, num_envs=16, num_steps=128, gamma=0.99, learning_rate=5e-4,
+        num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2,
     ),
     "Pendulum-v1": dict(
-        learning_rate=1e-3, num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=0.0
+        total_steps=400_000, num_envs=16, num_steps=256, gamma=0.95, learning_rate=1e-3,
+        num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=None,
     ),
     "MountainCarContinuous-v0": dict(
-        learning_rate=1e-3, num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=0.0
+        total_steps=400_000, num_envs=16, num_steps=256, gamma=0.99, learning_rate=1e-3,
+        num_epochs=10, num_minibatches=16, entropy_coef=0.0, value_clip_eps=None,
     ),
-}
-_DEFAULT_PPO = dict(
-    learning_rate=5e-4, num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2
-)
+}  # fmt: skip
 TRPO_PRESETS = {
     # num_envs=8 (98 iterations of 1024 steps rather than 49 of 2048): a greedy return >= 475
     # on 29 of 30 seeds (three 10-seed sets) against 26 of 30 with 16 envs.
     "CartPole-v1": dict(
-        max_kl=0.02,
-        value_learning_rate=1e-3,
-        n_critic_updates=10,
-        critic_minibatches=8,
-        num_envs=8,
+        total_steps=100_000, num_envs=8, num_steps=128, gamma=0.99, max_kl=0.02,
+        value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8,
     ),
     "Acrobot-v1": dict(
-        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
+        total_steps=200_000, num_envs=16, num_steps=128, gamma=0.99, max_kl=0.02,
+        value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8,
     ),
     "Pendulum-v1": dict(
-        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16
+        total_steps=400_000, num_envs=16, num_steps=256, gamma=0.95, max_kl=0.02,
+        value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16,
     ),
     "MountainCarContinuous-v0": dict(
-        max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16
+        total_steps=400_000, num_envs=16, num_steps=256, gamma=0.99, max_kl=0.02,
+        value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=16,
     ),
-}
-_DEFAULT_TRPO = dict(
-    max_kl=0.02, value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8
-)
+}  # fmt: skip
+#: The settings of any other environment (the probes, ``gymnax:<id>``), per algorithm.
+OTHER_ENV_PRESETS = {
+    "ppo": dict(
+        total_steps=100_000, num_envs=16, num_steps=128, gamma=0.99, learning_rate=5e-4,
+        num_epochs=8, num_minibatches=8, entropy_coef=0.01, value_clip_eps=0.2,
+    ),
+    "trpo": dict(
+        total_steps=100_000, num_envs=16, num_steps=128, gamma=0.99, max_kl=0.02,
+        value_learning_rate=1e-3, n_critic_updates=10, critic_minibatches=8,
+    ),
+}  # fmt: skip
+_ALGORITHMS = {"ppo": (PPOClassicConfig, PPO_PRESETS), "trpo": (TRPOClassicConfig, TRPO_PRESETS)}
 
 
-def resolve(config: ClassicConfig) -> ClassicConfig:
-    """Fill every ``None`` field of ``config`` from its environment's preset."""
-    algo = (
-        (PPO_PRESETS, _DEFAULT_PPO)
-        if isinstance(config, PPOClassicConfig)
-        else (TRPO_PRESETS, _DEFAULT_TRPO)
+def preset(env: str = "CartPole-v1", algorithm: str = "ppo", **overrides):
+    """The complete configuration of ``algorithm`` (``"ppo"`` or ``"trpo"``) on ``env``: the
+    environment's row of ``PPO_PRESETS``/``TRPO_PRESETS`` (``OTHER_ENV_PRESETS`` for an
+    environment without one) over the dataclass defaults, then ``overrides``, which name fields
+    by their flat name, nested ones included (``preset("Acrobot-v1", "ppo", clip_eps=0.1)``).
+
+    Returns a :class:`PPOClassicConfig` or :class:`TRPOClassicConfig`; an unknown environment,
+    algorithm or field, or a value out of range, raises naming it.
+    """
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} unknown; valid choices: {list(_ALGORITHMS)}")
+    envs.make(env)  # an unknown name raises here, listing the valid ones
+    config_class, presets = _ALGORITHMS[algorithm]
+    settings = presets.get(env, OTHER_ENV_PRESETS[algorithm])
+    return cli.replace(config_class(), env=env, **{**settings, **overrides})
+
+
+def _algorithm(config_class) -> str:
+    for name, (base, _) in _ALGORITHMS.items():
+        if issubclass(config_class, base):
+            return name
+    raise TypeError(
+        f"{config_class.__name__} is neither a PPOClassicConfig nor a TRPOClassicConfig"
     )
-    preset = {**_COMMON.get(config.env, _DEFAULT_COMMON), **algo[0].get(config.env, algo[1])}
-    envs.make(config.env)  # an unknown name raises here, listing the valid ones
-    filled = {k: v for k, v in preset.items() if getattr(config, k) is None}
-    config = dataclasses.replace(config, **filled)
-    _validate(config)
-    return config
-
-
-def _validate(config: ClassicConfig) -> None:
-    positive = ["total_steps", "num_envs", "num_steps", "hidden", "eval_episodes"]
-    rules = {"gamma": "in (0, 1]", "gae_lambda": "in [0, 1]"}
-    if isinstance(config, PPOClassicConfig):
-        positive += ["learning_rate", "max_grad_norm", "num_epochs", "num_minibatches"]
-        positive += ["clip_eps"]
-        # 0 turns value clipping and the KL early stop off
-        nonnegative = ["value_clip_eps", "value_coef", "entropy_coef", "target_kl"]
-        divides = {"num_minibatches": config.num_minibatches}
-    else:
-        positive += ["max_kl", "cg_iters", "fvp_subsample", "value_learning_rate"]
-        positive += ["n_critic_updates", "critic_minibatches"]
-        nonnegative = ["cg_damping"]
-        divides = {"critic_minibatches": config.critic_minibatches}
-    rules |= {name: "> 0" for name in positive} | {name: ">= 0" for name in nonnegative}
-    checks.check(config, rules, library=True)
-    for name, value in divides.items():
-        if config.steps_per_iteration % value:
-            raise ValueError(
-                f"{name}={value} must divide the batch of num_envs * num_steps = "
-                f"{config.steps_per_iteration} rows"
-            )
 
 
 def make_networks(config: ClassicConfig, env):
@@ -277,7 +237,6 @@ def make_networks(config: ClassicConfig, env):
 
     ``policy_fn(params, obs)``/``value_fn(params, obs)`` are pure functions (see
     :func:`rljax.models.mlp.pure`); ``init_policy(key)``/``init_value(key)`` build parameters.
-    ``config`` must be resolved (:func:`resolve`).
     """
     action_dim = env.action_size if env.continuous else env.num_actions
     hidden = (config.hidden, config.hidden)
@@ -356,7 +315,7 @@ def _rollout_batch(
     rewards, dones = envs.bootstrapped_rewards(traj, value_fn, value_params, config.gamma)
     values = value_fn(value_params, traj["obs"])
     all_values = jnp.concatenate([values, value_fn(value_params, carry.obs)[:, None]], axis=1)
-    adv, returns = advantages.gae(rewards, all_values, dones, config.gamma, config.gae_lambda)
+    adv, returns = advantages.gae(rewards, all_values, dones, config.gamma, config.lam)
     batch = {
         "inputs": traj["obs"],
         "actions": traj["actions"],
@@ -429,29 +388,19 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
     evaluation of :func:`evaluate`. ``progress(iteration, env_steps, episode_return)`` is
     called from inside the compiled run once per iteration (e.g. a :class:`Progress`).
     """
-    config = resolve(config)
     env, env_params = envs.make(config.env)
     policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     schedule = config.learning_rate
     if config.anneal_lr:
-        updates = config.num_iterations * config.num_epochs * config.num_minibatches
+        updates = config.num_iterations * config.ppo.num_epochs * config.ppo.num_minibatches
         schedule = optax.linear_schedule(config.learning_rate, 0.0, updates)
     # optax.flatten: the optimizer works on one vector rather than on every parameter array
     # (the same arithmetic in a fraction of the kernels, so the run compiles faster).
     optimizer = optax.flatten(
         optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule, eps=1e-5))
     )
-    ppo_config = ppo.PPOConfig(
-        clip_eps=config.clip_eps,
-        value_clip_eps=config.value_clip_eps or None,
-        value_coef=config.value_coef,
-        entropy_coef=config.entropy_coef,
-        num_epochs=config.num_epochs,
-        num_minibatches=config.num_minibatches,
-        target_kl=config.target_kl or None,
-    )
-    update = ppo.make_ppo_update(policy_fn, value_fn, optimizer, ppo_config)
+    update = ppo.make_ppo_update(policy_fn, value_fn, optimizer, config.ppo)
     state = ppo.init_ppo_state(init_policy(k_policy), init_value(k_value), optimizer, k_state)
     state, history = _run(
         config, env, env_params, state, update, (policy_fn, value_fn), k_run, progress
@@ -469,21 +418,11 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
     Returns ``(state, history, evaluation)`` as :func:`train_ppo` does, with a
     :class:`rljax.trpo.TRPOState`.
     """
-    config = resolve(config)
     env, env_params = envs.make(config.env)
     policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     value_optimizer = optax.flatten(optax.adam(config.value_learning_rate))
-    trpo_config = trpo.TRPOConfig(
-        max_kl=config.max_kl,
-        cg_iters=config.cg_iters,
-        cg_damping=config.cg_damping,
-        fvp_subsample=config.fvp_subsample,
-        n_critic_updates=config.n_critic_updates,
-        critic_minibatches=config.critic_minibatches,
-        flat_params=True,
-    )
-    update = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config)
+    update = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, config.trpo)
     state = trpo.init_trpo_state(
         init_policy(k_policy), init_value(k_value), value_optimizer, k_state
     )
@@ -659,8 +598,9 @@ def run_experiment(
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if _algorithm(type(config)) != algo:
+        raise ValueError(f"run_experiment({algo!r}, ...) got a {type(config).__name__}")
     train = {"ppo": train_ppo, "trpo": train_trpo}[algo]
-    config = resolve(config)
     label = f"{algo.upper()} {config.env}"
     # progress_every <= 0: no progress lines, and no host callback in the program, which lets
     # JAX's persistent compilation cache store it (programs with host callbacks are not cached).
@@ -756,6 +696,60 @@ def run_experiment(
             f"values; see {out_dir}/summary.json and metrics.jsonl (nonfinite per iteration)"
         )
     return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSettings:
+    """Settings of an experiment script's run (experiments/ppo_classic.py, trpo_classic.py).
+
+    Attributes:
+      seeds: seeds trained at once with vmap.
+      seed: base random seed.
+      out: output folder.
+      progress_every: print a progress line every this many iterations (0 = none, which also
+        lets the compilation cache keep the program: JAX does not cache host callbacks).
+      compilation_cache: folder of JAX's persistent compilation cache (a second run with the
+        same settings loads the compiled program instead of compiling it); none = off.
+    """
+
+    seeds: int = 10
+    seed: int = 0
+    out: str = "runs/classic"
+    progress_every: int = 10
+    compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
+
+
+def parse(config_class, argv: list[str] | None = None):
+    """An experiment script's config from the command line (:func:`rljax.cli.parse`), with the
+    preset of the environment given (``--env``, or ``env`` in ``--config FILE``) as the
+    defaults: ``--env Acrobot-v1`` alone runs Acrobot's preset, and any setting given wins."""
+    algorithm = _algorithm(config_class)
+    return cli.parse(config_class, argv, defaults=lambda given: preset(given["env"], algorithm))
+
+
+def main(config) -> dict:
+    """The experiment scripts' driver: ``config`` is a :class:`PPOClassicConfig` or
+    :class:`TRPOClassicConfig` with the :class:`ExperimentSettings`; writes it to
+    ``out/config.json`` (``--config`` of that file runs the same experiment again), trains its
+    seeds at once with :func:`run_experiment` and returns the summary."""
+    # Eigen's intra-op threads for dots: these small MLPs gain nothing from them (measured: same
+    # step time). The 0% CPU hangs once blamed on them were batched LAPACK QRs in the seeds'
+    # network initialisation waiting on each other (fixed in make_networks). Takes effect when
+    # JAX has not started its backend yet (a script's first computation is the run's).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    runs.use_compilation_cache(config.compilation_cache)
+    os.makedirs(config.out, exist_ok=True)
+    cli.save_config(config, os.path.join(config.out, "config.json"))
+    algorithm = _algorithm(type(config))
+    config_class = _ALGORITHMS[algorithm][0]
+    run_config = config_class(
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config_class)}
+    )
+    return run_experiment(
+        algorithm, run_config, config.seeds, config.seed, config.out, config.progress_every
+    )
 
 
 def _json_float(value) -> float | None:

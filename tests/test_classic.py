@@ -2,7 +2,11 @@
 a short CartPole run that must learn, evaluation on a hand-made environment, configuration
 checks and the experiment driver's outputs."""
 
+import dataclasses
+import importlib.util
 import json
+import pathlib
+import sys
 from typing import NamedTuple
 
 import jax
@@ -10,33 +14,32 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax import classic, envs
+from rljax import classic, cli, envs, ppo, trpo
 
 ALGOS = {
     "ppo": (classic.PPOClassicConfig, classic.train_ppo),
     "trpo": (classic.TRPOClassicConfig, classic.train_trpo),
 }
 GAMMA = 0.9
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def probe_config(algo: str, kind: str):
     """A small, fast setting under which both algorithms must solve every probe."""
-    config_class, _ = ALGOS[algo]
     fast = (
         dict(learning_rate=1e-2, num_minibatches=4)
         if algo == "ppo"
         else dict(value_learning_rate=1e-2, critic_minibatches=4)
     )
-    return classic.resolve(
-        config_class(
-            env=f"probe-{kind}",
-            total_steps=16 * 8 * 30,
-            num_envs=16,
-            num_steps=8,
-            hidden=16,
-            gamma=GAMMA,
-            **fast,
-        )
+    return classic.preset(
+        f"probe-{kind}",
+        algo,
+        total_steps=16 * 8 * 30,
+        num_envs=16,
+        num_steps=8,
+        hidden=16,
+        gamma=GAMMA,
+        **fast,
     )
 
 
@@ -84,7 +87,7 @@ def test_short_cartpole_run_learns(algo):
     """CI-sized run on a fixed seed: a random policy scores about 22; training must get far
     beyond it (a loose threshold, not a timing)."""
     config_class, train = ALGOS[algo]
-    config = classic.resolve(config_class(total_steps=30_000))
+    config = config_class(total_steps=30_000)  # CartPole-v1's preset, shortened
     _, history, evaluation = jax.jit(lambda k: train(config, k))(jax.random.key(0))
     returns = np.asarray(history["episode_return"])
     assert returns.shape == (config.num_iterations,)
@@ -169,33 +172,195 @@ def test_sampled_evaluation_follows_the_policy():
     assert float(greedy["mean_return"]) == 1.0
 
 
-def test_resolve_fills_presets_and_rounds_steps_up():
-    config = classic.resolve(classic.PPOClassicConfig(total_steps=3000, learning_rate=1e-3))
-    preset = {**classic.PPO_PRESETS["CartPole-v1"]}
-    assert config.learning_rate == 1e-3  # an explicit value wins over the preset
-    assert config.num_envs == preset["num_envs"] and config.num_epochs == preset["num_epochs"]
-    assert config.steps_per_iteration == config.num_envs * config.num_steps
+# Every environment's settings as `classic.resolve` filled them in before the presets became
+# concrete configs (flat fields; 0.0 meant "off" for value_clip_eps and target_kl), so that the
+# figures in benchmarks/RESULTS.md still reproduce. "probe-action" stands for every environment
+# without a preset row.
+OLD_PPO_FIELDS = (
+    "total_steps", "num_envs", "num_steps", "gamma", "gae_lambda", "hidden", "log_std_init",
+    "eval_episodes", "learning_rate", "anneal_lr", "max_grad_norm", "num_epochs",
+    "num_minibatches", "clip_eps", "value_clip_eps", "value_coef", "entropy_coef", "target_kl",
+)  # fmt: skip
+OLD_PPO = {
+    "CartPole-v1": (100000, 8, 128, 0.99, 0.95, 64, 0.0, 10,
+                    0.002, True, 0.5, 8, 4, 0.2, 0.2, 0.5, 0.0, 0.0),
+    "Acrobot-v1": (200000, 16, 128, 0.99, 0.95, 64, 0.0, 10,
+                   0.0005, True, 0.5, 8, 8, 0.2, 0.2, 0.5, 0.01, 0.0),
+    "Pendulum-v1": (400000, 16, 256, 0.95, 0.95, 64, 0.0, 10,
+                    0.001, True, 0.5, 10, 16, 0.2, 0.0, 0.5, 0.0, 0.0),
+    "MountainCarContinuous-v0": (400000, 16, 256, 0.99, 0.95, 64, 0.0, 10,
+                                 0.001, True, 0.5, 10, 16, 0.2, 0.0, 0.5, 0.0, 0.0),
+    "probe-action": (100000, 16, 128, 0.99, 0.95, 64, 0.0, 10,
+                     0.0005, True, 0.5, 8, 8, 0.2, 0.2, 0.5, 0.01, 0.0),
+}  # fmt: skip
+OLD_TRPO_FIELDS = (
+    "total_steps", "num_envs", "num_steps", "gamma", "gae_lambda", "hidden", "log_std_init",
+    "eval_episodes", "max_kl", "cg_iters", "cg_damping", "fvp_subsample", "value_learning_rate",
+    "n_critic_updates", "critic_minibatches",
+)  # fmt: skip
+OLD_TRPO = {
+    "CartPole-v1": (100000, 8, 128, 0.99, 0.95, 64, 0.0, 10, 0.02, 10, 0.1, 1, 0.001, 10, 8),
+    "Acrobot-v1": (200000, 16, 128, 0.99, 0.95, 64, 0.0, 10, 0.02, 10, 0.1, 1, 0.001, 10, 8),
+    "Pendulum-v1": (400000, 16, 256, 0.95, 0.95, 64, 0.0, 10, 0.02, 10, 0.1, 1, 0.001, 10, 16),
+    "MountainCarContinuous-v0": (400000, 16, 256, 0.99, 0.95, 64, 0.0, 10,
+                                 0.02, 10, 0.1, 1, 0.001, 10, 16),
+    "probe-action": (100000, 16, 128, 0.99, 0.95, 64, 0.0, 10, 0.02, 10, 0.1, 1, 0.001, 10, 8),
+}  # fmt: skip
+
+
+def old_run_config(algo: str, env: str):
+    """The run the old code made of its flat resolved settings: the same values, and the
+    update config train_ppo/train_trpo built from them (0.0 -> None for value_clip_eps and
+    target_kl; flat_params on)."""
+    run = ("eval_episodes", "hidden", "log_std_init", "num_envs", "num_steps", "total_steps")
+    if algo == "ppo":
+        old = dict(zip(OLD_PPO_FIELDS, OLD_PPO[env], strict=True))
+        update = ppo.PPOConfig(
+            clip_eps=old["clip_eps"],
+            value_clip_eps=old["value_clip_eps"] or None,
+            value_coef=old["value_coef"],
+            entropy_coef=old["entropy_coef"],
+            num_epochs=old["num_epochs"],
+            num_minibatches=old["num_minibatches"],
+            target_kl=old["target_kl"] or None,
+        )
+        own = dict(learning_rate=old["learning_rate"], anneal_lr=old["anneal_lr"])
+        own |= dict(max_grad_norm=old["max_grad_norm"], ppo=update)
+        config_class = classic.PPOClassicConfig
+    else:
+        old = dict(zip(OLD_TRPO_FIELDS, OLD_TRPO[env], strict=True))
+        names = ("max_kl", "cg_iters", "cg_damping", "fvp_subsample", "n_critic_updates")
+        update = trpo.TRPOConfig(
+            **{k: old[k] for k in names},
+            critic_minibatches=old["critic_minibatches"],
+            flat_params=True,
+        )
+        own = dict(value_learning_rate=old["value_learning_rate"], trpo=update)
+        config_class = classic.TRPOClassicConfig
+    return config_class(
+        env=env, gamma=old["gamma"], lam=old["gae_lambda"], **{k: old[k] for k in run}, **own
+    )
+
+
+@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+@pytest.mark.parametrize("env", list(OLD_PPO))
+def test_presets_equal_the_settings_the_results_were_measured_with(algo, env):
+    assert set(OLD_PPO) - {"probe-action"} == set(classic.PPO_PRESETS) == set(classic.TRPO_PRESETS)
+    expected = old_run_config(algo, env)
+    got = classic.preset(env, algo)
+    assert type(got) is type(expected)
+    for name, value in cli.as_dict(expected).items():  # nested configs as dicts
+        assert cli.as_dict(got)[name] == value, (env, name)
+    assert got == expected
+
+
+def test_dataclass_defaults_are_cartpoles_preset():
+    assert classic.PPOClassicConfig() == classic.preset("CartPole-v1", "ppo")
+    assert classic.TRPOClassicConfig() == classic.preset("CartPole-v1", "trpo")
+    assert classic.TRPOClassicConfig().trpo.flat_params  # classic's small MLPs: one flat vector
+    assert classic.PPOClassicConfig().lam == 0.95  # one name for GAE's lambda (advantages.gae)
+
+
+def test_preset_overrides_name_nested_fields_flat_and_steps_round_up():
+    config = classic.preset("Acrobot-v1", "ppo", total_steps=3000, clip_eps=0.1, target_kl=0.02)
+    assert config.env == "Acrobot-v1" and config.learning_rate == 5e-4  # Acrobot's
+    assert config.ppo == ppo.PPOConfig(
+        clip_eps=0.1, entropy_coef=0.01, num_epochs=8, num_minibatches=8, target_kl=0.02
+    )
+    assert config.steps_per_iteration == config.num_envs * config.num_steps == 2048
     assert config.num_iterations == -(-3000 // config.steps_per_iteration)
     assert config.env_steps >= 3000 > config.env_steps - config.steps_per_iteration
-    trpo_config = classic.resolve(classic.TRPOClassicConfig(env="Pendulum-v1"))
-    assert trpo_config.gamma == 0.95 and trpo_config.max_kl > 0
+    trpo_config = classic.preset("Pendulum-v1", "trpo", max_kl=0.05)
+    assert trpo_config.gamma == 0.95 and trpo_config.trpo.max_kl == 0.05
+    assert trpo_config.trpo.critic_minibatches == 16
 
 
 @pytest.mark.parametrize(
-    ("config", "message"),
+    ("make", "message"),
     [
-        (classic.PPOClassicConfig(env="CartPole-v0"), "valid choices"),
-        (classic.PPOClassicConfig(num_minibatches=3), "num_minibatches=3 must divide"),
-        (classic.TRPOClassicConfig(critic_minibatches=7), "critic_minibatches=7 must divide"),
-        (classic.PPOClassicConfig(total_steps=0), "total_steps must be > 0"),
-        (classic.PPOClassicConfig(gamma=1.5), r"gamma must be in \(0, 1\]"),
-        (classic.TRPOClassicConfig(max_kl=0.0), "max_kl must be > 0"),
-        (classic.PPOClassicConfig(eval_episodes=0), "eval_episodes must be > 0"),
+        (lambda: classic.preset("CartPole-v0"), "valid choices"),
+        (lambda: classic.preset("CartPole-v1", "a2c"), r"algorithm 'a2c' unknown"),
+        (lambda: classic.preset(learning_rat=1e-3), "PPOClassicConfig has no field 'learning_rat'"),
+        (
+            lambda: classic.preset(num_minibatches=3),
+            r"num_minibatches=3 \(--num-minibatches\) must divide the batch of num_envs \* "
+            "num_steps = 1024 rows",
+        ),
+        (lambda: classic.preset(algorithm="trpo", critic_minibatches=7), "critic_minibatches=7"),
+        (lambda: classic.PPOClassicConfig(total_steps=0), "total_steps must be > 0"),
+        (lambda: classic.PPOClassicConfig(gamma=1.5), r"gamma must be in \(0, 1\]"),
+        (lambda: classic.PPOClassicConfig(lam=-0.1), r"PPOClassicConfig.lam must be in \[0, 1\]"),
+        (lambda: classic.preset(algorithm="trpo", max_kl=0.0), "TRPOConfig.max_kl must be > 0"),
+        (lambda: classic.preset(target_kl=0.0), "PPOConfig.target_kl must be > 0 or none"),
+        (lambda: classic.PPOClassicConfig(eval_episodes=0), "eval_episodes must be > 0"),
     ],
 )
-def test_resolve_rejects_bad_configs(config, message):
-    with pytest.raises(ValueError, match=message):
-        classic.resolve(config)
+def test_bad_settings_raise_naming_the_field(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_preset(config, preset, **values):
+    """``config`` (a script's Config) with every setting of ``preset``, then ``values``."""
+    settings = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
+    return dataclasses.replace(config, **{**settings, **values})
+
+
+@pytest.mark.parametrize("algo", ["ppo", "trpo"])
+def test_script_flags_default_to_the_envs_preset(algo, tmp_path, capsys):
+    script = load_script(f"{algo}_classic")
+    assert classic.parse(script.Config, []) == script.Config()  # CartPole-v1's preset
+    assert script.Config().out == f"runs/{algo}_classic"
+    acrobot = classic.parse(script.Config, ["--env", "Acrobot-v1", "--seeds", "2"])
+    assert acrobot == with_preset(script.Config(), classic.preset("Acrobot-v1", algo), seeds=2)
+    given = ["--env", "Pendulum-v1", "--num-envs", "4", "--gamma", "0.9"]
+    pendulum = classic.parse(script.Config, given)
+    assert pendulum == with_preset(
+        script.Config(), classic.preset("Pendulum-v1", algo), num_envs=4, gamma=0.9
+    )  # the flags given win over the preset
+    # a file's env picks the preset too, its settings win over the preset, flags over both
+    (tmp_path / "run.yaml").write_text("env: Pendulum-v1\nnum_steps: 64\nseeds: 3\n")
+    flags = ["--config", str(tmp_path / "run.yaml"), "--seeds", "5"]
+    assert classic.parse(script.Config, flags) == with_preset(
+        script.Config(), classic.preset("Pendulum-v1", algo), num_steps=64, seeds=5
+    )
+    with pytest.raises(SystemExit):
+        classic.parse(script.Config, ["--env", "Acrobot-v1", "--help"])
+    help_text = capsys.readouterr().out
+    assert "(default: 200000)" in help_text and "(default: 100000)" not in help_text
+    with pytest.raises(SystemExit):
+        classic.parse(script.Config, ["--env", "CartPole-v0"])
+    assert "unknown environment 'CartPole-v0'" in capsys.readouterr().err
+
+
+def test_scripts_are_one_driver(monkeypatch, tmp_path):
+    """Both scripts hand their config to classic.main, which stores it in out/config.json (it
+    parses back to the same config) and runs the algorithm's part of it with the script's
+    settings (seeds, out, ...)."""
+    calls = []
+    monkeypatch.setattr(classic, "run_experiment", lambda *args: calls.append(args) or {})
+    monkeypatch.setenv("XLA_FLAGS", "")
+    for algo in ("ppo", "trpo"):
+        script = load_script(f"{algo}_classic")
+        out = str(tmp_path / algo)
+        flags = ["--env", "Acrobot-v1", "--seeds", "3", "--seed", "7", "--out", out,
+                 "--progress-every", "2", "--compilation-cache", "none",
+                 "--num-steps", "64"]  # fmt: skip
+        config = classic.parse(script.Config, flags)
+        script.main(config)
+        expected = classic.preset("Acrobot-v1", algo, num_steps=64)
+        assert calls.pop() == (algo, expected, 3, 7, out, 2)
+        again = classic.parse(script.Config, ["--config", f"{out}/config.json"])
+        assert again == config
+    assert "--xla_cpu_multi_thread_eigen=false" in classic.os.environ["XLA_FLAGS"]
 
 
 def test_progress_prints_once_per_iteration_when_all_seeds_reported(capsys):
@@ -214,15 +379,14 @@ def test_progress_prints_once_per_iteration_when_all_seeds_reported(capsys):
 
 
 def test_run_experiment_writes_metrics_summary_and_figure(tmp_path, capsys):
-    config = classic.PPOClassicConfig(
-        env="probe-action", total_steps=1000, num_envs=8, num_steps=16, hidden=8
+    config = classic.preset(
+        "probe-action", "ppo", total_steps=1000, num_envs=8, num_steps=16, hidden=8
     )
     summary = classic.run_experiment("ppo", config, seeds=2, seed=0, out=str(tmp_path))
     out = capsys.readouterr().out
-    resolved = classic.resolve(config)
-    assert resolved.env_steps == 1024 != config.total_steps
+    assert config.env_steps == 1024 != config.total_steps
     assert "rounded up to whole iterations" in out
-    assert f"iteration {resolved.num_iterations}/{resolved.num_iterations}" in out
+    assert f"iteration {config.num_iterations}/{config.num_iterations}" in out
     assert "greedy return over 10 episodes per seed" in out
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == summary
@@ -238,9 +402,11 @@ def test_run_experiment_writes_metrics_summary_and_figure(tmp_path, capsys):
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_run_experiment_rejects_zero_seeds(tmp_path):
+def test_run_experiment_rejects_zero_seeds_and_another_algorithms_config(tmp_path):
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         classic.run_experiment("ppo", classic.PPOClassicConfig(), 0, 0, str(tmp_path))
+    with pytest.raises(ValueError, match=r"run_experiment\('trpo', ...\) got a PPOClassicConfig"):
+        classic.run_experiment("trpo", classic.PPOClassicConfig(), 1, 0, str(tmp_path))
 
 
 class GymnaxStyleParams(NamedTuple):
@@ -276,7 +442,7 @@ def _primitive_inputs(jaxpr, name):
 def test_network_init_under_vmap_takes_one_key_at_a_time(env_name):
     # Batched over seeds, the orthogonal initialisation's QRs went to jaxlib's batched LAPACK
     # kernels, and several of them at once could wait forever on XLA:CPU's thread pool.
-    config = classic.resolve(classic.PPOClassicConfig(env=env_name))
+    config = classic.preset(env_name, "ppo")
     env, _ = envs.make(env_name)
     _, _, init_policy, init_value = classic.make_networks(config, env)
     keys = jax.random.split(jax.random.key(0), 3)
@@ -296,7 +462,7 @@ def test_network_init_under_vmap_takes_one_key_at_a_time(env_name):
 def test_collect_samples_as_step_by_step_sampling(env_name):
     # collect() draws all per-step noise before its scan; the actions must be those of
     # sample_action (i.e. jax.random.categorical / mean + std * normal) with the same keys.
-    config = classic.resolve(classic.PPOClassicConfig(env=env_name))
+    config = classic.preset(env_name, "ppo")
     env, params = envs.make(env_name)
     policy_fn, _, init_policy, _ = classic.make_networks(config, env)
     policy_params = init_policy(jax.random.key(1))
@@ -324,8 +490,8 @@ def test_run_experiment_without_progress_has_no_host_callback(tmp_path, capsys, 
         return original(low, env_steps)
 
     monkeypatch.setattr(classic, "compile_lowered", spy)
-    config = classic.PPOClassicConfig(
-        env="probe-action", total_steps=256, num_envs=8, num_steps=16, hidden=8
+    config = classic.preset(
+        "probe-action", "ppo", total_steps=256, num_envs=8, num_steps=16, hidden=8
     )
     classic.run_experiment("ppo", config, seeds=1, seed=0, out=str(tmp_path), progress_every=0)
     out = capsys.readouterr().out

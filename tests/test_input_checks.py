@@ -2,6 +2,7 @@
 name the row of the user's file; clear errors for empty, too-small and missing inputs; counts
 of unknown tokens. Configs and tiny files only (no model, no training)."""
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -10,9 +11,9 @@ import time
 
 import pytest
 
-from rljax import checks, classic, cli, data, dpo, experiment, grpo, ppo, reward, rl_loop, trpo
-from rljax import rlhf_experiment as rx
+from rljax import checks, classic, cli, data, dpo, experiment, grpo, ppo, reward, rl, trpo
 from rljax.models import hf
+from rljax.rl import rlhf as rx
 from rljax.tasks import sorting
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -34,22 +35,24 @@ def experiment_config(name):
     return make
 
 
-def resolved(cls):
-    """Classic configs take the environment's preset for ``None``; checked when resolved."""
+def classic_preset(algorithm):
+    """A classic-control preset (CartPole-v1's) with settings by flag name, nested ones too."""
 
     def make(**kw):
-        return classic.resolve(cls(**kw))
+        return classic.preset("CartPole-v1", algorithm, **kw)
 
-    make.__name__ = f"resolve({cls.__name__})"
+    make.__name__ = f"classic.preset({algorithm!r})"
     return make
 
 
 # ----------------------------------------------------------------------------- range checks
 
 P, D = experiment.PreferenceRunConfig, experiment.DPORunConfig
-PPO_RUN, TRPO_RUN = rx.PPORunConfig, rx.TRPORunConfig
-PPO_CLASSIC = resolved(classic.PPOClassicConfig)
-TRPO_CLASSIC = resolved(classic.TRPOClassicConfig)
+# Run configurations by flag name (a nested update config's fields too), as the scripts see them.
+PPO_RUN = functools.partial(rl.config, "ppo")
+TRPO_RUN = functools.partial(rl.config, "trpo")
+PPO_CLASSIC = classic_preset("ppo")
+TRPO_CLASSIC = classic_preset("trpo")
 
 CASES = [
     # preference runs (dpo.py, reward_model.py, iterative_dpo.py)
@@ -109,22 +112,27 @@ CASES = [
     (trpo.TRPOConfig, "cg_tol", -1.0, "TRPOConfig.cg_tol must be >= 0, got -1.0 (--cg-tol)"),
     (ppo.PPOConfig, "num_minibatches", 0, "PPOConfig.num_minibatches must be >= 1, got 0"),
     # GRPO (grpo.py)
-    (rl_loop.GRPORunConfig, "seed", -1, "--seed must be >= 0, got -1"),
-    (rl_loop.GRPORunConfig, "learning_rate", 0.0, "--learning-rate: must be > 0, got 0.0"),
-    (rl_loop.GRPORunConfig, "log_every", 0, "--log-every: must be >= 1, got 0"),
-    (rl_loop.GRPORunConfig, "eval_every", -1, "--eval-every: must be >= 0, got -1"),
+    (rl.grpo.GRPORunConfig, "seed", -1, "--seed must be >= 0, got -1"),
+    (rl.grpo.GRPORunConfig, "learning_rate", 0.0, "--learning-rate: must be > 0, got 0.0"),
+    (rl.grpo.GRPORunConfig, "log_every", 0, "--log-every: must be >= 1, got 0"),
+    (rl.grpo.GRPORunConfig, "eval_every", -1, "--eval-every: must be >= 0, got -1"),
     (grpo.GRPOConfig, "clip_eps", 0.0, "--clip-eps: must be > 0, got 0.0"),
     (grpo.GRPOConfig, "beta", -0.1, "--beta: must be >= 0, got -0.1"),
     # classic control (ppo_classic.py, trpo_classic.py)
-    (PPO_CLASSIC, "gamma", 0.0, "PPOClassicConfig.gamma must be in (0, 1] or none, got 0.0"),
-    (PPO_CLASSIC, "gamma", 1.01, "gamma must be in (0, 1] or none, got 1.01 (--gamma)"),
-    (PPO_CLASSIC, "gae_lambda", -0.5, "gae_lambda must be in [0, 1] or none, got -0.5"),
-    (PPO_CLASSIC, "learning_rate", -1.0, "learning_rate must be > 0 or none, got -1.0"),
-    (PPO_CLASSIC, "value_coef", -1.0, "value_coef must be >= 0, got -1.0 (--value-coef)"),
-    (PPO_CLASSIC, "target_kl", -0.1, "target_kl must be >= 0, got -0.1"),
-    (PPO_CLASSIC, "entropy_coef", -0.1, "entropy_coef must be >= 0 or none, got -0.1"),
-    (TRPO_CLASSIC, "cg_damping", -1.0, "TRPOClassicConfig.cg_damping must be >= 0, got -1.0"),
-    (TRPO_CLASSIC, "max_kl", 0.0, "TRPOClassicConfig.max_kl must be > 0 or none, got 0.0"),
+    (PPO_CLASSIC, "gamma", 0.0, "PPOClassicConfig.gamma must be in (0, 1], got 0.0 (--gamma)"),
+    (PPO_CLASSIC, "gamma", 1.01, "PPOClassicConfig.gamma must be in (0, 1], got 1.01 (--gamma)"),
+    (PPO_CLASSIC, "lam", -0.5, "PPOClassicConfig.lam must be in [0, 1], got -0.5 (--lam)"),
+    (PPO_CLASSIC, "learning_rate", -1.0, "PPOClassicConfig.learning_rate must be > 0, got -1.0"),
+    (PPO_CLASSIC, "max_grad_norm", 0.0, "PPOClassicConfig.max_grad_norm must be > 0, got 0.0"),
+    (PPO_CLASSIC, "num_steps", 0, "PPOClassicConfig.num_steps must be > 0, got 0 (--num-steps)"),
+    (PPO_CLASSIC, "value_coef", -1.0, "PPOConfig.value_coef must be >= 0, got -1.0 (--value-coef)"),
+    (PPO_CLASSIC, "target_kl", 0.0, "PPOConfig.target_kl must be > 0 or none, got 0.0"),
+    (PPO_CLASSIC, "entropy_coef", -0.1, "PPOConfig.entropy_coef must be >= 0, got -0.1"),
+    (PPO_CLASSIC, "num_minibatches", 3, "num_minibatches=3 (--num-minibatches) must divide"),
+    (TRPO_CLASSIC, "cg_damping", -1.0, "TRPOConfig.cg_damping must be >= 0, got -1.0"),
+    (TRPO_CLASSIC, "max_kl", 0.0, "TRPOConfig.max_kl must be > 0, got 0.0 (--max-kl)"),
+    (TRPO_CLASSIC, "value_learning_rate", 0.0, "TRPOClassicConfig.value_learning_rate must be > 0"),
+    (TRPO_CLASSIC, "critic_minibatches", 7, "critic_minibatches=7 (--critic-minibatches) must"),
 ]
 
 
@@ -143,7 +151,7 @@ def test_good_values_pass_and_a_script_flag_fails_at_parse_time(capsys):
     """The defaults and the edges of each range pass; a bad flag is a usage error."""
     P(eval_every=0, learning_rate=1e-6)
     PPO_RUN(gamma=1.0, lam=0.0, kl_coef=0.0, kl_target=None, value_clip_eps=None)
-    classic.resolve(classic.PPOClassicConfig(gamma=1.0, value_clip_eps=0.0, target_kl=0.0))
+    classic.preset("CartPole-v1", "ppo", gamma=1.0, lam=0.0, value_clip_eps=None, target_kl=None)
     assert checks.satisfies(1.0, "in (0, 1]") and not checks.satisfies(0.0, "in (0, 1]")
     with pytest.raises(SystemExit):
         cli.parse(D, ["--learning-rate", "-0.001"])
@@ -153,7 +161,7 @@ def test_good_values_pass_and_a_script_flag_fails_at_parse_time(capsys):
 def test_missing_folders_fail_at_once(tmp_path):
     start = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"--reward-model 'gpt2' is not a folder"):
-        rx.run(PPO_RUN(reward_model="gpt2", out=str(tmp_path / "run")), "ppo")
+        rx.run(PPO_RUN(reward_model="gpt2", out=str(tmp_path / "run")))
     with pytest.raises(FileNotFoundError, match=r"tokenizer folder '.*nowhere' is missing"):
         hf.load_tokenizer(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
@@ -232,9 +240,9 @@ def test_empty_and_one_row_files(tmp_path, tokenizer):
         experiment.load_preference_arrays(
             config(one, eval_data=str(tmp_path / "empty.jsonl")), tokenizer
         )
-    grpo_config = rl_loop.GRPORunConfig(data=one, reward=("m:f",))
+    grpo_config = rl.grpo.GRPORunConfig(data=one, reward=("m:f",))
     with pytest.raises(ValueError, match=r"one.jsonl': the file holds 1 row, too few to split"):
-        rl_loop.load_prompts(grpo_config, tokenizer)
+        rl.grpo.load_prompts(grpo_config, tokenizer)
 
 
 def test_unknown_characters_are_counted(tmp_path, tokenizer, capsys):
@@ -257,9 +265,9 @@ def test_grpo_prompt_errors_name_the_row_of_the_file(tmp_path, tokenizer):
     rows = [{"prompt": f"q{i}", "answer": "1"} for i in range(30)]
     rows[21] = {"question": "q21", "answer": "1"}
     path = write_jsonl(tmp_path / "prompts.jsonl", rows, blank_after={4})
-    config = rl_loop.GRPORunConfig(data=path, reward=("m:f",))
+    config = rl.grpo.GRPORunConfig(data=path, reward=("m:f",))
     with pytest.raises(ValueError, match=r"prompts.jsonl \(\w[\w ]*\) line 23 \(1-based\): field"):
-        rl_loop.load_prompts(config, tokenizer)
+        rl.grpo.load_prompts(config, tokenizer)
 
 
 def test_numbering_follows_selection_and_reports_name_file_rows(tmp_path, tokenizer):

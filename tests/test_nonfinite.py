@@ -255,7 +255,7 @@ def test_classic_run_reports_skipped_updates_and_refuses_nonfinite_params(tmp_pa
     config = classic.PPOClassicConfig(
         env="probe-action", total_steps=256, num_envs=8, num_steps=16, hidden=8
     )
-    iterations = classic.resolve(config).num_iterations
+    iterations = config.num_iterations
 
     def fake_train(config, key, progress=None, *, value=0.0):
         params = {"policy": {"w": jnp.full(2, value)}, "value": {"w": jnp.zeros(2)}}
