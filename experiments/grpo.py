@@ -15,18 +15,50 @@ or a path to a .py file), each function called as fn(prompts, completions, **col
 returning one float (or None) per completion. --model DIR takes a Hugging Face checkpoint
 folder. Running again with the same --out resumes.
 
-Run: `python experiments/grpo.py [--data FILE --reward MOD:FN] [--model DIR] [--iterations N]`.
+`--algorithm dr_grpo|dapo|gspo|cispo|rloo|reinforce_pp` starts from that algorithm's preset in
+the registry (rljax.rl.ALGORITHMS) instead of GRPO's; any flag still overrides it.
+
+Run: `python experiments/grpo.py [--algorithm NAME] [--data FILE --reward MOD:FN] [--model DIR]`.
 Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF checkpoint).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from rljax import cli, rl
 
+FAMILY = sorted(n for n, a in rl.ALGORITHMS.items() if a.config_class is rl.grpo.GRPORunConfig)
 
-def main(config: rl.grpo.GRPORunConfig) -> dict:
+
+@dataclasses.dataclass(frozen=True)
+class Config(rl.grpo.GRPORunConfig):
+    """GRPO-family RL with reward functions.
+
+    Attributes:
+      algorithm: the registry preset (rljax.rl.ALGORITHMS) whose settings are the defaults:
+        grpo, dr_grpo, dapo, gspo, cispo, rloo or reinforce_pp; flags and --config override it.
+    """
+
+    algorithm: str = "grpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm not in FAMILY:
+            raise ValueError(f"--algorithm: must be one of {FAMILY}, got {self.algorithm!r}")
+
+
+def preset(given: dict) -> rl.grpo.GRPORunConfig:
+    """The flag defaults of ``--algorithm`` (its registry preset)."""
+    name = given.get("algorithm", "grpo")
+    if name not in FAMILY:
+        raise ValueError(f"--algorithm: must be one of {FAMILY}, got {name!r}")
+    return rl.config(name)
+
+
+def main(config: Config) -> dict:
     return rl.grpo.run(config)
 
 
 if __name__ == "__main__":
-    main(cli.parse(rl.grpo.GRPORunConfig))
+    main(cli.parse(Config, defaults=preset))

@@ -254,6 +254,8 @@ def test_run_config_errors_name_the_flag():
         rl.grpo.GRPORunConfig(batch_size=2, group_size=2, grpo=grpo.GRPOConfig(num_minibatches=3))
     with pytest.raises(ValueError, match="--estimator"):
         rl.grpo.GRPORunConfig(estimator="ppo")
+    with pytest.raises(ValueError, match="unknown metrics sink 'tensorbord'"):
+        rl.grpo.GRPORunConfig(log="jsonl,tensorbord")
 
 
 # ------------------------------------------------------------------------------ the driver
@@ -333,7 +335,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
         reward=(f"{module}:score",), out=str(tmp_path / "run"), iterations=3, batch_size=2,
         group_size=4, eval_prompts=4, max_new_tokens=8, log_every=1, eval_every=0,
         checkpoint_every=1, mesh="data=2,fsdp=2,tensor=2", compilation_cache=None,
-        grpo=grpo.GRPOConfig(num_minibatches=1),
+        grpo=grpo.GRPOConfig(num_minibatches=1), log="jsonl,tensorboard",
     )  # fmt: skip
     calls = {"n": 0}
     original = rl.grpo.collect
@@ -353,5 +355,11 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
     assert summary["resumed_from"] == 2 and summary["devices"] == 8
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 3]
+    # The evaluations' sample completions (before the first iteration and after the last),
+    # and the TensorBoard sink asked for with --log.
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").open()]
+    assert [r["step"] for r in samples] == [0] * 4 + [3] * 4  # eval_prompts=4
+    assert {"prompt", "completion", "reward"} <= set(samples[0])
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     with pytest.raises(ValueError, match="learning_rate"):
         rl.grpo.run(dataclasses.replace(settings, learning_rate=0.5))

@@ -78,3 +78,26 @@ def test_train_hands_the_configuration_to_its_driver(monkeypatch):
     assert calls[0][2] == {"label": "x"}
     with pytest.raises(TypeError, match="no registered algorithm trains a GRPOConfig"):
         rl.train(grpo.GRPOConfig())
+
+
+def test_grpo_script_takes_an_algorithm_preset_that_flags_override(capsys):
+    import importlib.util
+    import pathlib
+    import sys
+
+    from rljax import cli
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "grpo.py"
+    spec = importlib.util.spec_from_file_location("grpo_script", path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["grpo_script"] = script
+    spec.loader.exec_module(script)
+    parse = lambda *argv: cli.parse(script.Config, list(argv), defaults=script.preset)
+    plain = parse()
+    assert plain.algorithm == "grpo" and plain.estimator == "grpo" and not plain.dynamic_sampling
+    dapo = parse("--algorithm", "dapo", "--clip-eps-high", "0.3")
+    assert dapo.dynamic_sampling and dapo.overlong == "soft" and dapo.grpo.clip_eps_high == 0.3
+    assert parse("--algorithm", "rloo").estimator == "rloo"
+    with pytest.raises(SystemExit):
+        parse("--algorithm", "ppo")  # the RLHF drivers' algorithm: not a preset of this script
+    assert "--algorithm: must be one of" in capsys.readouterr().err

@@ -66,6 +66,7 @@ __all__ = [
 
 ESTIMATORS = tuple(advantages.OUTCOME_ESTIMATORS)
 OVERLONG = ("none", "mask", "soft")
+SAMPLES_LOGGED = 8  # greedy held-out completions logged at each evaluation (out/samples.jsonl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,9 @@ class GRPORunConfig:
       eval_prompts: held-out prompts evaluated (greedy accuracy, sampled KL).
       eval_every: iterations between evaluations (0 = only before and after).
       log_every: iterations between progress lines.
+      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
+        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
+        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       checkpoint_every: iterations between checkpoints (the last is always saved).
       mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
       compilation_cache: folder of JAX's persistent compilation cache; none = off.
@@ -145,6 +149,7 @@ class GRPORunConfig:
     eval_prompts: int = 256
     eval_every: int = 10
     log_every: int = 5
+    log: str = "jsonl"
     checkpoint_every: int = 10
     mesh: str = ""
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
@@ -171,6 +176,7 @@ class GRPORunConfig:
             if getattr(self, field) < 1:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
         checks.check(self, {"seed": ">= 0"})  # numpy's generators take no negative seed
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
         if self.group_size < 2:
             fail(
                 "group_size",
@@ -474,12 +480,14 @@ def shape(
 
 def evaluate(
     rollout_fn, policy_params, ref_params, tokenizer, held_out: Prompts, reward, config
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Held-out metrics from the training rollout's compiled program (no compile of its own):
     on greedy completions, ``accuracy`` (exact match of the final answer, when the rows have
     an ``answer`` field) and ``reward`` (the reward functions); on temperature-1 samples,
     ``sampled_accuracy`` and ``kl``, the mean sequence KL(policy || reference) estimated as
-    the sum over tokens of ``log pi - log pi_ref`` (unbiased on the policy's samples)."""
+    the sum over tokens of ``log pi - log pi_ref`` (unbiased on the policy's samples); and
+    ``samples``, the first greedy completions with their prompts and rewards (logged as a
+    table, not as a metric)."""
     result: dict[str, float] = {}
     n, rows = len(held_out), config.rows
     for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
@@ -510,6 +518,14 @@ def evaluate(
             result["reward"] = scored.metrics()["reward"]
             if accuracy is not None:
                 result["accuracy"] = accuracy
+            result["samples"] = [  # the first greedy completions, for the samples table
+                {
+                    "prompt": held_out.texts[i],
+                    "completion": completions[i],
+                    "reward": float(scored.rewards[i]) if scored.valid[i] else None,
+                }
+                for i in range(min(SAMPLES_LOGGED, n))
+            ]
         else:
             if accuracy is not None:
                 result["sampled_accuracy"] = accuracy

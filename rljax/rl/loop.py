@@ -73,9 +73,11 @@ def train_loop(
     ``update_metrics`` are the compiled update's (read lazily: the non-finite check looks at
     them one iteration late, so the host never waits for the device in between).
     ``evaluate(state)`` runs before the first iteration of a fresh run, every
-    ``config.eval_every`` iterations and after the last (logged as ``eval/<name>``). Metrics
+    ``config.eval_every`` iterations and after the last (logged as ``eval/<name>``; a
+    ``"samples"`` entry, a list of dicts such as prompt/completion/reward, goes to
+    ``out/samples.jsonl`` and the sinks' sample tables instead). Metrics
     are logged every ``config.log_every`` iterations (and at the first and last) to
-    ``out/metrics.jsonl``; the state and carry are checkpointed every
+    ``out/metrics.jsonl`` and the sinks of ``config.log`` (TensorBoard, W&B); the state and carry are checkpointed every
     ``config.checkpoint_every`` iterations and after the last, never when non-finite. After
     ``config.max_nonfinite_updates`` consecutive non-finite updates the run stops, naming the
     last good checkpoint.
@@ -93,16 +95,26 @@ def train_loop(
         config.iterations,
         resume_step=first or None,
         keys=log_keys,
+        sinks=config.log,
+        config=dataclasses.asdict(config),
     )
     print(f"[{label}] {describe}", flush=True)
-    if first == 0:
-        log.log(0, {f"eval/{name}": v for name, v in evaluate(state).items()})
+
+    def evaluated(it: int, state) -> dict[str, Any]:
+        metrics = dict(evaluate(state))
+        samples = metrics.pop("samples", None)
+        if samples:
+            log.log_samples(it, samples)
+        return {f"eval/{name}": v for name, v in metrics.items()}
+
     stop = finite.NonfiniteStop(
         config.max_nonfinite_updates, label, ckpt.directory, unit="iteration"
     )
     if first:
         stop.saved(first)
     try:
+        if first == 0:
+            log.log(0, evaluated(0, state))
         for it in range(first + 1, config.iterations + 1):
             state, update_metrics, host_metrics, carry = iterate(it, state, carry)
             stop.observe(it, update_metrics)  # the previous iteration's `nonfinite`
@@ -111,7 +123,7 @@ def train_loop(
             if it % config.log_every == 0 or last or it == 1:
                 row.update({**host_metrics, **jax.device_get(update_metrics)})
             if last or (config.eval_every and it % config.eval_every == 0):
-                row.update({f"eval/{name}": v for name, v in evaluate(state).items()})
+                row.update(evaluated(it, state))
             if row:
                 log.log(it, row)
             if it % config.checkpoint_every == 0 or last:
@@ -123,8 +135,12 @@ def train_loop(
                 ckpt.save(it, state, metadata, force=True)
                 stop.saved(it)
         stop.flush()
+    except BaseException:
+        log.close(failed=True)  # marks a W&B run failed
+        raise
     finally:
         ckpt.close()
+    log.close()
     return LoopResult(state, carry, log.rows(), first)
 
 

@@ -100,6 +100,9 @@ class RLHFRunConfig:
       scale: group advantage scaling without a critic: std (GRPO) or none (RLOO, Dr. GRPO).
       chunk_size: token rows per chunk of the log-prob computation.
       log_every: iterations between progress lines.
+      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
+        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
+        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       eval_every: iterations between held-out evaluations (0 = only at the end).
       eval_prompts: held-out prompts sampled per evaluation.
       checkpoint_every: iterations between checkpoints (the last is always saved).
@@ -137,6 +140,7 @@ class RLHFRunConfig:
     scale: str = "std"
     chunk_size: int = 1024
     log_every: int = 10
+    log: str = "jsonl"
     eval_every: int = 25
     eval_prompts: int = 256
     checkpoint_every: int = 25
@@ -173,6 +177,7 @@ class RLHFRunConfig:
                 "max_nonfinite_updates": ">= 1",
             },
         )
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
         if self.critic not in rlhf.CRITICS:
             fail("critic", f"must be one of {rlhf.CRITICS}, got {self.critic!r}")
         if self.critic == "none" and self.samples_per_prompt < 2:
