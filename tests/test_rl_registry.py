@@ -101,3 +101,16 @@ def test_grpo_script_takes_an_algorithm_preset_that_flags_override(capsys):
     with pytest.raises(SystemExit):
         parse("--algorithm", "ppo")  # the RLHF drivers' algorithm: not a preset of this script
     assert "--algorithm: must be one of" in capsys.readouterr().err
+
+
+def test_readme_registry_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text[text.index("<!-- rl-registry-quickstart -->") :]
+    code = after.split("```", 2)[1].split("\n", 1)[1]
+    monkeypatch.chdir(tmp_path)  # the snippet writes runs/dapo
+    exec(compile(code, "README.md", "exec"), {})
+    summary = (tmp_path / "runs" / "dapo" / "summary.json").read_text()
+    assert '"heldout_accuracy_after"' in summary
+    assert "DAPO" in summary or "dapo" in summary
