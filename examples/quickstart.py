@@ -46,6 +46,10 @@ reference = jnp.zeros((VOCAB,))
 
 
 def train_dpo(loss_type, beta):
+    # IPO averages the log-ratios per token, so it reads the completion lengths; passing them
+    # to a loss type that does not read them (sigmoid) is an error.
+    per_token = {"chosen_lengths": lengths, "rejected_lengths": lengths}
+
     @jax.jit
     def step(params, opt_state):
         def loss_fn(p):
@@ -56,8 +60,7 @@ def train_dpo(loss_type, beta):
                 sequence_logps(reference, rejected),
                 beta=beta,
                 loss_type=loss_type,
-                chosen_lengths=lengths,
-                rejected_lengths=lengths,
+                **(per_token if loss_type == "ipo" else {}),
             )
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

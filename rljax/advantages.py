@@ -61,6 +61,53 @@ def _prepare(rewards, dones, mask):
     return dtype, dones.astype(dtype), mask.astype(bool)
 
 
+def _check_time_last(
+    function: str, rewards, *, values=None, dones=None, mask=None, bootstrap_value=None
+):
+    """Shape errors that name the layout: time is the LAST axis (rlax puts it first).
+
+    ``rewards``, ``dones`` and ``mask`` are ``[..., T]``, ``values`` ``[..., T + 1]`` and
+    ``bootstrap_value`` ``[...]``. A time-first batch (``rewards [T, B]``, ``values [T + 1,
+    B]``, as rlax and many rollout loops store it) is recognised and the message says to
+    transpose it."""
+    layout = (
+        f"{function} expects time on the LAST axis: rewards, dones and mask [..., T]"
+        + (", values [..., T + 1] (the last entry bootstraps)" if values is not None else "")
+        + (", bootstrap_value [...]" if bootstrap_value is not None else "")
+    )
+    rewards_shape = tuple(np.shape(rewards))
+    if not rewards_shape:
+        raise ValueError(f"{layout}; got rewards of shape () (no time axis)")
+    for name, other in (("dones", dones), ("mask", mask)):
+        if other is not None and tuple(np.shape(other)) != rewards_shape:
+            raise ValueError(
+                f"{layout}; got rewards {rewards_shape} and {name} {tuple(np.shape(other))}"
+            )
+    shapes = f"rewards {rewards_shape}"
+    wrong = time_first = False
+    if values is not None:
+        values_shape = tuple(np.shape(values))
+        shapes += f", values {values_shape}"
+        wrong = values_shape != (*rewards_shape[:-1], rewards_shape[-1] + 1)
+        time_first = len(rewards_shape) > 1 and values_shape == (
+            rewards_shape[0] + 1,
+            *rewards_shape[1:],
+        )
+    if bootstrap_value is not None:
+        bootstrap_shape = tuple(np.shape(bootstrap_value))
+        shapes += f", bootstrap_value {bootstrap_shape}"
+        wrong = wrong or bootstrap_shape != rewards_shape[:-1]
+        time_first = len(rewards_shape) > 1 and bootstrap_shape == rewards_shape[1:]
+    if wrong:
+        hint = ""
+        if time_first:
+            hint = (
+                ". These look time-first ([T, ...], rlax's layout): move time last, e.g. "
+                f"{function}(jnp.moveaxis(rewards, 0, -1), ...) for every time-indexed argument"
+            )
+        raise ValueError(f"{layout}; got {shapes}{hint}")
+
+
 def _scan_backwards(step, init, xs):
     """Reverse-time ``lax.scan`` over the last axis of each array in ``xs``."""
     xs_time_major = jax.tree.map(lambda x: jnp.moveaxis(x, -1, 0), xs)
@@ -84,6 +131,13 @@ def gae(
 
     with :math:`\hat A_T = 0` after the last step and :math:`V_T` the bootstrap value.
 
+    Layout: time is the **last** axis (``[batch, time]``, the layout of every sequence array
+    in rljax), unlike rlax's ``truncated_generalized_advantage_estimation``, which takes one
+    time-first trajectory. Time-first ``[T, B]`` arrays fail with a ``ValueError`` that says
+    so; move the axis (``jnp.moveaxis(x, 0, -1)``, or ``x.T`` for 2-D) on every time-indexed
+    argument. Also unlike rlax, ``gamma`` is a scalar and episode ends are ``dones`` (rlax
+    folds both into ``discount_t = gamma * (1 - done_t)``).
+
     Args:
       rewards: ``[..., T]``.
       values: ``[..., T + 1]``; the last entry is the bootstrap value of the state after the
@@ -98,15 +152,13 @@ def gae(
       ``(advantages, returns)``, both ``[..., T]``, with ``returns = advantages + values[..., :T]``
       at valid positions and 0 at padding. Returns are the TD(lambda) targets of the value
       function.
+
+    Raises:
+      ValueError: shapes that do not follow the layout above (the message names the expected
+        layout and the shapes given, and recognises time-first input).
     """
+    _check_time_last("gae", rewards, values=values, dones=dones, mask=mask)
     dtype, dones, valid = _prepare(rewards, dones, mask)
-    chex.assert_rank(values, rewards.ndim)
-    chex.assert_equal_shape_prefix([rewards, values], rewards.ndim - 1)
-    if values.shape[-1] != rewards.shape[-1] + 1:
-        raise ValueError(
-            f"values must have one more entry than rewards on the time axis (the bootstrap "
-            f"value): rewards {rewards.shape}, values {values.shape}"
-        )
     rewards = rewards.astype(dtype)
     values = values.astype(dtype)
     gamma = jnp.asarray(gamma, dtype)
@@ -136,6 +188,9 @@ def discounted_returns(
 ) -> jax.Array:
     r"""Discounted returns :math:`G_t = r_t + \gamma (1 - d_t) G_{t+1}`, :math:`G_T` = bootstrap.
 
+    Time is the **last** axis, as in :func:`gae` (time-first input raises a ``ValueError``
+    saying so).
+
     Args:
       rewards: ``[..., T]``.
       dones: ``[..., T]``, 1 where the episode terminated at step ``t``.
@@ -146,6 +201,9 @@ def discounted_returns(
     Returns:
       ``[..., T]`` returns.
     """
+    _check_time_last(
+        "discounted_returns", rewards, dones=dones, mask=mask, bootstrap_value=bootstrap_value
+    )
     dtype, dones, valid = _prepare(rewards, dones, mask)
     rewards = rewards.astype(dtype)
     if bootstrap_value is None:

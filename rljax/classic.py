@@ -464,7 +464,7 @@ def evaluate(
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(
         jax.random.split(k_reset, num_episodes), env_params
     )
-    v_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+    v_step = jax.vmap(envs.raw_step(env), in_axes=(0, 0, 0, None))  # no auto-reset
 
     def step(loop, step_key):
         obs, state, total, length, done = loop

@@ -4,23 +4,37 @@
 
 :func:`dpo_loss` implements every loss type of TRL 1.16's ``DPOTrainer`` with TRL's formulas,
 defaults and metric names, so identical sequence log-probs give identical losses and
-gradients. Each variant is one small function of the per-pair log-ratios in ``LOSS_FUNCTIONS``;
-one dispatcher combines several types with weights as TRL does:
-``loss = sum_k w_k * mean_i loss_k(i)``.
+gradients. One dispatcher combines several types with weights as TRL does:
+``loss = sum_k w_k * mean_i loss_k(i)``; ``reduction="none"`` returns the per-pair
+``sum_k w_k * loss_k(i)`` instead.
+
+Writing a variant: each loss type is one small function ``loss_fn(terms) -> [batch]`` of the
+per-pair quantities in :class:`PairTerms` (log-probs, log-ratios, their f-divergence scores,
+``beta``, ...). ``LOSS_FUNCTIONS`` maps each built-in name to its function (read it; do not
+add to it). Pass a function of your own as the loss type, alone or next to built-in names,
+and :func:`dpo_loss` gives it the same terms, weights, normalisation and metrics::
+
+    def cdpo(t: PairTerms) -> jax.Array:  # conservative DPO with label smoothing 0.1
+        logits = t.beta * t.delta_score
+        return -0.9 * jax.nn.log_sigmoid(logits) - 0.1 * jax.nn.log_sigmoid(-logits)
+
+    loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=cdpo)  # metrics["loss/cdpo"]
 
 Inputs are per-example *sequence* log-probs (sums of token log-probs over the completion),
 shape ``[batch]``, for the chosen and the rejected completion of each pair.
 
 :func:`make_dpo_update` builds the pure training step on a Flax NNX language model
-(``update(state, batch) -> (state, metrics)``, :class:`DPOConfig`, :class:`DPOState`) and
-:func:`make_dpo_eval` the matching metrics-only step for held-out pairs.
+(``update(state, batch, hyperparams=None) -> (state, metrics)``, :class:`DPOConfig`,
+:class:`DPOState`) and :func:`make_dpo_eval` the matching metrics-only step for held-out pairs;
+``hyperparams`` carries the swept coefficients (``beta``, ...) as traced values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import chex
@@ -34,10 +48,12 @@ from rljax.finite import count_nonfinite, step_if_finite
 from rljax.lm import pair_sequence_logps
 
 __all__ = [
+    "ARGUMENT_READERS",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "LOSS_FUNCTIONS",
     "LOSS_TYPES",
+    "REDUCTIONS",
     "REFERENCE_MODES",
     "DPOConfig",
     "DPOState",
@@ -51,11 +67,32 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class PairTerms:
-    """Per-pair quantities every variant is written in (all ``[batch]`` except scalars).
+    r"""The per-pair quantities every Direct Preference Optimization variant is written in.
 
-    ``*_logratios`` are :math:`\\log\\pi_\\theta(y|x) - \\log\\pi_{ref}(y|x)`; ``*_scores`` are the
-    f-divergence transforms of them (equal to the log-ratios for the reverse KL of standard
-    DPO); ``delta_score = chosen_scores - rejected_scores``.
+    A variant is a function ``loss_fn(terms: PairTerms) -> jax.Array`` returning the ``[batch]``
+    per-pair losses (``LOSS_FUNCTIONS`` holds the built-in ones); :func:`dpo_loss` builds the
+    terms, calls each loss type's function, weights, normalises and reports it. Arrays are in
+    the working dtype (the inputs' promoted to at least float32); reference quantities carry no
+    gradient.
+
+    Attributes:
+      beta: scalar :math:`\beta` (may be traced).
+      label_smoothing: scalar; 0 when the call did not give it.
+      discopop_tau: scalar temperature of ``discopop``; TRL's 0.05 when not given.
+      chosen_logps, rejected_logps: ``[batch]`` policy sequence log-probs
+        :math:`\log\pi_\theta(y_w|x)`, :math:`\log\pi_\theta(y_l|x)`.
+      ref_chosen_logps, ref_rejected_logps: ``[batch]`` reference sequence log-probs (zeros when
+        reference-free).
+      chosen_logratios, rejected_logratios: ``[batch]``
+        :math:`h_w = \log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)` and :math:`h_l`.
+      chosen_scores, rejected_scores: ``[batch]`` the f-divergence transforms :math:`f'` of the
+        log-ratios (Wang et al., 2023); equal to the log-ratios for the default ``reverse_kl``.
+      delta_score: ``[batch]`` ``chosen_scores - rejected_scores`` (:math:`\Delta`; the DPO
+        logit is :math:`\beta\Delta`).
+      chosen_lengths, rejected_lengths: ``[batch]`` completion token counts, or ``None`` when
+        the call did not give them.
+      sft_scale: ``normalizer / chosen token count`` when ``sft`` is a loss type (so the batch
+        mean of ``-chosen_logps * sft_scale`` is the per-token NLL), else ``None``.
     """
 
     beta: jax.Array
@@ -79,8 +116,10 @@ log_sigmoid = jax.nn.log_sigmoid
 
 
 def _sigmoid(t: PairTerms) -> jax.Array:
-    """DPO (Rafailov et al., 2023, Eq. 7), with conservative label smoothing 0 as in TRL 1.16:
-    :math:`-\\log\\sigma(\\beta\\Delta)`."""
+    """DPO (Rafailov et al., 2023, Eq. 7): :math:`-\\log\\sigma(\\beta\\Delta)`.
+
+    As in TRL 1.16, no label smoothing: conservative DPO (cDPO, the smoothed form older TRL
+    releases applied here) is not a TRL 1.16 loss type; write it from :class:`PairTerms`."""
     return -log_sigmoid(t.beta * t.delta_score)
 
 
@@ -213,17 +252,28 @@ LOSS_FUNCTIONS: dict[str, Callable[[PairTerms], jax.Array]] = {
     "sft": _sft,
     "sigmoid_norm": _sigmoid_norm,
 }
+"""Built-in loss type name -> ``loss_fn(terms: PairTerms) -> [batch]`` per-pair losses, one per
+TRL 1.16 ``loss_type``. Read-only by convention: pass a function of your own as
+``dpo_loss(..., loss_type=fn)`` rather than adding it here."""
 LOSS_TYPES = tuple(LOSS_FUNCTIONS)
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # The f-DPO reparameterisation only cancels log Z(x) in the chosen-rejected difference.
 F_DIVERGENCE_LOSS_TYPES = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 )
-_NEEDS_LENGTHS = {
-    "ipo": ("chosen", "rejected"),
-    "sigmoid_norm": ("chosen", "rejected"),
-    "sft": ("chosen",),
-}
+ARGUMENT_READERS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "label_smoothing": frozenset({"exo_pair", "robust", "aot", "aot_unpaired"}),
+        "discopop_tau": frozenset({"discopop"}),
+        "chosen_lengths": frozenset({"ipo", "sigmoid_norm", "sft"}),
+        "rejected_lengths": frozenset({"ipo", "sigmoid_norm"}),
+        "sft_normalizer": frozenset({"sft"}),
+    }
+)
+"""Optional argument of :func:`dpo_loss` -> the built-in loss types whose formula reads it (as
+TRL 1.16's ``DPOTrainer`` does). Giving one that none of the requested types reads is an
+error; the lengths are also required by the types listed for them."""
+REDUCTIONS = ("mean", "none")
 
 
 def _f_scores(logratios: jax.Array, f_divergence_type: str, alpha: float) -> jax.Array:
@@ -254,70 +304,147 @@ def _concrete(value) -> float | None:
         return None
 
 
+def _name(loss_type) -> str:
+    """The name of a loss type in messages and metrics (``loss/<name>``)."""
+    if isinstance(loss_type, str):
+        return loss_type
+    return getattr(loss_type, "__name__", None) or type(loss_type).__name__
+
+
+def _given(argument: str, value) -> bool:
+    """Whether an optional argument was given a value that could change the loss
+    (``label_smoothing`` 0, a concrete number, means no smoothing and counts as not given)."""
+    if value is None:
+        return False
+    return not (argument == "label_smoothing" and _concrete(value) == 0.0)
+
+
+def _shown(value) -> str:
+    concrete = _concrete(value) if np.ndim(value) == 0 else None
+    if concrete is not None:
+        return repr(concrete)
+    return "a traced value" if isinstance(value, jax.core.Tracer) else "an array"
+
+
+def _check_arguments_read(loss_types, optional: Mapping[str, Any], label: Callable, where: str):
+    """Raise for an optional argument none of ``loss_types`` reads, or a missing length."""
+    names = [lt for lt in loss_types if isinstance(lt, str)]
+    custom = len(names) < len(loss_types)  # a custom function may read anything
+    for argument, value in optional.items():
+        readers = ARGUMENT_READERS[argument]
+        if _given(argument, value) and not custom and not readers & set(names):
+            hint = ""
+            if argument == "label_smoothing" and "sigmoid" in names:
+                hint = (
+                    " TRL 1.16's 'sigmoid' loss has no label smoothing; conservative DPO "
+                    "(cDPO) is a custom loss type written from PairTerms (see rljax.dpo's "
+                    "docstring and examples/custom_dpo_variant.py)."
+                )
+            raise ValueError(
+                f"{where}: {label(argument)}={_shown(value)} is not read by loss_type "
+                f"{names if len(names) > 1 else names[0]!r}; only {sorted(readers)} read it "
+                f"(TRL 1.16). Leave it out, or add a loss type that reads it.{hint}"
+            )
+        if argument.endswith("_lengths") and value is None:
+            for lt in names:
+                if lt in readers:
+                    raise ValueError(
+                        f"{where}: loss_type {lt!r} needs {label(argument)} (number of "
+                        f"completion tokens per example, shape [batch])"
+                    )
+
+
 def _validate(
     loss_types,
     loss_weights,
-    label_smoothing,
     f_divergence_type,
-    lengths,
-    weights,
     f_alpha_divergence_coef,
+    *,
+    optional: Mapping[str, Any],
+    weights=None,
+    reduction: str = "mean",
+    label: Callable[[str], str] = str,
+    where: str = "dpo_loss",
 ):
-    if isinstance(loss_types, str):
+    """Check a loss-type combination and the arguments given with it; returns the loss types
+    (names or functions) and one weight each."""
+    if isinstance(loss_types, str) or callable(loss_types):
         loss_types = [loss_types]
     loss_types = list(loss_types)
     if not loss_types:
-        raise ValueError(f"loss_type is empty; valid choices: {list(LOSS_TYPES)}")
-    unknown = [lt for lt in loss_types if lt not in LOSS_FUNCTIONS]
+        raise ValueError(f"{where}: loss_type is empty; valid choices: {list(LOSS_TYPES)}")
+    unknown = [lt for lt in loss_types if not callable(lt) and lt not in LOSS_FUNCTIONS]
     if unknown:
-        raise ValueError(f"unknown loss_type {unknown}; valid choices: {list(LOSS_TYPES)}")
+        raise ValueError(
+            f"{where}: unknown loss_type {unknown}; valid choices: {list(LOSS_TYPES)} or a "
+            "function of PairTerms returning the [batch] per-pair losses"
+        )
     if loss_weights is None:
         loss_weights = [1.0] * len(loss_types)
     loss_weights = list(loss_weights)
     if len(loss_weights) != len(loss_types):
         raise ValueError(
-            f"loss_weights has {len(loss_weights)} entries for {len(loss_types)} loss types "
-            f"{loss_types}; give one weight per loss type"
+            f"{where}: {label('loss_weights')} has {len(loss_weights)} entries for "
+            f"{len(loss_types)} loss types {[_name(lt) for lt in loss_types]}; give one weight "
+            "per loss type"
         )
+    names = [lt for lt in loss_types if isinstance(lt, str)]
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(
-            f"unknown f_divergence_type {f_divergence_type!r}; valid choices: "
+            f"{where}: unknown f_divergence_type {f_divergence_type!r}; valid choices: "
             f"{list(F_DIVERGENCE_TYPES)}"
         )
     if f_divergence_type != "reverse_kl":
-        unsupported = [lt for lt in loss_types if lt not in F_DIVERGENCE_LOSS_TYPES]
+        unsupported = [lt for lt in names if lt not in F_DIVERGENCE_LOSS_TYPES]
         if unsupported:
             raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} is only defined for loss types "
-                f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {unsupported}"
+                f"{where}: f_divergence_type={f_divergence_type!r} is only defined for loss "
+                f"types {sorted(F_DIVERGENCE_LOSS_TYPES)}; got {unsupported}"
             )
-    if not isinstance(f_alpha_divergence_coef, int | float):
-        raise ValueError("f_alpha_divergence_coef must be a Python float (it selects a formula)")
-    smoothing = _concrete(label_smoothing)
+    if f_alpha_divergence_coef is not None:
+        if f_divergence_type != "alpha_divergence":
+            raise ValueError(
+                f"{where}: {label('f_alpha_divergence_coef')}={f_alpha_divergence_coef!r} is "
+                f"only read with f_divergence_type='alpha_divergence'; got "
+                f"{f_divergence_type!r}. Leave it out."
+            )
+        if not isinstance(f_alpha_divergence_coef, int | float):
+            raise ValueError(
+                f"{where}: {label('f_alpha_divergence_coef')} must be a Python float (it "
+                f"selects a formula); got {type(f_alpha_divergence_coef).__name__}"
+            )
+    _check_arguments_read(loss_types, optional, label, where)
+    given_smoothing = optional.get("label_smoothing")
+    smoothing = 0.0 if given_smoothing is None else _concrete(given_smoothing)
     if smoothing is not None:
-        if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        if "robust" in names and not 0.0 <= smoothing < 0.5:
             raise ValueError(
-                f"loss_type 'robust' needs label_smoothing in [0.0, 0.5) (the label flip "
-                f"probability); got {smoothing}"
+                f"{where}: loss_type 'robust' needs {label('label_smoothing')} in [0.0, 0.5) "
+                f"(the label flip probability); got {smoothing}"
             )
-        if "exo_pair" in loss_types and not 0.0 < smoothing < 1.0:
+        if "exo_pair" in names and not 0.0 < smoothing < 1.0:
             raise ValueError(
-                f"loss_type 'exo_pair' needs label_smoothing in (0.0, 1.0) (EXO's epsilon; the "
-                f"paper recommends 1e-3); got {smoothing}"
+                f"{where}: loss_type 'exo_pair' needs {label('label_smoothing')} in (0.0, 1.0) "
+                f"(EXO's epsilon; the paper recommends 1e-3); got {smoothing}"
             )
         if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1]; got {smoothing}")
-    for lt in loss_types:
-        for side in _NEEDS_LENGTHS.get(lt, ()):
-            if lengths[side] is None:
-                raise ValueError(
-                    f"loss_type {lt!r} needs {side}_lengths (number of completion tokens per "
-                    f"example, shape [batch])"
-                )
-    if weights is not None and {"aot", "aot_unpaired"} & set(loss_types):
+            raise ValueError(
+                f"{where}: {label('label_smoothing')} must lie in [0, 1]; got {smoothing}"
+            )
+    sorting = sorted({"aot", "aot_unpaired"} & set(names))
+    if weights is not None and sorting:
         raise ValueError(
-            "per-pair weights are not defined for 'aot'/'aot_unpaired': those losses sort the "
+            f"{where}: per-pair weights are not defined for {sorting}: those losses sort the "
             "batch, which would misalign the weights"
+        )
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"{where}: unknown reduction {reduction!r}; valid choices: {list(REDUCTIONS)}"
+        )
+    if reduction == "none" and sorting:
+        raise ValueError(
+            f"{where}: reduction='none' is not defined for {sorting}: those losses sort the "
+            "batch, so their per-position losses do not belong to pairs"
         )
     return loss_types, loss_weights
 
@@ -329,17 +456,18 @@ def dpo_loss(
     ref_rejected_logps: jax.Array | None = None,
     *,
     beta: float | jax.Array = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float | jax.Array = 0.0,
+    loss_type: str | Callable | Sequence[str | Callable] = "sigmoid",
+    loss_weights: Sequence[float | jax.Array] | None = None,
+    label_smoothing: float | jax.Array | None = None,
     chosen_lengths: jax.Array | None = None,
     rejected_lengths: jax.Array | None = None,
     f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float | jax.Array = 0.05,
+    f_alpha_divergence_coef: float | None = None,
+    discopop_tau: float | jax.Array | None = None,
     weights: jax.Array | None = None,
     normalizer: float | jax.Array | None = None,
     sft_normalizer: float | jax.Array | None = None,
+    reduction: str = "mean",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Direct Preference Optimization loss and its variants, as TRL 1.16 computes them.
 
@@ -348,6 +476,28 @@ def dpo_loss(
 
     .. math:: \mathcal L = -\mathbb E\,\log\sigma\big(\beta (h_w - h_l)\big).
 
+    Which loss type reads which optional argument (TRL 1.16; ``ARGUMENT_READERS``):
+
+    ==============================  ==========================================================
+    argument                        read by
+    ==============================  ==========================================================
+    ``label_smoothing``             ``robust`` (flip probability, [0, 0.5)), ``exo_pair``
+                                    (:math:`\epsilon`, (0, 1)), ``aot``, ``aot_unpaired``
+    ``discopop_tau``                ``discopop``
+    ``chosen_lengths``              ``ipo``, ``sigmoid_norm``, ``sft`` (required by them)
+    ``rejected_lengths``            ``ipo``, ``sigmoid_norm`` (required by them)
+    ``sft_normalizer``              ``sft``
+    ``f_alpha_divergence_coef``     ``f_divergence_type="alpha_divergence"``
+    ``beta``, ``weights``,          every type (``beta`` also scales the reward metrics;
+    ``normalizer``                  ``weights`` is refused by ``aot``/``aot_unpaired``)
+    ==============================  ==========================================================
+
+    An argument that none of the requested loss types reads raises ``ValueError`` naming the
+    argument and the types, rather than being ignored: in TRL 1.16 ``sigmoid`` has no label
+    smoothing, so ``loss_type="sigmoid", label_smoothing=0.3`` is an error, not conservative
+    DPO (``label_smoothing=0``, "no smoothing", is accepted anywhere). A custom loss type (a
+    function) may read any of them, so a call with one is not checked this way.
+
     Args:
       policy_chosen_logps: ``[batch]`` sequence log-probs of the chosen completions under the
         policy (sum over completion tokens).
@@ -355,17 +505,18 @@ def dpo_loss(
       ref_chosen_logps, ref_rejected_logps: ``[batch]`` under the reference policy, or both
         ``None`` for reference-free training (the reference log-probs are taken as 0).
       beta: :math:`\beta` (for ``ipo``, the :math:`\tau` of the IPO paper). May be traced.
-      loss_type: one name or a list of names from ``LOSS_TYPES``.
-      loss_weights: one weight per loss type (default 1 each); the loss is
+      loss_type: a name from ``LOSS_TYPES``, a function ``PairTerms -> [batch]`` per-pair
+        losses (a variant of your own, reported as ``loss/<function name>``), or a list of them.
+      loss_weights: one weight per loss type (default 1 each; may be traced); the loss is
         :math:`\sum_k w_k\,\mathrm{mean}_i\,\ell_k(i)`.
-      label_smoothing: flip probability for ``robust`` (in [0, 0.5)), :math:`\epsilon` for
-        ``exo_pair`` (> 0), smoothing for ``aot``/``aot_unpaired``.
-      chosen_lengths, rejected_lengths: ``[batch]`` completion token counts, required by
-        ``ipo`` and ``sigmoid_norm`` (both) and ``sft`` (chosen).
+      label_smoothing: see the table; ``None`` = 0. May be traced (a traced value counts as
+        given, and its range is checked only when concrete).
+      chosen_lengths, rejected_lengths: ``[batch]`` completion token counts (see the table).
       f_divergence_type: f-DPO regulariser (Wang et al., 2023): ``reverse_kl`` (standard),
         ``forward_kl``, ``js_divergence``, ``alpha_divergence``.
-      f_alpha_divergence_coef: :math:`\alpha` for ``alpha_divergence`` (Python float).
-      discopop_tau: temperature of ``discopop``.
+      f_alpha_divergence_coef: :math:`\alpha` for ``alpha_divergence`` (a Python float;
+        ``None`` = TRL's 0.5).
+      discopop_tau: temperature of ``discopop`` (``None`` = TRL's 0.05). May be traced.
       weights: optional ``[batch]`` per-pair weights multiplying every per-pair loss (e.g. WPO
         weights, Zhou et al., 2024, arXiv:2406.11827, computed by the caller). As in TRL, the
         ``sft`` term is then its batch value times ``mean(weights)`` (exact per local batch; with
@@ -374,32 +525,47 @@ def dpo_loss(
         pairs in the global batch, for exact gradient accumulation / data parallelism).
       sft_normalizer: the ``sft`` term's token count (default ``sum(chosen_lengths)``; set it
         to the global batch's chosen-token count together with ``normalizer``).
+      reduction: ``"mean"`` (the scalar loss above) or ``"none"``: the ``[batch]`` per-pair
+        losses :math:`\sum_k w_k\,\ell_k(i)` (times ``weights``), whose
+        ``sum(...) / normalizer`` (default: their mean) is the ``"mean"`` loss. Not defined for
+        ``aot``/``aot_unpaired``, which sort the batch.
 
     Returns:
-      ``(loss, metrics)``; metrics use TRL's names: ``rewards/chosen``, ``rewards/rejected``,
-      ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, and
-      ``loss/<type>`` for each type.
+      ``(loss, metrics)``: ``loss`` a scalar (``reduction="mean"``) or ``[batch]``
+      (``"none"``); metrics, scalars either way, use TRL's names: ``rewards/chosen``,
+      ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+      ``logps/rejected``, and ``loss/<type>`` (the weighted mean of that type alone, before
+      its ``loss_weights`` entry) for each type.
 
     Raises:
-      ValueError: an unknown ``loss_type`` or ``f_divergence_type`` (the message lists the valid
-        choices), mismatched ``loss_weights``, a ``label_smoothing`` outside the range a type
-        needs (checked when it is a concrete number), or missing lengths.
+      ValueError: an unknown ``loss_type``, ``f_divergence_type`` or ``reduction`` (the message
+        lists the valid choices), mismatched ``loss_weights``, an argument that no requested
+        type reads, a ``label_smoothing`` outside the range a type needs (checked when it is a
+        concrete number), missing lengths, or a custom loss type that does not return
+        ``[batch]``.
     """
     lengths = {"chosen": chosen_lengths, "rejected": rejected_lengths}
     loss_types, loss_weights = _validate(
         loss_type,
         loss_weights,
-        label_smoothing,
         f_divergence_type,
-        lengths,
-        weights,
         f_alpha_divergence_coef,
+        optional={
+            "label_smoothing": label_smoothing,
+            "discopop_tau": discopop_tau,
+            "chosen_lengths": chosen_lengths,
+            "rejected_lengths": rejected_lengths,
+            "sft_normalizer": sft_normalizer,
+        },
+        weights=weights,
+        reduction=reduction,
     )
     chex.assert_rank([policy_chosen_logps, policy_rejected_logps], 1)
     chex.assert_equal_shape([policy_chosen_logps, policy_rejected_logps])
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
         raise ValueError(
-            "give both ref_chosen_logps and ref_rejected_logps, or neither (reference-free)"
+            "dpo_loss: give both ref_chosen_logps and ref_rejected_logps, or neither "
+            "(reference-free)"
         )
     dtype = jnp.promote_types(policy_chosen_logps.dtype, jnp.float32)
     chosen_logps = policy_chosen_logps.astype(dtype)
@@ -430,14 +596,15 @@ def dpo_loss(
         )
         sft_scale = normalizer / tokens
 
+    alpha = 0.5 if f_alpha_divergence_coef is None else f_alpha_divergence_coef
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
-    chosen_scores = _f_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = _f_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    chosen_scores = _f_scores(chosen_logratios, f_divergence_type, alpha)
+    rejected_scores = _f_scores(rejected_logratios, f_divergence_type, alpha)
     terms = PairTerms(
         beta=jnp.asarray(beta, dtype),
-        label_smoothing=jnp.asarray(label_smoothing, dtype),
-        discopop_tau=jnp.asarray(discopop_tau, dtype),
+        label_smoothing=jnp.asarray(0.0 if label_smoothing is None else label_smoothing, dtype),
+        discopop_tau=jnp.asarray(0.05 if discopop_tau is None else discopop_tau, dtype),
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
         ref_chosen_logps=ref_chosen,
@@ -453,16 +620,25 @@ def dpo_loss(
     )
 
     loss = jnp.zeros((), dtype)
+    per_pair_loss = jnp.zeros_like(chosen_logps)
     metrics = {}
     for lt, weight in zip(loss_types, loss_weights, strict=True):
-        per_pair = LOSS_FUNCTIONS[lt](terms)
+        per_pair = LOSS_FUNCTIONS[lt](terms) if isinstance(lt, str) else lt(terms)
+        if jnp.shape(per_pair) != chosen_logps.shape:
+            raise ValueError(
+                f"dpo_loss: loss_type {_name(lt)!r} returned shape {jnp.shape(per_pair)}; a "
+                f"loss function returns the per-pair losses, shape {chosen_logps.shape}"
+            )
+        per_pair = jnp.asarray(per_pair).astype(dtype)
         if weights is not None:
             if lt == "sft":  # TRL weights the batch-level NLL per pair: NLL * mean(weights)
                 per_pair = jnp.full_like(per_pair, jnp.mean(per_pair))
             per_pair = per_pair * weights
         term = jnp.sum(per_pair) / normalizer
-        metrics[f"loss/{lt}"] = jax.lax.stop_gradient(term)
+        metrics[f"loss/{_name(lt)}"] = jax.lax.stop_gradient(term)
         loss = loss + weight * term
+        if reduction == "none":
+            per_pair_loss = per_pair_loss + weight * per_pair
 
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
@@ -476,7 +652,7 @@ def dpo_loss(
             "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps)),
         }
     )
-    return loss, metrics
+    return (per_pair_loss if reduction == "none" else loss), metrics
 
 
 # ---------------------------------------------------------------------------- update step
@@ -484,16 +660,28 @@ def dpo_loss(
 REFERENCE_MODES = ("precomputed", "model", "none")
 
 
+def _config_label(field: str) -> str:
+    return f"DPOConfig.{field}"
+
+
 @dataclasses.dataclass(frozen=True)
 class DPOConfig:
-    """Static settings of :func:`make_dpo_update` and :func:`make_dpo_eval`.
+    """Settings of :func:`make_dpo_update` and :func:`make_dpo_eval`.
+
+    The float coefficients (``beta``, ``label_smoothing``, ``discopop_tau``, ``loss_weights``,
+    ``rpo_alpha``) are the values the step uses when it is called without ``hyperparams``
+    (then compiled in as constants); pass ``hyperparams`` to the step to trace them instead,
+    so a sweep over them compiles once (:func:`make_dpo_update`).
 
     Attributes:
       beta: :math:`\\beta` of :func:`dpo_loss`.
-      loss_type: one name or a tuple of names from ``LOSS_TYPES``.
+      loss_type: one name from ``LOSS_TYPES`` (or a custom ``PairTerms -> [batch]``
+        function), or a tuple of them.
       loss_weights: one weight per loss type (``None``: 1 each).
       label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau: as in
-        :func:`dpo_loss`.
+        :func:`dpo_loss`, including its rule that a setting no loss type reads is an error
+        (``label_smoothing`` 0, ``discopop_tau`` and ``f_alpha_divergence_coef`` ``None`` are
+        "not set"; ``None`` means TRL's default 0.05 / 0.5 where the setting is read).
       rpo_alpha: weight of the chosen-completion NLL per token (RPO, Pang et al., 2024,
         arXiv:2404.19733; TRL's ``rpo_alpha``): adds ``"sft"`` with this weight to the loss
         types. ``None`` = off. Same as ``loss_type=(..., "sft")`` with that weight.
@@ -506,18 +694,18 @@ class DPOConfig:
     """
 
     beta: float = 0.1
-    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_type: str | Callable | tuple[str | Callable, ...] = "sigmoid"
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
+    f_alpha_divergence_coef: float | None = None
+    discopop_tau: float | None = None
     rpo_alpha: float | None = None
     reference: str = "precomputed"
     chunk_size: int = 1024
 
     def __post_init__(self):
-        if not isinstance(self.loss_type, str):
+        if not (isinstance(self.loss_type, str) or callable(self.loss_type)):
             object.__setattr__(self, "loss_type", tuple(self.loss_type))
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
@@ -531,29 +719,95 @@ class DPOConfig:
             self, {"beta": "> 0", "discopop_tau": "> 0", "rpo_alpha": ">= 0"}, library=True
         )
         types, weights = self.loss_types_and_weights()
-        # Validate the loss-type combination now rather than at the first trace.
+        # Validate the loss-type combination now rather than at the first trace. The update
+        # computes the completion lengths itself, so only the coefficients are checked.
         _validate(
             types,
             weights,
-            self.label_smoothing,
             self.f_divergence_type,
-            {"chosen": 1.0, "rejected": 1.0},
-            None,
             self.f_alpha_divergence_coef,
+            optional={"label_smoothing": self.label_smoothing, "discopop_tau": self.discopop_tau},
+            label=_config_label,
+            where="DPOConfig",
         )
 
-    def loss_types_and_weights(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    def loss_types_and_weights(self) -> tuple[tuple, tuple[float, ...]]:
         """The loss types and weights passed to :func:`dpo_loss` (with the RPO term)."""
-        types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+        single = isinstance(self.loss_type, str) or callable(self.loss_type)
+        types = (self.loss_type,) if single else tuple(self.loss_type)
         weights = (1.0,) * len(types) if self.loss_weights is None else tuple(self.loss_weights)
         if len(weights) != len(types):
             raise ValueError(
                 f"DPOConfig.loss_weights has {len(weights)} entries for {len(types)} loss types "
-                f"{list(types)}; give one weight per loss type"
+                f"{[_name(t) for t in types]}; give one weight per loss type"
             )
         if self.rpo_alpha is not None:
             types, weights = (*types, "sft"), (*weights, float(self.rpo_alpha))
         return types, weights
+
+    def traced_coefficients(self) -> tuple[str, ...]:
+        """The keys ``hyperparams`` may hold for this config (see :func:`make_dpo_update`)."""
+        types, _ = self.loss_types_and_weights()
+        names = {t for t in types if isinstance(t, str)}
+        custom = any(not isinstance(t, str) for t in types)  # may read anything
+        keys = ["beta", "loss_weights"]
+        for field in ("label_smoothing", "discopop_tau"):
+            if custom or ARGUMENT_READERS[field] & names:
+                keys.append(field)
+        if self.rpo_alpha is not None:
+            keys.append("rpo_alpha")
+        return tuple(keys)
+
+    def loss_kwargs(self, hyperparams: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The coefficient arguments of :func:`dpo_loss` for this config: ``beta``,
+        ``loss_type``, ``loss_weights`` and whichever of ``label_smoothing``, ``discopop_tau``,
+        ``f_divergence_type`` and ``f_alpha_divergence_coef`` the loss types read, each taken
+        from ``hyperparams`` where it has the key (traced values), else from the config."""
+        types, weights = self.loss_types_and_weights()
+        hyperparams = dict(hyperparams or {})
+        allowed = self.traced_coefficients()
+        unknown = sorted(set(hyperparams) - set(allowed))
+        if unknown:
+            reasons = {
+                "label_smoothing": f"none of the loss types {[_name(t) for t in types]} reads it",
+                "discopop_tau": "'discopop' is not a loss type",
+                "rpo_alpha": "RPO is off (DPOConfig.rpo_alpha=None; set it to 0.0 to sweep it)",
+            }
+            why = "; ".join(f"{k}: {reasons.get(k, 'not a coefficient')}" for k in unknown)
+            raise ValueError(
+                f"make_dpo_update: hyperparams has {unknown}, which this DPOConfig does not "
+                f"trace ({why}); valid keys: {list(allowed)}"
+            )
+        kwargs: dict[str, Any] = {"beta": hyperparams.get("beta", self.beta)}
+        if "loss_weights" in hyperparams:
+            given = hyperparams["loss_weights"]
+            count = len(types) - (self.rpo_alpha is not None)
+            shape = (len(given),) if isinstance(given, list | tuple) else jnp.shape(given)
+            if tuple(shape) != (count,):
+                raise ValueError(
+                    f"make_dpo_update: hyperparams['loss_weights'] needs one weight per loss "
+                    f"type of DPOConfig.loss_type ({count}), got shape {tuple(shape)}"
+                )
+            weights = (*(given[i] for i in range(count)), *weights[count:])
+        if "rpo_alpha" in hyperparams:
+            weights = (*weights[:-1], hyperparams["rpo_alpha"])
+        kwargs.update(loss_type=types, loss_weights=weights)
+        if "label_smoothing" in allowed:
+            kwargs["label_smoothing"] = hyperparams.get("label_smoothing", self.label_smoothing)
+        if "discopop_tau" in allowed:
+            kwargs["discopop_tau"] = hyperparams.get("discopop_tau", self.discopop_tau)
+        kwargs["f_divergence_type"] = self.f_divergence_type
+        kwargs["f_alpha_divergence_coef"] = self.f_alpha_divergence_coef
+        return kwargs
+
+
+def _needs_lengths(types) -> dict[str, bool]:
+    """Which completion lengths the loss types read (a custom loss type gets both)."""
+    custom = any(not isinstance(t, str) for t in types)
+    return {
+        side: custom or bool(ARGUMENT_READERS[f"{side}_lengths"] & set(types))
+        for side in ("chosen", "rejected")
+    }
 
 
 class DPOState(NamedTuple):
@@ -580,9 +834,10 @@ def init_dpo_state(params, optimizer, ref_params=None) -> DPOState:
     return DPOState(params, optimizer.init(params), step, ref_params, skipped)
 
 
-def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
-    """``objective(params, ref_params, batch) -> (loss, metrics)`` of one preference batch."""
-    types, weights = config.loss_types_and_weights()
+def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
+    """``reference(ref_params, batch)`` and ``objective(params, ref_logps, batch, hyperparams)
+    -> (loss, metrics)`` of one preference batch."""
+    needs_lengths = _needs_lengths(config.loss_types_and_weights()[0])
 
     def reference(ref_params, batch):
         if config.reference == "none":
@@ -605,7 +860,7 @@ def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
         )
         return jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
 
-    def objective(params, ref_logps, batch):
+    def objective(params, ref_logps, batch, hyperparams):
         chosen, rejected, chosen_lengths, rejected_lengths = pair_sequence_logps(
             graphdef, params, batch, chunk_size=config.chunk_size
         )
@@ -613,26 +868,29 @@ def _dpo_objective(graphdef, config: DPOConfig) -> Callable:
             chosen,
             rejected,
             *ref_logps,
-            beta=config.beta,
-            loss_type=types,
-            loss_weights=weights,
-            label_smoothing=config.label_smoothing,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
-            f_divergence_type=config.f_divergence_type,
-            f_alpha_divergence_coef=config.f_alpha_divergence_coef,
-            discopop_tau=config.discopop_tau,
+            chosen_lengths=chosen_lengths if needs_lengths["chosen"] else None,
+            rejected_lengths=rejected_lengths if needs_lengths["rejected"] else None,
+            **config.loss_kwargs(hyperparams),
         )
         return loss, {"loss": loss, **metrics}
 
     return reference, objective
 
 
+def _check_hyperparams(config: DPOConfig, hyperparams) -> None:
+    if hyperparams is not None and not isinstance(hyperparams, Mapping):
+        raise TypeError(
+            "make_dpo_update: hyperparams must be a dict of coefficients, e.g. {'beta': 0.2}; "
+            f"got {type(hyperparams).__name__}"
+        )
+    config.loss_kwargs(hyperparams)  # names a key this config does not trace
+
+
 def make_dpo_update(
     graphdef, optimizer, config: DPOConfig = DPOConfig()
-) -> Callable[[DPOState, dict], tuple[DPOState, dict[str, jax.Array]]]:
-    """Build the pure Direct Preference Optimization step ``update(state, batch) -> (state,
-    metrics)`` for a Flax NNX language model.
+) -> Callable[..., tuple[DPOState, dict[str, jax.Array]]]:
+    """Build the pure Direct Preference Optimization step ``update(state, batch,
+    hyperparams=None) -> (state, metrics)`` for a Flax NNX language model.
 
     One optax step on :func:`dpo_loss` of the batch's sequence log-probs. The policy runs
     chosen and rejected as ONE ``[2B, T]`` batch (:func:`rljax.lm.concatenated_sequence_logps`,
@@ -652,6 +910,21 @@ def make_dpo_update(
     :func:`rljax.lm.pair_sequence_logps` picks the forward by the keys), plus
     ``ref_chosen_logps`` / ``ref_rejected_logps`` ``[B]`` for ``reference="precomputed"``.
 
+    Swept coefficients are traced through ``hyperparams``, a dict with any of
+    ``config.traced_coefficients()``: ``"beta"``, ``"loss_weights"`` (one per
+    ``config.loss_type``), ``"label_smoothing"`` and ``"discopop_tau"`` (when a loss type reads
+    them) and ``"rpo_alpha"`` (when ``config.rpo_alpha`` is set); missing keys take the
+    config's values. Called without ``hyperparams`` the config's values are compiled in as
+    constants (one program per config); with it, one compiled step serves every value::
+
+        step = jax.jit(make_dpo_update(graphdef, optimizer, config), donate_argnums=0)
+        for beta in (0.05, 0.1, 0.5):  # one compilation (keep the Python/array types fixed)
+            state, metrics = step(state, batch, {"beta": beta})
+
+    The result equals the step built with ``dataclasses.replace(config, beta=beta)``.
+    ``f_divergence_type``, ``f_alpha_divergence_coef`` (a formula switch), ``reference`` and
+    ``chunk_size`` stay static.
+
     Metrics (TRL's names, all scalars): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
     ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), ``grad_norm`` (global norm
@@ -665,17 +938,22 @@ def make_dpo_update(
         step = jax.jit(update, in_shardings=(state_shardings, batch_sharding),
                        out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-    or use :func:`rljax.lm.compile_update`. The batch is one global array, so every mean in
-    the loss (over pairs, and the RPO term's over chosen tokens) is the exact global-batch
-    mean under data parallelism.
+    or use :func:`rljax.lm.compile_update` (two arguments: the config's coefficients). The
+    batch is one global array, so every mean in the loss (over pairs, and the RPO term's over
+    chosen tokens) is the exact global-batch mean under data parallelism.
     """
     if not isinstance(config, DPOConfig):
         raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
     reference, objective = _dpo_objective(graphdef, config)
 
-    def update(state: DPOState, batch: dict) -> tuple[DPOState, dict[str, jax.Array]]:
+    def update(
+        state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
+    ) -> tuple[DPOState, dict[str, jax.Array]]:
+        _check_hyperparams(config, hyperparams)
         ref_logps = reference(state.ref_params, batch)
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, ref_logps, batch)
+        grads, metrics = jax.grad(objective, has_aux=True)(
+            state.params, ref_logps, batch, hyperparams
+        )
         params, opt_state, finite = step_if_finite(
             optimizer, grads, state.opt_state, state.params, metrics["loss"]
         )
@@ -687,18 +965,21 @@ def make_dpo_update(
     return update
 
 
-def make_dpo_eval(
-    graphdef, config: DPOConfig = DPOConfig()
-) -> Callable[[DPOState, dict], dict[str, jax.Array]]:
+def make_dpo_eval(graphdef, config: DPOConfig = DPOConfig()) -> Callable[..., dict[str, jax.Array]]:
     """The metrics of :func:`make_dpo_update` on held-out pairs, without an update:
-    ``evaluate(state, batch) -> metrics`` (no ``grad_norm``). Pure; jit it as the update
-    (``in_shardings=(state_shardings, batch_sharding), out_shardings=replicated``)."""
+    ``evaluate(state, batch, hyperparams=None) -> metrics`` (no ``grad_norm``; ``hyperparams``
+    as for the update). Pure; jit it as the update (``in_shardings=(state_shardings,
+    batch_sharding), out_shardings=replicated``)."""
     if not isinstance(config, DPOConfig):
         raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
     reference, objective = _dpo_objective(graphdef, config)
 
-    def evaluate(state: DPOState, batch: dict) -> dict[str, jax.Array]:
-        _, metrics = objective(state.params, reference(state.ref_params, batch), batch)
+    def evaluate(
+        state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
+    ) -> dict[str, jax.Array]:
+        _check_hyperparams(config, hyperparams)
+        ref_logps = reference(state.ref_params, batch)
+        _, metrics = objective(state.params, ref_logps, batch, hyperparams)
         return metrics
 
     return evaluate

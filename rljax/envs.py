@@ -5,9 +5,13 @@ Environments follow gymnax's functional interface (1.0.x, terminated and truncat
     obs, state = env.reset(key, params)
     obs, state, reward, terminated, truncated, info = env.step(key, state, action, params)
 
-so gymnax environments plug in unchanged, but rljax does not need gymnax: :class:`CartPole`
-is written here from the published dynamics (Barto, Sutton & Anderson, 1983, with the
-constants of gymnasium's ``CartPole-v1``).
+``step`` resets automatically as gymnax's does: when the episode ends (``terminated |
+truncated``) it returns the first observation and state of a new episode, and the observation
+the step reached, before the reset, as ``info["final_obs"]`` (what a time-limit truncation
+bootstraps from). ``step_env`` is the same transition without the reset (gymnax's name). So
+gymnax environments plug in unchanged, but rljax does not need gymnax: :class:`CartPole` is
+written here from the published dynamics (Barto, Sutton & Anderson, 1983, with the constants
+of gymnasium's ``CartPole-v1``).
 
 :func:`collect` runs a policy for a fixed number of steps in a batch of environments
 (``lax.scan`` over time, ``vmap`` over environments) with automatic resets, and records what
@@ -33,6 +37,7 @@ __all__ = [
     "CartPole",
     "CartPoleParams",
     "CartPoleState",
+    "Environment",
     "GymnaxEnv",
     "MountainCarContinuous",
     "Pendulum",
@@ -42,9 +47,96 @@ __all__ = [
     "collect",
     "init_carry",
     "make",
+    "raw_step",
     "sample_action",
     "time_limit",
 ]
+
+
+class Environment:
+    """gymnax's functional environment interface; every environment here derives from it.
+
+    Subclasses define ``default_params``, :meth:`reset` and :meth:`step_env` (the transition
+    without reset); :meth:`step` adds the automatic reset. All are pure functions of their
+    arguments (the environment object holds only static settings), so they ``jit`` and
+    ``vmap`` (``jax.vmap(env.step, in_axes=(0, 0, 0, None))`` steps a batch of environments).
+    Class attributes: ``name``, ``observation_size``, ``continuous``, and ``num_actions``
+    (discrete) or ``action_size`` (continuous).
+    """
+
+    def default_params(self):
+        """The environment's constants (a pytree: it can be traced, vmapped, swept)."""
+        raise NotImplementedError(f"{type(self).__name__} must define default_params()")
+
+    def reset(self, key: jax.Array, params) -> tuple[jax.Array, Any]:
+        """Start an episode: ``(obs, state)``.
+
+        Args:
+          key: the randomness of the initial state.
+          params: the environment's constants (``default_params()`` or a variant).
+
+        Returns:
+          ``obs`` (float32 ``[observation_size]``) and the environment state (a pytree whose
+          ``time`` counts the steps taken in the episode).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define reset()")
+
+    def step_env(self, key: jax.Array, state, action: jax.Array, params):
+        """One transition *without* automatic reset (gymnax's ``step_env``).
+
+        Returns ``(obs, state, reward, terminated, truncated, info)`` of the state reached,
+        also when the episode ends there: stepping on from a finished episode is undefined.
+        ``terminated``: the task ended (no bootstrapping from ``obs``); ``truncated``: the time
+        limit cut the episode (``params`` ``max_steps``; bootstrap from ``obs``); never both.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define step_env()")
+
+    def step(self, key: jax.Array, state, action: jax.Array, params):
+        """One transition with automatic reset, as gymnax's ``Environment.step``.
+
+        ``key`` is split in two as gymnax does: the first half drives :meth:`step_env`, the
+        second :meth:`reset`. When the episode ends (``terminated | truncated``) the returned
+        ``obs`` and ``state`` are those of a new episode; ``reward``, ``terminated`` and
+        ``truncated`` are the finished step's.
+
+        Args:
+          key: randomness of the transition and of the reset.
+          state: the current state (from :meth:`reset` or a previous ``step``).
+          action: an int (discrete, in ``[0, num_actions)``) or float ``[action_size]``
+            (continuous; clipped to the valid range by the environment).
+          params: the environment's constants.
+
+        Returns:
+          ``(obs, state, reward, terminated, truncated, info)``: float32 ``obs``, the next
+          state, float32 ``reward``, bool ``terminated`` and ``truncated``, and ``info`` with
+          ``"final_obs"``: the observation the step reached before any reset (equal to
+          ``obs`` when the episode goes on; bootstrap a truncated episode from it).
+        """
+        key_step, key_reset = jax.random.split(key)
+        obs, new_state, reward, terminated, truncated, info = self.step_env(
+            key_step, state, action, params
+        )
+        reset_obs, reset_state = self.reset(key_reset, params)
+        done = terminated | truncated
+
+        def pick(reset_value, value):
+            return jnp.where(done, reset_value, value).astype(jnp.result_type(value))
+
+        return (
+            pick(reset_obs, obs),
+            jax.tree.map(pick, reset_state, new_state),
+            reward,
+            terminated,
+            truncated,
+            {**info, "final_obs": obs},
+        )
+
+
+def raw_step(env) -> Callable:
+    """The transition of ``env`` without automatic reset: ``env.step_env`` when it has one
+    (every :class:`Environment`, and gymnax's environments), else ``env.step`` (an
+    environment of your own whose ``step`` does not reset). :func:`collect` steps with it."""
+    return getattr(env, "step_env", env.step)
 
 
 @struct.dataclass
@@ -70,7 +162,7 @@ class CartPoleState(NamedTuple):
     time: jax.Array
 
 
-class CartPole:
+class CartPole(Environment):
     """CartPole-v1: push a cart left or right to keep a pole upright; reward 1 per step.
 
     Observation ``[x, x_dot, theta, theta_dot]``; actions 0 (push left) and 1 (push right).
@@ -90,7 +182,9 @@ class CartPole:
         state = CartPoleState(x, x_dot, theta, theta_dot, jnp.int32(0))
         return self._obs(state), state
 
-    def step(self, key: jax.Array, state: CartPoleState, action: jax.Array, params: CartPoleParams):
+    def step_env(
+        self, key: jax.Array, state: CartPoleState, action: jax.Array, params: CartPoleParams
+    ):
         del key  # deterministic dynamics
         p = params
         total_mass = p.masspole + p.masscart
@@ -142,7 +236,7 @@ def _angle_normalize(x):
     return ((x + jnp.pi) % (2 * jnp.pi)) - jnp.pi
 
 
-class Pendulum:
+class Pendulum(Environment):
     """Pendulum-v1: swing a pendulum up and hold it; torque in [-2, 2]; never terminates.
 
     Observation ``[cos theta, sin theta, theta_dot]``; reward
@@ -164,7 +258,7 @@ class Pendulum:
         state = PendulumState(theta, theta_dot, jnp.int32(0))
         return self._obs(state), state
 
-    def step(self, key, state: PendulumState, action: jax.Array, params: PendulumParams):
+    def step_env(self, key, state: PendulumState, action: jax.Array, params: PendulumParams):
         del key
         p = params
         u = jnp.clip(jnp.reshape(action, ()).astype(jnp.float32), -p.max_torque, p.max_torque)
@@ -209,7 +303,7 @@ class AcrobotState(NamedTuple):
     time: jax.Array
 
 
-class Acrobot:
+class Acrobot(Environment):
     """Acrobot-v1: swing the tip of a two-link chain above a line; torque in {-1, 0, +1}.
 
     Reward -1 per step until the tip is one link length above the base (terminated, reward
@@ -248,7 +342,7 @@ class Acrobot:
         ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
         return jnp.stack([dtheta1, dtheta2, ddtheta1, ddtheta2])
 
-    def step(self, key, state: AcrobotState, action: jax.Array, params: AcrobotParams):
+    def step_env(self, key, state: AcrobotState, action: jax.Array, params: AcrobotParams):
         del key
         p = params
         torque = jnp.asarray(action, jnp.float32) - 1.0
@@ -305,7 +399,7 @@ class MountainCarState(NamedTuple):
     time: jax.Array
 
 
-class MountainCarContinuous:
+class MountainCarContinuous(Environment):
     """MountainCarContinuous-v0: drive an underpowered car up a hill; force in [-1, 1].
 
     Reward ``-0.1 a^2`` per step and +100 on reaching the flag (terminated); truncated after
@@ -325,7 +419,7 @@ class MountainCarContinuous:
         state = MountainCarState(position, jnp.float32(0.0), jnp.int32(0))
         return self._obs(state), state
 
-    def step(self, key, state: MountainCarState, action, params: MountainCarContinuousParams):
+    def step_env(self, key, state: MountainCarState, action, params: MountainCarContinuousParams):
         del key
         p = params
         action = jnp.reshape(action, ()).astype(jnp.float32)
@@ -357,7 +451,7 @@ class ProbeParams:
     max_steps: int = 1
 
 
-class Probe:
+class Probe(Environment):
     """rejax-style probe environments: tiny tasks whose exact values are known, so a
     value-function, advantage or policy-gradient bug shows up in seconds.
 
@@ -395,7 +489,7 @@ class Probe:
             obs = jnp.zeros((1,), jnp.float32)
         return obs, ProbeState(obs, jnp.int32(0))
 
-    def step(self, key, state: ProbeState, action: jax.Array, params: ProbeParams):
+    def step_env(self, key, state: ProbeState, action: jax.Array, params: ProbeParams):
         del key
         time = state.time + 1
         obs = state.obs[0]
@@ -449,7 +543,7 @@ def make(name: str):
     return env, env.default_params()
 
 
-class GymnaxEnv:
+class GymnaxEnv(Environment):
     """Adapter for a gymnax environment (0.0.x returns one ``done``; 1.0.x splits
     terminated and truncated). With 0.0.x, a ``done`` at the time limit counts as truncated."""
 
@@ -477,10 +571,10 @@ class GymnaxEnv:
         obs, state = self._env.reset(key, params)
         return obs.reshape(-1).astype(jnp.float32), state
 
-    def step(self, key, state, action, params):
+    def step_env(self, key, state, action, params):
         if self.continuous:
             action = action.reshape(self._env.action_space(params).shape)
-        out = self._env.step_env(key, state, action, params)  # no auto-reset: collect() resets
+        out = self._env.step_env(key, state, action, params)  # gymnax's step without reset
         if len(out) == 6:
             obs, new_state, reward, terminated, truncated, info = out
         else:
@@ -569,7 +663,7 @@ def collect(
     episode that ended at this step; valid where ``terminated | truncated``).
     """
     num_envs = carry.obs.shape[0]
-    v_step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+    v_step = jax.vmap(raw_step(env), in_axes=(0, 0, 0, None))
     v_reset = jax.vmap(env.reset, in_axes=(0, None))
 
     # Everything random that does not depend on the state is drawn for all steps at once,

@@ -33,6 +33,7 @@ from rljax.logprobs import masked_mean, masked_sum_and_count
 
 __all__ = [
     "FVP_METHODS",
+    "GRADIENT_OF",
     "CGInfo",
     "LineSearchInfo",
     "NaturalStepInfo",
@@ -279,6 +280,18 @@ def conjugate_gradient(
     squared residual norm :math:`r^\top r` is at most ``tol`` (the criterion of the original
     TRPO code). Runs in a ``lax.while_loop``, so it is jit-able and traces ``matvec`` once.
 
+    Args:
+      matvec: ``v -> A v`` on pytrees shaped like ``b``.
+      b: the right-hand side (a pytree).
+      max_iters: iterations at most (a Python int).
+      damping: :math:`\lambda \ge 0` added to the diagonal (``None`` = 0). The default 0
+        solves the system exactly as given, as a general linear solver should;
+        :func:`natural_step` defaults to ``cg_damping=0.1`` (the original TRPO code's and
+        sb3-contrib's value) because a Fisher estimated from one batch is singular or
+        ill-conditioned, and it adds that damping itself. To reproduce
+        :func:`natural_step`'s direction, pass ``damping=0.1`` here.
+      tol: stop once :math:`r^\top r \le` ``tol``.
+
     Returns:
       ``(x, CGInfo(iterations, residual_norm))`` with ``residual_norm`` :math:`\|b - (A +
       \lambda I)x\|` as tracked by the recursion.
@@ -320,6 +333,7 @@ class LineSearchInfo(NamedTuple):
     steps: jax.Array
     surrogate: jax.Array
     kl: jax.Array
+    slope: jax.Array | None = None
 
 
 def kl_line_search(
@@ -330,6 +344,8 @@ def kl_line_search(
     max_kl: float | jax.Array,
     backtrack_coeff: float | jax.Array = 0.8,
     max_steps: int = 10,
+    *,
+    check_direction: bool = True,
 ):
     r"""Backtracking line search under a KL constraint (Schulman et al., 2015, Appendix C).
 
@@ -339,18 +355,30 @@ def kl_line_search(
     ``max_kl``. If none does, the old ``params`` are returned and ``accepted`` is False.
 
     Args:
-      surrogate_and_kl: ``params -> (surrogate, mean_kl)`` of a candidate.
+      surrogate_and_kl: ``params -> (surrogate, mean_kl)`` of a candidate: the objective being
+        *maximised* (e.g. :func:`surrogate_objective`) and the mean KL from the old policy.
       params: current parameters (the old policy).
-      full_step: pytree, the full natural-gradient step :math:`s`.
-      surrogate_before: the surrogate at ``params``.
+      full_step: pytree, the full natural-gradient step :math:`s` (from :func:`natural_step`).
+      surrogate_before: the surrogate's value at ``params``, before the step (the first output
+        of ``surrogate_and_kl(params)``; for on-policy data, where the ratios are 1, the mean
+        advantage). A candidate must beat it.
       max_kl: :math:`\delta`.
       backtrack_coeff: :math:`\alpha \in (0, 1)`.
       max_steps: number of candidates tried (a Python int).
+      check_direction: also compute ``slope``, the directional derivative of the surrogate
+        along ``full_step`` at ``params`` (one more forward pass with a ``jax.jvp``). A
+        negative slope means ``full_step`` goes *down* the objective, which is what a
+        :func:`natural_step` given a loss's gradient as the objective's produces. When the
+        slope is negative and no candidate is accepted, a concrete (un-jitted) call raises
+        ``ValueError`` saying so; under ``jit`` it cannot raise: read ``info.slope``.
+        :func:`make_trpo_update` turns it off (it computes the gradient itself).
 
     Returns:
-      ``(new_params, LineSearchInfo(accepted, step_fraction, steps, surrogate, kl))`` where
-      ``step_fraction`` is :math:`\alpha^k` of the accepted step (0 when rejected), ``steps`` the
-      number of candidates evaluated, and ``surrogate``/``kl`` those of the returned params.
+      ``(new_params, LineSearchInfo(accepted, step_fraction, steps, surrogate, kl, slope))``
+      where ``step_fraction`` is :math:`\alpha^k` of the accepted step (0 when rejected),
+      ``steps`` the number of candidates evaluated, ``surrogate``/``kl`` those of the returned
+      params, and ``slope`` the directional derivative (``None`` without
+      ``check_direction``).
     """
     # The working dtype follows the parameters (a Python-float surrogate_before is weak).
     dtype = jnp.result_type(*jax.tree.leaves(full_step), surrogate_before, jnp.float32)
@@ -382,14 +410,36 @@ def kl_line_search(
     new_params = jax.tree.map(
         lambda new, old: jnp.where(accepted, new, old), candidate(fraction), params
     )
+    slope = None
+    if check_direction:
+        _, slope = jax.jvp(
+            lambda t: surrogate_and_kl(candidate(t))[0], (zero,), (jnp.ones((), dtype),)
+        )
+        _raise_if_descent(slope, accepted)
     info = LineSearchInfo(
         accepted=accepted,
         step_fraction=fraction,
         steps=steps,
         surrogate=jnp.where(accepted, surrogate, surrogate_before),
         kl=jnp.where(accepted, kl, 0.0),
+        slope=slope,
     )
     return new_params, info
+
+
+def _raise_if_descent(slope, accepted) -> None:
+    """The loud failure of :func:`kl_line_search` for a step down the objective (concrete
+    values only: under ``jit`` nothing can be raised from values)."""
+    if isinstance(slope, jax.core.Tracer) or isinstance(accepted, jax.core.Tracer):
+        return
+    if float(slope) < 0 and not bool(accepted):
+        raise ValueError(
+            f"kl_line_search: full_step goes down the surrogate (its directional derivative "
+            f"at params is {float(slope):.3g} < 0), so no candidate improved it. "
+            "natural_step(grad, ...) needs the gradient of the objective being MAXIMISED; for "
+            "the gradient of a loss (e.g. -surrogate) pass natural_step(..., "
+            "gradient_of='loss'). (check_direction=False turns this check off.)"
+        )
 
 
 class NaturalStepInfo(NamedTuple):
@@ -400,6 +450,10 @@ class NaturalStepInfo(NamedTuple):
     curvature: jax.Array
     cg_iterations: jax.Array
     cg_residual: jax.Array
+    expected_improvement: jax.Array | None = None
+
+
+GRADIENT_OF = ("objective", "loss")
 
 
 def natural_step(
@@ -409,6 +463,8 @@ def natural_step(
     cg_iters: int = 10,
     cg_damping: float | jax.Array = 0.1,
     cg_tol: float | jax.Array = 1e-10,
+    *,
+    gradient_of: str = "objective",
 ):
     r"""The full TRPO step: :math:`\sqrt{2\delta / s^\top \tilde F s}\; s` with
     :math:`s \approx \tilde F^{-1} g`, :math:`\tilde F = F + \lambda I`.
@@ -419,10 +475,42 @@ def natural_step(
     :func:`conjugate_gradient` on the damped ``fvp``; a non-positive curvature gives a zero
     step.
 
+    Sign convention: :math:`g` is the gradient of the objective being **maximised** (the
+    surrogate of :func:`surrogate_objective`), and the returned step is added to the
+    parameters. A loss gradient (of ``-surrogate``, or of a PPO-style loss) given as that
+    :math:`g` yields a step *down* the objective, which :func:`kl_line_search` would then
+    reject at every fraction: say which one you pass with ``gradient_of``. The step always
+    goes up the objective (down the loss).
+
+    Args:
+      grad: the gradient (a pytree like the parameters), of what ``gradient_of`` names.
+      fvp: ``v -> F v``, e.g. :func:`make_fisher_vector_product` (undamped).
+      max_kl: :math:`\delta`, the bound on the quadratic model of the mean KL.
+      cg_iters: conjugate-gradient iterations.
+      cg_damping: :math:`\lambda`, added to ``fvp`` here. Default 0.1 (the original TRPO
+        code's and sb3-contrib's ``cg_damping``): a batch's Fisher is singular or badly
+        conditioned, and the damping keeps CG stable and the step bounded.
+        :func:`conjugate_gradient` alone defaults to ``damping=0`` (a general solver solves the
+        system as given); :func:`natural_step` calls it on the damped product.
+      cg_tol: conjugate gradient's tolerance on the squared residual norm.
+      gradient_of: ``"objective"`` (default: ``grad`` is :math:`g`, the gradient of what is
+        maximised) or ``"loss"`` (``grad`` is the gradient of a loss, :math:`-g`: it is
+        negated first). Any other value raises ``ValueError``.
+
     Returns:
       ``(full_step, NaturalStepInfo(direction, step_size, curvature, cg_iterations,
-      cg_residual))``.
+      cg_residual, expected_improvement))``; ``direction`` is :math:`s`, and
+      ``expected_improvement`` is :math:`g^\top` ``full_step``, the objective's gain the
+      linear model predicts (>= 0), to compare with the line search's measured one.
     """
+    if gradient_of not in GRADIENT_OF:
+        raise ValueError(
+            f"natural_step: gradient_of={gradient_of!r}; valid choices: {list(GRADIENT_OF)} "
+            "('objective': grad is the gradient of the surrogate being maximised; 'loss': of a "
+            "loss being minimised)"
+        )
+    if gradient_of == "loss":
+        grad = jax.tree.map(jnp.negative, grad)
 
     def damped_fvp(v):
         return _tree_axpy(cg_damping, v, fvp(v))
@@ -436,7 +524,12 @@ def natural_step(
     )
     full_step = jax.tree.map(lambda x: (step_size * x).astype(x.dtype), direction)
     return full_step, NaturalStepInfo(
-        direction, step_size, curvature, cg_info.iterations, cg_info.residual_norm
+        direction,
+        step_size,
+        curvature,
+        cg_info.iterations,
+        cg_info.residual_norm,
+        tree_vdot(grad, full_step),
     )
 
 
@@ -653,6 +746,7 @@ def make_trpo_update(
             config.max_kl,
             config.backtrack_coeff,
             config.max_backtracks,
+            check_direction=False,  # grad is the surrogate's own: the sign is right
         )
         if unravel is not None:
             new_params = unravel(new_params)

@@ -20,6 +20,7 @@ term, not the result's size, sets the error. For the same reason float64 results
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -370,21 +371,42 @@ def test_gae_padding_columns_are_not_steps(transform, t_compact, pad_positions, 
 
 
 def test_gae_shape_errors():
+    """Every shape error names the layout (time last) and the shapes given."""
     r, v, d = jnp.zeros((2, 5)), jnp.zeros((2, 6)), jnp.zeros((2, 5))
+    layout = r"gae expects time on the LAST axis.*values \[\.\.\., T \+ 1\]"
     for f in (gae, jax.jit(gae)):
         for bad_v in (jnp.zeros((2, 5)), jnp.zeros((2, 7))):  # values need exactly T + 1
-            with pytest.raises(ValueError, match="one more entry"):
+            with pytest.raises(
+                ValueError, match=layout + ".*" + re.escape(f"values {bad_v.shape}")
+            ):
                 f(r, bad_v, d)
-        with pytest.raises(ValueError, match="time axis"):
+        with pytest.raises(ValueError, match="no time axis"):
             f(jnp.zeros(()), jnp.zeros((1,)), jnp.zeros(()))
-        with pytest.raises(AssertionError):
-            f(r, v, jnp.zeros((2, 4)))  # dones
-        with pytest.raises(AssertionError):
-            f(r, v, d, 0.9, 0.9, jnp.ones((2, 4)))  # mask
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"LAST axis.*dones \(2, 4\)"):
+            f(r, v, jnp.zeros((2, 4)))
+        with pytest.raises(ValueError, match=r"LAST axis.*mask \(2, 4\)"):
+            f(r, v, d, 0.9, 0.9, jnp.ones((2, 4)))
+        with pytest.raises(ValueError, match=r"LAST axis.*values \(3, 6\)"):
             f(r, jnp.zeros((3, 6)), d)  # values batch
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"LAST axis.*values \(6,\)"):
             f(r, jnp.zeros((6,)), d)  # values rank
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_gae_time_first_input_is_named(transform):
+    """rlax's layout (time first: rewards [T, B], values [T + 1, B]) fails with a message that
+    says so; moving time last gives the numpy reference's answer."""
+    r, v, d, _ = make_data(3, (4, 9))  # [B=4, T=9], values [4, 10]
+    r_tb, v_tb, d_tb = r.T, v.T, d.T  # as rlax and many rollout loops hold them
+    with pytest.raises(ValueError, match=r"time-first.*rlax.*moveaxis"):
+        transform(gae)(*_j(r_tb, v_tb, d_tb))
+    moved = [np.moveaxis(x, 0, -1) for x in (r_tb, v_tb, d_tb)]
+    got = transform(gae)(*_j(*moved))
+    want = np_gae(r, v, d, 0.99, 0.95)
+    assert_close(got[0], want[0], np.float64)
+    assert_close(got[1], want[1], np.float64)
+    with pytest.raises(ValueError, match=r"discounted_returns.*time-first"):
+        transform(discounted_returns)(*_j(r.T, d.T), 0.9, jnp.asarray(v[:, -1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,11 +469,11 @@ def test_discounted_returns_leading_batch_dims_and_float32(transform, batch_shap
 def test_discounted_returns_shape_errors():
     r = jnp.zeros((2, 5))
     for f in (discounted_returns, jax.jit(discounted_returns)):
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"LAST axis.*dones \(2, 4\)"):
             f(r, jnp.zeros((2, 4)))
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"bootstrap_value \[\.\.\.\]; got .*\(3,\)"):
             f(r, jnp.zeros((2, 5)), 0.9, jnp.zeros((3,)))  # bootstrap shape
-        with pytest.raises(AssertionError):
+        with pytest.raises(ValueError, match=r"LAST axis.*mask \(5,\)"):
             f(r, jnp.zeros((2, 5)), 0.9, None, jnp.ones((5,)))  # mask shape
         with pytest.raises(ValueError, match="time axis"):
             f(jnp.zeros(()), jnp.zeros(()))

@@ -65,6 +65,17 @@ TRL_F_DIVERGENCE_LOSS_TYPES = (
 NON_F_DIVERGENCE_TYPES = tuple(t for t in TRL_LOSS_TYPES if t not in TRL_F_DIVERGENCE_LOSS_TYPES)
 SORTING_TYPES = ("aot", "aot_unpaired")
 PER_PAIR_TYPES = tuple(t for t in TRL_LOSS_TYPES if t not in SORTING_TYPES)
+# The optional arguments each TRL 1.16 loss type reads, transcribed from
+# ``DPOTrainer._compute_loss``: ``self.label_smoothing`` appears in the exo_pair, robust, aot and
+# aot_unpaired branches, ``self.args.discopop_tau`` in discopop, the completion-mask token counts
+# in ipo and sigmoid_norm (chosen and rejected) and sft (chosen, with its own normaliser).
+TRL_READS = {
+    "label_smoothing": {"exo_pair", "robust", "aot", "aot_unpaired"},
+    "discopop_tau": {"discopop"},
+    "chosen_lengths": {"ipo", "sigmoid_norm", "sft"},
+    "rejected_lengths": {"ipo", "sigmoid_norm"},
+    "sft_normalizer": {"sft"},
+}
 METRIC_KEYS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -279,6 +290,17 @@ def make_batch(seed, batch, *, max_len=20, spread=None, min_len=1):
     return {"c": c, "r": r, "rc": rc, "rr": rr, "cl": cl, "rl": rl}
 
 
+def read_only(kwargs, loss_type):
+    """``kwargs`` without the optional arguments that none of ``loss_type`` reads (TRL ignores
+    them, ``dpo_loss`` refuses them: tested on its own below), and without
+    ``f_alpha_divergence_coef`` unless the f-divergence is ``alpha_divergence``."""
+    types_ = {loss_type} if isinstance(loss_type, str) else set(loss_type)
+    out = {k: v for k, v in kwargs.items() if k not in TRL_READS or TRL_READS[k] & types_}
+    if out.get("f_divergence_type", "reverse_kl") != "alpha_divergence":
+        out.pop("f_alpha_divergence_coef", None)
+    return out
+
+
 def _hashable(v):
     return tuple(v) if isinstance(v, list | tuple) else v
 
@@ -309,7 +331,11 @@ def run_dpo(
     **static,
 ):
     """``dpo_loss`` eagerly or under ``jax.jit``; array arguments (and ``traced``) are jit
-    arguments, the remaining keyword arguments are closed over (static)."""
+    arguments, the remaining keyword arguments are closed over (static). Arguments the loss
+    types do not read are left out (:func:`read_only`), so one configuration serves every type."""
+    loss_type = static.get("loss_type", "sigmoid")
+    static = read_only(static, loss_type)
+    traced = read_only(traced or {}, loss_type)
     arrays = {
         k: v
         for k, v in {
@@ -321,7 +347,7 @@ def run_dpo(
         }.items()
         if v is not None
     }
-    arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+    arrays = {k: jnp.asarray(v) for k, v in read_only(arrays, loss_type).items()}
     conv = lambda x: None if x is None else jnp.asarray(x)
     static_items = tuple(sorted((k, _hashable(v)) for k, v in static.items()))
     fn = _loss_fn(variant, static_items)
@@ -593,8 +619,12 @@ def _grad_case(loss_type):
 
 
 def _grad_fn(variant, b, cfg, argnums):
+    kw = read_only(
+        {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], **cfg}, cfg.get("loss_type")
+    )
+
     def loss_fn(c, r, rc, rr):
-        return dpo_loss(c, r, rc, rr, chosen_lengths=b["cl"], rejected_lengths=b["rl"], **cfg)[0]
+        return dpo_loss(c, r, rc, rr, **kw)[0]
 
     g = jax.grad(loss_fn, argnums=argnums)
     return jax.jit(g) if variant == "jit" else g
@@ -1074,3 +1104,248 @@ def test_only_one_reference_raises():
 def test_empty_loss_type_raises():
     with pytest.raises(ValueError):
         dpo_loss(*_ARGS, loss_type=[])
+
+
+# ------------------------------------------------------------------------------------------
+# Arguments a loss type does not read are errors, not silently ignored
+# ------------------------------------------------------------------------------------------
+
+_UNREAD_VALUES = {
+    "label_smoothing": 0.3,
+    "discopop_tau": 0.2,
+    "chosen_lengths": _B["cl"],
+    "rejected_lengths": _B["rl"],
+    "sft_normalizer": 10.0,
+}
+_UNREAD_CASES = [
+    (argument, lt)
+    for argument, readers in TRL_READS.items()
+    for lt in TRL_LOSS_TYPES
+    if lt not in readers
+]
+
+
+def test_argument_readers_match_trl():
+    assert {k: set(v) for k, v in dpo.ARGUMENT_READERS.items()} == TRL_READS
+
+
+@VARIANTS
+@pytest.mark.parametrize(("argument", "loss_type"), _UNREAD_CASES)
+def test_argument_no_loss_type_reads_raises(argument, loss_type, variant):
+    kw = {argument: _UNREAD_VALUES[argument]}
+    # what the type needs otherwise (so the only fault is the unread argument)
+    for name in ("chosen_lengths", "rejected_lengths"):
+        if loss_type in TRL_READS[name] and name != argument:
+            kw[name] = _UNREAD_VALUES[name]
+    if loss_type == "exo_pair":
+        kw.setdefault("label_smoothing", 1e-3)
+
+    def call(c, r, rc, rr, kw):
+        return dpo_loss(c, r, rc, rr, loss_type=loss_type, **kw)
+
+    fn = jax.jit(call) if variant == "jit" else call
+    with pytest.raises(ValueError) as excinfo:
+        fn(*_ARGS, kw)
+    message = str(excinfo.value)
+    assert argument in message and f"'{loss_type}'" in message and "dpo_loss" in message
+    for reader in TRL_READS[argument]:
+        assert f"'{reader}'" in message
+    # next to a type that reads it, the same argument is fine
+    both = [loss_type, sorted(TRL_READS[argument])[0]]
+    kw = {argument: _UNREAD_VALUES[argument]}
+    for name in ("chosen_lengths", "rejected_lengths"):
+        if TRL_READS[name] & set(both):
+            kw[name] = _UNREAD_VALUES[name]
+    if "exo_pair" in both and argument != "label_smoothing":
+        kw["label_smoothing"] = 0.2
+    loss, _ = dpo_loss(*_ARGS, loss_type=both, **kw)
+    assert np.isfinite(float(loss))
+
+
+def test_sigmoid_with_label_smoothing_is_an_error_not_conservative_dpo():
+    """TRL 1.16's sigmoid branch is -logsigmoid(beta * delta) with no smoothing (cDPO was
+    removed from it), so rljax refuses the setting instead of ignoring or reinterpreting it."""
+    for value in (0.3, jnp.asarray(0.3)):
+        with pytest.raises(ValueError, match=r"label_smoothing.*'sigmoid'.*cDPO.*PairTerms"):
+            dpo_loss(*_ARGS, loss_type="sigmoid", label_smoothing=value)
+    with pytest.raises(ValueError, match=r"label_smoothing.*traced"):
+        jax.jit(lambda ls: dpo_loss(*_ARGS, loss_type="sigmoid", label_smoothing=ls))(0.0)
+    # a concrete 0 means "no smoothing" and is accepted for every type
+    zero, _ = dpo_loss(*_ARGS, loss_type="sigmoid", label_smoothing=0.0)
+    np.testing.assert_allclose(float(zero), trl_dpo(*_ARGS)[0], rtol=1e-12)
+
+
+def test_f_alpha_divergence_coef_needs_alpha_divergence():
+    for f_type in ("reverse_kl", "forward_kl", "js_divergence"):
+        with pytest.raises(ValueError, match=f"f_alpha_divergence_coef.*{f_type}"):
+            dpo_loss(*_ARGS, f_divergence_type=f_type, f_alpha_divergence_coef=0.3)
+    loss, _ = dpo_loss(*_ARGS, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+    want = trl_dpo(*_ARGS, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+    np.testing.assert_allclose(float(loss), want[0], rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# reduction="none": per-pair losses
+# ------------------------------------------------------------------------------------------
+
+
+def trl_per_pair(b, loss_types, loss_weights, *, weights=None, **cfg):
+    """``sum_k w_k * loss_k(i)`` per pair in float64 NumPy, from TRL's per-sequence losses;
+    the sft entry is pair i's share of the per-token NLL, ``-c_i * B / sum(chosen_lengths)``
+    (TRL's batch value times ``w_i`` with per-pair weights, as TRL weights it)."""
+    cl, rl = _f64(b["cl"]), _f64(b["rl"])
+    d = types.SimpleNamespace(
+        beta=cfg.get("beta", 0.1),
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        discopop_tau=cfg.get("discopop_tau", 0.05),
+        chosen_logps=_f64(b["c"]),
+        rejected_logps=_f64(b["r"]),
+        ref_chosen_logps=_f64(b["rc"]),
+        ref_rejected_logps=_f64(b["rr"]),
+        chosen_logratios=_f64(b["c"]) - _f64(b["rc"]),
+        rejected_logratios=_f64(b["r"]) - _f64(b["rr"]),
+        chosen_lengths=cl,
+        rejected_lengths=rl,
+    )
+    d.chosen_scores, d.rejected_scores = d.chosen_logratios, d.rejected_logratios
+    d.delta_score = d.chosen_scores - d.rejected_scores
+    total = np.zeros_like(d.chosen_logps)
+    for lt, w in zip(loss_types, loss_weights, strict=True):
+        if lt == "sft" and weights is None:
+            per_pair = -d.chosen_logps * len(cl) / cl.sum()
+        else:
+            per_pair = trl_per_sequence_loss(lt, d)
+        if weights is not None:
+            per_pair = per_pair * _f64(weights)
+        total += w * per_pair
+    return total
+
+
+@VARIANTS
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_reduction_none_gives_per_pair_losses(dtype, with_weights, variant):
+    b = make_batch(95, 6, spread=0.5)
+    b = {k: v.astype(dtype) if k in ("c", "r", "rc", "rr") else v for k, v in b.items()}
+    lts = list(PER_PAIR_TYPES)
+    lws = [0.4 + 0.1 * i for i in range(len(lts))]
+    w = np.linspace(0.2, 1.0, 6) if with_weights else None
+    cfg = {"beta": 0.3, "label_smoothing": 0.2, "discopop_tau": 0.4}
+    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], "weights": w}
+    common = {"loss_type": lts, "loss_weights": lws, **cfg}
+    per_pair, metrics = run_dpo(
+        variant, b["c"], b["r"], b["rc"], b["rr"], **kw, **common, reduction="none"
+    )
+    mean, mean_metrics = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw, **common)
+    assert per_pair.shape == (6,) and per_pair.dtype == dtype
+    want = trl_per_pair(b, lts, lws, weights=w, **cfg)
+    rtol = 1e-10 if dtype == np.float64 else 2e-6
+    np.testing.assert_allclose(
+        np.asarray(per_pair), want, rtol=rtol, atol=rtol * np.abs(want).max()
+    )
+    # their mean is the default reduction; the metrics are the same scalars
+    np.testing.assert_allclose(float(jnp.mean(per_pair)), float(mean), rtol=rtol)
+    np.testing.assert_allclose(
+        np.mean(want), trl_dpo(b["c"], b["r"], b["rc"], b["rr"], **kw, **common)[0], rtol=rtol
+    )
+    assert set(metrics) == set(mean_metrics)
+    for key in metrics:
+        np.testing.assert_allclose(metrics[key], mean_metrics[key], rtol=rtol, err_msg=key)
+
+
+@VARIANTS
+def test_reduction_none_sums_to_mean_with_a_global_normalizer(variant):
+    b = make_batch(96, 8)
+    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], "loss_type": ["ipo", "sft"]}
+    full, _ = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw)
+    parts = []
+    for sl in (slice(0, 3), slice(3, 8)):
+        sub = {"chosen_lengths": b["cl"][sl], "rejected_lengths": b["rl"][sl]}
+        per_pair, _ = run_dpo(
+            variant,
+            b["c"][sl],
+            b["r"][sl],
+            b["rc"][sl],
+            b["rr"][sl],
+            **sub,
+            loss_type=["ipo", "sft"],
+            normalizer=8,
+            sft_normalizer=int(b["cl"].sum()),
+            reduction="none",
+        )
+        parts.append(np.asarray(per_pair))
+    np.testing.assert_allclose(np.concatenate(parts).sum() / 8, float(full), rtol=1e-10)
+
+
+@pytest.mark.parametrize("loss_type", SORTING_TYPES)
+def test_reduction_none_refuses_sorting_losses(loss_type):
+    with pytest.raises(ValueError, match=f"reduction='none'.*{loss_type}"):
+        dpo_loss(*_ARGS, loss_type=loss_type, reduction="none")
+    with pytest.raises(ValueError, match=r"reduction.*'mean', 'none'"):
+        dpo_loss(*_ARGS, reduction="sum")
+
+
+# ------------------------------------------------------------------------------------------
+# A custom variant written from PairTerms
+# ------------------------------------------------------------------------------------------
+
+
+def conservative_dpo(terms: dpo.PairTerms) -> jax.Array:
+    """cDPO (Mitchell, 2023): DPO with labels flipped with probability 0.1, written from the
+    per-pair terms as a researcher would."""
+    eps = 0.1
+    logits = terms.beta * terms.delta_score
+    return -(1 - eps) * jax.nn.log_sigmoid(logits) - eps * jax.nn.log_sigmoid(-logits)
+
+
+def np_conservative_dpo(b, beta):
+    delta = (_f64(b["c"]) - _f64(b["rc"])) - (_f64(b["r"]) - _f64(b["rr"]))
+    return -0.9 * np_logsigmoid(beta * delta) - 0.1 * np_logsigmoid(-beta * delta)
+
+
+@VARIANTS
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_custom_variant_from_pair_terms(dtype, variant):
+    b = make_batch(97, 7, spread=0.5)
+    arr = {k: jnp.asarray(b[k].astype(dtype)) for k in ("c", "r", "rc", "rr")}
+    rtol = 1e-10 if dtype == np.float64 else 2e-6
+
+    def call(c, r, rc, rr, beta):
+        return (
+            dpo_loss(c, r, rc, rr, beta=beta, loss_type=conservative_dpo),
+            dpo_loss(c, r, rc, rr, beta=beta, loss_type=conservative_dpo, reduction="none")[0],
+            dpo_loss(
+                c,
+                r,
+                rc,
+                rr,
+                beta=beta,
+                loss_type=["sigmoid", conservative_dpo],
+                loss_weights=[0.5, 2.0],
+            )[0],
+            jax.grad(lambda c: dpo_loss(c, r, rc, rr, beta=beta, loss_type=conservative_dpo)[0])(c),
+        )
+
+    fn = jax.jit(call) if variant == "jit" else call
+    (loss, metrics), per_pair, combined, grad = fn(arr["c"], arr["r"], arr["rc"], arr["rr"], 0.4)
+    rounded = {k: np.asarray(v, np.float64) for k, v in arr.items()}
+    want = np_conservative_dpo(rounded, 0.4)
+    np.testing.assert_allclose(np.asarray(per_pair), want, rtol=rtol)
+    np.testing.assert_allclose(float(loss), want.mean(), rtol=rtol)
+    np.testing.assert_allclose(float(metrics["loss/conservative_dpo"]), want.mean(), rtol=rtol)
+    sigmoid = trl_dpo(rounded["c"], rounded["r"], rounded["rc"], rounded["rr"], beta=0.4)[0]
+    np.testing.assert_allclose(float(combined), 0.5 * sigmoid + 2.0 * want.mean(), rtol=rtol)
+    expected_grad = fd_grad(
+        lambda x: np_conservative_dpo({**rounded, "c": x}, 0.4).mean(), rounded["c"]
+    )
+    np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-8)
+    for key in METRIC_KEYS:
+        assert key in metrics
+
+
+def test_custom_variant_must_return_per_pair_losses():
+    def total(t):
+        return jnp.sum(t.delta_score)
+
+    with pytest.raises(ValueError, match="'total' returned shape"):
+        dpo_loss(*_ARGS, loss_type=total)

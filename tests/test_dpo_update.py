@@ -17,6 +17,7 @@ Compiled functions are shared between tests (module-level caches) to keep the fi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -146,16 +147,19 @@ def ref_logps64():
 
 
 def dpo_kwargs(config: DPOConfig):
+    """``dpo_loss`` arguments for ``config``: the completion lengths for the types whose TRL
+    formula reads them (ipo and sigmoid_norm both, sft the chosen), label smoothing for
+    robust/exo_pair/aot."""
     types, weights = config.loss_types_and_weights()
     chosen_len, rejected_len = lengths64()
-    return dict(
-        beta=config.beta,
-        loss_type=types,
-        loss_weights=weights,
-        label_smoothing=config.label_smoothing,
-        chosen_lengths=jnp.asarray(chosen_len),
-        rejected_lengths=jnp.asarray(rejected_len),
-    )
+    kwargs = dict(beta=config.beta, loss_type=types, loss_weights=weights)
+    if {"ipo", "sigmoid_norm", "sft"} & set(types):
+        kwargs["chosen_lengths"] = jnp.asarray(chosen_len)
+    if {"ipo", "sigmoid_norm"} & set(types):
+        kwargs["rejected_lengths"] = jnp.asarray(rejected_len)
+    if {"robust", "exo_pair", "aot", "aot_unpaired"} & set(types):
+        kwargs["label_smoothing"] = config.label_smoothing
+    return kwargs
 
 
 CONFIGS = {
@@ -342,6 +346,110 @@ def test_config_validation():
     update = make_dpo_update(graphdef, optax.sgd(1.0), DPOConfig(reference="model"))
     with pytest.raises(ValueError, match="ref_params"):
         jax.eval_shape(update, init_dpo_state(params, optax.sgd(1.0)), batch64())
+
+
+def test_config_refuses_coefficients_no_loss_type_reads():
+    with pytest.raises(ValueError, match=r"DPOConfig.label_smoothing=0.1.*'sigmoid'"):
+        DPOConfig(label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"DPOConfig.discopop_tau=0.2.*\['sigmoid', 'ipo'\]"):
+        DPOConfig(loss_type=("sigmoid", "ipo"), discopop_tau=0.2)
+    with pytest.raises(ValueError, match=r"DPOConfig.f_alpha_divergence_coef.*alpha_divergence"):
+        DPOConfig(f_alpha_divergence_coef=0.3)
+    DPOConfig(loss_type=("sigmoid", "robust"), label_smoothing=0.1)  # robust reads it
+    DPOConfig(loss_type="discopop", discopop_tau=0.2)
+    DPOConfig(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swept coefficients are traced: one compilation for a sweep, equal to the baked step
+# ---------------------------------------------------------------------------------------------
+
+SWEEP_CONFIG = DPOConfig(
+    beta=0.3,
+    loss_type=("robust", "ipo"),
+    loss_weights=(1.0, 0.5),
+    label_smoothing=0.1,
+    rpo_alpha=0.2,
+    reference="precomputed",
+    chunk_size=7,
+)
+# The same keys in every call (the dict is a pytree: its keys are part of the compiled
+# signature), the config's values first.
+SWEEP = [
+    {"beta": 0.3, "label_smoothing": 0.1, "loss_weights": (1.0, 0.5), "rpo_alpha": 0.2},
+    {"beta": 0.05, "label_smoothing": 0.1, "loss_weights": (1.0, 0.5), "rpo_alpha": 0.2},
+    {"beta": 1.5, "label_smoothing": 0.3, "loss_weights": (1.0, 0.5), "rpo_alpha": 0.2},
+    {"beta": 0.2, "label_smoothing": 0.0, "loss_weights": (0.25, 2.0), "rpo_alpha": 0.7},
+]
+
+
+def _assert_states_and_metrics_equal(got, want, rtol=1e-10):
+    (state, metrics), (want_state, want_metrics) = got, want
+    assert set(metrics) == set(want_metrics)
+    for key, val in want_metrics.items():
+        np.testing.assert_allclose(metrics[key], val, rtol=rtol, atol=1e-12, err_msg=key)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12)
+
+
+def test_swept_coefficients_compile_once_and_equal_the_baked_step():
+    graphdef, _ = policy64()
+    batch = batch_for("precomputed")
+    state = state64("precomputed")
+    traces = []
+
+    def counted(state, batch, hyperparams=None):
+        traces.append(1)
+        return make_dpo_update(graphdef, optax.sgd(1.0), SWEEP_CONFIG)(state, batch, hyperparams)
+
+    step = jax.jit(counted)
+    results = [step(state, batch, h) for h in SWEEP]
+    assert step._cache_size() == 1 and len(traces) == 1  # four settings, one compilation
+    losses = [float(m["loss"]) for _, m in results]
+    assert len(set(losses)) == len(losses)  # the coefficients did change the step
+    # the baked step (the config's values compiled in) gives the same state and metrics
+    for i in (1, 3):
+        baked_config = dataclasses.replace(SWEEP_CONFIG, **SWEEP[i])
+        baked = jax.jit(make_dpo_update(graphdef, optax.sgd(1.0), baked_config))
+        _assert_states_and_metrics_equal(results[i], baked(state, batch))
+    # no hyperparams: the config's own values, the same result as passing them
+    _assert_states_and_metrics_equal(
+        results[0], jax.jit(make_dpo_update(graphdef, optax.sgd(1.0), SWEEP_CONFIG))(state, batch)
+    )
+
+
+def test_swept_beta_in_the_eval_step():
+    graphdef, _ = policy64()
+    evaluate = jax.jit(make_dpo_eval(graphdef, CONFIGS["none"]))
+    got = [evaluate(state64("none"), batch64(), {"beta": b}) for b in (0.1, 0.4)]
+    assert evaluate._cache_size() == 1
+    baked = jax.jit(make_dpo_eval(graphdef, dataclasses.replace(CONFIGS["none"], beta=0.4)))
+    want = baked(state64("none"), batch64())
+    for key, val in want.items():
+        np.testing.assert_allclose(got[1][key], val, rtol=1e-10, atol=1e-12, err_msg=key)
+    assert float(got[0]["rewards/margins"]) != float(got[1]["rewards/margins"])
+
+
+@pytest.mark.parametrize(
+    ("hyperparams", "message"),
+    [
+        ({"label_smoothing": 0.1}, r"label_smoothing.*none of the loss types"),
+        ({"rpo_alpha": 0.1}, r"rpo_alpha.*RPO is off"),
+        ({"gamma": 0.1}, r"gamma.*valid keys: \['beta', 'loss_weights'\]"),
+        (
+            {"loss_weights": (1.0,)},
+            r"loss_weights.*one weight per loss type of DPOConfig.loss_type \(2\)",
+        ),
+    ],
+)
+def test_hyperparams_the_config_does_not_trace_raise(hyperparams, message):
+    graphdef, params = policy64()
+    config = DPOConfig(loss_type=("sigmoid", "hinge"), reference="none")
+    update = make_dpo_update(graphdef, optax.sgd(1.0), config)
+    with pytest.raises(ValueError, match=message):
+        jax.eval_shape(update, init_dpo_state(params, optax.sgd(1.0)), batch64(), hyperparams)
+    with pytest.raises(TypeError, match="hyperparams must be a dict"):
+        jax.eval_shape(update, init_dpo_state(params, optax.sgd(1.0)), batch64(), 0.1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_pendulum_matches_gymnasium_equations_over_an_episode():
     env = envs.Pendulum()
     params = env.default_params()
     _, state = env.reset(jax.random.key(7), params)
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     free_running = (float(state.theta), float(state.theta_dot))
     rng = np.random.default_rng(1)
     actions = rng.uniform(-4.0, 4.0, size=(200, 1)).astype(np.float32)  # half out of range
@@ -174,7 +174,7 @@ def test_pendulum_one_step_map_over_the_state_space_vmapped():
     state = envs.PendulumState(jnp.asarray(theta), jnp.asarray(theta_dot), jnp.asarray(time))
     keys = jax.random.split(jax.random.key(0), n)
     obs, new, reward, terminated, truncated, _ = jax.jit(
-        jax.vmap(env.step, in_axes=(0, 0, 0, None))
+        jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
     )(keys, state, jnp.asarray(actions), params)
     obs, reward, new_theta = np.asarray(obs), np.asarray(reward), np.asarray(new.theta)
     clipped = 0
@@ -192,7 +192,7 @@ def test_pendulum_one_step_map_over_the_state_space_vmapped():
     np.testing.assert_array_equal(new.time, time + 1)
     # Eagerly, one state: same answer as the reference.
     one = jax.tree.map(lambda x: x[0], state)
-    obs0, _, reward0, _, _, _ = env.step(keys[0], one, jnp.asarray(actions[0]), params)
+    obs0, _, reward0, _, _, _ = env.step_env(keys[0], one, jnp.asarray(actions[0]), params)
     _, ref_obs, ref_reward = gymnasium_pendulum_step(
         (float(theta[0]), float(theta_dot[0])), actions[0, 0]
     )
@@ -237,7 +237,7 @@ def test_acrobot_matches_gymnasium_equations_over_an_episode():
     env = envs.Acrobot()
     params = env.default_params()
     _, state = env.reset(jax.random.key(5), params)
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     rng = np.random.default_rng(3)
     terminated = False
     for t in range(500):
@@ -279,7 +279,7 @@ def test_acrobot_one_step_map_over_the_state_space_vmapped():
     time = rng.integers(0, 500, n).astype(np.int32)
     time[:50] = 499
     obs, new, reward, terminated, truncated, _ = jax.jit(
-        jax.vmap(env.step, in_axes=(0, 0, 0, None))
+        jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
     )(jax.random.split(jax.random.key(0), n), acrobot_state(s, time), jnp.asarray(actions), params)
     obs, new_s = np.asarray(obs), acrobot_array(new)
     reward, terminated, truncated = map(np.asarray, (reward, terminated, truncated))
@@ -303,7 +303,7 @@ def test_acrobot_one_step_map_over_the_state_space_vmapped():
     np.testing.assert_array_equal(new.time, time + 1)
     # Eagerly, one state.
     one = acrobot_state(s[1], np.int32(0))
-    obs1, _, reward1, terminated1, _, _ = env.step(jax.random.key(0), one, 1, params)
+    obs1, _, reward1, terminated1, _, _ = env.step_env(jax.random.key(0), one, 1, params)
     _, ref_obs, ref_reward, ref_terminated = gymnasium_acrobot_step(s[1], 1)
     np.testing.assert_allclose(obs1, ref_obs, rtol=1e-4, atol=1e-4)
     assert float(reward1) == ref_reward and bool(terminated1) == ref_terminated
@@ -313,7 +313,7 @@ def test_acrobot_one_step_map_over_the_state_space_vmapped():
 def test_acrobot_terminates_near_the_top(time):
     env = envs.Acrobot()
     params = env.default_params()
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     # Link 1 straight up, link 2 in line with it, at rest: the tip is 2 above the base.
     top = np.array([math.pi - 0.05, 0.0, 0.0, 0.0])
     obs, new, reward, terminated, truncated, _ = step(
@@ -369,7 +369,7 @@ def test_mountaincar_reset_distribution():
 def run_mountaincar(env, params, state, policy, num_steps):
     """Step the env with a policy of the reference state; check every step against the
     reference one-step map (from the env's own state) and a free-running reference."""
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     free_running = (float(state.position), float(state.velocity))
     for t in range(num_steps):
         action = np.float32(policy(t, free_running))
@@ -419,7 +419,7 @@ def test_mountaincar_scripted_policy_reaches_the_goal():
 def test_mountaincar_left_wall_truncation_and_vmap():
     env = envs.MountainCarContinuous()
     params = env.default_params()
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     # Hitting the left wall: position clipped to -1.2 and velocity zeroed.
     state = envs.MountainCarState(jnp.float32(-1.19), jnp.float32(-0.05), jnp.int32(0))
     obs, new, reward, terminated, truncated, _ = step(jax.random.key(0), state, -1.0, params)
@@ -444,7 +444,7 @@ def test_mountaincar_left_wall_truncation_and_vmap():
     batch = envs.MountainCarState(
         jnp.asarray(position), jnp.asarray(velocity), jnp.zeros(n, jnp.int32)
     )
-    obs, _, reward, terminated, _, _ = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(
+    obs, _, reward, terminated, _, _ = jax.jit(jax.vmap(env.step_env, in_axes=(0, 0, 0, None)))(
         jax.random.split(jax.random.key(0), n), batch, jnp.asarray(actions), params
     )
     obs, reward, terminated = np.asarray(obs), np.asarray(reward), np.asarray(terminated)
@@ -459,7 +459,9 @@ def test_mountaincar_left_wall_truncation_and_vmap():
         n_terminal += ref_terminated
     assert n_terminal > 10
     one = jax.tree.map(lambda x: x[0], batch)
-    obs0, _, reward0, _, _, _ = env.step(jax.random.key(0), one, jnp.asarray(actions[0]), params)
+    obs0, _, reward0, _, _, _ = env.step_env(
+        jax.random.key(0), one, jnp.asarray(actions[0]), params
+    )
     ref_state, ref_reward, _ = gymnasium_mountaincar_step(
         (float(position[0]), float(velocity[0])), actions[0, 0]
     )
@@ -471,7 +473,7 @@ def test_mountaincar_left_wall_truncation_and_vmap():
 def test_continuous_state_stays_float32_for_float64_actions(name):
     env, params = envs.make(name)
     _, state = env.reset(jax.random.key(0), params)
-    _, new, reward, _, _, _ = jax.jit(env.step)(
+    _, new, reward, _, _, _ = jax.jit(env.step_env)(
         jax.random.key(0), state, jnp.array([0.5], jnp.float64), params
     )
     assert reward.dtype == jnp.float32
@@ -532,7 +534,7 @@ def test_probe_semantics(kind):
     assert env.name == f"probe-{kind}" and env.observation_size == 1 and env.num_actions == 2
     horizon = 2 if kind == "discount" else 1
     reset = jax.jit(env.reset)
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)
     observations = set()
     for seed in range(16):
         obs, state = reset(jax.random.key(seed), params)
@@ -557,13 +559,13 @@ def test_probe_semantics(kind):
         assert observations == {0.0}
     # Eager and vmapped agree with the specification too.
     obs, state = env.reset(jax.random.key(0), params)
-    _, _, reward, terminated, _, _ = env.step(jax.random.key(0), state, jnp.int32(1), params)
+    _, _, reward, terminated, _, _ = env.step_env(jax.random.key(0), state, jnp.int32(1), params)
     assert float(reward) == expected_probe_reward(kind, float(obs[0]), 1, 1)
     assert bool(terminated) == (horizon == 1)
     keys = jax.random.split(jax.random.key(1), 64)
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
     actions = jnp.arange(64) % 2
-    _, _, reward, terminated, _, _ = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))(
+    _, _, reward, terminated, _, _ = jax.jit(jax.vmap(env.step_env, in_axes=(0, 0, 0, None)))(
         keys, state, actions, params
     )
     expected = [
@@ -577,7 +579,7 @@ def test_probe_semantics(kind):
 def test_probe_action_accepts_a_python_int_eagerly():
     env, params = envs.make("probe-action")
     _, state = env.reset(jax.random.key(0), params)
-    _, _, reward, _, _, _ = env.step(jax.random.key(0), state, 1, params)
+    _, _, reward, _, _, _ = env.step_env(jax.random.key(0), state, 1, params)
     assert float(reward) == 1.0
 
 
@@ -664,7 +666,7 @@ def fake_gymnax(monkeypatch):
 
 
 def run_fake(env, params, actions, use_jit):
-    step = jax.jit(env.step) if use_jit else env.step
+    step = jax.jit(env.step_env) if use_jit else env.step_env
     obs, state = env.reset(jax.random.key(0), params)
     assert obs.shape == (4,) and obs.dtype == jnp.float32
     out = []
@@ -727,7 +729,7 @@ def test_gymnax_adapter_vmaps(fake_gymnax):
     )
     actions = jnp.array([2, 1, 1, 2])
     obs, new, reward, terminated, truncated, _ = jax.jit(
-        jax.vmap(env.step, in_axes=(0, 0, 0, None))
+        jax.vmap(env.step_env, in_axes=(0, 0, 0, None))
     )(keys, state, actions, params)
     assert obs.shape == (4, 4) and obs.dtype == jnp.float32
     np.testing.assert_array_equal(new.x, [3, 0, 0, 3])

@@ -1,6 +1,8 @@
 """CartPole dynamics against an independent numpy transcription of gymnasium's equations, and
 the rollout/bootstrap logic on a hand-made environment with known returns."""
 
+import functools
+import inspect
 import math
 from typing import NamedTuple
 
@@ -39,7 +41,7 @@ def test_cartpole_matches_gymnasium_equations():
     obs, state = env.reset(jax.random.key(3), params)
     assert np.all(np.abs(np.asarray(obs)) <= 0.05)
     reference = np.asarray(obs, np.float64)
-    step = jax.jit(env.step)
+    step = jax.jit(env.step_env)  # the transition itself, without the automatic reset
     rng = np.random.default_rng(0)
     for t in range(200):
         action = int(rng.integers(2))
@@ -67,9 +69,14 @@ def test_cartpole_truncates_at_500_steps():
         x_dot=jnp.float32(0),
         theta_dot=jnp.float32(0),
     )
-    _, new_state, _, terminated, truncated, _ = env.step(jax.random.key(1), state, 1, params)
+    _, new_state, _, terminated, truncated, _ = env.step_env(jax.random.key(1), state, 1, params)
     assert bool(truncated) and not bool(terminated)
     assert int(new_state.time) == 500
+    # step resets: a new episode starts at time 0, and the cut-off observation is in info
+    obs, new_state, _, terminated, truncated, info = env.step(jax.random.key(1), state, 1, params)
+    assert bool(truncated) and not bool(terminated)
+    assert int(new_state.time) == 0 and np.all(np.abs(np.asarray(obs)) <= 0.05)
+    np.testing.assert_allclose(info["final_obs"], [0.0, 0.19512194, 0.0, -0.29268292], rtol=1e-6)
 
 
 class CounterState(NamedTuple):
@@ -163,3 +170,85 @@ def test_sample_action_families():
     )
     np.testing.assert_allclose(jnp.mean(samples, axis=(0, 1)), [1.0, -2.0], atol=0.1)
     np.testing.assert_allclose(jnp.std(samples, axis=(0, 1)), [0.5, 2.0], rtol=0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# env.step resets automatically, as gymnax's Environment.step does
+# ------------------------------------------------------------------------------------------
+
+
+def gymnax_step(env, key, state, action, params):
+    """gymnax's auto-reset (``gymnax/environments/environment.py``, ``Environment.step``),
+    written out: split the key, step with the first half, reset with the second, and keep the
+    reset observation and state where the episode ended."""
+    key, key_reset = jax.random.split(key)
+    obs, new_state, reward, terminated, truncated, _ = env.step_env(key, state, action, params)
+    reset_obs, reset_state = env.reset(key_reset, params)
+    done = bool(terminated) or bool(truncated)
+    return (reset_obs if done else obs), (reset_state if done else new_state), reward, obs, done
+
+
+def near_the_end(params, state):
+    """A state whose next step ends the episode (the time limit, or a probe's last step)."""
+    return state._replace(time=jnp.int32(envs.time_limit(params) - 1))
+
+
+BUILT_IN = [*envs.ENVIRONMENTS, *(f"probe-{kind}" for kind in envs.Probe.KINDS)]
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_step_auto_resets_like_gymnax(name, use_jit):
+    env, params = envs.make(name)
+    step = jax.jit(env.step) if use_jit else env.step
+    _, state = env.reset(jax.random.key(0), params)
+    action = jnp.zeros((env.action_size,)) if env.continuous else jnp.int32(1)
+    one_step = name.startswith("probe-") and envs.time_limit(params) == 1
+    cases = [(state, one_step), (near_the_end(params, state), True)]
+    for i, (start, ends) in enumerate(cases):
+        key = jax.random.key(10 + i)
+        obs, new_state, reward, terminated, truncated, info = step(key, start, action, params)
+        want_obs, want_state, want_reward, final_obs, done = gymnax_step(
+            env, key, start, action, params
+        )
+        assert done == ends and bool(terminated | truncated) == ends
+        # float32 dynamics (Acrobot's RK4): jit may fuse and round differently from the eager
+        # reference, by ~1e-8 absolute; a reset-vs-step mix-up differs by far more
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+        close(obs, want_obs)
+        close(info["final_obs"], final_obs)
+        close(reward, want_reward)
+        for got, want in zip(jax.tree.leaves(new_state), jax.tree.leaves(want_state), strict=True):
+            close(got, want)
+            assert got.dtype == want.dtype
+        if ends:
+            assert int(new_state.time) == 0
+            reset_obs, _ = env.reset(jax.random.split(key)[1], params)
+            np.testing.assert_array_equal(obs, reset_obs)
+
+
+def test_every_environment_documents_reset_and_step():
+    for name in BUILT_IN:
+        env, _ = envs.make(name)
+        for method in ("reset", "step", "step_env"):
+            doc = inspect.getdoc(getattr(env, method)) or ""
+            assert len(doc) > 80, (name, method)
+    assert "automatic reset" in inspect.getdoc(envs.Environment.step)
+    assert "final_obs" in inspect.getdoc(envs.Environment.step)
+
+
+def test_raw_step_of_an_environment_without_step_env_is_its_step():
+    env = CountdownEnv(horizon=3, terminate=True)
+    assert envs.raw_step(env) == env.step
+    cartpole = envs.CartPole()
+    assert envs.raw_step(cartpole) == cartpole.step_env
+
+
+def test_collect_with_built_in_env_records_the_state_before_the_reset():
+    """collect steps with step_env and resets itself: next_obs is the cut-off state."""
+    env, params = envs.make("probe-discount")
+    carry = envs.init_carry(env, params, jax.random.key(0), num_envs=2)
+    _, traj = envs.collect(env, params, uniform_policy, None, carry, jax.random.key(1), 4)
+    np.testing.assert_array_equal(traj["obs"][0, :, 0], [0, 1, 0, 1])
+    np.testing.assert_array_equal(traj["next_obs"][0, :, 0], [1, 2, 1, 2])
+    np.testing.assert_array_equal(traj["terminated"][0], [False, True, False, True])

@@ -36,6 +36,7 @@ from rljax.trpo import (
     kl_line_search,
     make_fisher_vector_product,
     make_trpo_update,
+    natural_step,
     output_fisher_product,
 )
 
@@ -659,9 +660,16 @@ def test_line_search_backtracks(scale, c, h, max_kl, coeff, k_expected):
         jax.debug.callback(lambda q: tried.append(np.asarray(q)), ravel_pytree(p)[0], ordered=True)
         return ls_model(p, c, h)
 
-    search = jax.jit(
+    search = jax.jit(  # without the direction check's extra evaluation at p0
         lambda s: kl_line_search(
-            surrogate_and_kl, LS_P0, LS_UNRAVEL(s), LS_BEFORE, max_kl, coeff, 10
+            surrogate_and_kl,
+            LS_P0,
+            LS_UNRAVEL(s),
+            LS_BEFORE,
+            max_kl,
+            coeff,
+            10,
+            check_direction=False,
         )
     )
     new, info = search(jnp.asarray(step))
@@ -727,6 +735,95 @@ def test_line_search_rejects(case):
     assert int(info.steps) == max_steps
     assert float(info.surrogate) == 0.0 and float(info.kl) == 0.0
     assert_unchanged_bitwise(new, LS_P0)
+
+
+# ---------------------------------------------------------------------------------------------
+# natural_step's sign convention, the line search's descent check, the damping defaults
+# ---------------------------------------------------------------------------------------------
+
+VARIANT = pytest.mark.parametrize("variant", ["eager", "jit"])
+
+
+def dense_natural_step(a, g, damping, max_kl):
+    """float64 numpy: s = (A + damping I)^-1 g, scaled so that 1/2 step^T (A + damping I) step
+    = max_kl; returns the step and the linear model's gain g^T step."""
+    damped = a + damping * np.eye(len(g))
+    s = np.linalg.solve(damped, g)
+    step = np.sqrt(2.0 * max_kl / (s @ damped @ s)) * s
+    return step, g @ step
+
+
+@VARIANT
+@pytest.mark.parametrize("gradient_of", ["objective", "loss"])
+def test_natural_step_sign_convention(gradient_of, variant):
+    """``gradient_of='loss'`` takes the loss's gradient (-g) and gives the objective's step."""
+    a, g_flat, g = cg_problem(3)
+    given = g if gradient_of == "objective" else jax.tree.map(jnp.negative, g)
+
+    def step_fn(grad):
+        return natural_step(grad, dense_matvec(a), 0.01, N_CG, 0.1, 0.0, gradient_of=gradient_of)
+
+    full_step, info = (jax.jit(step_fn) if variant == "jit" else step_fn)(given)
+    want_step, want_gain = dense_natural_step(a, g_flat, 0.1, 0.01)
+    assert want_gain > 0
+    assert rel_err(ravel(full_step), want_step) < 1e-8  # CG in N_CG steps, float64
+    np.testing.assert_allclose(float(info.expected_improvement), want_gain, rtol=1e-8)
+
+
+def test_natural_step_rejects_an_unknown_gradient_of():
+    _, _, g = cg_problem(3)
+    with pytest.raises(ValueError, match=r"natural_step: gradient_of='grad'.*'objective', 'loss'"):
+        natural_step(g, lambda v: v, 0.01, gradient_of="grad")
+
+
+@VARIANT
+def test_natural_step_damping_is_conjugate_gradient_damping(variant):
+    """natural_step(cg_damping=d) solves (F + d I) s = g: conjugate_gradient(damping=d); the
+    solver's own default (0) solves F s = g, a different direction."""
+    a, g_flat, g = cg_problem(5)
+
+    def both(grad):
+        _, info = natural_step(grad, dense_matvec(a), 0.01, N_CG, 0.1, 0.0)
+        damped, _ = conjugate_gradient(dense_matvec(a), grad, N_CG, 0.1, 0.0)
+        undamped, _ = conjugate_gradient(dense_matvec(a), grad, N_CG, tol=0.0)
+        return info.direction, damped, undamped
+
+    direction, damped, undamped = (jax.jit(both) if variant == "jit" else both)(g)
+    assert rel_err(ravel(direction), ravel(damped)) < 1e-12
+    assert rel_err(ravel(damped), np.linalg.solve(a + 0.1 * np.eye(N_CG), g_flat)) < 1e-8
+    assert rel_err(ravel(undamped), np.linalg.solve(a, g_flat)) < 1e-8
+    assert rel_err(ravel(undamped), ravel(damped)) > 1e-3
+    for doc in (conjugate_gradient.__doc__, natural_step.__doc__):
+        assert "damping=0" in doc and "0.1" in doc
+
+
+def test_line_search_fails_loudly_on_a_step_down_the_objective():
+    """A loss's gradient given to natural_step as the objective's: every candidate is worse.
+    Eagerly kl_line_search raises; under jit its slope says so."""
+    loss_grad = LS_UNRAVEL(jnp.asarray(-LS_G))  # the surrogate ls_model's ascent is +LS_G
+
+    def search(step, **kw):
+        return kl_line_search(lambda p: ls_model(p, 0.1, 1.0), LS_P0, step, LS_BEFORE, 0.01, **kw)
+
+    wrong, _ = natural_step(loss_grad, lambda v: v, 0.01)  # declared as the objective's
+    with pytest.raises(ValueError, match=r"goes down the surrogate.*gradient_of='loss'"):
+        search(wrong)
+    new, info = jax.jit(search)(wrong)
+    assert not bool(info.accepted)
+    assert_unchanged_bitwise(new, LS_P0)
+    np.testing.assert_allclose(float(info.slope), LS_G @ ravel(wrong), rtol=1e-12)
+    assert float(info.slope) < 0
+    _, info = search(wrong, check_direction=False)  # the check off: no error, no slope
+    assert info.slope is None and not bool(info.accepted)
+    # the same gradient declared as the loss's: accepted, slope = the predicted gain
+    right, step_info = natural_step(loss_grad, lambda v: v, 0.01, gradient_of="loss")
+    for fn in (search, jax.jit(search)):
+        new, info = fn(right)
+        assert bool(info.accepted) and float(info.slope) > 0
+        np.testing.assert_allclose(float(info.slope), LS_G @ ravel(right), rtol=1e-12)
+        np.testing.assert_allclose(
+            float(info.slope), float(step_info.expected_improvement), rtol=1e-12
+        )
 
 
 # ---------------------------------------------------------------------------------------------
