@@ -4,7 +4,7 @@
 The model: ``TransformerConfig.llama(vocab_size=2048, hidden_size=256, num_layers=4,
 num_heads=4, intermediate_size=688, tie_word_embeddings=False)`` in float32 (the layout of
 ``transformers.LlamaConfig`` with those sizes: untied LM head, RMSNorm eps 1e-6, RoPE theta
-1e4), random init. The step: ``rljax.dpo.make_dpo_update`` with ``DPOConfig(beta=0.1,
+1e4), random init. The step: ``rljax.updates.make_dpo_update`` with ``DPOConfig(beta=0.1,
 loss_type="sigmoid", reference="model")``, i.e. a forward pass of the frozen reference
 parameters on every batch, as TRL's default reference model does; AdamW (lr 1e-6, TRL's
 default). The batch: 8 pairs, every sequence 128 tokens (64 prompt + 64 completion, the
@@ -48,10 +48,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import bench, data, lm
-from rljax.dpo import DPOConfig, DPOState, dpo_loss, init_dpo_state, make_dpo_update
+from rljax import bench, data
+from rljax.dpo import dpo_loss
 from rljax.logprobs import masked_sum_and_count, token_logprobs
 from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.updates import DPOConfig, DPOState, init_dpo_state, lm, make_dpo_update
 
 
 def model_config(args) -> TransformerConfig:

@@ -22,17 +22,17 @@ One iteration, every phase compiled ahead of time and timed on its own (synchron
   step reads every parameter and the KV cache written so far, so it cannot beat
   ``(parameter bytes + mean KV-cache bytes) / bandwidth``, the bandwidth measured here by an
   elementwise pass over a large array (:func:`rljax.bench.measure_bandwidth`).
-* **policy / reference / value forward**: :func:`rljax.rlhf.completion_outputs` (chunked
+* **policy / reference / value forward**: :func:`rljax.updates.completion_outputs` (chunked
   log-probs and entropies of the completion tokens) of the policy and of the reference over
   the ``P + N`` tokens, and the critic's values (the value model; with ``head``, the policy's
   own head in the same pass, timed as its own row).
 * **scoring**: the reward model's score at the last token (``Transformer.rewards``).
 * **shaping**: :func:`rljax.rl.rlhf.make_shaping_fn` (per-token KL penalty, token GAE).
-* **update**: :func:`rljax.rlhf.make_rlhf_ppo_update`, ``--epochs`` (4) passes of
+* **update**: :func:`rljax.updates.make_rlhf_ppo_update`, ``--epochs`` (4) passes of
   ``--minibatches`` (1) minibatches, TRL's ``num_ppo_epochs`` and ``num_mini_batches``
   defaults, AdamW lr 3e-6 (TRL's), with the separate critic (``critic="separate"``, TRL's
   layout) and with the value head (``critic="head"``); and
-  :func:`rljax.rlhf.make_rlhf_trpo_update` with the separate critic (10 CG iterations, 4 critic
+  :func:`rljax.updates.make_rlhf_trpo_update` with the separate critic (10 CG iterations, 4 critic
   passes of 2 minibatches). Model FLOPs: :func:`rljax.bench.transformer_flops_per_token`
   (6N per token with the backward pass plus attention, PaLM's count, every position counted)
   times the tokens each optimizer step sees; for TRPO an estimate (as ``step_speed.py``).
@@ -79,8 +79,9 @@ if str(_HERE) not in sys.path:  # the sibling benchmark scripts, whose builders 
 import dpo_speed  # noqa: E402
 import step_speed  # noqa: E402
 
-from rljax import bench, lm, ppo, rl, rlhf, trpo  # noqa: E402
+from rljax import bench, rl, updates  # noqa: E402
 from rljax.models import generate as gen  # noqa: E402
+from rljax.updates import lm  # noqa: E402
 
 PHASES = (
     "generation",
@@ -148,7 +149,7 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
     chunk = args.chunk_size
 
     def forward(graphdef, values):
-        return lambda p, tokens, mask: rlhf.completion_outputs(
+        return lambda p, tokens, mask: updates.completion_outputs(
             graphdef, p, tokens, mask, n, chunk_size=chunk, values=values
         )
 
@@ -163,14 +164,16 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
         return lambda p, prompts, mask, key: gen.generate((pg, p), prompts, mask, key, config)
 
     optimizer = optax.adamw(args.learning_rate, weight_decay=0.0)
-    ppo_config = ppo.PPOConfig(
+    ppo_config = updates.PPOConfig(
         value_coef=0.1, num_epochs=args.epochs, num_minibatches=args.minibatches
     )
-    ppo_update = lambda graphdef, critic, value_graphdef=None: rlhf.make_rlhf_ppo_update(
+    ppo_update = lambda graphdef, critic, value_graphdef=None: updates.make_rlhf_ppo_update(
         graphdef, optimizer, ppo_config, value_graphdef, critic=critic, chunk_size=chunk
     )
     value_optimizer = optax.adam(1e-3)
-    trpo_config = trpo.TRPOConfig(cg_iters=args.cg_iters, n_critic_updates=4, critic_minibatches=2)
+    trpo_config = updates.TRPOConfig(
+        cg_iters=args.cg_iters, n_critic_updates=4, critic_minibatches=2
+    )
     return {
         "generation": generation(sampling),
         "prefill": generation(prefill_sampling),
@@ -182,7 +185,7 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
         "shaping": rl.rlhf.make_shaping_fn(shaping_config),
         "ppo_update_separate": ppo_update(pg, "separate", vg),
         "ppo_update_head": ppo_update(hg, "head"),
-        "trpo_update": rlhf.make_rlhf_trpo_update(pg, value_optimizer, trpo_config, vg),
+        "trpo_update": updates.make_rlhf_trpo_update(pg, value_optimizer, trpo_config, vg),
         "fused_rollout": functools.partial(
             rl.rollout.make_rollout_fn(
                 pg, sampling, critic="separate", value_graphdef=vg, chunk_size=chunk
@@ -302,16 +305,18 @@ def main(argv=None):
         prompt_mask,
         key,
     )
+    # The phased rollout below has no sampler log-probs (it times the phases one by one).
+    example_rollout = {k: v for k, v in example_rollout.items() if k != "sampler_logps"}
     scores = jax.ShapeDtypeStruct((args.batch,), jnp.float32)
     example_batch = jax.eval_shape(fns["shaping"], example_rollout, scores, kl_coef)[0]
     states = {
-        "ppo_update_separate": rlhf.init_rlhf_ppo_state(
+        "ppo_update_separate": updates.init_rlhf_ppo_state(
             copy(params["policy"]), opt["optimizer"], jax.random.key(1), copy(params["value"])
         ),
-        "ppo_update_head": rlhf.init_rlhf_ppo_state(
+        "ppo_update_head": updates.init_rlhf_ppo_state(
             copy(params["policy_value_head"]), opt["optimizer"], jax.random.key(2)
         ),
-        "trpo_update": trpo.init_trpo_state(
+        "trpo_update": updates.init_trpo_state(
             copy(params["policy"]),
             copy(params["value"]),
             opt["value_optimizer"],

@@ -9,13 +9,13 @@ Steps (the registry :data:`STEPS`, name -> builder; ``--steps a,b`` picks some):
   episode) compiled with :func:`rljax.classic.compiler_options`; the step time is the run's
   time over its iterations, the throughput env-steps/s.
 * ``lm``: next-token cross-entropy + AdamW (``benchmarks/lm_speed.py``'s train step).
-* ``dpo``: :func:`rljax.dpo.make_dpo_update`, sigmoid loss, a frozen reference model's forward
+* ``dpo``: :func:`rljax.updates.make_dpo_update`, sigmoid loss, a frozen reference model's forward
   pass on every batch (``DPOConfig(reference="model")``, TRL's default), AdamW; batches from
   ``benchmarks/dpo_speed.py``. Tokens count chosen and rejected sequences.
-* ``reward``: :func:`rljax.reward.make_reward_update` on a reward-head model (no LM head).
-* ``rlhf_ppo``: :func:`rljax.rlhf.make_rlhf_ppo_update` (value head on the policy, 4 epochs of
+* ``reward``: :func:`rljax.updates.make_reward_update` on a reward-head model (no LM head).
+* ``rlhf_ppo``: :func:`rljax.updates.make_rlhf_ppo_update` (value head on the policy, 4 epochs of
   one minibatch) on a random rollout; tokens = rows x sequence x epochs.
-* ``rlhf_trpo``: :func:`rljax.rlhf.make_rlhf_trpo_update` with a separate value-head critic
+* ``rlhf_trpo``: :func:`rljax.updates.make_rlhf_trpo_update` with a separate value-head critic
   (10 CG iterations, 10 critic steps); FLOPs are an estimate (one line-search step). On a mesh
   the critic is replicated (``compile_update`` shards the state's first item, the policy).
 * ``generate``: sampling with a KV cache, the program of
@@ -40,7 +40,7 @@ and temporary bytes) and the allocator's peak where the backend reports one (sin
 start, so it only grows down the table).
 
 ``--mesh fsdp=8`` places the language-model update steps (lm, dpo, reward, rlhf_*) on a mesh
-with :func:`rljax.lm.compile_update` (``--rules`` picks the sharding preset); the other steps
+with :func:`rljax.updates.lm.compile_update` (``--rules`` picks the sharding preset); the other steps
 run on one device. On a CPU-only machine the script simulates the devices it needs
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) when run as a script; when importing
 it, set that variable before jax is imported.
@@ -114,19 +114,19 @@ import dpo_speed  # noqa: E402
 import fvp  # noqa: E402
 import lm_speed  # noqa: E402
 
-from rljax import bench, classic, lm, ppo, sharding, trpo  # noqa: E402
-from rljax.dpo import DPOConfig, init_dpo_state, make_dpo_update  # noqa: E402
+from rljax import bench, classic, sharding, updates  # noqa: E402
 from rljax.models import generate as gen  # noqa: E402
 from rljax.models.transformer import PRESETS, Transformer, TransformerConfig, preset  # noqa: E402
-from rljax.reward import init_reward_state, make_reward_update  # noqa: E402
+from rljax.updates import (  # noqa: E402
+    DPOConfig,
+    init_dpo_state,
+    init_reward_state,
+    lm,
+    make_dpo_update,
+    make_reward_update,
+)
 
-try:  # RLHF updates (PPO/TRPO on an LM); their registry entries are skipped without it
-    from rljax import rlhf
-except ImportError as error:  # pragma: no cover - depends on the checkout
-    rlhf = None
-    RLHF_IMPORT_ERROR = f"rljax.rlhf does not import: {error}"
-else:
-    RLHF_IMPORT_ERROR = None
+RLHF_IMPORT_ERROR = None  # the RLHF updates are part of rljax.updates (always present)
 
 MiB = 2**20
 
@@ -186,7 +186,7 @@ class Context:
         return f"{self.args.preset} ({config.num_params / 1e6:.1f}M, {config.dtype})"
 
     def place(self, update: Callable, state: Any, batch: Any) -> tuple[Callable, tuple, int]:
-        """``(jitted, (state, batch), devices)``: on the mesh via :func:`rljax.lm.compile_update`
+        """``(jitted, (state, batch), devices)``: on the mesh via :func:`rljax.updates.lm.compile_update`
         (state donated), else a plain donating jit on the default device."""
         if self.mesh is None:
             return jax.jit(update, donate_argnums=0), (state, batch), 1
@@ -389,9 +389,9 @@ def build_rlhf_ppo(ctx: Context) -> Step:
     a = ctx.args
     config, graphdef, params = ctx.model(head="value")
     optimizer = optax.adamw(1e-6, weight_decay=0.0)
-    ppo_config = ppo.PPOConfig(value_coef=0.1, num_minibatches=1)  # TRL's PPO trainer's
-    update = rlhf.make_rlhf_ppo_update(graphdef, optimizer, ppo_config, critic="head")
-    state = rlhf.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
+    ppo_config = updates.PPOConfig(value_coef=0.1, num_minibatches=1)  # TRL's PPO trainer's
+    update = updates.make_rlhf_ppo_update(graphdef, optimizer, ppo_config, critic="head")
+    state = updates.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
     batch = rollout_batch(ctx, config.vocab_size)
     n = a.batch * a.seq * ppo_config.num_epochs
     flops = _flops(config, a.seq, n, train=1)
@@ -405,9 +405,9 @@ def build_rlhf_trpo(ctx: Context) -> Step:
     config, graphdef, params = ctx.model()
     value_config, value_graphdef, value_params = ctx.model(head="value", lm_head=False)
     value_optimizer = optax.adam(1e-5)
-    trpo_config = trpo.TRPOConfig()
-    update = rlhf.make_rlhf_trpo_update(graphdef, value_optimizer, trpo_config, value_graphdef)
-    state = trpo.init_trpo_state(params, value_params, value_optimizer, jax.random.key(0))
+    trpo_config = updates.TRPOConfig()
+    update = updates.make_rlhf_trpo_update(graphdef, value_optimizer, trpo_config, value_graphdef)
+    state = updates.init_trpo_state(params, value_params, value_optimizer, jax.random.key(0))
     batch = rollout_batch(ctx, config.vocab_size)
     n = a.batch * a.seq
     # Estimate: old outputs, the gradient, the linearisation, cg_iters products (tangent +

@@ -23,8 +23,9 @@ import time
 import jax
 from flax import nnx
 
-from rljax import cli, data, experiment, lm, runs, sharding
+from rljax import cli, data, experiment, runs, sharding
 from rljax.models import hf
+from rljax.updates import lm
 
 
 @dataclasses.dataclass(frozen=True)

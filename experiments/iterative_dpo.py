@@ -26,10 +26,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rljax import checks, cli, data, experiment, lm, runs
+from rljax import checks, cli, data, experiment, runs
 from rljax.models import hf
 from rljax.models.generate import SamplingConfig, make_generate_fn
 from rljax.tasks import sorting
+from rljax.updates import lm
 
 
 @dataclasses.dataclass(frozen=True)

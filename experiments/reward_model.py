@@ -26,10 +26,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rljax import cli, data, experiment, lm, reward, runs, sharding
+from rljax import cli, data, experiment, runs, sharding, updates
 from rljax.models import hf
 from rljax.models.transformer import with_head
 from rljax.tasks import sorting
+from rljax.updates import lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +49,8 @@ class Config(experiment.PreferenceRunConfig):
         super().__post_init__()
         self.reward_config()  # RewardConfig checks center_rewards_coefficient
 
-    def reward_config(self) -> reward.RewardConfig:
-        return reward.RewardConfig(center_rewards_coefficient=self.center_rewards_coefficient)
+    def reward_config(self) -> updates.RewardConfig:
+        return updates.RewardConfig(center_rewards_coefficient=self.center_rewards_coefficient)
 
 
 def load_reward_model(path: str, seed: int):
@@ -99,13 +100,13 @@ def main(config: Config) -> dict:
     mesh = experiment.build_mesh(config.mesh)
     example = {k: v[: config.batch_size] for k, v in train.items()}
     state, step_fn, batch_shardings = lm.compile_update(
-        reward.make_reward_update(graphdef, optimizer, reward_config),
-        reward.init_reward_state(params, optimizer),
+        updates.make_reward_update(graphdef, optimizer, reward_config),
+        updates.init_reward_state(params, optimizer),
         example,
         mesh,
     )
     place = experiment.placer(mesh, batch_shardings)
-    eval_fn = jax.jit(reward.make_reward_eval(graphdef, reward_config))
+    eval_fn = jax.jit(updates.make_reward_eval(graphdef, reward_config))
     evaluate = lambda s: experiment.mean_metrics(eval_fn, s, held_out, place, config.batch_size)
     state, log, info = experiment.train_loop(
         label="reward model",

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import advantages, cli, envs, trpo
+from rljax import advantages, cli, envs, trpo, updates
 from rljax.models.mlp import Actor, Critic, pure
 
 
@@ -77,7 +77,7 @@ def main(config: Config) -> dict:
         Actor(env.observation_size, env.num_actions, rngs=nnx.Rngs(k_actor))
     )
     value_fn, value_params = pure(Critic(env.observation_size, rngs=nnx.Rngs(k_critic)))
-    trpo_config = trpo.TRPOConfig(
+    trpo_config = updates.TRPOConfig(
         max_kl=config.max_kl,
         cg_iters=config.cg_iters,
         cg_damping=config.cg_damping,
@@ -86,8 +86,8 @@ def main(config: Config) -> dict:
         n_critic_updates=5,
     )
     value_optimizer = optax.adam(1e-3)
-    update = jax.jit(trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config))
-    state = trpo.init_trpo_state(policy_params, value_params, value_optimizer, k_state)
+    update = jax.jit(updates.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config))
+    state = updates.init_trpo_state(policy_params, value_params, value_optimizer, k_state)
 
     @jax.jit
     def rollout(state, carry, key):
@@ -143,7 +143,7 @@ def main(config: Config) -> dict:
     return summary
 
 
-def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: trpo.TRPOConfig):
+def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: updates.TRPOConfig):
     """Surrogate improvement and mean KL along the natural and the plain gradient step."""
     surrogate_fn, surrogate_and_kl = trpo.trpo_objectives(policy_fn, params, batch)
     surrogate, grad = jax.value_and_grad(surrogate_fn)(params)

@@ -1,10 +1,28 @@
-"""rljax: TRPO, PPO and Direct Preference Optimization for language models in JAX/Flax.
+"""rljax: reinforcement learning for language models in JAX/Flax (TRPO, PPO, the GRPO family,
+DPO, reward models).
 
-Layer 1, the pure objectives, lives in :mod:`rljax.logprobs`, :mod:`rljax.advantages`,
-:mod:`rljax.distributions`, :mod:`rljax.ppo`, :mod:`rljax.trpo`, :mod:`rljax.dpo` and
-:mod:`rljax.reward`.
+The package is layered; a module imports only from its own layer and the layers below it
+(tests/test_layering.py reads every import and enforces this):
 
-``import rljax`` imports neither JAX nor any objective: each submodule is imported on first
+1. **Objectives** (arrays in, ``(loss, metrics)`` out; no flax, no optax, no model code):
+   :mod:`rljax.logprobs`, :mod:`rljax.advantages`, :mod:`rljax.distributions`,
+   :mod:`rljax.ppo`, :mod:`rljax.trpo`, :mod:`rljax.dpo`, :mod:`rljax.reward`,
+   :mod:`rljax.rlhf` (the RL policy-loss family and reward shaping).
+   Beside them, **infrastructure** used by every layer above: :mod:`rljax.checks`,
+   :mod:`rljax.finite`, :mod:`rljax.sharding`, :mod:`rljax.checkpoint`, :mod:`rljax.runs`,
+   :mod:`rljax.cli`, :mod:`rljax.launch`, :mod:`rljax.bench`.
+2. **Models and data**: :mod:`rljax.models` (transformer, Hugging Face load/save, sampler,
+   MLPs), :mod:`rljax.data`, :mod:`rljax.envs`, :mod:`rljax.tasks`, :mod:`rljax.rewards`
+   (reward functions on text).
+3. **Updates**: :mod:`rljax.updates` binds objectives to models: each ``make_*_update``
+   returns a pure ``update(state, batch) -> (state, metrics)``; :mod:`rljax.updates.lm` is the
+   language-model glue (sequence log-probs, the reference pass, ``compile_update``).
+4. **Drivers**: :mod:`rljax.experiment` (preference learning: DPO, reward models, iterative
+   DPO), :mod:`rljax.rl` (RL on language models, one algorithm registry), :mod:`rljax.classic`
+   (classic control, a whole run in one compiled function).
+5. **Scripts**: ``experiments/*.py`` and ``benchmarks/`` (outside the package).
+
+``import rljax`` imports neither JAX nor any module: each submodule is imported on first
 attribute access (PEP 562), so ``import rljax`` followed by ``rljax.envs.make(...)``,
 ``rljax.classic.train_ppo(...)`` or ``rljax.models.hf.load_model(...)`` works as the README
 writes it, and a script pays only for the modules it uses.
@@ -18,7 +36,7 @@ import pkgutil
 
 __version__ = "0.1.0"
 
-__all__ = ["advantages", "distributions", "dpo", "logprobs", "ppo", "reward", "trpo"]
+__all__ = ["advantages", "distributions", "dpo", "logprobs", "ppo", "reward", "rlhf", "trpo"]
 
 
 def _lazy_getattr(package_name: str, package_path):

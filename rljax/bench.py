@@ -82,7 +82,7 @@ def compile_ahead(
     """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` and the seconds it took.
 
     ``fn`` may already be jitted (``jax.jit(f, in_shardings=...)``, as
-    :func:`rljax.lm.compile_update` returns); it is then lowered as it is.
+    :func:`rljax.updates.lm.compile_update` returns); it is then lowered as it is.
     ``compiler_options`` go to ``.compile`` (see :func:`compile_lowered`).
     """
     start = time.perf_counter()

@@ -2,7 +2,7 @@
 
 One :class:`Checkpointer` per run directory. Each checkpoint is a step folder
 ``<directory>/<step>/`` holding two items: ``state`` (any pytree of arrays: a
-:class:`rljax.dpo.DPOState`, a ``(params, opt_state, step)`` tuple, ...) and ``extra`` (a small
+:class:`rljax.updates.DPOState`, a ``(params, opt_state, step)`` tuple, ...) and ``extra`` (a small
 JSON-able dict: data position, config, RNG seed, ...). ::
 
     ckpt = Checkpointer("runs/dpo/checkpoints", max_to_keep=3, save_interval_steps=100)

@@ -4,11 +4,11 @@
 time, ``vmap`` over environments), GAE and the update step for every iteration inside a single
 ``lax.scan``, so the whole run is one XLA program: jit it once, and ``jax.vmap`` it over keys to
 train many seeds at once (as purejaxrl does), built from rljax's pure pieces:
-:func:`rljax.envs.collect`, :func:`rljax.advantages.gae`, :func:`rljax.ppo.make_ppo_update`,
-:func:`rljax.trpo.make_trpo_update`.
+:func:`rljax.envs.collect`, :func:`rljax.advantages.gae`, :func:`rljax.updates.make_ppo_update`,
+:func:`rljax.updates.make_trpo_update`.
 
 A run configuration nests the algorithm's own config (``PPOClassicConfig.ppo:
-rljax.ppo.PPOConfig``, ``TRPOClassicConfig.trpo: rljax.trpo.TRPOConfig``), so the update's
+rljax.updates.PPOConfig``, ``TRPOClassicConfig.trpo: rljax.updates.TRPOConfig``), so the update's
 settings are declared once. The dataclass defaults are CartPole-v1's tuned settings;
 :func:`preset` gives each environment's (``PPO_PRESETS``/``TRPO_PRESETS``), and the experiment
 scripts take them as the defaults of their flags (:func:`parse`).
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rljax import advantages, checks, cli, envs, finite, ppo, runs, trpo
+from rljax import advantages, checks, cli, envs, finite, runs, updates
 from rljax.models.mlp import Actor, Critic, pure
 
 __all__ = [
@@ -115,14 +115,16 @@ class PPOClassicConfig(ClassicConfig):
       learning_rate: Adam step size (annealed linearly to 0 when anneal_lr).
       anneal_lr: linear learning-rate decay over the run.
       max_grad_norm: global gradient-norm clip.
-      ppo: the PPO update's settings (rljax.ppo.PPOConfig: clip_eps, value_clip_eps, value_coef,
+      ppo: the PPO update's settings (rljax.updates.PPOConfig: clip_eps, value_clip_eps, value_coef,
         entropy_coef, num_epochs, num_minibatches, target_kl, ...).
     """
 
     learning_rate: float = 2e-3
     anneal_lr: bool = True
     max_grad_norm: float = 0.5
-    ppo: ppo.PPOConfig = dataclasses.field(default_factory=lambda: ppo.PPOConfig(num_epochs=8))
+    ppo: updates.PPOConfig = dataclasses.field(
+        default_factory=lambda: updates.PPOConfig(num_epochs=8)
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,14 +138,16 @@ class TRPOClassicConfig(ClassicConfig):
 
     Attributes:
       value_learning_rate: Adam step size of the value function.
-      trpo: the TRPO update's settings (rljax.trpo.TRPOConfig: max_kl, cg_iters, cg_damping,
+      trpo: the TRPO update's settings (rljax.updates.TRPOConfig: max_kl, cg_iters, cg_damping,
         fvp_subsample, n_critic_updates, critic_minibatches, ...); flat_params is on (these
         small networks compile faster on one flat vector).
     """
 
     value_learning_rate: float = 1e-3
-    trpo: trpo.TRPOConfig = dataclasses.field(
-        default_factory=lambda: trpo.TRPOConfig(max_kl=0.02, critic_minibatches=8, flat_params=True)
+    trpo: updates.TRPOConfig = dataclasses.field(
+        default_factory=lambda: updates.TRPOConfig(
+            max_kl=0.02, critic_minibatches=8, flat_params=True
+        )
     )
 
     def __post_init__(self):
@@ -374,7 +378,7 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
 
 
 def _policy_and_value(state):
-    if isinstance(state, ppo.PPOState):
+    if isinstance(state, updates.PPOState):
         return state.params["policy"], state.params["value"]
     return state.policy_params, state.value_params
 
@@ -383,7 +387,7 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
     """Train PPO for ``config.env_steps`` (``total_steps`` rounded up to whole iterations) env
     steps; jit-able as a whole and vmappable over ``key``.
 
-    Returns ``(state, history, evaluation)``: the final :class:`rljax.ppo.PPOState`, a dict of
+    Returns ``(state, history, evaluation)``: the final :class:`rljax.updates.PPOState`, a dict of
     per-iteration metric arrays (``episode_return``, ``env_steps``, losses, ...) and the greedy
     evaluation of :func:`evaluate`. ``progress(iteration, env_steps, episode_return)`` is
     called from inside the compiled run once per iteration (e.g. a :class:`Progress`).
@@ -393,15 +397,15 @@ def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | Non
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     schedule = config.learning_rate
     if config.anneal_lr:
-        updates = config.num_iterations * config.ppo.num_epochs * config.ppo.num_minibatches
-        schedule = optax.linear_schedule(config.learning_rate, 0.0, updates)
+        n_updates = config.num_iterations * config.ppo.num_epochs * config.ppo.num_minibatches
+        schedule = optax.linear_schedule(config.learning_rate, 0.0, n_updates)
     # optax.flatten: the optimizer works on one vector rather than on every parameter array
     # (the same arithmetic in a fraction of the kernels, so the run compiles faster).
     optimizer = optax.flatten(
         optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(schedule, eps=1e-5))
     )
-    update = ppo.make_ppo_update(policy_fn, value_fn, optimizer, config.ppo)
-    state = ppo.init_ppo_state(init_policy(k_policy), init_value(k_value), optimizer, k_state)
+    update = updates.make_ppo_update(policy_fn, value_fn, optimizer, config.ppo)
+    state = updates.init_ppo_state(init_policy(k_policy), init_value(k_value), optimizer, k_state)
     state, history = _run(
         config, env, env_params, state, update, (policy_fn, value_fn), k_run, progress
     )
@@ -416,14 +420,14 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
     steps; jit-able as a whole and vmappable over ``key``.
 
     Returns ``(state, history, evaluation)`` as :func:`train_ppo` does, with a
-    :class:`rljax.trpo.TRPOState`.
+    :class:`rljax.updates.TRPOState`.
     """
     env, env_params = envs.make(config.env)
     policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
     k_policy, k_value, k_state, k_run, k_eval = jax.random.split(key, 5)
     value_optimizer = optax.flatten(optax.adam(config.value_learning_rate))
-    update = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, config.trpo)
-    state = trpo.init_trpo_state(
+    update = updates.make_trpo_update(policy_fn, value_fn, value_optimizer, config.trpo)
+    state = updates.init_trpo_state(
         init_policy(k_policy), init_value(k_value), value_optimizer, k_state
     )
     state, history = _run(

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rljax import checkpoint, checks, data, dpo, finite, lm, runs, sharding
+from rljax import checkpoint, checks, data, finite, runs, sharding, updates
 from rljax.models import hf
 from rljax.tasks import sorting
+from rljax.updates import lm
 
 __all__ = [
     "DPORunConfig",
@@ -432,7 +433,7 @@ class DPORunConfig(PreferenceRunConfig):
         checks.check(self, {"win_rate_prompts": ">= 1"})
         self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
 
-    def dpo_config(self) -> dpo.DPOConfig:
+    def dpo_config(self) -> updates.DPOConfig:
         types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
         try:
             weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
@@ -441,7 +442,7 @@ class DPORunConfig(PreferenceRunConfig):
                 f"--loss-weights {self.loss_weights!r}: expected numbers separated by commas, "
                 "one per loss type"
             ) from None
-        return dpo.DPOConfig(
+        return updates.DPOConfig(
             beta=self.beta,
             loss_type=types[0] if len(types) == 1 else types,
             loss_weights=weights,
@@ -465,7 +466,7 @@ def adamw(config: PreferenceRunConfig) -> optax.GradientTransformation:
 
 
 def placer(mesh, batch_shardings) -> Callable:
-    """The batch placement of a step compiled by :func:`rljax.lm.compile_update`: a global
+    """The batch placement of a step compiled by :func:`rljax.updates.lm.compile_update`: a global
     batch (the same in every process) to global arrays. One process: ``jax.device_put(batch,
     batch_shardings)``; several: each process feeds its own rows
     (:func:`rljax.sharding.shard_global_batch`, the same shardings)."""
@@ -509,13 +510,13 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
     ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
     example = {k: v[: config.batch_size] for k, v in train.items()}
     state, step_fn, batch_shardings = lm.compile_update(
-        dpo.make_dpo_update(graphdef, optimizer, dpo_config),
-        dpo.init_dpo_state(params, optimizer, ref_params),
+        updates.make_dpo_update(graphdef, optimizer, dpo_config),
+        updates.init_dpo_state(params, optimizer, ref_params),
         example,
         mesh,
     )
     place = placer(mesh, batch_shardings)
-    eval_fn = jax.jit(dpo.make_dpo_eval(graphdef, dpo_config))
+    eval_fn = jax.jit(updates.make_dpo_eval(graphdef, dpo_config))
     evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
     return state, step_fn, place, evaluate
 

@@ -18,18 +18,14 @@ a separate critic, or critic-free with group-relative advantages) and
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from rljax import lm, ppo, trpo
-from rljax.advantages import gae, whiten
+from rljax.advantages import gae
 from rljax.logprobs import (
     KL_ESTIMATORS,
-    chunked_token_logprobs_and_entropy,
     kl_estimate,
     masked_sum_and_count,
 )
@@ -40,13 +36,9 @@ __all__ = [
     "POLICY_LOSS_TYPES",
     "KLController",
     "adaptive_kl_coef",
-    "completion_outputs",
     "group_advantages",
-    "init_rlhf_ppo_state",
     "kl_penalty_rewards",
     "last_token_mask",
-    "make_rlhf_ppo_update",
-    "make_rlhf_trpo_update",
     "penalize_missing_eos",
     "policy_loss",
     "sequence_kl",
@@ -546,280 +538,6 @@ def group_advantages(
 
 
 # ------------------------------------------------------------------------------ model glue
-
-
-def completion_outputs(
-    graphdef: Any,
-    params: Any,
-    tokens: jax.Array,
-    mask: jax.Array,
-    num_completion: int,
-    *,
-    chunk_size: int = 1024,
-    values: bool = False,
-) -> dict[str, jax.Array]:
-    """One forward pass: per-token log-probs and entropies of the last ``num_completion``
-    tokens (``[B, N]``, chunked, no ``[B, N, V]`` float32 logits), and with ``values=True``
-    the scalar head at the same positions (the model needs a value head)."""
-    model = lm.merge(graphdef, params)
-    hidden, _ = model.decode(tokens, mask)
-    n = num_completion
-    h = hidden[:, -n - 1 : -1]
-    logps, entropy = chunked_token_logprobs_and_entropy(
-        h, model.unembedding(), tokens[:, -n:], chunk_size=chunk_size
-    )
-    out = {"logps": logps, "entropy": entropy}
-    if values:
-        out["values"] = model.scores(h)
-    return out
-
-
-# ------------------------------------------------------------------------------ PPO
-
-
-# TRL's PPO trainer's defaults (vf_coef 0.1, one minibatch); the other fields are PPOConfig's.
-_RLHF_PPO = ppo.PPOConfig(value_coef=0.1, num_minibatches=1)
-
-ROLLOUT_KEYS = ("tokens", "mask", "completion_mask", "old_logps", "advantages")
-
-
-def _check_rollout(batch: dict, keys) -> int:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(
-            f"RLHF batch is missing {missing}; it has {sorted(batch)} (tokens/mask [B, P + N], "
-            "completion_mask and per-token arrays [B, N])"
-        )
-    b, n = batch["completion_mask"].shape
-    if batch["tokens"].shape[0] != b or batch["tokens"].shape[1] <= n:
-        raise ValueError(
-            f"tokens {batch['tokens'].shape} must be [B, P + N] with P >= 1 for "
-            f"completion_mask {batch['completion_mask'].shape}"
-        )
-    for k in keys[3:]:
-        if batch[k].shape != (b, n):
-            raise ValueError(f"RLHF batch {k!r} has shape {batch[k].shape}, expected {(b, n)}")
-    return n
-
-
-def init_rlhf_ppo_state(policy_params, optimizer, key: jax.Array, value_params=None):
-    """Initial :class:`rljax.ppo.PPOState` of :func:`make_rlhf_ppo_update`: ``params =
-    {"policy": ...}`` plus ``"value"`` for a separate critic."""
-    params = {"policy": policy_params}
-    if value_params is not None:
-        params["value"] = value_params
-    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return ppo.PPOState(params, optimizer.init(params), key, step, skipped)
-
-
-def make_rlhf_ppo_update(
-    graphdef: Any,
-    optimizer,
-    config: ppo.PPOConfig = _RLHF_PPO,
-    value_graphdef: Any = None,
-    *,
-    critic: str = "head",
-    chunk_size: int = 1024,
-) -> Callable:
-    """Build the pure PPO step on a policy LM, ``update(state, batch) -> (state, metrics)``.
-
-    Epochs of shuffled minibatch steps (:func:`rljax.ppo.minibatch_epochs`) on the clipped
-    surrogate (Schulman et al., 2017), the clipped value loss and an entropy bonus
-    (:func:`rljax.ppo.ppo_loss`), over the tokens of a rollout, as in Ouyang et al. (2022) and
-    TRL's PPO trainer. The KL penalty to the reference is in the rewards
-    (:func:`kl_penalty_rewards`), hence in the advantages, not in this loss.
-
-    Args:
-      graphdef: the policy model (with a value head when ``critic == "head"``).
-      optimizer: optax transformation over ``state.params``.
-      config: the PPO settings, :class:`rljax.ppo.PPOConfig` (every field is read; the
-        default is TRL's PPO trainer's: ``value_coef=0.1``, one minibatch). With
-        ``critic="none"`` the advantages are group-relative and ``normalize_advantages`` whitens
-        them again per minibatch over tokens (usually unwanted: it shifts each group's baseline
-        by its completion lengths).
-      value_graphdef: the critic model (value head) for ``critic == "separate"``.
-      critic: ``"head"`` (a value head on the policy model, one forward pass),
-        ``"separate"`` (a critic model of its own) or ``"none"`` (critic-free: no value loss;
-        ``value_coef`` and ``value_clip_eps`` are then not read).
-      chunk_size: token rows per chunk of the log-prob computation.
-
-    ``batch``: ``tokens``, ``mask`` ``[B, P + N]``; ``completion_mask``, ``old_logps``,
-    ``advantages`` ``[B, N]``; with a critic also ``returns`` and ``old_values`` ``[B, N]``.
-    State: :func:`init_rlhf_ppo_state`. Metrics (TRL names): ``policy/approxkl_avg``,
-    ``policy/clipfrac_avg``, ``policy/entropy_avg``, ``loss/policy_avg``, ``val/ratio``, and
-    with a critic ``loss/value_avg``, ``val/clipfrac_avg``, ``val/vpred``; plus ``updates``,
-    ``nonfinite`` and ``nonfinite_updates`` (non-finite minibatch steps are skipped:
-    :func:`rljax.ppo.minibatch_epochs`).
-    """
-    if not isinstance(config, ppo.PPOConfig):
-        raise TypeError(
-            f"make_rlhf_ppo_update: config must be a rljax.ppo.PPOConfig, got "
-            f"{type(config).__name__}"
-        )
-    if critic not in CRITICS:
-        raise ValueError(f"make_rlhf_ppo_update: critic must be one of {CRITICS}, got {critic!r}")
-    if (critic == "separate") != (value_graphdef is not None):
-        raise ValueError(
-            f"make_rlhf_ppo_update: critic={critic!r}: pass value_graphdef exactly when "
-            "critic='separate'"
-        )
-    if chunk_size < 1:
-        raise ValueError(f"make_rlhf_ppo_update: chunk_size must be >= 1, got {chunk_size}")
-    with_critic = critic != "none"
-    keys = ROLLOUT_KEYS + (("returns", "old_values") if with_critic else ())
-
-    def loss_fn(params, mb):
-        n = mb["completion_mask"].shape[1]
-        out = completion_outputs(
-            graphdef,
-            params["policy"],
-            mb["tokens"],
-            mb["mask"],
-            n,
-            chunk_size=chunk_size,
-            values=critic == "head",
-        )
-        if critic == "separate":
-            model = lm.merge(value_graphdef, params["value"])
-            hidden, _ = model.decode(mb["tokens"], mb["mask"])
-            out["values"] = model.scores(hidden[:, -n - 1 : -1])
-        mask = mb["completion_mask"]
-        advantages = mb["advantages"]
-        if config.normalize_advantages:
-            advantages = whiten(advantages, mask)
-        if with_critic:
-            values, old_values, returns = out["values"], mb["old_values"], mb["returns"]
-            value_coef = config.value_coef
-        else:  # no critic: a zero value loss keeps one code path
-            values = old_values = returns = jnp.zeros_like(out["logps"])
-            value_coef = 0.0
-        return ppo.ppo_loss(
-            out["logps"],
-            mb["old_logps"],
-            advantages,
-            values,
-            old_values,
-            returns,
-            out["entropy"],
-            mask,
-            clip_eps=config.clip_eps,
-            clip_eps_high=config.clip_eps_high,
-            dual_clip=config.dual_clip,
-            value_clip_eps=config.value_clip_eps,
-            value_coef=value_coef,
-            entropy_coef=config.entropy_coef,
-        )
-
-    names = {
-        "policy/approxkl_k3": "policy/approxkl_avg",
-        "policy/clipfrac": "policy/clipfrac_avg",
-        "policy/entropy": "policy/entropy_avg",
-        "policy/ratio": "val/ratio",
-        "loss/policy": "loss/policy_avg",
-        "loss/value": "loss/value_avg",
-        "loss/total": "loss/total",
-        "val/clipfrac": "val/clipfrac_avg",
-        "val/vpred": "val/vpred",
-        "updates": "updates",
-        "early_stopped": "early_stopped",
-        "nonfinite": "nonfinite",
-        "nonfinite_updates": "nonfinite_updates",
-    }
-    critic_only = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
-
-    def update(state: ppo.PPOState, batch: dict):
-        _check_rollout(batch, keys)
-        batch = {k: batch[k] for k in keys}
-        new_state, metrics = ppo.epochs_step(
-            loss_fn,
-            optimizer,
-            state,
-            batch,
-            num_epochs=config.num_epochs,
-            num_minibatches=config.num_minibatches,
-            target_kl=config.target_kl,
-        )
-        metrics = {
-            names[k]: v
-            for k, v in metrics.items()
-            if k in names and (with_critic or names[k] not in critic_only)
-        }
-        return new_state, metrics
-
-    return update
-
-
-# ------------------------------------------------------------------------------ TRPO
-
-
-def make_rlhf_trpo_update(
-    graphdef: Any,
-    value_optimizer,
-    config: trpo.TRPOConfig | None = None,
-    value_graphdef: Any = None,
-) -> Callable:
-    """Build the pure TRPO step on a policy LM, ``update(state, batch) -> (state, metrics)``.
-
-    :func:`rljax.trpo.make_trpo_update` with the LM as the categorical policy over completion
-    tokens: the natural direction by conjugate gradient on Gauss-Newton Fisher-vector products
-    (``jax.jvp`` of the logits, the softmax Fisher, and the transpose back), the step scaled to
-    the trust region ``max_kl`` on the mean per-token KL, and a backtracking line search. The
-    critic is a separate value-head model (``value_graphdef``) fitted afterwards, or none
-    (``value_graphdef=None``: critic-free with group-relative advantages; ``returns`` is then
-    not needed and no value fitting runs).
-
-    ``batch``: as :func:`make_rlhf_ppo_update`'s (``returns`` with a critic). The state is a
-    :class:`rljax.trpo.TRPOState` (:func:`rljax.trpo.init_trpo_state`; ``value_params={}``
-    without a critic). The FVP works on the full ``[B, N, V]`` logits of the completion
-    positions, fine for small vocabularies; subsample rows with ``config.fvp_subsample``.
-    """
-    config = trpo.TRPOConfig() if config is None else config
-    if value_graphdef is None and config.n_critic_updates:
-        config = dataclasses.replace(config, n_critic_updates=0)
-
-    def policy_fn(params, inputs):
-        n = inputs["completion_mask"].shape[1]
-        model = lm.merge(graphdef, params)
-        hidden, _ = model.decode(inputs["tokens"], inputs["mask"])
-        # float32 accumulation, as the chunked log-probs of the rollout (old_logps) use, so
-        # the ratio starts at exactly 1 for a bfloat16 model too.
-        h = hidden[:, -n - 1 : -1]
-        return jnp.einsum(
-            "bnd,dv->bnv",
-            h,
-            model.unembedding(),
-            preferred_element_type=jnp.promote_types(h.dtype, jnp.float32),
-        )
-
-    def value_fn(params, inputs):
-        n = inputs["completion_mask"].shape[1]
-        if value_graphdef is None:
-            return jnp.zeros(inputs["completion_mask"].shape, jnp.float32)
-        model = lm.merge(value_graphdef, params)
-        hidden, _ = model.decode(inputs["tokens"], inputs["mask"])
-        return model.scores(hidden[:, -n - 1 : -1])
-
-    inner = trpo.make_trpo_update(policy_fn, value_fn, value_optimizer, config)
-    keys = ROLLOUT_KEYS + (("returns",) if value_graphdef is not None else ())
-
-    def update(state: trpo.TRPOState, batch: dict):
-        _check_rollout(batch, keys)
-        inputs = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
-        mask = batch["completion_mask"]
-        returns = batch.get("returns", jnp.zeros(mask.shape, jnp.float32))
-        return inner(
-            state,
-            {
-                "inputs": inputs,
-                "actions": batch["tokens"][:, -mask.shape[1] :],
-                "advantages": batch["advantages"],
-                "returns": returns,
-                "mask": mask.astype(jnp.float32),
-                "old_logps": batch["old_logps"],
-            },
-        )
-
-    return update
 
 
 def sequence_kl(kl: jax.Array, mask: jax.Array) -> jax.Array:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rljax import classic, cli, envs, ppo, trpo
+from rljax import classic, cli, envs, updates
 
 ALGOS = {
     "ppo": (classic.PPOClassicConfig, classic.train_ppo),
@@ -215,7 +215,7 @@ def old_run_config(algo: str, env: str):
     run = ("eval_episodes", "hidden", "log_std_init", "num_envs", "num_steps", "total_steps")
     if algo == "ppo":
         old = dict(zip(OLD_PPO_FIELDS, OLD_PPO[env], strict=True))
-        update = ppo.PPOConfig(
+        update = updates.PPOConfig(
             clip_eps=old["clip_eps"],
             value_clip_eps=old["value_clip_eps"] or None,
             value_coef=old["value_coef"],
@@ -230,7 +230,7 @@ def old_run_config(algo: str, env: str):
     else:
         old = dict(zip(OLD_TRPO_FIELDS, OLD_TRPO[env], strict=True))
         names = ("max_kl", "cg_iters", "cg_damping", "fvp_subsample", "n_critic_updates")
-        update = trpo.TRPOConfig(
+        update = updates.TRPOConfig(
             **{k: old[k] for k in names},
             critic_minibatches=old["critic_minibatches"],
             flat_params=True,
@@ -264,7 +264,7 @@ def test_dataclass_defaults_are_cartpoles_preset():
 def test_preset_overrides_name_nested_fields_flat_and_steps_round_up():
     config = classic.preset("Acrobot-v1", "ppo", total_steps=3000, clip_eps=0.1, target_kl=0.02)
     assert config.env == "Acrobot-v1" and config.learning_rate == 5e-4  # Acrobot's
-    assert config.ppo == ppo.PPOConfig(
+    assert config.ppo == updates.PPOConfig(
         clip_eps=0.1, entropy_coef=0.01, num_epochs=8, num_minibatches=8, target_kl=0.02
     )
     assert config.steps_per_iteration == config.num_envs * config.num_steps == 2048

@@ -1,5 +1,5 @@
-"""Tests of the Direct Preference Optimization step :func:`rljax.dpo.make_dpo_update` and the
-language-model glue in :mod:`rljax.lm`.
+"""Tests of the Direct Preference Optimization step :func:`rljax.updates.make_dpo_update` and the
+language-model glue in :mod:`rljax.updates.lm`.
 
 The independent reference computes sequence log-probs from the model's full ``[B, T, V]``
 logits with :func:`rljax.logprobs.token_logprobs` and a numpy mask (no chunking, no
@@ -29,10 +29,11 @@ import pytest
 from flax import nnx
 
 from rljax import sharding
-from rljax.dpo import DPOConfig, DPOState, dpo_loss, init_dpo_state, make_dpo_eval, make_dpo_update
-from rljax.lm import compile_update, reference_logps, sequence_logps, token_logps
+from rljax.dpo import dpo_loss
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.updates import DPOConfig, DPOState, init_dpo_state, make_dpo_eval, make_dpo_update
+from rljax.updates.lm import compile_update, reference_logps, sequence_logps, token_logps
 
 VOCAB = 64
 PAIRS = 4
@@ -211,7 +212,7 @@ def batch_for(mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# rljax.lm
+# rljax.updates.lm
 # ---------------------------------------------------------------------------------------------
 
 

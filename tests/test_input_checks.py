@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from rljax import checks, classic, cli, data, dpo, experiment, grpo, ppo, reward, rl, trpo
+from rljax import checks, classic, cli, data, experiment, rl, updates
 from rljax.models import hf
 from rljax.rl import rlhf as rx
 from rljax.tasks import sorting
@@ -74,8 +74,8 @@ CASES = [
     (D, "rpo_alpha", -1.0, "DPOConfig.rpo_alpha must be >= 0 or none, got -1.0 (--rpo-alpha)"),
     (D, "win_rate_prompts", 0, "--win-rate-prompts must be >= 1, got 0"),
     (D, "loss_weights", "1,x", "--loss-weights '1,x': expected numbers"),
-    (dpo.DPOConfig, "discopop_tau", 0.0, "DPOConfig.discopop_tau must be > 0"),
-    (reward.RewardConfig, "center_rewards_coefficient", -0.1, "must be >= 0 or none, got -0.1"),
+    (updates.DPOConfig, "discopop_tau", 0.0, "DPOConfig.discopop_tau must be > 0"),
+    (updates.RewardConfig, "center_rewards_coefficient", -0.1, "must be >= 0 or none, got -0.1"),
     (experiment_config("reward_model"), "center_rewards_coefficient", -1.0, "(--center-rewards"),
     (experiment_config("iterative_dpo"), "rounds", 0, "--rounds must be >= 1, got 0"),
     (experiment_config("iterative_dpo"), "samples_per_prompt", 1, "--samples-per-prompt must be"),
@@ -108,16 +108,16 @@ CASES = [
     (TRPO_RUN, "fvp_subsample", 0, "TRPOConfig.fvp_subsample must be >= 1, got 0"),
     (TRPO_RUN, "n_critic_updates", -1, "TRPOConfig.n_critic_updates must be >= 0, got -1"),
     (TRPO_RUN, "value_learning_rate", 0.0, "--value-learning-rate must be > 0, got 0.0"),
-    (trpo.TRPOConfig, "backtrack_coeff", 1.0, "TRPOConfig.backtrack_coeff must be in (0, 1)"),
-    (trpo.TRPOConfig, "cg_tol", -1.0, "TRPOConfig.cg_tol must be >= 0, got -1.0 (--cg-tol)"),
-    (ppo.PPOConfig, "num_minibatches", 0, "PPOConfig.num_minibatches must be >= 1, got 0"),
+    (updates.TRPOConfig, "backtrack_coeff", 1.0, "TRPOConfig.backtrack_coeff must be in (0, 1)"),
+    (updates.TRPOConfig, "cg_tol", -1.0, "TRPOConfig.cg_tol must be >= 0, got -1.0 (--cg-tol)"),
+    (updates.PPOConfig, "num_minibatches", 0, "PPOConfig.num_minibatches must be >= 1, got 0"),
     # GRPO (grpo.py)
     (rl.grpo.GRPORunConfig, "seed", -1, "--seed must be >= 0, got -1"),
     (rl.grpo.GRPORunConfig, "learning_rate", 0.0, "--learning-rate: must be > 0, got 0.0"),
     (rl.grpo.GRPORunConfig, "log_every", 0, "--log-every: must be >= 1, got 0"),
     (rl.grpo.GRPORunConfig, "eval_every", -1, "--eval-every: must be >= 0, got -1"),
-    (grpo.GRPOConfig, "clip_eps", 0.0, "--clip-eps: must be > 0, got 0.0"),
-    (grpo.GRPOConfig, "beta", -0.1, "--beta: must be >= 0, got -0.1"),
+    (updates.GRPOConfig, "clip_eps", 0.0, "--clip-eps: must be > 0, got 0.0"),
+    (updates.GRPOConfig, "beta", -0.1, "--beta: must be >= 0, got -0.1"),
     # classic control (ppo_classic.py, trpo_classic.py)
     (PPO_CLASSIC, "gamma", 0.0, "PPOClassicConfig.gamma must be in (0, 1], got 0.0 (--gamma)"),
     (PPO_CLASSIC, "gamma", 1.01, "PPOClassicConfig.gamma must be in (0, 1], got 1.01 (--gamma)"),

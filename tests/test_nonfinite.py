@@ -22,10 +22,18 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import checkpoint, classic, cli, dpo, experiment, finite, lm, ppo, reward, rlhf, trpo
+from rljax import (
+    checkpoint,
+    classic,
+    cli,
+    experiment,
+    finite,
+    updates,
+)
 from rljax.models import hf
 from rljax.models.transformer import Transformer, TransformerConfig, with_head
 from rljax.tasks import sorting
+from rljax.updates import lm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAIRS, TIME = 4, 10
@@ -141,8 +149,8 @@ def test_dpo_update_skips_a_nonfinite_step_with_donation():
     good = pair_batch(0)
     bad = {**good, "ref_chosen_logps": np.full(PAIRS, np.nan, np.float32)}
     state, step, shardings = lm.compile_update(
-        dpo.make_dpo_update(graphdef, optimizer, dpo.DPOConfig()),
-        dpo.init_dpo_state(host_copy(params), optimizer),
+        updates.make_dpo_update(graphdef, optimizer, updates.DPOConfig()),
+        updates.init_dpo_state(host_copy(params), optimizer),
         good,
         mesh,
     )
@@ -157,10 +165,10 @@ def test_reward_update_skips_a_nonfinite_step():
     model = with_head(nnx.merge(graphdef, params, copy=True), "reward", rngs=nnx.Rngs(1))
     graphdef, params = nnx.split(model)
     optimizer = optax.adam(1e-2)
-    step = jax.jit(reward.make_reward_update(graphdef, optimizer))
+    step = jax.jit(updates.make_reward_update(graphdef, optimizer))
     good = pair_batch(1)
     bad = {**good, "margin": np.full(PAIRS, np.inf, np.float32)}
-    state = reward.init_reward_state(params, optimizer)
+    state = updates.init_reward_state(params, optimizer)
     check_skip_then_step(step, state, bad, good, lambda s: s.params, lambda s: s.opt_state)
 
 
@@ -193,9 +201,9 @@ def control_params():
 @pytest.mark.parametrize("target_kl", [None, 10.0])
 def test_ppo_update_skips_nonfinite_minibatch_steps(target_kl):
     optimizer = optax.adam(1e-2)
-    config = ppo.PPOConfig(num_epochs=2, num_minibatches=2, target_kl=target_kl)
-    step = jax.jit(ppo.make_ppo_update(linear_policy, linear_value, optimizer, config))
-    state = ppo.init_ppo_state(*control_params(), optimizer, jax.random.key(0))
+    config = updates.PPOConfig(num_epochs=2, num_minibatches=2, target_kl=target_kl)
+    step = jax.jit(updates.make_ppo_update(linear_policy, linear_value, optimizer, config))
+    state = updates.init_ppo_state(*control_params(), optimizer, jax.random.key(0))
     good = control_batch()
     bad = {**good, "returns": np.full(16, np.nan, np.float32)}  # every minibatch
     check_skip_then_step(step, state, bad, good, lambda s: s.params, lambda s: s.opt_state)
@@ -210,9 +218,9 @@ def test_ppo_update_skips_nonfinite_minibatch_steps(target_kl):
 
 def test_trpo_update_guards_the_policy_step_and_the_critic_fit():
     optimizer = optax.adam(1e-2)
-    config = trpo.TRPOConfig(n_critic_updates=2, critic_minibatches=2)
-    step = jax.jit(trpo.make_trpo_update(linear_policy, linear_value, optimizer, config))
-    state = trpo.init_trpo_state(*control_params(), optimizer, jax.random.key(0))
+    config = updates.TRPOConfig(n_critic_updates=2, critic_minibatches=2)
+    step = jax.jit(updates.make_trpo_update(linear_policy, linear_value, optimizer, config))
+    state = updates.init_trpo_state(*control_params(), optimizer, jax.random.key(0))
     good = {k: v for k, v in control_batch().items() if k not in ("old_logps", "old_values")}
     # A NaN critic target: every critic step is skipped; the policy step is taken.
     new, metrics = step(state, {**good, "returns": np.full(16, np.nan, np.float32)})
@@ -234,8 +242,8 @@ def test_trpo_update_guards_the_policy_step_and_the_critic_fit():
 def test_rlhf_ppo_update_reports_and_counts():
     graphdef, params = tiny_lm()
     optimizer = optax.adam(1e-2)
-    config = ppo.PPOConfig(num_epochs=1, num_minibatches=1)
-    step = jax.jit(rlhf.make_rlhf_ppo_update(graphdef, optimizer, config, critic="none"))
+    config = updates.PPOConfig(num_epochs=1, num_minibatches=1)
+    step = jax.jit(updates.make_rlhf_ppo_update(graphdef, optimizer, config, critic="none"))
     rng = np.random.default_rng(0)
     rows, prompt, new_tokens = 4, 3, 4
     cmask = np.ones((rows, new_tokens), bool)
@@ -247,7 +255,7 @@ def test_rlhf_ppo_update_reports_and_counts():
         "advantages": rng.normal(size=(rows, new_tokens)).astype(np.float32),
     }
     bad = {**good, "old_logps": np.full((rows, new_tokens), -np.inf, np.float32)}
-    state = rlhf.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
+    state = updates.init_rlhf_ppo_state(params, optimizer, jax.random.key(0))
     check_skip_then_step(step, state, bad, good, lambda s: s.params, lambda s: s.opt_state)
 
 
@@ -259,7 +267,7 @@ def test_classic_run_reports_skipped_updates_and_refuses_nonfinite_params(tmp_pa
 
     def fake_train(config, key, progress=None, *, value=0.0):
         params = {"policy": {"w": jnp.full(2, value)}, "value": {"w": jnp.zeros(2)}}
-        state = ppo.PPOState(params, (), key, jnp.int32(iterations), jnp.int32(1))
+        state = updates.PPOState(params, (), key, jnp.int32(iterations), jnp.int32(1))
         history = {
             "episode_return": jnp.ones(iterations),
             "env_steps": jnp.arange(1, iterations + 1) * 128,

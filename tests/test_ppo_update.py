@@ -1,4 +1,4 @@
-"""Tests of the pure PPO step :func:`rljax.ppo.make_ppo_update` (and its config/state helpers).
+"""Tests of the pure PPO step :func:`rljax.updates.make_ppo_update` (and its config/state helpers).
 
 Every result is compared with an independent computation:
 
@@ -32,7 +32,8 @@ import pytest
 
 from rljax.distributions import entropy as distribution_entropy
 from rljax.distributions import log_prob
-from rljax.ppo import PPOConfig, PPOState, init_ppo_state, make_ppo_update, ppo_loss
+from rljax.ppo import ppo_loss
+from rljax.updates import PPOConfig, PPOState, init_ppo_state, make_ppo_update
 
 OBS = 3  # observation features
 NUM_ACTIONS = 4  # categorical policy

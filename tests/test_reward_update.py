@@ -1,4 +1,4 @@
-"""Tests of the reward-model step :func:`rljax.reward.make_reward_update`.
+"""Tests of the reward-model step :func:`rljax.updates.make_reward_update`.
 
 The independent reference runs the chosen and rejected sequences separately through
 ``model.decode``, reads the head at the last real token found with numpy, and writes the
@@ -18,12 +18,7 @@ import pytest
 from flax import nnx
 
 from rljax.models.transformer import Transformer, TransformerConfig
-from rljax.reward import (
-    RewardConfig,
-    init_reward_state,
-    make_reward_eval,
-    make_reward_update,
-)
+from rljax.updates import RewardConfig, init_reward_state, make_reward_eval, make_reward_update
 
 VOCAB = 64
 TIME = 10

@@ -1,4 +1,4 @@
-"""Tests of the GRPO family's update (:mod:`rljax.grpo`) and of the RL loop's stages
+"""Tests of the GRPO family's update (:mod:`rljax.updates.grpo`) and of the RL loop's stages
 (:mod:`rljax.rl.grpo`), each on its own against a hand-built reference, plus one short run of
 ``experiments/grpo.py``'s driver with a reward function of the user's (and one that raises).
 
@@ -22,7 +22,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import advantages, grpo, rewards, rl, rlhf
+from rljax import advantages, rewards, rl, rlhf, updates
 from rljax.models.transformer import Transformer, TransformerConfig
 
 B, P, N, V, K = 8, 4, 5, 24, 4  # rows, prompt width, completion width, vocabulary, group
@@ -63,7 +63,7 @@ def config(**kw):
     fields = {"batch_size": B // K, "group_size": K, "eval_prompts": 4}
     grpo_kw = {k: kw.pop(k) for k in list(kw) if k in ("beta", "loss_type", "num_minibatches")}
     return rl.grpo.GRPORunConfig(
-        **fields, **kw, grpo=grpo.GRPOConfig(**{"num_minibatches": 1, **grpo_kw})
+        **fields, **kw, grpo=updates.GRPOConfig(**{"num_minibatches": 1, **grpo_kw})
     )
 
 
@@ -113,7 +113,7 @@ def test_shape_matches_hand_built_reference(overlong, estimator):
 
 def test_shape_leaves_out_what_the_loss_would_not_read():
     batch, _ = rl.grpo.shape(rollout(1), np.zeros(B, np.float32), np.ones(B, bool), config())
-    assert set(batch) == set(grpo.KEYS)  # no ref_logps without beta, no weights without a cap
+    assert set(batch) == set(updates.grpo.KEYS)  # no ref_logps without beta, no weights without a cap
 
 
 # ------------------------------------------------------------------------------ collect
@@ -193,10 +193,10 @@ def test_update_is_a_gradient_step_on_the_reference_loss(loss_type, beta, weight
         batch["ref_logps"] = out["ref_logps"]
     if weights:
         batch["is_weights"] = np.where(out["completion_mask"], rng.uniform(0.5, 1.5, (B, N)), 0)
-    settings = grpo.GRPOConfig(loss_type=loss_type, beta=beta, clip_eps=0.1, chunk_size=3)
+    settings = updates.GRPOConfig(loss_type=loss_type, beta=beta, clip_eps=0.1, chunk_size=3)
     optimizer = optax.sgd(1.0)
-    update = jax.jit(grpo.make_grpo_update(graphdef, optimizer, settings))
-    state = grpo.init_grpo_state(params, optimizer, jax.random.key(0))
+    update = jax.jit(updates.make_grpo_update(graphdef, optimizer, settings))
+    state = updates.init_grpo_state(params, optimizer, jax.random.key(0))
     new_state, metrics = update(state, batch)
 
     def ref_loss(p):
@@ -232,17 +232,17 @@ def test_update_checks_its_batch():
     out = rollout(3)
     batch = {k: out[k] for k in ("tokens", "mask", "completion_mask", "old_logps")}
     batch["advantages"] = np.zeros(B)
-    state = grpo.init_grpo_state(params, optax.sgd(1.0), jax.random.key(0))
-    update = grpo.make_grpo_update(graphdef, optax.sgd(1.0), grpo.GRPOConfig(beta=0.1))
+    state = updates.init_grpo_state(params, optax.sgd(1.0), jax.random.key(0))
+    update = updates.make_grpo_update(graphdef, optax.sgd(1.0), updates.GRPOConfig(beta=0.1))
     with pytest.raises(KeyError, match="ref_logps"):
         update(state, batch)
-    update = grpo.make_grpo_update(graphdef, optax.sgd(1.0), grpo.GRPOConfig())
+    update = updates.make_grpo_update(graphdef, optax.sgd(1.0), updates.GRPOConfig())
     with pytest.raises(ValueError, match="beta is 0"):
         update(state, {**batch, "ref_logps": out["ref_logps"]})
     with pytest.raises(ValueError, match="'advantages' has shape"):
         update(state, {**batch, "advantages": np.zeros((B, N))})
     with pytest.raises(ValueError, match="--loss-type"):
-        grpo.GRPOConfig(loss_type="ppo")
+        updates.GRPOConfig(loss_type="ppo")
 
 
 def test_run_config_errors_name_the_flag():
@@ -251,7 +251,9 @@ def test_run_config_errors_name_the_flag():
     with pytest.raises(ValueError, match="--reward"):
         rl.grpo.GRPORunConfig(data="prompts.jsonl")
     with pytest.raises(ValueError, match="--num-minibatches: 3 must divide"):
-        rl.grpo.GRPORunConfig(batch_size=2, group_size=2, grpo=grpo.GRPOConfig(num_minibatches=3))
+        rl.grpo.GRPORunConfig(
+            batch_size=2, group_size=2, grpo=updates.GRPOConfig(num_minibatches=3)
+        )
     with pytest.raises(ValueError, match="--estimator"):
         rl.grpo.GRPORunConfig(estimator="ppo")
     with pytest.raises(ValueError, match="unknown metrics sink 'tensorbord'"):
@@ -335,7 +337,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
         reward=(f"{module}:score",), out=str(tmp_path / "run"), iterations=3, batch_size=2,
         group_size=4, eval_prompts=4, max_new_tokens=8, log_every=1, eval_every=0,
         checkpoint_every=1, mesh="data=2,fsdp=2,tensor=2", compilation_cache=None,
-        grpo=grpo.GRPOConfig(num_minibatches=1), log="jsonl,tensorboard",
+        grpo=updates.GRPOConfig(num_minibatches=1), log="jsonl,tensorboard",
     )  # fmt: skip
     calls = {"n": 0}
     original = rl.grpo.collect

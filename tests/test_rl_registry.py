@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 
-from rljax import grpo, ppo, rl, trpo
+from rljax import rl, updates
 
 # What each name must mean, read from the built configuration (not from the preset table).
 EXPECTED = {
-    "ppo": lambda c: isinstance(c.ppo, ppo.PPOConfig) and c.critic == "head",
-    "ppo_critic": lambda c: isinstance(c.ppo, ppo.PPOConfig) and c.critic == "separate",
-    "trpo": lambda c: isinstance(c.trpo, trpo.TRPOConfig) and c.critic == "separate",
+    "ppo": lambda c: isinstance(c.ppo, updates.PPOConfig) and c.critic == "head",
+    "ppo_critic": lambda c: isinstance(c.ppo, updates.PPOConfig) and c.critic == "separate",
+    "trpo": lambda c: isinstance(c.trpo, updates.TRPOConfig) and c.critic == "separate",
     "grpo": lambda c: c.estimator == "grpo" and c.grpo.importance_sampling_level == "token",
     "dr_grpo": lambda c: c.estimator == "dr_grpo" and c.grpo.loss_type == "dr_grpo",
     "dapo": lambda c: (
@@ -77,7 +77,7 @@ def test_train_hands_the_configuration_to_its_driver(monkeypatch):
     ]
     assert calls[0][2] == {"label": "x"}
     with pytest.raises(TypeError, match="no registered algorithm trains a GRPOConfig"):
-        rl.train(grpo.GRPOConfig())
+        rl.train(updates.GRPOConfig())
 
 
 def test_grpo_script_takes_an_algorithm_preset_that_flags_override(capsys):

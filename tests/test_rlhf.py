@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import ppo, rlhf, trpo
+from rljax import rlhf, updates
 from rljax.models.transformer import Transformer, TransformerConfig, with_head
 
 B, P, N, V = 6, 5, 7, 24
@@ -237,13 +237,13 @@ def test_ppo_update_is_a_gradient_step_on_the_reference_loss(critic):
     critic_model = with_head(base, "value", rngs=nnx.Rngs(2)) if critic == "separate" else None
     pg, pp = nnx.split(policy)
     vg, vp = nnx.split(critic_model) if critic_model is not None else (None, None)
-    config = ppo.PPOConfig(value_coef=0.1, num_epochs=1, num_minibatches=1, entropy_coef=0.05)
+    config = updates.PPOConfig(value_coef=0.1, num_epochs=1, num_minibatches=1, entropy_coef=0.05)
     optimizer = optax.sgd(1.0)
     update = jax.jit(
-        rlhf.make_rlhf_ppo_update(pg, optimizer, config, vg, critic=critic, chunk_size=5)
+        updates.make_rlhf_ppo_update(pg, optimizer, config, vg, critic=critic, chunk_size=5)
     )
     batch = rollout_batch(3, critic != "none")
-    state = rlhf.init_rlhf_ppo_state(pp, optimizer, jax.random.key(0), vp)
+    state = updates.init_rlhf_ppo_state(pp, optimizer, jax.random.key(0), vp)
     new_state, metrics = update(state, batch)
 
     def ref_loss(params):
@@ -268,19 +268,19 @@ def test_ppo_update_is_a_gradient_step_on_the_reference_loss(critic):
 
 def test_ppo_update_checks_batch_and_config():
     pg, pp = nnx.split(with_head(tiny_lm(0), "value", rngs=nnx.Rngs(1), lm_head=True))
-    update = rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1))
-    state = rlhf.init_rlhf_ppo_state(pp, optax.sgd(0.1), jax.random.key(0))
+    update = updates.make_rlhf_ppo_update(pg, optax.sgd(0.1))
+    state = updates.init_rlhf_ppo_state(pp, optax.sgd(0.1), jax.random.key(0))
     batch = rollout_batch(0)
     with pytest.raises(KeyError, match="returns"):
         update(state, {k: v for k, v in batch.items() if k != "returns"})
     with pytest.raises(ValueError, match="old_values"):
         update(state, {**batch, "old_values": batch["old_values"][:, :-1]})
     with pytest.raises(ValueError, match="value_graphdef"):
-        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="separate")
+        updates.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="separate")
     with pytest.raises(ValueError, match="critic must be one of"):
-        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="both")
+        updates.make_rlhf_ppo_update(pg, optax.sgd(0.1), critic="both")
     with pytest.raises(TypeError, match="PPOConfig"):
-        rlhf.make_rlhf_ppo_update(pg, optax.sgd(0.1), trpo.TRPOConfig())
+        updates.make_rlhf_ppo_update(pg, optax.sgd(0.1), updates.TRPOConfig())
 
 
 @pytest.mark.parametrize("with_critic", [True, False])
@@ -289,13 +289,13 @@ def test_trpo_update_takes_a_trust_region_step(with_critic):
     pg, pp = nnx.split(base)
     vg, vp = nnx.split(with_head(base, "value", rngs=nnx.Rngs(5))) if with_critic else (None, {})
     value_opt = optax.adam(1e-3)
-    config = trpo.TRPOConfig(max_kl=0.01, cg_iters=20, n_critic_updates=2, critic_minibatches=2)
-    update = jax.jit(rlhf.make_rlhf_trpo_update(pg, value_opt, config, vg))
+    config = updates.TRPOConfig(max_kl=0.01, cg_iters=20, n_critic_updates=2, critic_minibatches=2)
+    update = jax.jit(updates.make_rlhf_trpo_update(pg, value_opt, config, vg))
     batch = rollout_batch(5, critic=with_critic)
     model = nnx.merge(pg, pp)
     logps, _, _ = full_logits_outputs(model, batch)
     batch["old_logps"] = np.where(batch["completion_mask"], np.asarray(logps), 0.0)  # on-policy
-    state = trpo.init_trpo_state(pp, vp, value_opt, jax.random.key(0))
+    state = updates.init_trpo_state(pp, vp, value_opt, jax.random.key(0))
     new_state, metrics = update(state, batch)
     assert bool(metrics["accepted"])
     assert 0 < float(metrics["kl"]) <= config.max_kl * (1 + 1e-5)

@@ -6,7 +6,7 @@ against a reference written here from the docstrings, in float64:
 2. the rollout (:func:`make_rollout_fn`): log-probs, entropies and values read from one full
    forward pass at the right columns (completion token ``j`` is predicted at column
    ``P - 1 + j``);
-3. the TRPO update on a policy LM (:func:`rljax.rlhf.make_rlhf_trpo_update`): the dense natural
+3. the TRPO update on a policy LM (:func:`rljax.updates.make_rlhf_trpo_update`): the dense natural
    step with the explicit Gauss-Newton Fisher, solved exactly with numpy.
 
 Each stage also shows that its check fails for the bug it guards against (a KL term rewarded
@@ -26,7 +26,7 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from rljax import rlhf, trpo
+from rljax import rlhf, updates
 from rljax.models import generate
 from rljax.models.transformer import Transformer, TransformerConfig, with_head
 from rljax.rl.rlhf import PPORunConfig, TRPORunConfig, make_shaping_fn
@@ -503,7 +503,7 @@ def test_trpo_update_is_the_dense_natural_step():
         critic="none",
         batch_size=TRPO_PROMPTS,
         samples_per_prompt=TRPO_K,
-        trpo=trpo.TRPOConfig(
+        trpo=updates.TRPOConfig(
             max_kl=MAX_KL,
             cg_iters=n_params,
             cg_damping=DAMPING,
@@ -516,8 +516,8 @@ def test_trpo_update_is_the_dense_natural_step():
     # Run CG to convergence: stop at |r| <= 1e-10 |g| (the default 1e-10 on |r|^2 is absolute).
     config = dataclasses.replace(config, cg_tol=float(1e-20 * ref["grad"] @ ref["grad"]))
     value_optimizer = optax.adam(1e-3)
-    update = jax.jit(rlhf.make_rlhf_trpo_update(graphdef, value_optimizer, config))
-    state = trpo.init_trpo_state(params, {}, value_optimizer, jax.random.key(0))
+    update = jax.jit(updates.make_rlhf_trpo_update(graphdef, value_optimizer, config))
+    state = updates.init_trpo_state(params, {}, value_optimizer, jax.random.key(0))
     new_state, metrics = update(state, ref["batch"])
     metrics = jax.device_get(metrics)
 

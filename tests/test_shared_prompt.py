@@ -1,5 +1,5 @@
 """The shared-prompt layout (rljax.data.share_prompts) and its forward pass
-(rljax.lm.shared_prompt_sequence_logps): the layout is checked element by element against the
+(rljax.updates.lm.shared_prompt_sequence_logps): the layout is checked element by element against the
 standard arrays, bad rows get errors naming them, and the log-probs, gradients, reference
 log-probs, DPO updates and reward-model rewards and updates equal those of the standard layout
 (independently: full logits in float64), with and without jit."""
@@ -15,11 +15,18 @@ import optax
 import pytest
 from flax import nnx
 
-from rljax import data, lm
-from rljax.dpo import DPOConfig, init_dpo_state, make_dpo_update
+from rljax import data
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer, TransformerConfig
-from rljax.reward import RewardConfig, init_reward_state, make_reward_update
+from rljax.updates import (
+    DPOConfig,
+    RewardConfig,
+    init_dpo_state,
+    init_reward_state,
+    lm,
+    make_dpo_update,
+    make_reward_update,
+)
 
 VOCAB = 48
 

@@ -62,7 +62,7 @@ def test_step_speed_quick(tmp_path):
 
 
 def test_step_speed_mesh_quick(tmp_path):
-    # The DPO step on an 8-device FSDP mesh (rljax.lm.compile_update): the state (params, two
+    # The DPO step on an 8-device FSDP mesh (rljax.updates.lm.compile_update): the state (params, two
     # AdamW moments, the reference) is sharded, so XLA's per-device argument bytes are well
     # under the unsharded state's.
     step_speed = _load()

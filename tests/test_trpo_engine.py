@@ -28,17 +28,14 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 from rljax.trpo import (
-    TRPOConfig,
-    TRPOState,
     conjugate_gradient,
     fisher_vector_product,
-    init_trpo_state,
     kl_line_search,
     make_fisher_vector_product,
-    make_trpo_update,
     natural_step,
     output_fisher_product,
 )
+from rljax.updates import TRPOConfig, TRPOState, init_trpo_state, make_trpo_update
 
 FAMILIES = ("categorical", "gaussian")
 METHODS = ("gauss_newton", "hessian")

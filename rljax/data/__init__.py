@@ -6,7 +6,7 @@
 - :func:`validate_preferences` / :func:`validate_completions`: TRL's standard and
   conversational formats, errors naming row and field, or skip-and-count;
 - :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
-  padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.lm`);
+  padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.updates.lm`);
 - :func:`share_prompts`: the shared-prompt layout (each pair's prompt stored and run once);
 - :class:`Batches`: deterministic, resumable minibatches.
 

@@ -10,7 +10,7 @@ are both ``[N, T]`` prompt + completion rows, so a forward pass runs every promp
 - ``chosen_completion_tokens``, ``chosen_completion_mask``, ``rejected_completion_tokens``,
   ``rejected_completion_mask``: ``[N, C]``, right-padded.
 
-:func:`rljax.lm.shared_prompt_sequence_logps` runs the prompt once, then both completions
+:func:`rljax.updates.lm.shared_prompt_sequence_logps` runs the prompt once, then both completions
 against its key/value cache (the idea of "prefix sharing" for DPO: Wang et al., 2024,
 *Accelerating Direct Preference Optimization with Prefix Sharing*, arXiv:2410.20305), and
 computes log-probs only at completion positions. The result equals the standard layout's to
@@ -18,7 +18,7 @@ float tolerance; the work per pair falls from ``2 (P + C)`` token positions to `
 (64-token prompts and completions: 256 -> 192), and the LM head runs on ``2C`` positions
 instead of ``2 (P + C) - 2``.
 
-Every :mod:`rljax.dpo` / :mod:`rljax.lm` function that takes a preference batch accepts either
+Every :mod:`rljax.dpo` / :mod:`rljax.updates.lm` function that takes a preference batch accepts either
 layout (it is chosen by the keys present); 1-D per-pair arrays (``ref_chosen_logps``, ...) are
 carried over unchanged.
 """

@@ -7,7 +7,7 @@ One iteration, one named stage per line of :func:`run`::
                                             # samples more until the batch has informative groups
     batch, shaped = shape(...)              # overlong handling, group advantages, importance
                                             # weights between the sampler and the trainer
-    state, metrics = step(state, batch)     # the compiled GRPO-family update (rljax.grpo)
+    state, metrics = step(state, batch)     # the compiled GRPO-family update (rljax.updates.grpo)
     evaluate / log / checkpoint
 
 Every stage is a function of its inputs (testable on its own); the compiled pieces are the
@@ -36,21 +36,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import (
-    advantages,
-    checks,
-    data,
-    experiment,
-    grpo,
-    lm,
-    rewards,
-    runs,
-    sharding,
-)
+from rljax import advantages, checks, data, experiment, rewards, runs, sharding, updates
 from rljax.models import generate, hf
 from rljax.rl.loop import export_policy, finish, train_loop
 from rljax.rl.rollout import decode_completions, make_rollout_fn
 from rljax.tasks import arithmetic
+from rljax.updates import lm
 
 __all__ = [
     "GRPORunConfig",
@@ -155,8 +146,8 @@ class GRPORunConfig:
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
     max_nonfinite_updates: int = 3
     allow_config_change: bool = False
-    grpo: grpo.GRPOConfig = dataclasses.field(
-        default_factory=lambda: grpo.GRPOConfig(loss_type="dapo", num_minibatches=2)
+    grpo: updates.GRPOConfig = dataclasses.field(
+        default_factory=lambda: updates.GRPOConfig(loss_type="dapo", num_minibatches=2)
     )
 
     def __post_init__(self):
@@ -582,8 +573,8 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     mesh = experiment.build_mesh(config.mesh)
     key = jax.random.key(config.seed)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
-    update = grpo.make_grpo_update(graphdef, optimizer, config.grpo)
-    init = grpo.init_grpo_state(params, optimizer, jax.random.fold_in(key, 2**31))
+    update = updates.make_grpo_update(graphdef, optimizer, config.grpo)
+    init = updates.init_grpo_state(params, optimizer, jax.random.fold_in(key, 2**31))
     state, step, batch_shardings = lm.compile_update(
         update, init, _example_batch(config, max_new), mesh
     )

@@ -38,9 +38,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import checks, data, experiment, lm, rlhf, runs, sharding
-from rljax import ppo as ppo_lib
-from rljax import trpo as trpo_lib
+from rljax import checks, data, experiment, rlhf, runs, sharding, updates
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import generate, hf
@@ -48,6 +46,7 @@ from rljax.models.transformer import with_head
 from rljax.rl.loop import export_policy, finish, train_loop
 from rljax.rl.rollout import make_rollout_fn
 from rljax.tasks import sorting
+from rljax.updates import lm
 
 __all__ = [
     "Models",
@@ -215,8 +214,8 @@ class RLHFRunConfig:
 # The update settings of the RLHF runs (frozen, so safe as dataclass defaults): PPOConfig's with
 # TRL's value weight and two minibatches; TRPOConfig's with the trust region measured for the
 # built-in task (see TRPORunConfig) and a short critic fit.
-PPO_DEFAULTS = ppo_lib.PPOConfig(value_coef=0.1, num_minibatches=2)
-TRPO_DEFAULTS = trpo_lib.TRPOConfig(max_kl=0.005, n_critic_updates=4, critic_minibatches=2)
+PPO_DEFAULTS = updates.PPOConfig(value_coef=0.1, num_minibatches=2)
+TRPO_DEFAULTS = updates.TRPOConfig(max_kl=0.005, n_critic_updates=4, critic_minibatches=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,12 +223,12 @@ class PPORunConfig(RLHFRunConfig):
     """RLHF with PPO (Schulman et al., 2017; Ziegler et al., 2019; Ouyang et al., 2022).
 
     Attributes:
-      ppo: the PPO update's settings (:class:`rljax.ppo.PPOConfig`: clip ranges, value and
+      ppo: the PPO update's settings (:class:`rljax.updates.PPOConfig`: clip ranges, value and
         entropy weights, epochs, minibatches, advantage whitening, KL early stop).
     """
 
     out: str = "runs/ppo_rlhf"
-    ppo: ppo_lib.PPOConfig = PPO_DEFAULTS
+    ppo: updates.PPOConfig = PPO_DEFAULTS
 
     def __post_init__(self):
         super().__post_init__()
@@ -239,7 +238,7 @@ class PPORunConfig(RLHFRunConfig):
     def make_update(self, models: Models, key: jax.Array) -> PolicyUpdate:
         """The compiled-to-be PPO update on ``models`` and its initial state."""
         optimizer = _adam(self.learning_rate)
-        update = rlhf.make_rlhf_ppo_update(
+        update = updates.make_rlhf_ppo_update(
             models.policy_graphdef,
             optimizer,
             self.ppo,
@@ -247,7 +246,9 @@ class PPORunConfig(RLHFRunConfig):
             critic=self.critic,
             chunk_size=self.chunk_size,
         )
-        state = rlhf.init_rlhf_ppo_state(models.policy_params, optimizer, key, models.value_params)
+        state = updates.init_rlhf_ppo_state(
+            models.policy_params, optimizer, key, models.value_params
+        )
         return PolicyUpdate(update, state, lambda s: (s.params["policy"], s.params.get("value")))
 
 
@@ -260,7 +261,7 @@ class TRPORunConfig(RLHFRunConfig):
       critic: separate (a critic model fitted after each step) or none (group-relative
         advantages; needs samples_per_prompt >= 2). TRPO keeps the critic apart from the policy.
       value_learning_rate: Adam learning rate of the critic.
-      trpo: the TRPO update's settings (:class:`rljax.trpo.TRPOConfig`). The defaults here:
+      trpo: the TRPO update's settings (:class:`rljax.updates.TRPOConfig`). The defaults here:
         max_kl 0.005 (0.02, the classic-control value, overfits each 64-sample batch on the
         built-in task: held-out score 0.36 -> 0.41 in 100 iterations, against 0.36 -> 0.54
         with 0.005), 4 critic passes of 2 minibatches.
@@ -269,7 +270,7 @@ class TRPORunConfig(RLHFRunConfig):
     out: str = "runs/trpo_rlhf"
     critic: str = "separate"
     value_learning_rate: float = 1e-3
-    trpo: trpo_lib.TRPOConfig = TRPO_DEFAULTS
+    trpo: updates.TRPOConfig = TRPO_DEFAULTS
 
     def __post_init__(self):
         super().__post_init__()
@@ -285,11 +286,11 @@ class TRPORunConfig(RLHFRunConfig):
     def make_update(self, models: Models, key: jax.Array) -> PolicyUpdate:
         """The compiled-to-be TRPO update on ``models`` and its initial state."""
         value_optimizer = _adam(self.value_learning_rate)
-        update = rlhf.make_rlhf_trpo_update(
+        update = updates.make_rlhf_trpo_update(
             models.policy_graphdef, value_optimizer, self.trpo, models.value_graphdef
         )
         value_params = {} if models.value_params is None else models.value_params
-        state = trpo_lib.init_trpo_state(models.policy_params, value_params, value_optimizer, key)
+        state = updates.init_trpo_state(models.policy_params, value_params, value_optimizer, key)
         return PolicyUpdate(update, state, lambda s: (s.policy_params, s.value_params))
 
 

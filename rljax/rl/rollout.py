@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax import lm, rlhf
+from rljax import rlhf, updates
 from rljax.models import generate
+from rljax.updates import lm
 
 __all__ = ["CRITICS", "decode_completions", "make_rollout_fn"]
 
@@ -64,11 +65,11 @@ def make_rollout_fn(
         n = gen.completion_mask.shape[1]
         cmask = gen.completion_mask
         zero = lambda x: jnp.where(cmask, x, 0.0)
-        policy = rlhf.completion_outputs(
+        policy = updates.completion_outputs(
             graphdef, policy_params, gen.tokens, gen.mask, n, chunk_size=chunk_size,
             values=critic == "head",
         )  # fmt: skip
-        ref = rlhf.completion_outputs(
+        ref = updates.completion_outputs(
             ref_graphdef, ref_params, gen.tokens, gen.mask, n, chunk_size=chunk_size
         )
         out = {

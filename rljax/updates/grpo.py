@@ -22,7 +22,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rljax import ppo, rlhf
+from rljax import rlhf
+from rljax.updates.ppo import PPOState, epochs_step
+from rljax.updates.rlhf import completion_outputs, init_rlhf_ppo_state
 
 __all__ = ["GRPOConfig", "init_grpo_state", "make_grpo_update"]
 
@@ -85,10 +87,10 @@ class GRPOConfig:
 KEYS = ("tokens", "mask", "completion_mask", "old_logps", "advantages")
 
 
-def init_grpo_state(policy_params, optimizer, key) -> ppo.PPOState:
+def init_grpo_state(policy_params, optimizer, key) -> PPOState:
     """The train state of :func:`make_grpo_update`: the policy-gradient family's
     :class:`rljax.ppo.PPOState` with ``params = {"policy": ...}``."""
-    return rlhf.init_rlhf_ppo_state(policy_params, optimizer, key)
+    return init_rlhf_ppo_state(policy_params, optimizer, key)
 
 
 def _check_batch(batch: dict, config: GRPOConfig) -> None:
@@ -138,7 +140,7 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
     def loss_fn(params, mb):
         mask = mb["completion_mask"]
         n = mask.shape[1]
-        out = rlhf.completion_outputs(
+        out = completion_outputs(
             graphdef, params["policy"], mb["tokens"], mb["mask"], n, chunk_size=config.chunk_size
         )
         advantages = mb["advantages"]
@@ -161,9 +163,9 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
         entropy = jnp.sum(out["entropy"] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
         return loss, {**metrics, "loss/policy": loss, "policy/entropy": entropy}
 
-    def update(state: ppo.PPOState, batch: dict):
+    def update(state: PPOState, batch: dict):
         _check_batch(batch, config)
-        new_state, metrics = ppo.epochs_step(
+        new_state, metrics = epochs_step(
             loss_fn,
             optimizer,
             state,

@@ -1,0 +1,35 @@
+"""Updates: the objectives bound to models, each a pure ``update(state, batch) -> (state,
+metrics)`` to jit with explicit shardings (layer 3 of the package).
+
+The objectives (:mod:`rljax.ppo`, :mod:`rljax.trpo`, :mod:`rljax.dpo`, :mod:`rljax.reward`,
+:mod:`rljax.rlhf`) are arrays in, arrays out; the modules here add what a training step needs
+around them: a train state, an optimizer, minibatches and epochs, the non-finite guard, and
+for language models the forward passes that turn tokens into log-probs (:mod:`.lm`).
+
+* :mod:`.ppo`: :class:`PPOConfig`, :class:`PPOState` (the one train-state layout of the
+  policy-gradient family), :func:`minibatch_epochs` / :func:`epochs_step` (the one
+  minibatch/epoch loop), :func:`make_ppo_update` over pure policy/value functions.
+* :mod:`.trpo`: :class:`TRPOConfig`, :class:`TRPOState`, :func:`make_trpo_update`.
+* :mod:`.dpo`, :mod:`.reward`: the preference updates on a language model.
+* :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
+* :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.
+
+Every public name of those modules is importable from here (``rljax.updates.PPOConfig``).
+"""
+
+from __future__ import annotations
+
+from rljax.updates.dpo import *  # noqa: F403
+from rljax.updates.dpo import __all__ as _dpo
+from rljax.updates.grpo import *  # noqa: F403
+from rljax.updates.grpo import __all__ as _grpo
+from rljax.updates.ppo import *  # noqa: F403
+from rljax.updates.ppo import __all__ as _ppo
+from rljax.updates.reward import *  # noqa: F403
+from rljax.updates.reward import __all__ as _reward
+from rljax.updates.rlhf import *  # noqa: F403
+from rljax.updates.rlhf import __all__ as _rlhf
+from rljax.updates.trpo import *  # noqa: F403
+from rljax.updates.trpo import __all__ as _trpo
+
+__all__ = [*_dpo, *_grpo, *_ppo, *_reward, *_rlhf, *_trpo]

@@ -1,0 +1,145 @@
+"""The reward-model update: :func:`make_reward_update` and :func:`make_reward_eval` bind
+:func:`rljax.reward.bradley_terry_loss` to a language model with a scalar head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rljax import checks
+from rljax.finite import count_nonfinite, step_if_finite
+from rljax.reward import (
+    bradley_terry_loss,
+)
+from rljax.updates.lm import pair_rewards
+
+__all__ = [
+    "RewardConfig",
+    "RewardState",
+    "init_reward_state",
+    "make_reward_eval",
+    "make_reward_update",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Static settings of :func:`make_reward_update` and :func:`make_reward_eval`.
+
+    Attributes:
+      center_rewards_coefficient: :math:`c` of :func:`bradley_terry_loss` (TRL's
+        ``center_rewards_coefficient``; Eisenstein et al. use 0.01); ``None`` = off.
+      use_margin: subtract the batch's ``margin`` ``[B]`` from the reward gap when the batch
+        has one (TRL uses a ``margin`` column whenever the data set has it).
+    """
+
+    center_rewards_coefficient: float | None = None
+    use_margin: bool = True
+
+    def __post_init__(self):
+        checks.check(self, {"center_rewards_coefficient": ">= 0"}, library=True)
+
+
+class RewardState(NamedTuple):
+    """Train state of :func:`make_reward_update` (a pytree): ``params``
+    (``nnx.split(model)[1]``), ``opt_state``, an int32 ``step`` and an int32
+    ``nonfinite_updates`` (updates skipped as non-finite, :func:`rljax.finite.step_if_finite`)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    nonfinite_updates: Any = np.int32(0)
+
+
+def init_reward_state(params, optimizer) -> RewardState:
+    """Initial :class:`RewardState`."""
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return RewardState(params, optimizer.init(params), step, skipped)
+
+
+def _reward_objective(graphdef, config: RewardConfig) -> Callable:
+    def objective(params, batch):
+        chosen, rejected = pair_rewards(graphdef, params, batch)  # [B] each
+        margin = batch.get("margin") if config.use_margin else None
+        loss, metrics = bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=None if margin is None else jnp.asarray(margin),
+            center_rewards_coefficient=config.center_rewards_coefficient,
+        )
+        chosen, rejected = jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+        metrics = {
+            "loss": loss,
+            **metrics,
+            "rewards/chosen": jnp.mean(chosen),
+            "rewards/rejected": jnp.mean(rejected),
+        }
+        return loss, metrics
+
+    return objective
+
+
+def make_reward_update(
+    graphdef, optimizer, config: RewardConfig = RewardConfig()
+) -> Callable[[RewardState, dict], tuple[RewardState, dict[str, jax.Array]]]:
+    """Build the pure reward-model step ``update(state, batch) -> (state, metrics)``.
+
+    One optax step on :func:`bradley_terry_loss` of the rewards of a scalar-head model
+    (``TransformerConfig(head="reward", lm_head=False)``): ``model.rewards`` reads the head at
+    the last real token of each row, in ONE forward pass over the ``[2B, T]`` concatenation of
+    the chosen and rejected sequences.
+
+    Args:
+      graphdef: ``nnx.split(model)[0]`` of a reward-head
+        :class:`rljax.models.transformer.Transformer`.
+      optimizer: optax ``GradientTransformation`` over ``state.params``.
+      config: :class:`RewardConfig`.
+
+    The ``batch`` follows the :mod:`rljax.data` contract (``chosen_tokens``, ``chosen_mask``,
+    ``rejected_tokens``, ``rejected_mask``, ``[B, T]``; loss masks are not used), or the
+    shared-prompt layout of :func:`rljax.data.share_prompts` (each prompt run once:
+    :func:`rljax.lm.pair_rewards`), optionally with a float ``margin [B]``.
+
+    Metrics: ``loss``, ``accuracy``, ``margin`` (mean reward gap), ``mean_reward``,
+    ``min_reward``, ``max_reward``, ``rewards/chosen``, ``rewards/rejected``, ``grad_norm``,
+    ``nonfinite`` and ``nonfinite_updates`` (a non-finite update is skipped, as in
+    :func:`rljax.dpo.make_dpo_update`). Not jitted; jit it as :func:`rljax.dpo.make_dpo_update`'s step (or with
+    :func:`rljax.lm.compile_update`); means are over the global batch.
+    """
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    objective = _reward_objective(graphdef, config)
+
+    def update(state: RewardState, batch: dict) -> tuple[RewardState, dict[str, jax.Array]]:
+        grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
+        params, opt_state, finite = step_if_finite(
+            optimizer, grads, state.opt_state, state.params, metrics["loss"]
+        )
+        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics.update(guard_metrics)
+        return RewardState(params, opt_state, state.step + 1, count), metrics
+
+    return update
+
+
+def make_reward_eval(
+    graphdef, config: RewardConfig = RewardConfig()
+) -> Callable[[RewardState, dict], dict[str, jax.Array]]:
+    """The metrics of :func:`make_reward_update` on held-out pairs, without an update:
+    ``evaluate(state, batch) -> metrics`` (no ``grad_norm``)."""
+    if not isinstance(config, RewardConfig):
+        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+    objective = _reward_objective(graphdef, config)
+
+    def evaluate(state: RewardState, batch: dict) -> dict[str, jax.Array]:
+        return objective(state.params, batch)[1]
+
+    return evaluate
