@@ -113,7 +113,9 @@ def test_shape_matches_hand_built_reference(overlong, estimator):
 
 def test_shape_leaves_out_what_the_loss_would_not_read():
     batch, _ = rl.grpo.shape(rollout(1), np.zeros(B, np.float32), np.ones(B, bool), config())
-    assert set(batch) == set(updates.grpo.KEYS)  # no ref_logps without beta, no weights without a cap
+    assert set(batch) == set(
+        updates.grpo.KEYS
+    )  # no ref_logps without beta, no weights without a cap
 
 
 # ------------------------------------------------------------------------------ collect
