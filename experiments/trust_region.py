@@ -92,11 +92,13 @@ def main(config: Config) -> dict:
     @jax.jit
     def rollout(state, carry, key):
         carry, traj = envs.collect(
-            env, env_params, policy_fn, state.policy_params, carry, key, config.num_steps
+            env, env_params, policy_fn, state.params["policy"], carry, key, config.num_steps
         )
-        rewards, dones = envs.bootstrapped_rewards(traj, value_fn, state.value_params, config.gamma)
-        values = value_fn(state.value_params, traj["obs"])
-        bootstrap = value_fn(state.value_params, carry.obs)
+        rewards, dones = envs.bootstrapped_rewards(
+            traj, value_fn, state.params["value"], config.gamma
+        )
+        values = value_fn(state.params["value"], traj["obs"])
+        bootstrap = value_fn(state.params["value"], carry.obs)
         values = jnp.concatenate([values, bootstrap[:, None]], axis=1)
         adv, returns = advantages.gae(rewards, values, dones, config.gamma, config.lam)
         batch = {
@@ -129,7 +131,7 @@ def main(config: Config) -> dict:
     key, k_roll = jax.random.split(key)
     carry, batch, mean_return, _ = rollout(state, carry, k_roll)
     curves = jax.jit(lambda p, b: trust_region_curves(policy_fn, p, b, config, trpo_config))(
-        state.policy_params, batch
+        state.params["policy"], batch
     )
     curves = jax.tree.map(np.asarray, curves)
     out = pathlib.Path(config.out)

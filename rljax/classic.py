@@ -380,7 +380,7 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
 def _policy_and_value(state):
     if isinstance(state, updates.PPOState):
         return state.params["policy"], state.params["value"]
-    return state.policy_params, state.value_params
+    return state.params["policy"], state.params["value"]
 
 
 def train_ppo(config: PPOClassicConfig, key: jax.Array, progress: Callable | None = None):
@@ -420,7 +420,7 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
     steps; jit-able as a whole and vmappable over ``key``.
 
     Returns ``(state, history, evaluation)`` as :func:`train_ppo` does, with a
-    :class:`rljax.updates.TRPOState`.
+    :class:`rljax.updates.PPOState` (TRPO's: ``opt_state`` is the value optimizer's).
     """
     env, env_params = envs.make(config.env)
     policy_fn, value_fn, init_policy, init_value = make_networks(config, env)
@@ -434,7 +434,7 @@ def train_trpo(config: TRPOClassicConfig, key: jax.Array, progress: Callable | N
         config, env, env_params, state, update, (policy_fn, value_fn), k_run, progress
     )
     evaluation = evaluate(
-        env, env_params, policy_fn, state.policy_params, k_eval, config.eval_episodes
+        env, env_params, policy_fn, state.params["policy"], k_eval, config.eval_episodes
     )
     return state, history, evaluation
 

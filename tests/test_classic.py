@@ -51,7 +51,7 @@ def train_probe(algo: str, kind: str):
     if algo == "ppo":
         policy_params, value_params = state.params["policy"], state.params["value"]
     else:
-        policy_params, value_params = state.policy_params, state.value_params
+        policy_params, value_params = state.params["policy"], state.params["value"]
     obs = jnp.array([[-1.0], [0.0], [1.0]])
     values = np.asarray(value_fn(value_params, obs))
     p_action_1 = np.asarray(jax.nn.softmax(policy_fn(policy_params, obs), axis=-1)[:, 1])

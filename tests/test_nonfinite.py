@@ -225,16 +225,16 @@ def test_trpo_update_guards_the_policy_step_and_the_critic_fit():
     # A NaN critic target: every critic step is skipped; the policy step is taken.
     new, metrics = step(state, {**good, "returns": np.full(16, np.nan, np.float32)})
     assert float(metrics["nonfinite_critic"]) == 1.0 and float(metrics["nonfinite_policy"]) == 0.0
-    assert bits((new.value_params, new.value_opt_state)) == bits(
-        (state.value_params, state.value_opt_state)
+    assert bits((new.params["value"], new.opt_state)) == bits(
+        (state.params["value"], state.opt_state)
     )
-    assert bits(new.policy_params) != bits(state.policy_params)
+    assert bits(new.params["policy"]) != bits(state.params["policy"])
     assert int(new.nonfinite_updates) == 1 and float(metrics["nonfinite"]) == 1.0
     # NaN advantages (what a NaN critic gives the next rollout): the policy step is reported.
-    policy = new.policy_params
+    policy = new.params["policy"]
     new, metrics = step(new, {**good, "advantages": np.full(16, np.nan, np.float32)})
     assert float(metrics["nonfinite_policy"]) == 1.0 and int(new.nonfinite_updates) == 2
-    assert bits(new.policy_params) == bits(policy)
+    assert bits(new.params["policy"]) == bits(policy)
     new, metrics = step(new, good)
     assert float(metrics["nonfinite"]) == 0.0 and int(metrics["nonfinite_updates"]) == 2
 

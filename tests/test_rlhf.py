@@ -305,13 +305,13 @@ def test_trpo_update_takes_a_trust_region_step(with_critic):
     adv = batch["advantages"]
     mu = (adv * m).sum() / m.sum()
     adv = (adv - mu) / np.sqrt((((adv - mu) ** 2) * m).sum() / m.sum() + 1e-8)
-    new_logps, _, _ = full_logits_outputs(nnx.merge(pg, new_state.policy_params), batch)
+    new_logps, _, _ = full_logits_outputs(nnx.merge(pg, new_state.params["policy"]), batch)
     ratio = np.exp(np.asarray(new_logps, np.float64) - batch["old_logps"])
     surrogate = (ratio * adv * m).sum() / m.sum()
     assert float(metrics["surrogate_after"]) == pytest.approx(surrogate, rel=1e-4, abs=1e-6)
     if with_critic:
         assert float(metrics["value_loss"]) > 0
         moved = jax.tree.map(
-            lambda a, b: float(jnp.max(jnp.abs(a - b))), vp, new_state.value_params
+            lambda a, b: float(jnp.max(jnp.abs(a - b))), vp, new_state.params["value"]
         )
         assert max(jax.tree.leaves(moved)) > 0

@@ -536,7 +536,7 @@ def test_trpo_update_is_the_dense_natural_step():
     cg_rtol = 1e-6
     np.testing.assert_allclose(metrics["step_size"], ref["step_size"], rtol=cg_rtol)
     np.testing.assert_allclose(metrics["kl"], ref["kl"], rtol=cg_rtol)
-    delta = np.asarray(ravel_pytree(new_state.policy_params)[0]) - ref["flat0"]
+    delta = np.asarray(ravel_pytree(new_state.params["policy"])[0]) - ref["flat0"]
     step = ref["step"]
     assert np.linalg.norm(delta - step) <= cg_rtol * np.linalg.norm(step)
     assert int(new_state.step) == 1

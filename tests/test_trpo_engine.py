@@ -35,7 +35,7 @@ from rljax.trpo import (
     natural_step,
     output_fisher_product,
 )
-from rljax.updates import TRPOConfig, TRPOState, init_trpo_state, make_trpo_update
+from rljax.updates import PPOState, TRPOConfig, init_trpo_state, make_trpo_update
 
 FAMILIES = ("categorical", "gaussian")
 METHODS = ("gauss_newton", "hessian")
@@ -948,7 +948,7 @@ def test_update_metrics_and_trust_region():
     params, _, batch = bandit("categorical")
     new_state, metrics = update(state, batch)
     assert set(metrics) == METRIC_KEYS
-    assert isinstance(new_state, TRPOState)
+    assert isinstance(new_state, PPOState)
     assert int(new_state.step) == 1
     assert not np.array_equal(np.asarray(new_state.key), np.asarray(state.key))
     assert bool(metrics["accepted"])
@@ -959,7 +959,7 @@ def test_update_metrics_and_trust_region():
     )
     # The reported surrogate and KL are those of the returned parameters.
     surrogate, kl = ref_objectives("categorical", params, batch, normalize=True)
-    new_flat = jnp.asarray(ravel(new_state.policy_params))
+    new_flat = jnp.asarray(ravel(new_state.params["policy"]))
     assert float(metrics["surrogate_after"]) == pytest.approx(float(surrogate(new_flat)), rel=1e-10)
     assert float(metrics["kl"]) == pytest.approx(float(kl(new_flat)), rel=1e-10)
     assert float(metrics["surrogate_before"]) == pytest.approx(
@@ -1015,7 +1015,7 @@ def test_update_matches_dense_natural_step(family, method, subsample, normalize,
     fraction = float(metrics["step_fraction"])
     assert fraction == pytest.approx(config.backtrack_coeff**k, rel=1e-12)
 
-    delta = ravel(new_state.policy_params) - np.asarray(flat)
+    delta = ravel(new_state.params["policy"]) - np.asarray(flat)
     assert rel_err(delta, fraction * full_step) < 1e-7
     assert float(metrics["step_size"]) == pytest.approx(step_size, rel=1e-7)
     assert float(metrics["grad_norm"]) == pytest.approx(np.linalg.norm(g), rel=1e-10)
@@ -1032,7 +1032,7 @@ def test_update_matches_dense_natural_step(family, method, subsample, normalize,
     g_other = np.asarray(jax.grad(ref_objectives(family, params, batch, not normalize)[0])(flat))
     assert rel_err(dense_step(f, g_other, damping, max_kl)[0], full_step) > 1e-3
     if family == "gaussian":
-        assert not np.allclose(new_state.policy_params["log_std"], params["log_std"])
+        assert not np.allclose(new_state.params["policy"]["log_std"], params["log_std"])
 
 
 def test_value_function_fitting_reduces_loss():
@@ -1050,11 +1050,11 @@ def test_value_function_fitting_reduces_loss():
         residual = (returns - np.asarray(value_fn(vp, x)))[valid]
         return 1.0 - residual.var() / returns[valid].var()
 
-    losses, evs = [value_mse(state.value_params)], []
+    losses, evs = [value_mse(state.params["value"])], []
     for _ in range(5):
-        ev_before = ref_explained_variance(state.value_params)
+        ev_before = ref_explained_variance(state.params["value"])
         state, metrics = update(state, batch)
-        losses.append(value_mse(state.value_params))
+        losses.append(value_mse(state.params["value"]))
         evs.append(float(metrics["explained_variance"]))
         assert evs[-1] <= 1.0
         assert evs[-1] == pytest.approx(ev_before, rel=1e-10, abs=1e-12)

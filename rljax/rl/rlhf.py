@@ -291,7 +291,7 @@ class TRPORunConfig(RLHFRunConfig):
         )
         value_params = {} if models.value_params is None else models.value_params
         state = updates.init_trpo_state(models.policy_params, value_params, value_optimizer, key)
-        return PolicyUpdate(update, state, lambda s: (s.policy_params, s.value_params))
+        return PolicyUpdate(update, state, lambda s: (s.params["policy"], s.params["value"]))
 
 
 def _check_divides(config: RLHFRunConfig, field: str, parts: int) -> None:

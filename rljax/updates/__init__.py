@@ -9,7 +9,8 @@ for language models the forward passes that turn tokens into log-probs (:mod:`.l
 * :mod:`.ppo`: :class:`PPOConfig`, :class:`PPOState` (the one train-state layout of the
   policy-gradient family), :func:`minibatch_epochs` / :func:`epochs_step` (the one
   minibatch/epoch loop), :func:`make_ppo_update` over pure policy/value functions.
-* :mod:`.trpo`: :class:`TRPOConfig`, :class:`TRPOState`, :func:`make_trpo_update`.
+* :mod:`.trpo`: :class:`TRPOConfig`, :func:`make_trpo_update` (its state is a
+  :class:`PPOState` too; the critic is fitted by :func:`minibatch_epochs`).
 * :mod:`.dpo`, :mod:`.reward`: the preference updates on a language model.
 * :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
 * :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.

@@ -82,8 +82,13 @@ class PPOConfig:
 
 
 class PPOState(NamedTuple):
-    """Train state of :func:`make_ppo_update` (a pytree): ``params = {"policy", "value"}``;
-    ``nonfinite_updates`` counts the updates that skipped a non-finite minibatch step."""
+    """The train state of the policy-gradient family (a pytree), one layout for every update:
+    PPO (:func:`make_ppo_update`, :func:`rljax.updates.make_rlhf_ppo_update`), TRPO
+    (:func:`rljax.updates.make_trpo_update`) and the GRPO family. ``params`` is
+    ``{"policy": ...}`` plus ``"value"`` with a critic; ``opt_state`` is the optax state of
+    what the optimizer moves (PPO: both networks; TRPO: the critic, the policy moving by the
+    natural step); ``key`` shuffles minibatches; ``nonfinite_updates`` counts the updates
+    that skipped a non-finite step."""
 
     params: Any
     opt_state: Any

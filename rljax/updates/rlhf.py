@@ -22,7 +22,7 @@ from rljax.rlhf import (
 )
 from rljax.updates import lm
 from rljax.updates.ppo import PPOConfig, PPOState, epochs_step
-from rljax.updates.trpo import TRPOConfig, TRPOState, make_trpo_update
+from rljax.updates.trpo import TRPOConfig, make_trpo_update
 
 __all__ = [
     "ROLLOUT_KEYS",
@@ -254,7 +254,7 @@ def make_rlhf_trpo_update(
     not needed and no value fitting runs).
 
     ``batch``: as :func:`make_rlhf_ppo_update`'s (``returns`` with a critic). The state is a
-    :class:`rljax.trpo.TRPOState` (:func:`rljax.trpo.init_trpo_state`; ``value_params={}``
+    :class:`rljax.updates.PPOState` (:func:`rljax.updates.init_trpo_state`; ``value_params={}``
     without a critic). The FVP works on the full ``[B, N, V]`` logits of the completion
     positions, fine for small vocabularies; subsample rows with ``config.fvp_subsample``.
     """
@@ -287,7 +287,7 @@ def make_rlhf_trpo_update(
     inner = make_trpo_update(policy_fn, value_fn, value_optimizer, config)
     keys = ROLLOUT_KEYS + (("returns",) if value_graphdef is not None else ())
 
-    def update(state: TRPOState, batch: dict):
+    def update(state: PPOState, batch: dict):
         _check_rollout(batch, keys)
         inputs = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
         mask = batch["completion_mask"]

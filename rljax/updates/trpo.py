@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import numpy as np
 
 from rljax import checks
 from rljax.advantages import explained_variance
-from rljax.finite import all_finite, count_nonfinite, select, step_if_finite
+from rljax.finite import all_finite, count_nonfinite, select
 from rljax.logprobs import masked_mean
 from rljax.trpo import (
     FVP_METHODS,
@@ -27,10 +25,10 @@ from rljax.trpo import (
     tree_vdot,
     trpo_objectives,
 )
+from rljax.updates.ppo import PPOState, minibatch_epochs
 
 __all__ = [
     "TRPOConfig",
-    "TRPOState",
     "init_trpo_state",
     "make_trpo_update",
 ]
@@ -99,28 +97,14 @@ class TRPOConfig:
         )
 
 
-class TRPOState(NamedTuple):
-    """Train state of :func:`make_trpo_update` (a pytree); ``nonfinite_updates`` counts the
-    updates with a non-finite policy step or critic step (each skipped)."""
-
-    policy_params: Any
-    value_params: Any
-    value_opt_state: Any
-    key: jax.Array
-    step: jax.Array
-    nonfinite_updates: Any = np.int32(0)
-
-
-def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array) -> TRPOState:
-    """Initial :class:`TRPOState`; ``key`` shuffles the value-function minibatches."""
-    return TRPOState(
-        policy_params=policy_params,
-        value_params=value_params,
-        value_opt_state=value_optimizer.init(value_params),
-        key=key,
-        step=jnp.zeros((), jnp.int32),
-        nonfinite_updates=jnp.zeros((), jnp.int32),
-    )
+def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array) -> PPOState:
+    """Initial state of :func:`make_trpo_update`: the policy-gradient family's
+    :class:`rljax.updates.PPOState` with ``params = {"policy", "value"}`` and ``opt_state`` the
+    value optimizer's (the policy moves by the natural step, not by an optimizer); ``key``
+    shuffles the value-function minibatches."""
+    params = {"policy": policy_params, "value": value_params}
+    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
+    return PPOState(params, value_optimizer.init(value_params), key, step, skipped)
 
 
 def _rows(tree, index):
@@ -132,7 +116,7 @@ def make_trpo_update(
     value_fn: Callable,
     value_optimizer,
     config: TRPOConfig = TRPOConfig(),
-) -> Callable[[TRPOState, dict], tuple[TRPOState, dict[str, jax.Array]]]:
+) -> Callable[[PPOState, dict], tuple[PPOState, dict[str, jax.Array]]]:
     """Build the pure TRPO step ``update(state, batch) -> (state, metrics)``.
 
     One call is one iteration of Schulman et al. (2015), "practical algorithm" (Sec. 6): the
@@ -169,10 +153,10 @@ def make_trpo_update(
     if not isinstance(config, TRPOConfig):
         raise TypeError(f"config must be a TRPOConfig, got {type(config).__name__}")
 
-    def update(state: TRPOState, batch: dict) -> tuple[TRPOState, dict[str, jax.Array]]:
+    def update(state: PPOState, batch: dict) -> tuple[PPOState, dict[str, jax.Array]]:
         if "returns" not in batch:
             raise KeyError(f"TRPO batch is missing ['returns']; it has {sorted(batch)}")
-        params = state.policy_params
+        params = state.params["policy"]
         surrogate_fn, surrogate_and_kl = trpo_objectives(
             policy_fn, params, batch, config.normalize_advantages
         )
@@ -222,13 +206,15 @@ def make_trpo_update(
         new_params = select(policy_finite, new_params, params)
 
         value_params, value_opt_state, key, value_metrics = _fit_value(
-            state.value_params, state.value_opt_state, state.key, batch, mask
+            state.params["value"], state.opt_state, state.key, batch, mask
         )
         critic_finite = value_metrics.pop("finite")
         count, guard_metrics = count_nonfinite(
             state.nonfinite_updates, policy_finite & critic_finite
         )
-        new_state = TRPOState(new_params, value_params, value_opt_state, key, state.step + 1, count)
+        new_state = PPOState(
+            {"policy": new_params, "value": value_params}, value_opt_state, key, state.step + 1, count
+        )
         metrics = {
             "surrogate_before": surrogate_before,
             "surrogate_after": ls_info.surrogate,
@@ -249,6 +235,9 @@ def make_trpo_update(
         return new_state, metrics
 
     def _fit_value(value_params, opt_state, key, batch, mask):
+        """``n_critic_updates`` passes of ``critic_minibatches`` optax steps on the squared
+        error of the value function: the policy-gradient family's minibatch/epoch loop
+        (:func:`rljax.updates.minibatch_epochs`), each non-finite step skipped."""
         value_inputs = batch.get("value_inputs", batch["inputs"])
         returns = batch["returns"]
         num_rows = returns.shape[0]
@@ -257,7 +246,6 @@ def make_trpo_update(
                 f"batch of {num_rows} rows does not split into critic_minibatches="
                 f"{config.critic_minibatches} equal minibatches"
             )
-        rows_per_minibatch = num_rows // config.critic_minibatches
         data = {
             "x": value_inputs,
             "returns": returns,
@@ -269,39 +257,27 @@ def make_trpo_update(
 
         def loss_fn(p, minibatch):
             values = value_fn(p, minibatch["x"])
-            return masked_mean(jnp.square(values - minibatch["returns"]), minibatch["mask"])
+            loss = masked_mean(jnp.square(values - minibatch["returns"]), minibatch["mask"])
+            return loss, {"value_loss": loss}
 
-        def minibatch_step(carry, minibatch):
-            p, s = carry
-            loss, grads = jax.value_and_grad(loss_fn)(p, minibatch)
-            p, s, finite = step_if_finite(value_optimizer, grads, s, p, loss)
-            return (p, s), (loss, finite)
-
-        def epoch(carry, order):
-            shuffled = _rows(data, order)
-            minibatches = jax.tree.map(
-                lambda x: x.reshape(config.critic_minibatches, rows_per_minibatch, *x.shape[1:]),
-                shuffled,
-            )
-            return jax.lax.scan(minibatch_step, carry, minibatches)
-
-        key, epochs_key = jax.random.split(key)
-        # Every epoch's shuffle at once (one batched sort rather than one per epoch).
-        orders = jax.vmap(lambda k: jax.random.permutation(k, num_rows))(
-            jax.random.split(epochs_key, config.n_critic_updates)
+        value_params, opt_state, key, metrics = minibatch_epochs(
+            loss_fn,
+            value_optimizer,
+            value_params,
+            opt_state,
+            key,
+            data,
+            num_epochs=config.n_critic_updates,
+            num_minibatches=config.critic_minibatches,
         )
-        (value_params, opt_state), (losses, finite) = jax.lax.scan(
-            epoch, (value_params, opt_state), orders
-        )
-        value_loss = jnp.mean(losses) if config.n_critic_updates else jnp.zeros(())
         return (
             value_params,
             opt_state,
             key,
             {
-                "value_loss": value_loss,
+                "value_loss": metrics["value_loss"],
                 "explained_variance": ev,
-                "finite": jnp.all(finite),
+                "finite": metrics["nonfinite"] == 0,
             },
         )
 
