@@ -1,4 +1,5 @@
-"""Every ``rljax`` name the README and docs/ mention exists, reached as they write it.
+"""Every ``rljax`` name the README and docs/ (the API reference) mention exists, reached as
+they write it.
 
 Names are collected two ways from ``README.md`` and ``docs/**/*.md``:
 
@@ -145,6 +146,27 @@ def test_extraction_finds_the_kinds_of_mention():
         "rljax.rlhf.policy_loss",
         "rljax.models.hf.load_model",
     }
+
+
+def test_the_api_reference_in_docs_is_scanned():
+    """The reference moved from the README to docs/: each page is collected, and the names it
+    documents are found there (so a page that stopped being scanned would fail here)."""
+    places = mentioned_names()
+    pages = {place.split(":")[0] for where in places.values() for place in where}
+    expected = {"README.md", *(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md"))}
+    quiet = {"docs/development.md"}  # names no rljax API
+    assert expected - quiet <= pages, sorted(expected - quiet - pages)
+    for name, page in [
+        ("rljax.dpo.dpo_loss", "docs/objectives.md"),
+        ("rljax.trpo.fisher_vector_product", "docs/objectives.md"),
+        ("rljax.updates.make_dpo_update", "docs/preference.md"),
+        ("rljax.models.hf.load_model", "docs/language_models.md"),
+        ("rljax.rl.ALGORITHMS", "docs/rl.md"),
+        ("rljax.classic.train_ppo", "docs/classic_control.md"),
+        ("rljax.cli.save_config", "docs/experiments.md"),
+        ("rljax.runs.MetricsLog", "docs/operations.md"),
+    ]:
+        assert any(p.startswith(page + ":") for p in places.get(name, [])), (name, page)
 
 
 def test_every_rljax_name_in_the_readme_resolves_after_import_rljax():

@@ -41,10 +41,10 @@ from flax import nnx
 from rljax import checks, data, experiment, rlhf, runs, sharding, updates
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
-from rljax.models import generate, hf
+from rljax.models import hf
 from rljax.models.transformer import with_head
 from rljax.rl.loop import export_policy, finish, train_loop
-from rljax.rl.rollout import make_rollout_fn
+from rljax.rl.rollout import make_rollout_fn, sampling_config
 from rljax.tasks import sorting
 from rljax.updates import lm
 
@@ -569,20 +569,8 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
     :class:`TRPORunConfig`: its ``make_update`` builds the update); writes
     ``out/metrics.jsonl``, ``out/summary.json``, ``out/training.png`` and the final policy as a
     Hugging Face folder ``out/policy``, and returns the summary."""
-    if not hasattr(config, "make_update"):
-        raise TypeError(
-            f"rljax.rl.rlhf.run: config must be a PPORunConfig or TRPORunConfig, got "
-            f"{type(config).__name__}"
-        )
-    algorithm = "ppo" if isinstance(config, PPORunConfig) else "trpo"
-    checks.require_folder("--reward-model", config.reward_model, "reward-model folder")
+    algorithm = _check_run(config)
     label = label or f"{algorithm.upper()}-RLHF"
-    if jax.process_count() > 1:
-        raise ValueError(
-            "the RLHF experiments run in one process (any number of local devices via --mesh); "
-            "multi-process runs (python -m rljax.launch) are supported by dpo.py and "
-            "reward_model.py only"
-        )
     runs.use_compilation_cache(config.compilation_cache)
     start_time = time.perf_counter()
     out = pathlib.Path(config.out)
@@ -603,15 +591,9 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
         algo.update, algo.state, _example_batch(config, rows, max_new), mesh
     )
     ref_params = sharding.shard_params(models.ref_params, mesh)
-    sampling = generate.SamplingConfig(
-        max_new_tokens=max_new,
-        temperature=config.temperature,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     rollout_fn = make_rollout_fn(
         models.policy_graphdef,
-        sampling,
+        sampling_config(tokenizer, max_new, config.temperature),
         ref_graphdef=models.ref_graphdef,
         critic=config.critic,
         value_graphdef=models.value_graphdef,
@@ -663,11 +645,18 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
             f"({config.batch_size} prompts x {k}), critic {config.critic}, {mesh.size} device(s)"
         ),
     )
-    state = result.state
+    policy_params, _ = algo.params(result.state)
+    policy = lm.merge(models.policy_graphdef, jax.device_get(policy_params))
+    export_policy(label, out, _without_value_head(policy, config), tokenizer)
+    return _summarize(
+        config, label, result, algorithm=algorithm, model_path=model_path, source=source,
+        start_time=start_time, devices=mesh.size,
+    )  # fmt: skip
 
-    policy_params, _ = algo.params(state)
-    policy_model = lm.merge(models.policy_graphdef, jax.device_get(policy_params))
-    export_policy(label, out, _without_value_head(policy_model, config), tokenizer)
+
+def _summarize(config, label: str, result, *, algorithm, model_path, source, start_time, devices):
+    """``summary.json`` of a finished run (held-out score and KL before and after, the final KL
+    coefficient), the training plot and the closing line."""
     evals = [r for r in result.history if "eval/score" in r]
     final, start_eval = experiment.final_eval(evals), experiment.final_eval(evals[:1])
     summary = {
@@ -692,8 +681,26 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
             f"KL to the reference {final['kl']:.3f} nats"
         ),
         start_time=start_time,
-        devices=mesh.size,
+        devices=devices,
     )
+
+
+def _check_run(config) -> str:
+    """The algorithm of ``config`` (``"ppo"`` or ``"trpo"``), after the checks a run needs
+    before it starts (the reward-model folder exists; one process)."""
+    if not hasattr(config, "make_update"):
+        raise TypeError(
+            f"rljax.rl.rlhf.run: config must be a PPORunConfig or TRPORunConfig, got "
+            f"{type(config).__name__}"
+        )
+    checks.require_folder("--reward-model", config.reward_model, "reward-model folder")
+    if jax.process_count() > 1:
+        raise ValueError(
+            "the RLHF experiments run in one process (any number of local devices via --mesh); "
+            "multi-process runs (python -m rljax.launch) are supported by dpo.py and "
+            "reward_model.py only"
+        )
+    return "ppo" if isinstance(config, PPORunConfig) else "trpo"
 
 
 def _without_value_head(model, config):

@@ -19,7 +19,7 @@ from rljax import rlhf, updates
 from rljax.models import generate
 from rljax.updates import lm
 
-__all__ = ["CRITICS", "decode_completions", "make_rollout_fn"]
+__all__ = ["CRITICS", "decode_completions", "make_rollout_fn", "sampling_config"]
 
 CRITICS = rlhf.CRITICS  # "head", "separate", "none"
 
@@ -102,3 +102,13 @@ def decode_completions(tokenizer, rollout: dict) -> list[str]:
         tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
         for row, m in zip(tokens, cmask, strict=True)
     ]
+
+
+def sampling_config(tokenizer, max_new_tokens: int, temperature: float) -> generate.SamplingConfig:
+    """The sampler's settings for ``tokenizer``'s EOS and padding ids."""
+    return generate.SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )

@@ -152,6 +152,49 @@ def make_rlhf_ppo_update(
         raise ValueError(f"make_rlhf_ppo_update: chunk_size must be >= 1, got {chunk_size}")
     with_critic = critic != "none"
     keys = ROLLOUT_KEYS + (("returns", "old_values") if with_critic else ())
+    loss_fn = _ppo_token_loss(graphdef, value_graphdef, config, critic, chunk_size)
+    names = {k: v for k, v in TRL_PPO_METRICS.items() if with_critic or v not in _CRITIC_METRICS}
+
+    def update(state: PPOState, batch: dict):
+        _check_rollout(batch, keys)
+        batch = {k: batch[k] for k in keys}
+        new_state, metrics = epochs_step(
+            loss_fn,
+            optimizer,
+            state,
+            batch,
+            num_epochs=config.num_epochs,
+            num_minibatches=config.num_minibatches,
+            target_kl=config.target_kl,
+        )
+        return new_state, {names[k]: v for k, v in metrics.items() if k in names}
+
+    return update
+
+
+# rljax.ppo.ppo_loss's metric names -> TRL's PPO trainer's (the RLHF logs use TRL's names).
+TRL_PPO_METRICS = {
+    "policy/approxkl_k3": "policy/approxkl_avg",
+    "policy/clipfrac": "policy/clipfrac_avg",
+    "policy/entropy": "policy/entropy_avg",
+    "policy/ratio": "val/ratio",
+    "loss/policy": "loss/policy_avg",
+    "loss/value": "loss/value_avg",
+    "loss/total": "loss/total",
+    "val/clipfrac": "val/clipfrac_avg",
+    "val/vpred": "val/vpred",
+    "updates": "updates",
+    "early_stopped": "early_stopped",
+    "nonfinite": "nonfinite",
+    "nonfinite_updates": "nonfinite_updates",
+}
+_CRITIC_METRICS = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
+
+
+def _ppo_token_loss(graphdef, value_graphdef, config: PPOConfig, critic: str, chunk_size: int):
+    """``loss_fn(params, minibatch) -> (loss, metrics)``: :func:`rljax.ppo.ppo_loss` over the
+    completion tokens, with log-probs, entropies and (critic head or separate) values from one
+    forward pass of each model; critic none has a zero value loss (one code path)."""
 
     def loss_fn(params, mb):
         n = mb["completion_mask"].shape[1]
@@ -172,10 +215,10 @@ def make_rlhf_ppo_update(
         advantages = mb["advantages"]
         if config.normalize_advantages:
             advantages = whiten(advantages, mask)
-        if with_critic:
+        if critic != "none":
             values, old_values, returns = out["values"], mb["old_values"], mb["returns"]
             value_coef = config.value_coef
-        else:  # no critic: a zero value loss keeps one code path
+        else:
             values = old_values = returns = jnp.zeros_like(out["logps"])
             value_coef = 0.0
         return ppo.ppo_loss(
@@ -195,43 +238,7 @@ def make_rlhf_ppo_update(
             entropy_coef=config.entropy_coef,
         )
 
-    names = {
-        "policy/approxkl_k3": "policy/approxkl_avg",
-        "policy/clipfrac": "policy/clipfrac_avg",
-        "policy/entropy": "policy/entropy_avg",
-        "policy/ratio": "val/ratio",
-        "loss/policy": "loss/policy_avg",
-        "loss/value": "loss/value_avg",
-        "loss/total": "loss/total",
-        "val/clipfrac": "val/clipfrac_avg",
-        "val/vpred": "val/vpred",
-        "updates": "updates",
-        "early_stopped": "early_stopped",
-        "nonfinite": "nonfinite",
-        "nonfinite_updates": "nonfinite_updates",
-    }
-    critic_only = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
-
-    def update(state: PPOState, batch: dict):
-        _check_rollout(batch, keys)
-        batch = {k: batch[k] for k in keys}
-        new_state, metrics = epochs_step(
-            loss_fn,
-            optimizer,
-            state,
-            batch,
-            num_epochs=config.num_epochs,
-            num_minibatches=config.num_minibatches,
-            target_kl=config.target_kl,
-        )
-        metrics = {
-            names[k]: v
-            for k, v in metrics.items()
-            if k in names and (with_critic or names[k] not in critic_only)
-        }
-        return new_state, metrics
-
-    return update
+    return loss_fn
 
 
 # ------------------------------------------------------------------------------ TRPO

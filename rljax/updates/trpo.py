@@ -156,77 +156,21 @@ def make_trpo_update(
     def update(state: PPOState, batch: dict) -> tuple[PPOState, dict[str, jax.Array]]:
         if "returns" not in batch:
             raise KeyError(f"TRPO batch is missing ['returns']; it has {sorted(batch)}")
-        params = state.params["policy"]
-        surrogate_fn, surrogate_and_kl = trpo_objectives(
-            policy_fn, params, batch, config.normalize_advantages
+        new_policy, policy_finite, policy_metrics = _policy_step(
+            policy_fn, config, state.params["policy"], batch
         )
-        surrogate_before, grad = jax.value_and_grad(surrogate_fn)(params)
-        mask = batch.get("mask")
-        rows = slice(None, None, config.fvp_subsample)
-        fvp = make_fisher_vector_product(
-            policy_fn,
-            params,
-            _rows(batch["inputs"], rows),
-            None if mask is None else mask[rows],
-            config.fvp_method,
-        )
-        if config.flat_params:
-            # One flat vector rather than every parameter array: far fewer XLA kernels.
-            flat_params, unravel = jax.flatten_util.ravel_pytree(params)
-
-            def ravel(tree):
-                return jax.flatten_util.ravel_pytree(tree)[0]
-
-            step_grad, step_fvp = ravel(grad), lambda v: ravel(fvp(unravel(v)))
-            step_objective, start = (lambda p: surrogate_and_kl(unravel(p))), flat_params
-        else:
-            unravel = None
-            step_grad, step_fvp, step_objective, start = grad, fvp, surrogate_and_kl, params
-        full_step, step_info = natural_step(
-            step_grad,
-            step_fvp,
-            config.max_kl,
-            config.cg_iters,
-            config.cg_damping,
-            config.cg_tol,
-        )
-        new_params, ls_info = kl_line_search(
-            step_objective,
-            start,
-            full_step,
-            surrogate_before,
-            config.max_kl,
-            config.backtrack_coeff,
-            config.max_backtracks,
-            check_direction=False,  # grad is the surrogate's own: the sign is right
-        )
-        if unravel is not None:
-            new_params = unravel(new_params)
-        policy_finite = all_finite(surrogate_before, grad, new_params)
-        new_params = select(policy_finite, new_params, params)
-
-        value_params, value_opt_state, key, value_metrics = _fit_value(
-            state.params["value"], state.opt_state, state.key, batch, mask
-        )
+        value_params, value_opt_state, key, value_metrics = _fit_critic(
+            value_fn, value_optimizer, config, state.params["value"], state.opt_state,
+            state.key, batch,
+        )  # fmt: skip
         critic_finite = value_metrics.pop("finite")
         count, guard_metrics = count_nonfinite(
             state.nonfinite_updates, policy_finite & critic_finite
         )
-        new_state = PPOState(
-            {"policy": new_params, "value": value_params}, value_opt_state, key, state.step + 1, count
-        )
+        params = {"policy": new_policy, "value": value_params}
+        new_state = PPOState(params, value_opt_state, key, state.step + 1, count)
         metrics = {
-            "surrogate_before": surrogate_before,
-            "surrogate_after": ls_info.surrogate,
-            "improvement": ls_info.surrogate - surrogate_before,
-            "kl": ls_info.kl,
-            "step_fraction": ls_info.step_fraction,
-            "line_search_steps": ls_info.steps,
-            "accepted": ls_info.accepted,
-            "cg_iterations": step_info.cg_iterations,
-            "cg_residual": step_info.cg_residual,
-            "step_size": step_info.step_size,
-            "grad_norm": jnp.sqrt(tree_vdot(grad, grad)),
+            **policy_metrics,
             **value_metrics,
             **guard_metrics,
             "nonfinite_policy": jnp.logical_not(policy_finite).astype(jnp.float32),
@@ -234,51 +178,119 @@ def make_trpo_update(
         }
         return new_state, metrics
 
-    def _fit_value(value_params, opt_state, key, batch, mask):
-        """``n_critic_updates`` passes of ``critic_minibatches`` optax steps on the squared
-        error of the value function: the policy-gradient family's minibatch/epoch loop
-        (:func:`rljax.updates.minibatch_epochs`), each non-finite step skipped."""
-        value_inputs = batch.get("value_inputs", batch["inputs"])
-        returns = batch["returns"]
-        num_rows = returns.shape[0]
-        if num_rows % config.critic_minibatches:
-            raise ValueError(
-                f"batch of {num_rows} rows does not split into critic_minibatches="
-                f"{config.critic_minibatches} equal minibatches"
-            )
-        data = {
-            "x": value_inputs,
-            "returns": returns,
-            "mask": jnp.ones_like(returns) if mask is None else mask,
-        }
-        predictions = value_fn(value_params, value_inputs)
-        chex.assert_equal_shape([predictions, returns])
-        ev = explained_variance(predictions, returns, mask)
-
-        def loss_fn(p, minibatch):
-            values = value_fn(p, minibatch["x"])
-            loss = masked_mean(jnp.square(values - minibatch["returns"]), minibatch["mask"])
-            return loss, {"value_loss": loss}
-
-        value_params, opt_state, key, metrics = minibatch_epochs(
-            loss_fn,
-            value_optimizer,
-            value_params,
-            opt_state,
-            key,
-            data,
-            num_epochs=config.n_critic_updates,
-            num_minibatches=config.critic_minibatches,
-        )
-        return (
-            value_params,
-            opt_state,
-            key,
-            {
-                "value_loss": metrics["value_loss"],
-                "explained_variance": ev,
-                "finite": metrics["nonfinite"] == 0,
-            },
-        )
-
     return update
+
+
+def _policy_step(policy_fn: Callable, config: TRPOConfig, params, batch: dict):
+    """The natural-gradient step of the policy: ``(new_params, finite, metrics)``.
+
+    The surrogate's gradient, the natural direction by conjugate gradient on Fisher-vector
+    products (every ``fvp_subsample``-th row), the full step to the trust region and the KL
+    line search; with ``flat_params`` on one raveled vector. A step with a non-finite
+    surrogate, gradient or result is not taken (``finite`` False, ``params`` returned)."""
+    surrogate_fn, surrogate_and_kl = trpo_objectives(
+        policy_fn, params, batch, config.normalize_advantages
+    )
+    surrogate_before, grad = jax.value_and_grad(surrogate_fn)(params)
+    mask = batch.get("mask")
+    rows = slice(None, None, config.fvp_subsample)
+    fvp = make_fisher_vector_product(
+        policy_fn,
+        params,
+        _rows(batch["inputs"], rows),
+        None if mask is None else mask[rows],
+        config.fvp_method,
+    )
+    if config.flat_params:
+        # One flat vector rather than every parameter array: far fewer XLA kernels.
+        flat_params, unravel = jax.flatten_util.ravel_pytree(params)
+
+        def ravel(tree):
+            return jax.flatten_util.ravel_pytree(tree)[0]
+
+        step_grad, step_fvp = ravel(grad), lambda v: ravel(fvp(unravel(v)))
+        step_objective, start = (lambda p: surrogate_and_kl(unravel(p))), flat_params
+    else:
+        unravel = None
+        step_grad, step_fvp, step_objective, start = grad, fvp, surrogate_and_kl, params
+    full_step, step_info = natural_step(
+        step_grad, step_fvp, config.max_kl, config.cg_iters, config.cg_damping, config.cg_tol
+    )
+    new_params, ls_info = kl_line_search(
+        step_objective,
+        start,
+        full_step,
+        surrogate_before,
+        config.max_kl,
+        config.backtrack_coeff,
+        config.max_backtracks,
+        check_direction=False,  # grad is the surrogate's own: the sign is right
+    )
+    if unravel is not None:
+        new_params = unravel(new_params)
+    finite = all_finite(surrogate_before, grad, new_params)
+    metrics = {
+        "surrogate_before": surrogate_before,
+        "surrogate_after": ls_info.surrogate,
+        "improvement": ls_info.surrogate - surrogate_before,
+        "kl": ls_info.kl,
+        "step_fraction": ls_info.step_fraction,
+        "line_search_steps": ls_info.steps,
+        "accepted": ls_info.accepted,
+        "cg_iterations": step_info.cg_iterations,
+        "cg_residual": step_info.cg_residual,
+        "step_size": step_info.step_size,
+        "grad_norm": jnp.sqrt(tree_vdot(grad, grad)),
+    }
+    return select(finite, new_params, params), finite, metrics
+
+
+def _fit_critic(value_fn, value_optimizer, config: TRPOConfig, value_params, opt_state, key, batch):
+    """``n_critic_updates`` passes of ``critic_minibatches`` optax steps on the squared error of
+    the value function: the policy-gradient family's minibatch/epoch loop
+    (:func:`rljax.updates.minibatch_epochs`), each non-finite step skipped. Returns
+    ``(value_params, opt_state, key, metrics)`` with ``value_loss``, ``explained_variance``
+    (of the predictions before the fit) and ``finite``."""
+    value_inputs = batch.get("value_inputs", batch["inputs"])
+    returns, mask = batch["returns"], batch.get("mask")
+    num_rows = returns.shape[0]
+    if num_rows % config.critic_minibatches:
+        raise ValueError(
+            f"batch of {num_rows} rows does not split into critic_minibatches="
+            f"{config.critic_minibatches} equal minibatches"
+        )
+    data = {
+        "x": value_inputs,
+        "returns": returns,
+        "mask": jnp.ones_like(returns) if mask is None else mask,
+    }
+    predictions = value_fn(value_params, value_inputs)
+    chex.assert_equal_shape([predictions, returns])
+    ev = explained_variance(predictions, returns, mask)
+
+    def loss_fn(p, minibatch):
+        values = value_fn(p, minibatch["x"])
+        loss = masked_mean(jnp.square(values - minibatch["returns"]), minibatch["mask"])
+        return loss, {"value_loss": loss}
+
+    value_params, opt_state, key, metrics = minibatch_epochs(
+        loss_fn,
+        value_optimizer,
+        value_params,
+        opt_state,
+        key,
+        data,
+        num_epochs=config.n_critic_updates,
+        num_minibatches=config.critic_minibatches,
+    )
+    finite = metrics["nonfinite"] == 0
+    return (
+        value_params,
+        opt_state,
+        key,
+        {
+            "value_loss": metrics["value_loss"],
+            "explained_variance": ev,
+            "finite": finite,
+        },
+    )
