@@ -641,23 +641,7 @@ def run_experiment(
 
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "metrics.jsonl", "w") as f:
-        for i in range(config.num_iterations):
-            row = {
-                "iteration": i + 1,
-                "env_steps": int(history["env_steps"][0, i]),
-                "episode_return_per_seed": [
-                    _json_float(v) for v in history["episode_return"][:, i]
-                ],
-            }
-            row.update(
-                {
-                    k: _json_float(np.mean(v[:, i]))
-                    for k, v in history.items()
-                    if k not in ("env_steps",)
-                }
-            )
-            f.write(json.dumps(row) + "\n")
+    _write_metrics(history, config.num_iterations, out_dir / "metrics.jsonl")
     summary = {
         "algorithm": algo,
         "env": config.env,
@@ -679,14 +663,48 @@ def run_experiment(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _plot_curve(history, label, out_dir / "learning_curve.png")
+    _report(label, summary, out_dir)
+    return summary
+
+
+def _write_metrics(history, num_iterations: int, path) -> None:
+    """``metrics.jsonl``: per iteration the env steps, each seed's training return and the
+    seeds' mean of every other metric."""
+    import json
+
+    import numpy as np
+
+    with open(path, "w") as f:
+        for i in range(num_iterations):
+            row = {
+                "iteration": i + 1,
+                "env_steps": int(history["env_steps"][0, i]),
+                "episode_return_per_seed": [
+                    _json_float(v) for v in history["episode_return"][:, i]
+                ],
+            }
+            row.update(
+                {k: _json_float(np.mean(v[:, i])) for k, v in history.items() if k != "env_steps"}
+            )
+            f.write(json.dumps(row) + "\n")
+
+
+def _report(label: str, summary: dict, out_dir) -> None:
+    """The closing lines of a run; raise ``FloatingPointError`` when a seed's final parameters
+    are non-finite (after the outputs are written)."""
     print(
-        f"[{label}] greedy return over {config.eval_episodes} episodes per seed: mean "
-        f"{summary['final_return_mean']:.1f}, median {summary['final_return_median']:.1f}, "
+        f"[{label}] greedy return over {summary['eval_episodes_per_seed']} episodes per seed: "
+        f"mean {summary['final_return_mean']:.1f}, median {summary['final_return_median']:.1f}, "
         f"per seed {summary['final_return_per_seed']}"
     )
     print(
-        f"[{label}] wall {wall_seconds:.1f}s = compile {compile_seconds:.1f}s + run "
-        f"{run_seconds:.1f}s; wrote {out_dir}/metrics.jsonl, summary.json, learning_curve.png"
+        f"[{label}] wall {summary['wall_seconds']:.1f}s = compile "
+        f"{summary['compile_seconds']:.1f}s + run {summary['run_seconds']:.1f}s; wrote "
+        f"{out_dir}/metrics.jsonl, summary.json, learning_curve.png"
+    )
+    skipped, params_finite = (
+        summary["nonfinite_updates_per_seed"],
+        summary["final_params_finite_per_seed"],
     )
     if any(skipped):
         print(
@@ -696,10 +714,10 @@ def run_experiment(
     if not all(params_finite):
         bad = [i for i, ok in enumerate(params_finite) if not ok]
         raise FloatingPointError(
-            f"[{label}] the final parameters of seed(s) {bad} (of {seeds}) have non-finite "
-            f"values; see {out_dir}/summary.json and metrics.jsonl (nonfinite per iteration)"
+            f"[{label}] the final parameters of seed(s) {bad} (of {summary['seeds']}) have "
+            f"non-finite values; see {out_dir}/summary.json and metrics.jsonl (nonfinite per "
+            "iteration)"
         )
-    return summary
 
 
 @dataclasses.dataclass(frozen=True)
