@@ -611,6 +611,43 @@ def _masked_stats(x, valid):
     return mean, low, high
 
 
+def _check_importance_args(cap, cap_min, level: str, mode: str) -> None:
+    """Raise for an unknown level or mode, or concrete bounds that are out of order."""
+    if level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"unknown level {level!r}; valid levels: {sorted(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid modes: {sorted(IMPORTANCE_SAMPLING_MODES)}")
+    if isinstance(cap, (int, float)) and cap <= 0:
+        raise ValueError(f"cap must be > 0 (or None for no upper bound), got {cap}")
+    if isinstance(cap_min, (int, float)) and cap_min < 0:
+        raise ValueError(f"cap_min must be >= 0 (or None for no lower bound), got {cap_min}")
+    if isinstance(cap, (int, float)) and isinstance(cap_min, (int, float)) and cap_min > cap:
+        raise ValueError(f"cap_min={cap_min} must not exceed cap={cap}")
+
+
+def _mismatch_metrics(delta, scorable, unit_weights, unit_valid, capped) -> dict[str, jax.Array]:
+    """The metrics of :func:`truncated_importance_weights` (see its Returns): of the log-prob
+    differences ``delta`` and their k3 KL over ``scorable`` tokens, of the weights and of the
+    ``capped`` flags over the valid units (tokens or rows)."""
+    diff_mean, _, diff_max = _masked_stats(jnp.abs(delta), scorable)
+    # k3 with r = pi_old / pi_sampler = exp(delta): kl_k3 takes (log pi, log ref) = (0, delta)
+    kl_mean, _, kl_max = _masked_stats(kl_k3(jnp.zeros_like(delta), delta), scorable)
+    ratio_mean, ratio_min, ratio_max = _masked_stats(unit_weights, unit_valid)
+    capped_frac = _masked_stats(capped.astype(delta.dtype), unit_valid)[0]
+    return {
+        "sampling/sampling_logp_difference/mean": diff_mean,
+        "sampling/sampling_logp_difference/max": diff_max,
+        "sampling/mismatch_kl/mean": kl_mean,
+        "sampling/mismatch_kl/max": kl_max,
+        "sampling/importance_sampling_ratio/min": ratio_min,
+        "sampling/importance_sampling_ratio/mean": ratio_mean,
+        "sampling/importance_sampling_ratio/max": ratio_max,
+        "sampling/importance_sampling_ratio/capped_frac": capped_frac,
+    }
+
+
 def truncated_importance_weights(
     trainer_logps: jax.Array,
     sampler_logps: jax.Array,
@@ -671,18 +708,7 @@ def truncated_importance_weights(
     """
     chex.assert_rank(trainer_logps, 2)
     chex.assert_equal_shape([trainer_logps, sampler_logps, mask])
-    if level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"unknown level {level!r}; valid levels: {sorted(IMPORTANCE_SAMPLING_LEVELS)}"
-        )
-    if mode not in IMPORTANCE_SAMPLING_MODES:
-        raise ValueError(f"unknown mode {mode!r}; valid modes: {sorted(IMPORTANCE_SAMPLING_MODES)}")
-    if isinstance(cap, (int, float)) and cap <= 0:
-        raise ValueError(f"cap must be > 0 (or None for no upper bound), got {cap}")
-    if isinstance(cap_min, (int, float)) and cap_min < 0:
-        raise ValueError(f"cap_min must be >= 0 (or None for no lower bound), got {cap_min}")
-    if isinstance(cap, (int, float)) and isinstance(cap_min, (int, float)) and cap_min > cap:
-        raise ValueError(f"cap_min={cap_min} must not exceed cap={cap}")
+    _check_importance_args(cap, cap_min, level, mode)
     dtype = jnp.promote_types(
         jnp.promote_types(trainer_logps.dtype, sampler_logps.dtype), jnp.float32
     )
@@ -699,20 +725,5 @@ def truncated_importance_weights(
     high = jnp.asarray(jnp.inf if cap is None else cap, dtype)
     unit_weights = IMPORTANCE_SAMPLING_MODES[mode](ratio, low, high)
     weights = jax.lax.stop_gradient(jnp.broadcast_to(unit_weights, trainer.shape))
-
-    diff_mean, _, diff_max = _masked_stats(jnp.abs(delta), scorable)
-    # k3 with r = pi_old / pi_sampler = exp(delta): kl_k3 takes (log pi, log ref) = (0, delta)
-    kl_mean, _, kl_max = _masked_stats(kl_k3(jnp.zeros_like(delta), delta), scorable)
-    ratio_mean, ratio_min, ratio_max = _masked_stats(unit_weights, unit_valid)
-    capped_frac = _masked_stats(((ratio < low) | (ratio > high)).astype(dtype), unit_valid)[0]
-    metrics = {
-        "sampling/sampling_logp_difference/mean": diff_mean,
-        "sampling/sampling_logp_difference/max": diff_max,
-        "sampling/mismatch_kl/mean": kl_mean,
-        "sampling/mismatch_kl/max": kl_max,
-        "sampling/importance_sampling_ratio/min": ratio_min,
-        "sampling/importance_sampling_ratio/mean": ratio_mean,
-        "sampling/importance_sampling_ratio/max": ratio_max,
-        "sampling/importance_sampling_ratio/capped_frac": capped_frac,
-    }
-    return weights, metrics
+    capped = (ratio < low) | (ratio > high)
+    return weights, _mismatch_metrics(delta, scorable, unit_weights, unit_valid, capped)

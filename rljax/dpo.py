@@ -1,4 +1,4 @@
-"""Direct Preference Optimization and its variants (Rafailov et al., 2023, arXiv:2305.18290).
+r"""Direct Preference Optimization and its variants (Rafailov et al., 2023, arXiv:2305.18290).
 
 "DPO" here always means Direct Preference Optimization (not Discovered Policy Optimisation).
 
@@ -22,6 +22,29 @@ and :func:`dpo_loss` gives it the same terms, weights, normalisation and metrics
 
 Inputs are per-example *sequence* log-probs (sums of token log-probs over the completion),
 shape ``[batch]``, for the chosen and the rejected completion of each pair.
+
+Which loss type reads which optional argument of :func:`dpo_loss` (TRL 1.16;
+``ARGUMENT_READERS``):
+
+==============================  ==========================================================
+argument                        read by
+==============================  ==========================================================
+``label_smoothing``             ``robust`` (flip probability, [0, 0.5)), ``exo_pair``
+                                (:math:`\epsilon`, (0, 1)), ``aot``, ``aot_unpaired``
+``discopop_tau``                ``discopop``
+``chosen_lengths``              ``ipo``, ``sigmoid_norm``, ``sft`` (required by them)
+``rejected_lengths``            ``ipo``, ``sigmoid_norm`` (required by them)
+``sft_normalizer``              ``sft``
+``f_alpha_divergence_coef``     ``f_divergence_type="alpha_divergence"``
+``beta``, ``weights``,          every type (``beta`` also scales the reward metrics;
+``normalizer``                  ``weights`` is refused by ``aot``/``aot_unpaired``)
+==============================  ==========================================================
+
+An argument that none of the requested loss types reads raises ``ValueError`` naming the
+argument and the types, rather than being ignored: in TRL 1.16 ``sigmoid`` has no label
+smoothing, so ``loss_type="sigmoid", label_smoothing=0.3`` is an error, not conservative
+DPO (``label_smoothing=0``, "no smoothing", is accepted anywhere). A custom loss type (a
+function) may read any of them, so a call with one is not checked this way.
 
 :func:`make_dpo_update` builds the pure training step on a Flax NNX language model
 (``update(state, batch, hyperparams=None) -> (state, metrics)``, :class:`DPOConfig`,
@@ -343,20 +366,9 @@ def _check_arguments_read(loss_types, optional: Mapping[str, Any], label: Callab
                     )
 
 
-def _validate(
-    loss_types,
-    loss_weights,
-    f_divergence_type,
-    f_alpha_divergence_coef,
-    *,
-    optional: Mapping[str, Any],
-    weights=None,
-    reduction: str = "mean",
-    label: Callable[[str], str] = str,
-    where: str = "dpo_loss",
-):
-    """Check a loss-type combination and the arguments given with it; returns the loss types
-    (names or functions) and one weight each."""
+def _loss_types_and_weights(loss_types, loss_weights, label: Callable, where: str):
+    """``loss_types`` as a list of names and functions, each name known, and one weight each
+    (default 1)."""
     if isinstance(loss_types, str) or callable(loss_types):
         loss_types = [loss_types]
     loss_types = list(loss_types)
@@ -377,7 +389,12 @@ def _validate(
             f"{len(loss_types)} loss types {[_name(lt) for lt in loss_types]}; give one weight "
             "per loss type"
         )
-    names = [lt for lt in loss_types if isinstance(lt, str)]
+    return loss_types, loss_weights
+
+
+def _check_f_divergence(names, f_divergence_type, f_alpha_divergence_coef, label, where):
+    """Raise for an unknown f-divergence, one the named loss types are not defined with, or an
+    alpha without ``alpha_divergence`` or not a Python number."""
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(
             f"{where}: unknown f_divergence_type {f_divergence_type!r}; valid choices: "
@@ -402,24 +419,31 @@ def _validate(
                 f"{where}: {label('f_alpha_divergence_coef')} must be a Python float (it "
                 f"selects a formula); got {type(f_alpha_divergence_coef).__name__}"
             )
-    _check_arguments_read(loss_types, optional, label, where)
-    given_smoothing = optional.get("label_smoothing")
+
+
+def _check_label_smoothing(names, given_smoothing, label, where):
+    """Raise for a concrete ``label_smoothing`` outside [0, 1] or the range a named type needs
+    (a traced one is not checked)."""
     smoothing = 0.0 if given_smoothing is None else _concrete(given_smoothing)
-    if smoothing is not None:
-        if "robust" in names and not 0.0 <= smoothing < 0.5:
-            raise ValueError(
-                f"{where}: loss_type 'robust' needs {label('label_smoothing')} in [0.0, 0.5) "
-                f"(the label flip probability); got {smoothing}"
-            )
-        if "exo_pair" in names and not 0.0 < smoothing < 1.0:
-            raise ValueError(
-                f"{where}: loss_type 'exo_pair' needs {label('label_smoothing')} in (0.0, 1.0) "
-                f"(EXO's epsilon; the paper recommends 1e-3); got {smoothing}"
-            )
-        if not 0.0 <= smoothing <= 1.0:
-            raise ValueError(
-                f"{where}: {label('label_smoothing')} must lie in [0, 1]; got {smoothing}"
-            )
+    if smoothing is None:
+        return
+    if "robust" in names and not 0.0 <= smoothing < 0.5:
+        raise ValueError(
+            f"{where}: loss_type 'robust' needs {label('label_smoothing')} in [0.0, 0.5) "
+            f"(the label flip probability); got {smoothing}"
+        )
+    if "exo_pair" in names and not 0.0 < smoothing < 1.0:
+        raise ValueError(
+            f"{where}: loss_type 'exo_pair' needs {label('label_smoothing')} in (0.0, 1.0) "
+            f"(EXO's epsilon; the paper recommends 1e-3); got {smoothing}"
+        )
+    if not 0.0 <= smoothing <= 1.0:
+        raise ValueError(f"{where}: {label('label_smoothing')} must lie in [0, 1]; got {smoothing}")
+
+
+def _check_reduction(names, weights, reduction: str, where: str):
+    """Raise for an unknown ``reduction``, or for per-pair weights or ``reduction="none"`` with
+    a loss type that sorts the batch (so its positions do not belong to pairs)."""
     sorting = sorted({"aot", "aot_unpaired"} & set(names))
     if weights is not None and sorting:
         raise ValueError(
@@ -435,6 +459,28 @@ def _validate(
             f"{where}: reduction='none' is not defined for {sorting}: those losses sort the "
             "batch, so their per-position losses do not belong to pairs"
         )
+
+
+def _validate(
+    loss_types,
+    loss_weights,
+    f_divergence_type,
+    f_alpha_divergence_coef,
+    *,
+    optional: Mapping[str, Any],
+    weights=None,
+    reduction: str = "mean",
+    label: Callable[[str], str] = str,
+    where: str = "dpo_loss",
+):
+    """Check a loss-type combination and the arguments given with it; returns the loss types
+    (names or functions) and one weight each."""
+    loss_types, loss_weights = _loss_types_and_weights(loss_types, loss_weights, label, where)
+    names = [lt for lt in loss_types if isinstance(lt, str)]
+    _check_f_divergence(names, f_divergence_type, f_alpha_divergence_coef, label, where)
+    _check_arguments_read(loss_types, optional, label, where)
+    _check_label_smoothing(names, optional.get("label_smoothing"), label, where)
+    _check_reduction(names, weights, reduction, where)
     return loss_types, loss_weights
 
 
@@ -465,32 +511,12 @@ def dpo_loss(
 
     .. math:: \mathcal L = -\mathbb E\,\log\sigma\big(\beta (h_w - h_l)\big).
 
-    Which loss type reads which optional argument (TRL 1.16; ``ARGUMENT_READERS``):
-
-    ==============================  ==========================================================
-    argument                        read by
-    ==============================  ==========================================================
-    ``label_smoothing``             ``robust`` (flip probability, [0, 0.5)), ``exo_pair``
-                                    (:math:`\epsilon`, (0, 1)), ``aot``, ``aot_unpaired``
-    ``discopop_tau``                ``discopop``
-    ``chosen_lengths``              ``ipo``, ``sigmoid_norm``, ``sft`` (required by them)
-    ``rejected_lengths``            ``ipo``, ``sigmoid_norm`` (required by them)
-    ``sft_normalizer``              ``sft``
-    ``f_alpha_divergence_coef``     ``f_divergence_type="alpha_divergence"``
-    ``beta``, ``weights``,          every type (``beta`` also scales the reward metrics;
-    ``normalizer``                  ``weights`` is refused by ``aot``/``aot_unpaired``)
-    ==============================  ==========================================================
-
-    An argument that none of the requested loss types reads raises ``ValueError`` naming the
-    argument and the types, rather than being ignored: in TRL 1.16 ``sigmoid`` has no label
-    smoothing, so ``loss_type="sigmoid", label_smoothing=0.3`` is an error, not conservative
-    DPO (``label_smoothing=0``, "no smoothing", is accepted anywhere). A custom loss type (a
-    function) may read any of them, so a call with one is not checked this way.
+    Which loss type reads which optional argument: the module docstring's table
+    (``ARGUMENT_READERS``). One that no requested type reads is a ``ValueError``, not ignored.
 
     Args:
-      policy_chosen_logps: ``[batch]`` sequence log-probs of the chosen completions under the
-        policy (sum over completion tokens).
-      policy_rejected_logps: ``[batch]``, rejected completions.
+      policy_chosen_logps, policy_rejected_logps: ``[batch]`` sequence log-probs (sums over
+        completion tokens) of the chosen and the rejected completions under the policy.
       ref_chosen_logps, ref_rejected_logps: ``[batch]`` under the reference policy, or both
         ``None`` for reference-free training (the reference log-probs are taken as 0).
       beta: :math:`\beta` (for ``ipo``, the :math:`\tau` of the IPO paper). May be traced.
@@ -498,8 +524,8 @@ def dpo_loss(
         losses (a variant of your own, reported as ``loss/<function name>``), or a list of them.
       loss_weights: one weight per loss type (default 1 each; may be traced); the loss is
         :math:`\sum_k w_k\,\mathrm{mean}_i\,\ell_k(i)`.
-      label_smoothing: see the table; ``None`` = 0. May be traced (a traced value counts as
-        given, and its range is checked only when concrete).
+      label_smoothing: ``None`` = 0 (readers: the module's table). May be traced (a traced value
+        counts as given, and its range is checked only when concrete).
       chosen_lengths, rejected_lengths: ``[batch]`` completion token counts (see the table).
       f_divergence_type: f-DPO regulariser (Wang et al., 2023): ``reverse_kl`` (standard),
         ``forward_kl``, ``js_divergence``, ``alpha_divergence``.
@@ -520,35 +546,57 @@ def dpo_loss(
         ``aot``/``aot_unpaired``, which sort the batch.
 
     Returns:
-      ``(loss, metrics)``: ``loss`` a scalar (``reduction="mean"``) or ``[batch]``
-      (``"none"``); metrics, scalars either way, use TRL's names: ``rewards/chosen``,
-      ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-      ``logps/rejected``, and ``loss/<type>`` (the weighted mean of that type alone, before
-      its ``loss_weights`` entry) for each type.
+      ``(loss, metrics)``: ``loss`` a scalar (``reduction="mean"``) or ``[batch]`` (``"none"``);
+      scalar metrics with TRL's names: ``rewards/{chosen,rejected,accuracies,margins}``,
+      ``logps/{chosen,rejected}`` and, for each type, ``loss/<type>`` (the weighted mean of that
+      type alone, before its ``loss_weights`` entry).
 
     Raises:
-      ValueError: an unknown ``loss_type``, ``f_divergence_type`` or ``reduction`` (the message
-        lists the valid choices), mismatched ``loss_weights``, an argument that no requested
-        type reads, a ``label_smoothing`` outside the range a type needs (checked when it is a
-        concrete number), missing lengths, or a custom loss type that does not return
-        ``[batch]``.
+      ValueError: an unknown ``loss_type``, ``f_divergence_type`` or ``reduction`` (listing the
+        valid choices), mismatched ``loss_weights``, an argument no requested type reads, a
+        concrete ``label_smoothing`` outside the range a type needs, missing lengths, or a
+        custom loss type that does not return ``[batch]``.
     """
-    lengths = {"chosen": chosen_lengths, "rejected": rejected_lengths}
+    optional = {
+        "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
+        "chosen_lengths": chosen_lengths,
+        "rejected_lengths": rejected_lengths,
+        "sft_normalizer": sft_normalizer,
+    }
     loss_types, loss_weights = _validate(
         loss_type,
         loss_weights,
         f_divergence_type,
         f_alpha_divergence_coef,
-        optional={
-            "label_smoothing": label_smoothing,
-            "discopop_tau": discopop_tau,
-            "chosen_lengths": chosen_lengths,
-            "rejected_lengths": rejected_lengths,
-            "sft_normalizer": sft_normalizer,
-        },
+        optional=optional,
         weights=weights,
         reduction=reduction,
     )
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    _check_inputs(*logps, chosen_lengths, rejected_lengths, weights)
+    normalizer = policy_chosen_logps.shape[0] if normalizer is None else normalizer
+    terms = _pair_terms(*logps, optional, beta, f_divergence_type, f_alpha_divergence_coef)
+    if "sft" in loss_types:
+        terms = dataclasses.replace(terms, sft_scale=_sft_scale(terms, normalizer, sft_normalizer))
+    loss, per_pair_loss, metrics = _weighted_losses(
+        terms, loss_types, loss_weights, weights, normalizer, reduction
+    )
+    metrics.update(_reward_metrics(terms, beta))
+    return (per_pair_loss if reduction == "none" else loss), metrics
+
+
+def _check_inputs(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    weights,
+) -> None:
+    """Check the shapes of :func:`dpo_loss`'s arrays: every one ``[batch]``; the reference
+    log-probs both given or both ``None``."""
     chex.assert_rank([policy_chosen_logps, policy_rejected_logps], 1)
     chex.assert_equal_shape([policy_chosen_logps, policy_rejected_logps])
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -556,41 +604,44 @@ def dpo_loss(
             "dpo_loss: give both ref_chosen_logps and ref_rejected_logps, or neither "
             "(reference-free)"
         )
+    if ref_chosen_logps is not None:
+        chex.assert_equal_shape([policy_chosen_logps, ref_chosen_logps, ref_rejected_logps])
+    for value in (chosen_lengths, rejected_lengths, weights):
+        if value is not None:
+            chex.assert_equal_shape([policy_chosen_logps, value])
+
+
+def _pair_terms(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    optional: Mapping[str, Any],
+    beta,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float | None,
+) -> PairTerms:
+    """The :class:`PairTerms` of checked inputs, in the working dtype (the inputs' promoted to
+    at least float32); ``sft_scale`` is left ``None``."""
     dtype = jnp.promote_types(policy_chosen_logps.dtype, jnp.float32)
     chosen_logps = policy_chosen_logps.astype(dtype)
     rejected_logps = policy_rejected_logps.astype(dtype)
     if ref_chosen_logps is None:
         ref_chosen = ref_rejected = jnp.zeros_like(chosen_logps)
     else:
-        chex.assert_equal_shape([policy_chosen_logps, ref_chosen_logps, ref_rejected_logps])
         ref_chosen = jax.lax.stop_gradient(ref_chosen_logps.astype(dtype))
         ref_rejected = jax.lax.stop_gradient(ref_rejected_logps.astype(dtype))
-    for side, value in lengths.items():
-        if value is not None:
-            chex.assert_equal_shape([policy_chosen_logps, value])
-            lengths[side] = value.astype(dtype)
-    if weights is not None:
-        chex.assert_equal_shape([policy_chosen_logps, weights])
-        weights = jax.lax.stop_gradient(weights.astype(dtype))
-
-    batch = chosen_logps.shape[0]
-    if normalizer is None:
-        normalizer = batch
-    sft_scale = None
-    if "sft" in loss_types:
-        tokens = (
-            jnp.maximum(jnp.sum(lengths["chosen"]), 1.0)
-            if sft_normalizer is None
-            else sft_normalizer
-        )
-        sft_scale = normalizer / tokens
-
+    lengths = {}
+    for side in ("chosen", "rejected"):
+        value = optional[f"{side}_lengths"]
+        lengths[side] = None if value is None else value.astype(dtype)
     alpha = 0.5 if f_alpha_divergence_coef is None else f_alpha_divergence_coef
     chosen_logratios = chosen_logps - ref_chosen
     rejected_logratios = rejected_logps - ref_rejected
     chosen_scores = _f_scores(chosen_logratios, f_divergence_type, alpha)
     rejected_scores = _f_scores(rejected_logratios, f_divergence_type, alpha)
-    terms = PairTerms(
+    label_smoothing, discopop_tau = optional["label_smoothing"], optional["discopop_tau"]
+    return PairTerms(
         beta=jnp.asarray(beta, dtype),
         label_smoothing=jnp.asarray(0.0 if label_smoothing is None else label_smoothing, dtype),
         discopop_tau=jnp.asarray(0.05 if discopop_tau is None else discopop_tau, dtype),
@@ -605,18 +656,36 @@ def dpo_loss(
         delta_score=chosen_scores - rejected_scores,
         chosen_lengths=lengths["chosen"],
         rejected_lengths=lengths["rejected"],
-        sft_scale=sft_scale,
+        sft_scale=None,
     )
 
+
+def _sft_scale(terms: PairTerms, normalizer, sft_normalizer):
+    """``normalizer / chosen token count`` (``sft_normalizer``, default the batch's)."""
+    if sft_normalizer is None:
+        return normalizer / jnp.maximum(jnp.sum(terms.chosen_lengths), 1.0)
+    return normalizer / sft_normalizer
+
+
+def _weighted_losses(terms: PairTerms, loss_types, loss_weights, weights, normalizer, reduction):
+    """``(loss, per_pair_loss, metrics)``: each loss type's per-pair losses times ``weights``,
+    summed over the batch and divided by ``normalizer`` (reported as ``loss/<type>``), then
+    weighted by ``loss_weights`` and added up. ``per_pair_loss`` is the weighted sum of the
+    per-pair losses for ``reduction="none"`` (zeros otherwise). As in TRL, the ``sft`` term with
+    ``weights`` is its batch value times each pair's weight."""
+    dtype = terms.chosen_logps.dtype
+    shape = terms.chosen_logps.shape
+    if weights is not None:
+        weights = jax.lax.stop_gradient(weights.astype(dtype))
     loss = jnp.zeros((), dtype)
-    per_pair_loss = jnp.zeros_like(chosen_logps)
+    per_pair_loss = jnp.zeros_like(terms.chosen_logps)
     metrics = {}
     for lt, weight in zip(loss_types, loss_weights, strict=True):
         per_pair = LOSS_FUNCTIONS[lt](terms) if isinstance(lt, str) else lt(terms)
-        if jnp.shape(per_pair) != chosen_logps.shape:
+        if jnp.shape(per_pair) != shape:
             raise ValueError(
                 f"dpo_loss: loss_type {_name(lt)!r} returned shape {jnp.shape(per_pair)}; a "
-                f"loss function returns the per-pair losses, shape {chosen_logps.shape}"
+                f"loss function returns the per-pair losses, shape {shape}"
             )
         per_pair = jnp.asarray(per_pair).astype(dtype)
         if weights is not None:
@@ -628,17 +697,19 @@ def dpo_loss(
         loss = loss + weight * term
         if reduction == "none":
             per_pair_loss = per_pair_loss + weight * per_pair
+    return loss, per_pair_loss, metrics
 
-    chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
-    rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
-    metrics.update(
-        {
-            "rewards/chosen": jnp.mean(chosen_rewards),
-            "rewards/rejected": jnp.mean(rejected_rewards),
-            "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(dtype)),
-            "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-            "logps/chosen": jnp.mean(jax.lax.stop_gradient(chosen_logps)),
-            "logps/rejected": jnp.mean(jax.lax.stop_gradient(rejected_logps)),
-        }
-    )
-    return (per_pair_loss if reduction == "none" else loss), metrics
+
+def _reward_metrics(terms: PairTerms, beta) -> dict[str, jax.Array]:
+    """TRL's implicit-reward and log-prob metrics (``beta`` times the log-ratios), gradient-free."""
+    chosen_rewards = jax.lax.stop_gradient(beta * terms.chosen_logratios)
+    rejected_rewards = jax.lax.stop_gradient(beta * terms.rejected_logratios)
+    accurate = (chosen_rewards > rejected_rewards).astype(terms.chosen_logps.dtype)
+    return {
+        "rewards/chosen": jnp.mean(chosen_rewards),
+        "rewards/rejected": jnp.mean(rejected_rewards),
+        "rewards/accuracies": jnp.mean(accurate),
+        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": jnp.mean(jax.lax.stop_gradient(terms.chosen_logps)),
+        "logps/rejected": jnp.mean(jax.lax.stop_gradient(terms.rejected_logps)),
+    }

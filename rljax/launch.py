@@ -130,6 +130,108 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _check_arguments(command, processes, devices_per_process, platform) -> None:
+    """Raise for arguments :func:`launch` cannot run with (the port is checked later)."""
+    if not command:
+        raise ValueError("no command to run: put it after --, e.g. -- python experiments/dpo.py")
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if devices_per_process is not None and devices_per_process < 1:
+        raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
+    if platform not in ("cpu", "none"):
+        raise ValueError(f"platform must be 'cpu' or 'none', got {platform!r}")
+
+
+def _start_ranks(
+    command: Sequence[str],
+    processes: int,
+    coordinator: str,
+    *,
+    devices_per_process: int | None,
+    platform: str,
+    log_dir: str | None,
+    procs: list[subprocess.Popen],
+    pumps: list[threading.Thread],
+    logs: list,
+) -> None:
+    """Start every rank in its own process group, with threads echoing its output; appends to
+    ``procs``, ``pumps`` and ``logs`` as it goes, so that the caller can stop what started."""
+    lock = threading.Lock()
+    for rank in range(processes):
+        env = child_environment(
+            rank,
+            processes,
+            coordinator,
+            devices_per_process=devices_per_process,
+            platform=platform,
+        )
+        log_file = None
+        if log_dir is not None:
+            log_file = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
+            logs.append(log_file)
+        proc = subprocess.Popen(
+            list(command),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, stopped as a whole
+        )
+        procs.append(proc)
+        for stream, target in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+            pump = threading.Thread(
+                target=_pump, args=(rank, stream, target, log_file, lock), daemon=True
+            )
+            pump.start()
+            pumps.append(pump)
+
+
+def _supervise(
+    procs: Sequence[subprocess.Popen],
+    pumps: Sequence[threading.Thread],
+    *,
+    start: float,
+    timeout: float | None,
+    grace: float,
+) -> int:
+    """Wait for the ranks: 0 when all exit with 0; else stop the others and return the first
+    failure's exit code (124 on ``timeout`` seconds after ``start``), naming it on stderr."""
+    failure: tuple[int, int] | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            failure = failed[0]
+            break
+        if all(c == 0 for c in codes):
+            break
+        if timeout is not None and time.monotonic() - start > timeout:
+            running = [r for r, c in enumerate(codes) if c is None]
+            _stop(procs, grace)
+            for pump in pumps:
+                pump.join(timeout=5)
+            print(
+                f"rljax.launch: timed out after {timeout:g}s; stopped rank(s) "
+                f"{', '.join(map(str, running))}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 124
+        time.sleep(0.05)
+    if failure is not None:
+        _stop(procs, grace)
+    for pump in pumps:
+        pump.join(timeout=5)
+    if failure is not None:
+        rank, code = failure
+        print(
+            f"rljax.launch: rank {rank} {_describe(code)}; stopped the other processes",
+            file=sys.stderr,
+            flush=True,
+        )
+        return code if code > 0 else 128 - code
+    return 0
+
+
 def launch(
     command: Sequence[str],
     processes: int,
@@ -148,19 +250,11 @@ def launch(
     first failing rank's exit code (128 + N for signal N, 124 on ``timeout``), after printing
     which rank failed and how to stderr.
     """
-    if not command:
-        raise ValueError("no command to run: put it after --, e.g. -- python experiments/dpo.py")
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    if devices_per_process is not None and devices_per_process < 1:
-        raise ValueError(f"devices_per_process must be >= 1, got {devices_per_process}")
-    if platform not in ("cpu", "none"):
-        raise ValueError(f"platform must be 'cpu' or 'none', got {platform!r}")
+    _check_arguments(command, processes, devices_per_process, platform)
     port = free_port(host) if port is None else port
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
     coordinator = f"{host}:{port}"
-    lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
     logs = []
@@ -176,67 +270,18 @@ def launch(
     if on_main_thread:  # signal handlers can only be set there
         previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
-        for rank in range(processes):
-            env = child_environment(
-                rank,
-                processes,
-                coordinator,
-                devices_per_process=devices_per_process,
-                platform=platform,
-            )
-            log_file = None
-            if log_dir is not None:
-                log_file = open(os.path.join(log_dir, f"rank{rank}.log"), "w")
-                logs.append(log_file)
-            proc = subprocess.Popen(
-                list(command),
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # its own process group, stopped as a whole
-            )
-            procs.append(proc)
-            for stream, target in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-                pump = threading.Thread(
-                    target=_pump, args=(rank, stream, target, log_file, lock), daemon=True
-                )
-                pump.start()
-                pumps.append(pump)
-        failure: tuple[int, int] | None = None
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
-                failure = failed[0]
-                break
-            if all(c == 0 for c in codes):
-                break
-            if timeout is not None and time.monotonic() - start > timeout:
-                running = [r for r, c in enumerate(codes) if c is None]
-                _stop(procs, grace)
-                for pump in pumps:
-                    pump.join(timeout=5)
-                print(
-                    f"rljax.launch: timed out after {timeout:g}s; stopped rank(s) "
-                    f"{', '.join(map(str, running))}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                return 124
-            time.sleep(0.05)
-        if failure is not None:
-            _stop(procs, grace)
-        for pump in pumps:
-            pump.join(timeout=5)
-        if failure is not None:
-            rank, code = failure
-            print(
-                f"rljax.launch: rank {rank} {_describe(code)}; stopped the other processes",
-                file=sys.stderr,
-                flush=True,
-            )
-            return code if code > 0 else 128 - code
-        return 0
+        _start_ranks(
+            command,
+            processes,
+            coordinator,
+            devices_per_process=devices_per_process,
+            platform=platform,
+            log_dir=log_dir,
+            procs=procs,
+            pumps=pumps,
+            logs=logs,
+        )
+        return _supervise(procs, pumps, start=start, timeout=timeout, grace=grace)
     except BaseException:
         _stop(procs, grace)  # Ctrl-C, SIGTERM or an error in the launcher: leave nothing running
         raise

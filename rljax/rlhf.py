@@ -103,6 +103,30 @@ _POLICY_LOSSES = {
     "luspo": (_clipped_objective, _sequence_sum_then_batch_mean, ()),
 }
 POLICY_LOSS_TYPES = tuple(_POLICY_LOSSES)
+r"""The ``loss_type`` values of :func:`policy_loss`, which aggregates the masked per-row sums
+:math:`S_i = \sum_t m_{i,t} \ell_{i,t}` and counts :math:`n_i = \sum_t m_{i,t}` as:
+
+- ``grpo`` (Shao et al. 2024, arXiv:2402.03300): :math:`\frac1B \sum_i S_i / \max(1, n_i)`.
+- ``bnpo``: :math:`\sum_i S_i / \max(1, \sum_i n_i)` (token mean of this batch).
+- ``dr_grpo`` (Liu et al. 2025, arXiv:2503.20783): :math:`\sum_i S_i / (B \cdot L)`,
+  :math:`L` = ``max_completion_len`` (required: TRL uses its ``max_completion_length``
+  setting, default 512, never the padded width ``T``).
+- ``dapo`` (Yu et al. 2025, arXiv:2503.14476): :math:`\sum_i S_i / \max(1, N)`, :math:`N`
+  = ``num_items``, the valid-token count of the whole optimizer step (all devices and
+  accumulation steps; TRL's ``num_items_in_batch``); ``None`` = this batch's count, which
+  makes it equal to ``bnpo``.
+- ``cispo`` (MiniMax-M1, arXiv:2506.13585; :math:`\epsilon_{max}` as in ScaleRL,
+  arXiv:2510.13786): aggregated like ``dapo``.
+- ``luspo`` (LUSPO, arXiv:2602.05261): :math:`\frac1B \sum_i S_i` (GSPO with each
+  sequence's loss scaled by its length; meant for ``importance_sampling_level="sequence"``).
+
+The loss is TRL's before its division by the gradient-accumulation step count (what TRL
+logs as ``policy_loss``); with ``dapo``/``cispo`` TRL's normaliser
+``num_items_in_batch / num_processes`` under a data-parallel gradient mean is ``num_items``
+here, since :func:`policy_loss` sees the global batch. Not covered: TRL's ``delta`` (two-sided
+clipping), ``use_bias_correction_kl``, ``off_policy_mask_threshold``, the entropy mask and
+bonus, the vLLM importance-sampling correction (multiply ``advantages`` by the weights),
+and the ``sapo``/``vespo`` loss types."""
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -151,8 +175,20 @@ def _check_policy_loss_args(
 
 
 def _policy_loss_metrics(ratio_b1_or_bt, advantages, kl, valid, loss_type, eps_low, eps_high):
-    """TRL 1.16's logged statistics of the loss (local to this batch), gradient-free."""
+    r"""TRL 1.16's logged statistics of :func:`policy_loss` (local to this batch), gradient-free.
+
+    ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``: the fraction
+    of valid tokens (or of rows, for sequence-level ratios with ``[B]`` advantages) where the
+    ratio is below :math:`1-\epsilon_{low}` with :math:`A<0`, above :math:`1+\epsilon_{high}`
+    with :math:`A>0`, or either; ``clip_ratio/low_min`` / ``clip_ratio/high_max``: min / max
+    over rows of the per-row fraction (0 where TRL gives nan for a batch with no valid token).
+    For ``cispo`` instead ``cispo_clip_ratio``: the ratio above :math:`\epsilon_{max}` with
+    :math:`A>0`. ``kl``: mean k3 over valid tokens (when ``kl`` is given). ``policy/ratio``,
+    ``policy/ratio_min``, ``policy/ratio_max``: over valid tokens, a sequence's ratio counted
+    once per token (0 with no valid token). ``count``: valid tokens.
+    """
     ratio = jax.lax.stop_gradient(ratio_b1_or_bt)
+    kl = None if kl is None else jax.lax.stop_gradient(kl)
     m = valid.astype(ratio.dtype)
     count = jnp.sum(m)
 
@@ -199,6 +235,41 @@ def _policy_loss_metrics(ratio_b1_or_bt, advantages, kl, valid, loss_type, eps_l
     return metrics
 
 
+def _check_policy_loss_shapes(logps, old_logps, advantages, mask, ref_logps) -> None:
+    """Trace-time shape checks of :func:`policy_loss`'s arrays."""
+    chex.assert_rank([logps, old_logps, mask], 2)
+    chex.assert_equal_shape([logps, old_logps, mask])
+    chex.assert_type([logps, old_logps], float)
+    chex.assert_rank(advantages, {1, 2})
+    chex.assert_shape(advantages, logps.shape[: advantages.ndim])
+    if ref_logps is not None:
+        chex.assert_equal_shape([logps, ref_logps])
+
+
+def _k3(logps, ref_logps, valid):
+    """Schulman's k3 estimate of KL(pi || pi_ref) per token, 0 at masked positions; the
+    reference carries no gradient."""
+    ref_minus = jnp.where(valid, jax.lax.stop_gradient(ref_logps) - logps, 0.0)
+    return jnp.exp(ref_minus) - ref_minus - 1.0
+
+
+def _ratio_and_advantages(logps, old_logps, advantages, valid, count_b, level):
+    """``(ratio, advantages, raw_advantages)`` of :func:`policy_loss`: the importance ratio
+    (``[B, T]``, or ``[B, 1]`` at the sequence level: the exp of the row's mean log-ratio), the
+    advantages with masked tokens (or empty rows) zeroed, and the unmasked advantages the
+    metrics' flags see; ``[B]`` advantages act as ``[B, 1]``, as in TRL."""
+    sg = jax.lax.stop_gradient
+    raw_advantages = sg(advantages[:, None] if advantages.ndim == 1 else advantages)
+    log_ratio = jnp.where(valid, logps - sg(old_logps), 0.0)  # padding neutralised before exp
+    if advantages.ndim == 1:
+        advantages = jnp.where(count_b > 0, raw_advantages[:, 0], 0.0)[:, None]
+    else:
+        advantages = jnp.where(valid, raw_advantages, 0.0)
+    if level == "sequence":
+        log_ratio = (jnp.sum(log_ratio, axis=-1) / jnp.maximum(count_b, 1.0))[:, None]
+    return jnp.exp(log_ratio), advantages, raw_advantages
+
+
 def policy_loss(
     logps: jax.Array,
     old_logps: jax.Array,
@@ -235,36 +306,13 @@ def policy_loss(
     \log\pi_{i,t} + \beta k_{i,t}` with :math:`\epsilon_{max}` = ``clip_eps_high``. The KL
     term is Schulman's k3 estimator of KL(pi || pi_ref) ("Approximating KL divergence", 2020),
     :math:`k_{i,t} = e^{\log\pi^{ref} - \log\pi} - (\log\pi^{ref} - \log\pi) - 1` (TRL's
-    ``beta * per_token_kl``, not multiplied by the ratio). The loss aggregates
-    :math:`S_i = \sum_t m_{i,t} \ell_{i,t}` and :math:`n_i = \sum_t m_{i,t}` per ``loss_type``:
-
-    - ``grpo`` (Shao et al. 2024, arXiv:2402.03300): :math:`\frac1B \sum_i S_i / \max(1, n_i)`.
-    - ``bnpo``: :math:`\sum_i S_i / \max(1, \sum_i n_i)` (token mean of this batch).
-    - ``dr_grpo`` (Liu et al. 2025, arXiv:2503.20783): :math:`\sum_i S_i / (B \cdot L)`,
-      :math:`L` = ``max_completion_len`` (required: TRL uses its ``max_completion_length``
-      setting, default 512, never the padded width ``T``).
-    - ``dapo`` (Yu et al. 2025, arXiv:2503.14476): :math:`\sum_i S_i / \max(1, N)`, :math:`N`
-      = ``num_items``, the valid-token count of the whole optimizer step (all devices and
-      accumulation steps; TRL's ``num_items_in_batch``); ``None`` = this batch's count, which
-      makes it equal to ``bnpo``.
-    - ``cispo`` (MiniMax-M1, arXiv:2506.13585; :math:`\epsilon_{max}` as in ScaleRL,
-      arXiv:2510.13786): aggregated like ``dapo``.
-    - ``luspo`` (LUSPO, arXiv:2602.05261): :math:`\frac1B \sum_i S_i` (GSPO with each
-      sequence's loss scaled by its length; meant for ``importance_sampling_level="sequence"``).
+    ``beta * per_token_kl``, not multiplied by the ratio). How each ``loss_type`` aggregates
+    :math:`\ell`, and what of TRL's loss is not covered: :data:`POLICY_LOSS_TYPES`.
 
     ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025, arXiv:2507.18071) as
-    TRL 1.16 computes it: the gradient flows through the mean log-ratio (no stop-gradient; TRL
-    1.16 has no "sequence_token" level). A row with no valid token contributes 0 to the loss and
-    exactly 0 to the gradient: masked positions are neutralised before ``exp``, so padding may
-    hold anything (``-inf`` log-probs, ``nan`` advantages).
-
-    The loss is TRL's before its division by the gradient-accumulation step count (what TRL
-    logs as ``policy_loss``); with ``dapo``/``cispo`` TRL's normaliser
-    ``num_items_in_batch / num_processes`` under a data-parallel gradient mean is ``num_items``
-    here, since this function sees the global batch. Not covered: TRL's ``delta`` (two-sided
-    clipping), ``use_bias_correction_kl``, ``off_policy_mask_threshold``, the entropy mask and
-    bonus, the vLLM importance-sampling correction (multiply ``advantages`` by the weights),
-    and the ``sapo``/``vespo`` loss types.
+    TRL 1.16 computes it (the gradient flows through the mean log-ratio; no "sequence_token"
+    level). A row with no valid token contributes exactly 0 to the loss and the gradient:
+    masked positions are neutralised before ``exp``, so padding may hold anything.
 
     Args:
       logps: ``[B, T]`` log-probs of the sampled tokens under the current policy (the only
@@ -275,10 +323,9 @@ def policy_loss(
       loss_type: one of :data:`POLICY_LOSS_TYPES` (static).
       importance_sampling_level: ``"token"`` or ``"sequence"`` (static).
       clip_eps: :math:`\epsilon_{low}` (TRL's ``epsilon``); not read by ``cispo``.
-      clip_eps_high: :math:`\epsilon_{high}` (TRL's ``epsilon_high``; DAPO recommends 0.28);
-        ``None`` = ``clip_eps``, as in TRL. For ``cispo`` it is :math:`\epsilon_{max}`, the cap
-        of the ratio itself (recommended 5.0) and is required: TRL's fallback to ``epsilon``
-        would cap every near-1 ratio at 0.2.
+      clip_eps_high: :math:`\epsilon_{high}` (TRL's ``epsilon_high``; DAPO recommends 0.28;
+        ``None`` = ``clip_eps``, as in TRL). Required by ``cispo``, where it is
+        :math:`\epsilon_{max}`, the cap of the ratio itself (recommended 5.0).
       ref_logps: ``[B, T]`` reference-policy log-probs; required unless ``beta`` is the number
         0. Given, they also give the ``kl`` metric.
       beta: weight of the k3 KL in the loss (traced, like ``clip_eps``/``clip_eps_high``); the
@@ -287,77 +334,40 @@ def policy_loss(
       num_items: ``dapo``/``cispo``'s token count; an error for the other types.
 
     Returns:
-      ``(loss, metrics)``, metrics scalars named as TRL logs them: ``clip_ratio/low_mean``,
-      ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (fraction of valid tokens, or of
-      rows for sequence-level ratios with ``[B]`` advantages, where the ratio is below
-      :math:`1-\epsilon_{low}` with :math:`A<0`, above :math:`1+\epsilon_{high}` with
-      :math:`A>0`, either), ``clip_ratio/low_min`` / ``clip_ratio/high_max`` (min / max over
-      rows of the per-row fraction; 0 where TRL gives nan for a batch with no valid token), or
-      for ``cispo`` ``cispo_clip_ratio`` (ratio above :math:`\epsilon_{max}` with
-      :math:`A>0`); ``kl`` (mean k3 over valid tokens, when ``ref_logps`` is given);
-      ``policy/ratio``, ``policy/ratio_min``, ``policy/ratio_max`` (over valid tokens, a
-      sequence's ratio counted once per token; 0 with no valid token) and ``count`` (valid
-      tokens).
+      ``(loss, metrics)``, scalar metrics named as TRL logs them (defined in
+      ``_policy_loss_metrics``): ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}``
+      (how often the ratio is clipped), or ``cispo_clip_ratio`` for ``cispo``; ``kl`` (mean k3,
+      given ``ref_logps``); ``policy/ratio{,_min,_max}``; ``count`` (valid tokens).
 
     Raises:
-      ValueError: an unknown ``loss_type`` or level; an argument the chosen type does not
-        read; ``dr_grpo`` without ``max_completion_len``; ``cispo`` without
-        ``clip_eps_high``; a nonzero or traced ``beta`` without ``ref_logps``.
+      ValueError: an unknown ``loss_type`` or level; an argument the type does not read;
+        ``dr_grpo`` without ``max_completion_len``; ``cispo`` without ``clip_eps_high``; a
+        nonzero or traced ``beta`` without ``ref_logps``.
     """
-    chex.assert_rank([logps, old_logps, mask], 2)
-    chex.assert_equal_shape([logps, old_logps, mask])
-    chex.assert_type([logps, old_logps], float)
-    chex.assert_rank(advantages, {1, 2})
-    chex.assert_shape(advantages, logps.shape[: advantages.ndim])
-    if ref_logps is not None:
-        chex.assert_equal_shape([logps, ref_logps])
-    optional = {
-        "max_completion_len": max_completion_len,
-        "num_items": num_items,
-    }
+    _check_policy_loss_shapes(logps, old_logps, advantages, mask, ref_logps)
+    optional = {"max_completion_len": max_completion_len, "num_items": num_items}
     _check_policy_loss_args(
         loss_type, importance_sampling_level, optional, clip_eps_high, ref_logps, beta
     )
     objective, aggregate, _ = _POLICY_LOSSES[loss_type]
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-
     valid = mask.astype(bool)
-    m = valid.astype(logps.dtype)
-    count_b = jnp.sum(m, axis=-1)
-    sg = jax.lax.stop_gradient
-    # TRL's shapes: [B] advantages act as [B, 1]; the metrics' flags see them unmasked.
-    raw_advantages = sg(advantages[:, None] if advantages.ndim == 1 else advantages)
-    # Padding may hold anything; neutralise it before exp, or 0 * inf reaches the gradient.
+    count_b = jnp.sum(valid.astype(logps.dtype), axis=-1)
+    ratio, masked_advantages, raw_advantages = _ratio_and_advantages(
+        logps, old_logps, advantages, valid, count_b, importance_sampling_level
+    )
+    # Padding may hold anything; neutralise it, or 0 * inf reaches the gradient.
     safe_logps = jnp.where(valid, logps, 0.0)
-    log_ratio = jnp.where(valid, logps - sg(old_logps), 0.0)
-    if advantages.ndim == 1:
-        advantages = jnp.where(count_b > 0, raw_advantages[:, 0], 0.0)[:, None]
-    else:
-        advantages = jnp.where(valid, raw_advantages, 0.0)
-    if importance_sampling_level == "sequence":
-        log_ratio = (jnp.sum(log_ratio, axis=-1) / jnp.maximum(count_b, 1.0))[:, None]
-    ratio = jnp.exp(log_ratio)  # [B, T] or [B, 1]
-
-    per_token = objective(ratio, advantages, safe_logps, clip_eps, clip_eps_high)
-    kl = None
-    if ref_logps is not None:
-        ref_minus = jnp.where(valid, sg(ref_logps) - logps, 0.0)
-        kl = jnp.exp(ref_minus) - ref_minus - 1.0
-        if not _is_number_zero(beta):  # TRL adds the term only for beta != 0
-            per_token = per_token + beta * kl
+    per_token = objective(ratio, masked_advantages, safe_logps, clip_eps, clip_eps_high)
+    kl = None if ref_logps is None else _k3(logps, ref_logps, valid)
+    if kl is not None and not _is_number_zero(beta):  # TRL adds the term only for beta != 0
+        per_token = per_token + beta * kl
     per_token = jnp.broadcast_to(per_token, logps.shape)
     loss_sum_b = jnp.sum(jnp.where(valid, per_token, 0.0), axis=-1)
     loss = aggregate(loss_sum_b, count_b, max_completion_len, num_items)
-    metrics = _policy_loss_metrics(
-        ratio,
-        raw_advantages,
-        sg(kl) if kl is not None else None,
-        valid,
-        loss_type,
-        clip_eps,
-        clip_eps_high,
+    return loss, _policy_loss_metrics(
+        ratio, raw_advantages, kl, valid, loss_type, clip_eps, clip_eps_high
     )
-    return loss, metrics
 
 
 # ------------------------------------------------------------------------------ reward shaping

@@ -328,6 +328,31 @@ class LineSearchInfo(NamedTuple):
     slope: jax.Array | None = None
 
 
+def _backtrack(surrogate_and_kl_at, surrogate_before, max_kl, backtrack_coeff, max_steps, dtype):
+    """The loop of :func:`kl_line_search`: ``(steps, accepted, surrogate, kl)`` after trying
+    the fractions ``backtrack_coeff ** k`` (``surrogate_and_kl_at(fraction)``) until one
+    improves the surrogate within ``max_kl`` or ``max_steps`` have been tried."""
+
+    def cond(state):
+        k, accepted, _, _ = state
+        return (k < max_steps) & ~accepted
+
+    def body(state):
+        k, _, _, _ = state
+        fraction = jnp.asarray(backtrack_coeff, dtype) ** k
+        surrogate, kl = surrogate_and_kl_at(fraction)
+        ok = (
+            (surrogate > surrogate_before)
+            & (kl <= max_kl)
+            & jnp.isfinite(surrogate)
+            & (jnp.isfinite(kl))
+        )
+        return k + 1, ok, surrogate.astype(dtype), kl.astype(dtype)
+
+    zero = jnp.zeros((), dtype)
+    return jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.bool_(False), zero, zero))
+
+
 def kl_line_search(
     surrogate_and_kl: Callable,
     params,
@@ -378,26 +403,15 @@ def kl_line_search(
     def candidate(fraction):
         return _tree_axpy(fraction, full_step, params)
 
-    def cond(state):
-        k, accepted, _, _ = state
-        return (k < max_steps) & ~accepted
-
-    def body(state):
-        k, _, _, _ = state
-        fraction = jnp.asarray(backtrack_coeff, dtype) ** k
-        surrogate, kl = surrogate_and_kl(candidate(fraction))
-        ok = (
-            (surrogate > surrogate_before)
-            & (kl <= max_kl)
-            & jnp.isfinite(surrogate)
-            & (jnp.isfinite(kl))
-        )
-        return k + 1, ok, surrogate.astype(dtype), kl.astype(dtype)
-
-    zero = jnp.zeros((), dtype)
-    steps, accepted, surrogate, kl = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), jnp.bool_(False), zero, zero)
+    steps, accepted, surrogate, kl = _backtrack(
+        lambda fraction: surrogate_and_kl(candidate(fraction)),
+        surrogate_before,
+        max_kl,
+        backtrack_coeff,
+        max_steps,
+        dtype,
     )
+    zero = jnp.zeros((), dtype)
     fraction = jnp.where(accepted, jnp.asarray(backtrack_coeff, dtype) ** (steps - 1), 0.0)
     new_params = jax.tree.map(
         lambda new, old: jnp.where(accepted, new, old), candidate(fraction), params

@@ -82,6 +82,97 @@ def _split_side(arrays: Mapping[str, Any], side: str) -> tuple[np.ndarray, ...]:
     return tokens, prompt, completion
 
 
+def _check_pair_arrays(arrays: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the standard-layout pair arrays, after checking they are all there and
+    all ``[N, T]``."""
+    missing = [f"{s}_{k}" for s in _SIDES for k in _PAIR_SUFFIXES if f"{s}_{k}" not in arrays]
+    if missing:
+        raise KeyError(f"share_prompts: missing {missing}; it has {sorted(arrays)}")
+    shapes = {f"{s}_{k}": np.shape(arrays[f"{s}_{k}"]) for s in _SIDES for k in _PAIR_SUFFIXES}
+    if len(set(shapes.values())) != 1 or len(shapes["chosen_tokens"]) != 2:
+        raise ValueError(f"share_prompts: the pair arrays must all be [N, T], got {shapes}")
+    return shapes
+
+
+def _check_same_prompts(c_tok, c_prompt, r_tok, r_prompt) -> None:
+    """Raise for pairs whose chosen and rejected prompts differ (in length or in a token)."""
+    bad = np.flatnonzero(c_prompt != r_prompt)
+    if not bad.size:
+        t = c_tok.shape[1]
+        in_prompt = np.arange(t)[None, :] < c_prompt[:, None]
+        bad = np.flatnonzero(((c_tok != r_tok) & in_prompt).any(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"share_prompts: the chosen and rejected prompts of row(s) {_rows(bad)} differ; "
+            "only pairs with one prompt can share it"
+        )
+
+
+def _padded_lengths(c_prompt, c_len, r_len, prompt_length, completion_length) -> tuple[int, int]:
+    """``(P, C)``: the given lengths, or the longest prompt and completion; raise when a row
+    would not fit (nothing is cut)."""
+    longest_prompt = int(c_prompt.max(initial=1))
+    longest_completion = int(max(c_len.max(initial=1), r_len.max(initial=1)))
+    p = longest_prompt if prompt_length is None else int(prompt_length)
+    c = longest_completion if completion_length is None else int(completion_length)
+    for name, limit, lengths in (
+        ("prompt_length", p, [c_prompt]),
+        ("completion_length", c, [c_len, r_len]),
+    ):
+        if limit < 1:
+            raise ValueError(f"share_prompts: {name}={limit}, need >= 1")
+        bad = np.flatnonzero(np.maximum.reduce(lengths) > limit)
+        if bad.size:
+            raise ValueError(
+                f"share_prompts: {name}={limit} is shorter than row(s) {_rows(bad)} (longest "
+                f"{int(np.maximum.reduce(lengths).max())}); nothing is cut: pass a larger value"
+            )
+    return p, c
+
+
+def _shared_layout(sides, p: int, c: int) -> dict[str, np.ndarray]:
+    """The :data:`SHARED_PROMPT_KEYS` arrays and ``prompt_lengths`` of the split ``sides``
+    (``(tokens, prompt_lengths, completion_lengths)`` per side, chosen first)."""
+    (c_tok, c_prompt, _), _ = sides
+    out: dict[str, np.ndarray] = {}
+    # Prompts, left-padded: prompt token j of row i goes to column P - prompt_i + j.
+    cols = np.arange(p)[None, :] - (p - c_prompt[:, None])
+    prompt_mask = cols >= 0
+    src = np.clip(cols, 0, c_tok.shape[1] - 1)
+    out["prompt_tokens"] = np.where(prompt_mask, np.take_along_axis(c_tok, src, axis=1), 0).astype(
+        np.int32
+    )
+    out["prompt_mask"] = prompt_mask
+    for side, (tokens, prompt, length) in zip(_SIDES, sides, strict=True):
+        cols = np.arange(c)[None, :]
+        valid = cols < length[:, None]
+        src = np.clip(prompt[:, None] + cols, 0, tokens.shape[1] - 1)
+        out[f"{side}_completion_tokens"] = np.where(
+            valid, np.take_along_axis(tokens, src, axis=1), 0
+        ).astype(np.int32)
+        out[f"{side}_completion_mask"] = valid
+    out["prompt_lengths"] = c_prompt.astype(np.int32)
+    return out
+
+
+def _per_pair_arrays(arrays: Mapping[str, Any], shapes, n: int) -> dict[str, np.ndarray]:
+    """The other arrays, which must be ``[N]`` per-pair arrays (``prompt_lengths`` is left out:
+    it is recomputed)."""
+    out = {}
+    for key, value in arrays.items():
+        if key in shapes or key == "prompt_lengths":
+            continue
+        value = np.asarray(value)
+        if value.ndim == 1 and value.shape[0] == n:
+            out[key] = value
+        else:
+            raise ValueError(
+                f"share_prompts: cannot carry {key!r} of shape {value.shape} over (only [N] "
+                f"per-pair arrays are kept, N = {n}); drop it first"
+            )
+    return out
+
+
 def share_prompts(
     arrays: Mapping[str, Any],
     *,
@@ -109,73 +200,10 @@ def share_prompts(
         or completion is empty, the chosen and rejected prompts of a pair differ, or a prompt /
         completion is longer than ``prompt_length`` / ``completion_length`` (nothing is cut).
     """
-    missing = [f"{s}_{k}" for s in _SIDES for k in _PAIR_SUFFIXES if f"{s}_{k}" not in arrays]
-    if missing:
-        raise KeyError(f"share_prompts: missing {missing}; it has {sorted(arrays)}")
-    shapes = {f"{s}_{k}": np.shape(arrays[f"{s}_{k}"]) for s in _SIDES for k in _PAIR_SUFFIXES}
-    if len(set(shapes.values())) != 1 or len(shapes["chosen_tokens"]) != 2:
-        raise ValueError(f"share_prompts: the pair arrays must all be [N, T], got {shapes}")
+    shapes = _check_pair_arrays(arrays)
     n = shapes["chosen_tokens"][0]
-    (c_tok, c_prompt, c_len), (r_tok, r_prompt, r_len) = (_split_side(arrays, s) for s in _SIDES)
-
-    bad = np.flatnonzero(c_prompt != r_prompt)
-    if not bad.size:
-        t = c_tok.shape[1]
-        in_prompt = np.arange(t)[None, :] < c_prompt[:, None]
-        bad = np.flatnonzero(((c_tok != r_tok) & in_prompt).any(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"share_prompts: the chosen and rejected prompts of row(s) {_rows(bad)} differ; "
-            "only pairs with one prompt can share it"
-        )
-
-    longest_prompt = int(c_prompt.max(initial=1))
-    longest_completion = int(max(c_len.max(initial=1), r_len.max(initial=1)))
-    p = longest_prompt if prompt_length is None else int(prompt_length)
-    c = longest_completion if completion_length is None else int(completion_length)
-    for name, limit, lengths in (
-        ("prompt_length", p, [c_prompt]),
-        ("completion_length", c, [c_len, r_len]),
-    ):
-        if limit < 1:
-            raise ValueError(f"share_prompts: {name}={limit}, need >= 1")
-        bad = np.flatnonzero(np.maximum.reduce(lengths) > limit)
-        if bad.size:
-            raise ValueError(
-                f"share_prompts: {name}={limit} is shorter than row(s) {_rows(bad)} (longest "
-                f"{int(np.maximum.reduce(lengths).max())}); nothing is cut: pass a larger value"
-            )
-
-    out: dict[str, np.ndarray] = {}
-    # Prompts, left-padded: prompt token j of row i goes to column P - prompt_i + j.
-    cols = np.arange(p)[None, :] - (p - c_prompt[:, None])
-    prompt_mask = cols >= 0
-    src = np.clip(cols, 0, c_tok.shape[1] - 1)
-    out["prompt_tokens"] = np.where(prompt_mask, np.take_along_axis(c_tok, src, axis=1), 0).astype(
-        np.int32
-    )
-    out["prompt_mask"] = prompt_mask
-    for side, tokens, prompt, length in (
-        ("chosen", c_tok, c_prompt, c_len),
-        ("rejected", r_tok, r_prompt, r_len),
-    ):
-        cols = np.arange(c)[None, :]
-        valid = cols < length[:, None]
-        src = np.clip(prompt[:, None] + cols, 0, tokens.shape[1] - 1)
-        out[f"{side}_completion_tokens"] = np.where(
-            valid, np.take_along_axis(tokens, src, axis=1), 0
-        ).astype(np.int32)
-        out[f"{side}_completion_mask"] = valid
-    out["prompt_lengths"] = c_prompt.astype(np.int32)
-    for key, value in arrays.items():
-        if key in shapes or key == "prompt_lengths":
-            continue
-        value = np.asarray(value)
-        if value.ndim == 1 and value.shape[0] == n:
-            out[key] = value
-        else:
-            raise ValueError(
-                f"share_prompts: cannot carry {key!r} of shape {value.shape} over (only [N] "
-                f"per-pair arrays are kept, N = {n}); drop it first"
-            )
-    return out
+    sides = [_split_side(arrays, s) for s in _SIDES]
+    (c_tok, c_prompt, c_len), (r_tok, r_prompt, r_len) = sides
+    _check_same_prompts(c_tok, c_prompt, r_tok, r_prompt)
+    p, c = _padded_lengths(c_prompt, c_len, r_len, prompt_length, completion_length)
+    return {**_shared_layout(sides, p, c), **_per_pair_arrays(arrays, shapes, n)}

@@ -469,6 +469,135 @@ def _layout_rows(family: _Family, params: Mapping[str, Any], fresh: set[str]):
     return rows
 
 
+def _hf_names(entry: TensorMap, base: str, num_layers: int) -> list[str]:
+    """The HF tensor names of a table row: one per layer for a per-layer parameter."""
+    if entry.ours.startswith("layers."):
+        return [entry.hf.format(base=base, i=i) for i in range(num_layers)]
+    return [entry.hf.format(base=base)]
+
+
+def _by_hf(rows: Sequence[TensorMap]) -> dict[str, list[TensorMap]]:
+    """Table rows grouped by HF tensor: one read or write per HF tensor (GPT-2's packed
+    ``c_attn`` feeds q, k and v)."""
+    by_hf: dict[str, list[TensorMap]] = {}
+    for entry in rows:
+        by_hf.setdefault(entry.hf, []).append(entry)
+    return by_hf
+
+
+def _check_present(checkpoint: _Checkpoint, config: TransformerConfig, head, wanted) -> None:
+    """Raise for a reward checkpoint loaded without ``head="reward"`` or a tensor in ``wanted``
+    that the checkpoint lacks, with a hint at the fix."""
+    path, available = checkpoint.path, checkpoint.names()
+    untied_lm = config.lm_head and not config.tie_word_embeddings
+    if head is None and untied_lm and "score.weight" in available:
+        if "lm_head.weight" not in available:
+            raise ValueError(
+                f"{path} is a *ForSequenceClassification checkpoint (score.weight, no "
+                f"lm_head.weight): pass head='reward' to load its reward head"
+            )
+    missing = [n for n in dict.fromkeys(wanted) if n not in available]
+    if missing:
+        hint = ""
+        if "score.weight" in missing:
+            hint = (
+                " (head='reward' reads the score.weight of a *ForSequenceClassification "
+                "checkpoint; for a causal LM use head='value' for a fresh head)"
+            )
+        elif "lm_head.weight" in missing:
+            hint = (
+                " (config.json says tie_word_embeddings=false; if the output projection is the "
+                "embedding, pass tie_word_embeddings=True)"
+            )
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ValueError(
+            f"tensor {missing[0]!r}{more} is missing from {checkpoint.where} in {path}{hint}"
+        )
+
+
+def _read_tensors(
+    checkpoint: _Checkpoint, rows: Sequence[TensorMap], base: str, config: TransformerConfig
+) -> dict[str, np.ndarray]:
+    """Our parameters by table name, read through the rows' layouts and cast to
+    ``param_dtype`` on the host (per-layer ones stacked on a leading axis)."""
+    sizes, layers = _sizes(config), config.num_layers
+    np_dtype = jnp.dtype(config.param_dtype)
+    values: dict[str, np.ndarray] = {}
+    for entries in _by_hf(rows).values():
+        groups, _ = _parse_layout(entries[0].layout)
+        expected = _hf_shape(groups, sizes)
+        for i, name in enumerate(_hf_names(entries[0], base, layers)):
+            array = checkpoint.get(name)
+            if tuple(array.shape) != expected:
+                raise ValueError(
+                    f"tensor {name!r} in {checkpoint.file_of[name]} has shape "
+                    f"{tuple(array.shape)}, expected {expected} for this config.json"
+                )
+            for entry in entries:
+                ours = _from_hf(array, entry, sizes).astype(np_dtype)
+                if entry.ours.startswith("layers."):
+                    if entry.ours not in values:
+                        values[entry.ours] = np.empty((layers, *ours.shape), np_dtype)
+                    values[entry.ours][i] = ours
+                else:
+                    values[entry.ours] = ours
+    return values
+
+
+def _check_unused(checkpoint: _Checkpoint, model_type: str, config, head, wanted, values) -> None:
+    """Raise for a checkpoint tensor that no parameter reads (a tied ``lm_head.weight`` equal to
+    the embedding is allowed), with a hint at the fix."""
+    path, family = checkpoint.path, _FAMILIES[model_type]
+    used = set(wanted)
+    extra = sorted(n for n in checkpoint.names() - used if not family.ignorable.search(n))
+    if config.tie_word_embeddings and "lm_head.weight" in extra and "embed" in values:
+        tied = checkpoint.get("lm_head.weight").astype(jnp.dtype(config.param_dtype))
+        if tied.shape == values["embed"].shape and np.array_equal(tied, values["embed"]):
+            extra.remove("lm_head.weight")  # a tied copy saved twice
+        else:
+            raise ValueError(
+                f"config.json says tie_word_embeddings=true but {path} has an lm_head.weight "
+                f"that differs from the embedding; pass tie_word_embeddings=False to load it"
+            )
+    if extra:
+        hint = ""
+        if "score.weight" in extra and head is None:
+            hint = " (a *ForSequenceClassification checkpoint: pass head='reward')"
+        shown = ", ".join(repr(n) for n in extra[:8])
+        more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
+        raise ValueError(
+            f"{checkpoint.where} in {path} has tensors this {model_type} config does "
+            f"not use: {shown}{more}{hint}"
+        )
+
+
+def _read_weights(
+    checkpoint: _Checkpoint, model_type: str, config: TransformerConfig, params, fresh, head
+) -> dict[str, np.ndarray]:
+    """The values of ``params`` but the ``fresh`` ones, read from ``checkpoint`` after checking
+    that it holds every tensor the family's table asks for, of the right shape, and no other."""
+    family = _FAMILIES[model_type]
+    rows = _layout_rows(family, params, fresh)
+    base = family.base_prefix
+    if not any(n.startswith(base) for n in checkpoint.names()):
+        base = ""  # a bare base model (GPT2Model, LlamaModel) or an old GPT-2 file
+    wanted = [n for e in rows for n in _hf_names(e, base, config.num_layers)]
+    _check_present(checkpoint, config, head, wanted)
+    values = _read_tensors(checkpoint, rows, base, config)
+    _check_unused(checkpoint, model_type, config, head, wanted, values)
+    return values
+
+
+def _init_value_head(params, config: TransformerConfig, rngs: nnx.Rngs | None) -> None:
+    """Draw a fresh value head (``score``, ``score_bias``) into ``params``."""
+    np_dtype = jnp.dtype(config.param_dtype)
+    rngs = nnx.Rngs(0) if rngs is None else rngs
+    d = config.hidden_size
+    score = config.initializer_range * jax.random.normal(rngs.params(), (d,), jnp.float32)
+    params["score"].set_value(score.astype(np_dtype))
+    params["score_bias"].set_value(jnp.zeros((), np_dtype))
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -515,106 +644,15 @@ def load_model(
         attention_impl=attention_impl,
         **overrides,
     )
-    family = _FAMILIES[hf_config.model_type]
     with _Checkpoint(path) as checkpoint:
-        available = checkpoint.names()
-
         model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
         _, params = _names(model)
         fresh = {"score", "score_bias"} if head == "value" else set()
-        rows = _layout_rows(family, params, fresh)
-        base = family.base_prefix
-        if not any(n.startswith(base) for n in available):
-            base = ""  # a bare base model (GPT2Model, LlamaModel) or an old GPT-2 file
-        sizes = _sizes(config)
-        layers = config.num_layers
-
-        def hf_names(entry):
-            if entry.ours.startswith("layers."):
-                return [entry.hf.format(base=base, i=i) for i in range(layers)]
-            return [entry.hf.format(base=base)]
-
-        untied_lm = config.lm_head and not config.tie_word_embeddings
-        if head is None and untied_lm and "score.weight" in available:
-            if "lm_head.weight" not in available:
-                raise ValueError(
-                    f"{path} is a *ForSequenceClassification checkpoint (score.weight, no "
-                    f"lm_head.weight): pass head='reward' to load its reward head"
-                )
-        wanted = [n for e in rows for n in hf_names(e)]
-        missing = [n for n in dict.fromkeys(wanted) if n not in available]
-        if missing:
-            hint = ""
-            if "score.weight" in missing:
-                hint = (
-                    " (head='reward' reads the score.weight of a *ForSequenceClassification "
-                    "checkpoint; for a causal LM use head='value' for a fresh head)"
-                )
-            elif "lm_head.weight" in missing:
-                hint = (
-                    " (config.json says tie_word_embeddings=false; if the output projection is the "
-                    "embedding, pass tie_word_embeddings=True)"
-                )
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise ValueError(
-                f"tensor {missing[0]!r}{more} is missing from {checkpoint.where} in {path}{hint}"
-            )
-
-        np_dtype = jnp.dtype(config.param_dtype)
-        # One read per HF tensor: GPT-2's packed c_attn feeds q, k and v.
-        by_hf: dict[str, list[TensorMap]] = {}
-        for entry in rows:
-            by_hf.setdefault(entry.hf, []).append(entry)
-        values: dict[str, np.ndarray] = {}
-        for entries in by_hf.values():
-            groups, _ = _parse_layout(entries[0].layout)
-            expected = _hf_shape(groups, sizes)
-            for i, name in enumerate(hf_names(entries[0])):
-                array = checkpoint.get(name)
-                if tuple(array.shape) != expected:
-                    raise ValueError(
-                        f"tensor {name!r} in {checkpoint.file_of[name]} has shape "
-                        f"{tuple(array.shape)}, expected {expected} for this config.json"
-                    )
-                for entry in entries:
-                    ours = _from_hf(array, entry, sizes).astype(np_dtype)
-                    if entry.ours.startswith("layers."):
-                        if entry.ours not in values:
-                            values[entry.ours] = np.empty((layers, *ours.shape), np_dtype)
-                        values[entry.ours][i] = ours
-                    else:
-                        values[entry.ours] = ours
-
-        used = set(wanted)
-        extra = sorted(n for n in available - used if not family.ignorable.search(n))
-        if config.tie_word_embeddings and "lm_head.weight" in extra and "embed" in values:
-            tied = checkpoint.get("lm_head.weight").astype(np_dtype)
-            if tied.shape == values["embed"].shape and np.array_equal(tied, values["embed"]):
-                extra.remove("lm_head.weight")  # a tied copy saved twice
-            else:
-                raise ValueError(
-                    f"config.json says tie_word_embeddings=true but {path} has an lm_head.weight "
-                    f"that differs from the embedding; pass tie_word_embeddings=False to load it"
-                )
-        if extra:
-            hint = ""
-            if "score.weight" in extra and head is None:
-                hint = " (a *ForSequenceClassification checkpoint: pass head='reward')"
-            shown = ", ".join(repr(n) for n in extra[:8])
-            more = f" and {len(extra) - 8} more" if len(extra) > 8 else ""
-            raise ValueError(
-                f"{checkpoint.where} in {path} has tensors this {hf_config.model_type} config does "
-                f"not use: {shown}{more}{hint}"
-            )
-
+        values = _read_weights(checkpoint, hf_config.model_type, config, params, fresh, head)
     for name, array in values.items():
         params[name].set_value(jnp.asarray(array))
     if fresh:
-        rngs = nnx.Rngs(0) if rngs is None else rngs
-        d = config.hidden_size
-        score = config.initializer_range * jax.random.normal(rngs.params(), (d,), jnp.float32)
-        params["score"].set_value(score.astype(np_dtype))
-        params["score_bias"].set_value(jnp.zeros((), np_dtype))
+        _init_value_head(params, config, rngs)
     return model
 
 
@@ -632,6 +670,74 @@ def _parse_size(size: int | str) -> int:
     return int(number * base ** "BKMGT".index(unit[0]))
 
 
+def _gpt2_hf_fields(c: TransformerConfig, model_type: str | None):
+    """``(model_type, fields, config class)`` of a GPT-2 family config."""
+    import transformers
+
+    model_type = model_type or "gpt2"
+    problems = []
+    if not (c.qkv_bias and c.o_bias and c.mlp_bias):
+        problems.append("GPT-2 has biases on every projection")
+    if c.kv_heads != c.num_heads or c.dim_per_head * c.num_heads != c.hidden_size:
+        problems.append("GPT-2 has num_kv_heads == num_heads and head_dim * heads == width")
+    if model_type != "gpt2" or problems:
+        raise ValueError(f"cannot save as {model_type!r}: {'; '.join(problems)}")
+    fields = dict(
+        vocab_size=c.vocab_size,
+        n_positions=c.max_position_embeddings,
+        n_embd=c.hidden_size,
+        n_layer=c.num_layers,
+        n_head=c.num_heads,
+        n_inner=c.mlp_size,
+        activation_function=c.hidden_act,
+        layer_norm_epsilon=c.norm_eps,
+    )
+    return model_type, fields, transformers.GPT2Config
+
+
+def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
+    """``(model_type, fields, config class)`` of a Llama family config (``llama``, ``qwen2``
+    or ``mistral``, as its biases allow)."""
+    import transformers
+
+    if model_type is None:
+        model_type = "qwen2" if c.qkv_bias and not (c.o_bias or c.mlp_bias) else "llama"
+    allowed = {
+        "llama": c.qkv_bias == c.o_bias,
+        "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
+        "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias),
+    }
+    if not allowed.get(model_type, False):
+        raise ValueError(
+            f"cannot save as {model_type!r}: biases qkv={c.qkv_bias}, o={c.o_bias}, "
+            f"mlp={c.mlp_bias} (llama: qkv == o, any mlp; qwen2: qkv only; mistral: none)"
+        )
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+    fields = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.mlp_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.kv_heads,
+        head_dim=c.dim_per_head,
+        hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps,
+        rope_parameters=rope,
+    )
+    if model_type == "llama":
+        fields.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+    elif model_type == "mistral":
+        fields.update(sliding_window=None)
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[model_type]
+    return model_type, fields, cls
+
+
 def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, **hf_kwargs):
     """The ``transformers`` config of the same architecture as ``config``.
 
@@ -641,66 +747,10 @@ def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, 
         projections have biases), ``"qwen2"`` or ``"mistral"`` for the Llama family.
       **hf_kwargs: extra fields (``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ...).
     """
-    import transformers
-
     c = config
     reward = c.head == "reward"
-    if c.family == "gpt2":
-        model_type = model_type or "gpt2"
-        problems = []
-        if not (c.qkv_bias and c.o_bias and c.mlp_bias):
-            problems.append("GPT-2 has biases on every projection")
-        if c.kv_heads != c.num_heads or c.dim_per_head * c.num_heads != c.hidden_size:
-            problems.append("GPT-2 has num_kv_heads == num_heads and head_dim * heads == width")
-        if model_type != "gpt2" or problems:
-            raise ValueError(f"cannot save as {model_type!r}: {'; '.join(problems)}")
-        fields = dict(
-            vocab_size=c.vocab_size,
-            n_positions=c.max_position_embeddings,
-            n_embd=c.hidden_size,
-            n_layer=c.num_layers,
-            n_head=c.num_heads,
-            n_inner=c.mlp_size,
-            activation_function=c.hidden_act,
-            layer_norm_epsilon=c.norm_eps,
-        )
-        cls = transformers.GPT2Config
-    else:
-        if model_type is None:
-            model_type = "qwen2" if c.qkv_bias and not (c.o_bias or c.mlp_bias) else "llama"
-        allowed = {
-            "llama": c.qkv_bias == c.o_bias,
-            "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
-            "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias),
-        }
-        if not allowed.get(model_type, False):
-            raise ValueError(
-                f"cannot save as {model_type!r}: biases qkv={c.qkv_bias}, o={c.o_bias}, "
-                f"mlp={c.mlp_bias} (llama: qkv == o, any mlp; qwen2: qkv only; mistral: none)"
-            )
-        rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
-        fields = dict(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.mlp_size,
-            num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads,
-            num_key_value_heads=c.kv_heads,
-            head_dim=c.dim_per_head,
-            hidden_act=c.hidden_act,
-            max_position_embeddings=c.max_position_embeddings,
-            rms_norm_eps=c.norm_eps,
-            rope_parameters=rope,
-        )
-        if model_type == "llama":
-            fields.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
-        elif model_type == "mistral":
-            fields.update(sliding_window=None)
-        cls = {
-            "llama": transformers.LlamaConfig,
-            "qwen2": transformers.Qwen2Config,
-            "mistral": transformers.MistralConfig,
-        }[model_type]
+    family_fields = _gpt2_hf_fields if c.family == "gpt2" else _llama_hf_fields
+    model_type, fields, cls = family_fields(c, model_type)
     family = _FAMILIES[model_type]
     fields.update(
         tie_word_embeddings=c.tie_word_embeddings,
@@ -714,6 +764,68 @@ def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, 
     # GPT-2's 50256) would be guesses.
     fields.update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
     return cls(**{**fields, **hf_kwargs})
+
+
+def _saved_params(config: TransformerConfig, params, family: _Family) -> dict[str, Any]:
+    """``params`` less those with no Hugging Face counterpart (a value head; a reward model's
+    LM head), with a warning naming them."""
+    reward = config.head == "reward"
+    dropped = {"score", "score_bias"} if config.head == "value" else set()
+    if reward and "lm_head" in params:
+        dropped.add("lm_head")
+    if dropped:
+        warnings.warn(
+            f"save_model: parameters {sorted(dropped)} have no place in a Hugging Face "
+            f"{family.sequence_classification if reward else family.causal_lm} and are not "
+            f"saved",
+            stacklevel=3,
+        )
+    return {k: v for k, v in params.items() if k not in dropped}
+
+
+def _hf_tensors(params, family: _Family, config: TransformerConfig) -> dict[str, np.ndarray]:
+    """The HF tensors of our parameters: the family's table run backwards (one tensor per
+    layer for per-layer parameters; packed ones assembled from their parts)."""
+    rows = _layout_rows(family, params, set())
+    sizes = _sizes(config)
+    base = family.base_prefix
+    tensors: dict[str, np.ndarray] = {}
+    for entries in _by_hf(rows).values():
+        entries = sorted(entries, key=lambda e: e.part)
+        arrays = [np.asarray(jax.device_get(params[e.ours][...])) for e in entries]
+        names = _hf_names(entries[0], base, config.num_layers)
+        if entries[0].ours.startswith("layers."):
+            for i, name in enumerate(names):
+                tensors[name] = _to_hf([a[i] for a in arrays], entries, sizes)
+        else:
+            tensors[names[0]] = _to_hf(arrays, entries, sizes)
+    return tensors
+
+
+def _write_safetensors(folder: str, tensors: dict[str, np.ndarray], limit: int) -> None:
+    """``model.safetensors``, or shards of at most ``limit`` bytes and their index."""
+    from safetensors.numpy import save_file
+
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SAFE_WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(a.nbytes for a in tensors.values())
+    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def save_model(
@@ -745,8 +857,6 @@ def save_model(
       **hf_kwargs: extra ``config.json`` fields (e.g. ``pad_token_id``, which Hugging Face's
         sequence classifiers need to find the last token of a padded batch).
     """
-    from safetensors.numpy import save_file
-
     folder = os.fspath(folder)
     config, params = _names(model)
     if tokenizer is not None:
@@ -755,35 +865,7 @@ def save_model(
                 hf_kwargs.setdefault(key, getattr(tokenizer, key))
     hf_config = hf_config_from(config, model_type=model_type, **hf_kwargs)
     family = _FAMILIES[hf_config.model_type]
-    reward = config.head == "reward"
-    dropped = {"score", "score_bias"} if config.head == "value" else set()
-    if reward and "lm_head" in params:
-        dropped.add("lm_head")
-    if dropped:
-        warnings.warn(
-            f"save_model: parameters {sorted(dropped)} have no place in a Hugging Face "
-            f"{family.sequence_classification if reward else family.causal_lm} and are not "
-            f"saved",
-            stacklevel=2,
-        )
-    params = {k: v for k, v in params.items() if k not in dropped}
-    rows = _layout_rows(family, params, set())
-    sizes = _sizes(config)
-    base = family.base_prefix
-
-    by_hf: dict[str, list[TensorMap]] = {}
-    for entry in rows:
-        by_hf.setdefault(entry.hf, []).append(entry)
-    tensors: dict[str, np.ndarray] = {}
-    for template, entries in by_hf.items():
-        entries = sorted(entries, key=lambda e: e.part)
-        arrays = [np.asarray(jax.device_get(params[e.ours][...])) for e in entries]
-        if entries[0].ours.startswith("layers."):
-            for i in range(config.num_layers):
-                name = template.format(base=base, i=i)
-                tensors[name] = _to_hf([a[i] for a in arrays], entries, sizes)
-        else:
-            tensors[template.format(base=base)] = _to_hf(arrays, entries, sizes)
+    tensors = _hf_tensors(_saved_params(config, params, family), family, config)
 
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):
@@ -792,28 +874,7 @@ def save_model(
     hf_config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, array in tensors.items():
-        if shards[-1] and size + array.nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = array
-        size += array.nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, SAFE_WEIGHTS), metadata=metadata)
-        return
-    weight_map = {}
-    for k, shard in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, file), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file))
-    total = sum(a.nbytes for a in tensors.values())
-    with open(os.path.join(folder, SAFE_INDEX), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    _write_safetensors(folder, tensors, _parse_size(max_shard_size))
 
 
 #: Files of which a tokenizer folder holds at least one (fast, BPE, sentencepiece, WordPiece).

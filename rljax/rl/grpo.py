@@ -321,6 +321,31 @@ def reward_set(config: GRPORunConfig) -> rewards.RewardSet:
 # ---------------------------------------------------------------------------- stages
 
 
+def _fill_masked(rollout, scores, valid, rows: int):
+    """``rollout``, ``scores`` and ``valid`` with ``rows`` masked-out rows appended (the first
+    row's prompt, no completion, score 0, not valid)."""
+    fill = {
+        name: np.zeros((rows, *value.shape[1:]), value.dtype) for name, value in rollout.items()
+    }
+    fill["tokens"] = np.repeat(rollout["tokens"][:1], rows, axis=0)
+    fill["mask"] = np.repeat(rollout["mask"][:1], rows, axis=0)
+    rollout = {name: np.concatenate([rollout[name], fill[name]]) for name in rollout}
+    scores = np.concatenate([scores, np.zeros(rows, np.float32)])
+    valid = np.concatenate([valid, np.zeros(rows, bool)])
+    return rollout, scores, valid
+
+
+def _mean_over_rounds(reward_metrics: list[dict[str, float]]) -> dict[str, float]:
+    """Each reward metric's mean over the sampling rounds (NaN: no row scored in any round)."""
+    metrics = {}
+    for name in reward_metrics[0]:
+        values = np.array([m[name] for m in reward_metrics], np.float64)
+        metrics[name] = (
+            float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
+        )
+    return metrics
+
+
 def collect(
     rollout_fn,
     policy_params,
@@ -382,21 +407,8 @@ def collect(
     valid = np.concatenate(kept_valid)
     missing = want - have
     if missing:  # dynamic sampling ran out of rounds: masked rows fill the fixed shape
-        fill = {
-            name: np.zeros((missing * k, *value.shape[1:]), value.dtype)
-            for name, value in rollout.items()
-        }
-        fill["tokens"] = np.repeat(rollout["tokens"][:1], missing * k, axis=0)
-        fill["mask"] = np.repeat(rollout["mask"][:1], missing * k, axis=0)
-        rollout = {name: np.concatenate([rollout[name], fill[name]]) for name in rollout}
-        scores = np.concatenate([scores, np.zeros(missing * k, np.float32)])
-        valid = np.concatenate([valid, np.zeros(missing * k, bool)])
-    metrics = {}
-    for name in reward_metrics[0]:  # mean over the rounds (NaN: no row scored in any round)
-        values = np.array([m[name] for m in reward_metrics], np.float64)
-        metrics[name] = (
-            float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else math.nan
-        )
+        rollout, scores, valid = _fill_masked(rollout, scores, valid, missing * k)
+    metrics = _mean_over_rounds(reward_metrics)
     metrics.update(
         {
             "sampling/rounds": float(rounds),
@@ -619,9 +631,25 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     state, history = result.state, result.history
 
     export_policy(label, out, lm.merge(graphdef, jax.device_get(state.params["policy"])), tokenizer)
+    summary = _summary(config, model_path, source, reward, history)
+    return finish(
+        config,
+        label=label,
+        result=result,
+        summary=summary,
+        plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
+        title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
+        message=_message(summary),
+        start_time=start_time,
+        devices=mesh.size,
+    )
+
+
+def _summary(config: GRPORunConfig, model_path: str, source: str, reward, history) -> dict:
+    """The run's ``summary.json``: settings and the first and last held-out evaluations."""
     evals = [r for r in history if "eval/kl" in r]
     before, after = evals[0], evals[-1]
-    summary = {
+    return {
         "algorithm": f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)",
         "model": model_path,
         "data": source,
@@ -634,24 +662,19 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
         "heldout_reward_after": after.get("eval/reward"),
         "kl_to_reference": after.get("eval/kl"),
     }
+
+
+def _message(summary: dict) -> str:
+    """The closing line: held-out accuracy (where the rewards give one) and reward, before ->
+    after, and the KL to the reference."""
     acc = ""
     if summary["heldout_accuracy_before"] is not None:
         acc = (
             f"held-out accuracy {summary['heldout_accuracy_before']:.3f} -> "
             f"{summary['heldout_accuracy_after']:.3f}, "
         )
-    return finish(
-        config,
-        label=label,
-        result=result,
-        summary=summary,
-        plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
-        title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
-        message=(
-            f"{acc}held-out reward {summary['heldout_reward_before']:.3f} -> "
-            f"{summary['heldout_reward_after']:.3f}, KL to the reference "
-            f"{summary['kl_to_reference']:.3f} nats"
-        ),
-        start_time=start_time,
-        devices=mesh.size,
+    return (
+        f"{acc}held-out reward {summary['heldout_reward_before']:.3f} -> "
+        f"{summary['heldout_reward_after']:.3f}, KL to the reference "
+        f"{summary['kl_to_reference']:.3f} nats"
     )
