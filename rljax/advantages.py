@@ -156,6 +156,17 @@ def gae(
     Raises:
       ValueError: shapes that do not follow the layout above (the message names the expected
         layout and the shapes given, and recognises time-first input).
+
+    Example (one episode of three steps; ``values`` has one more entry, the bootstrap)::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.advantages import gae
+        >>> adv, returns = gae(
+        ...     jnp.array([1.0, 0.0, 1.0]), jnp.array([0.5, 0.5, 0.5, 0.0]),
+        ...     jnp.array([0.0, 0.0, 1.0]), gamma=0.9, lam=0.95,
+        ... )
+        >>> [round(float(a), 4) for a in adv], [round(float(r), 4) for r in returns]
+        ([1.2728, 0.3775, 0.5], [1.7728, 0.8775, 1.0])
     """
     _check_time_last("gae", rewards, values=values, dones=dones, mask=mask)
     dtype, dones, valid = _prepare(rewards, dones, mask)

@@ -556,6 +556,19 @@ def dpo_loss(
         valid choices), mismatched ``loss_weights``, an argument no requested type reads, a
         concrete ``label_smoothing`` outside the range a type needs, missing lengths, or a
         custom loss type that does not return ``[batch]``.
+
+    Example (two pairs; the policy already prefers the first pair's chosen answer more than the
+    reference does)::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.dpo import dpo_loss
+        >>> loss, metrics = dpo_loss(
+        ...     jnp.array([-1.0, -2.0]), jnp.array([-3.0, -2.5]),  # policy: chosen, rejected
+        ...     jnp.array([-1.5, -2.0]), jnp.array([-2.5, -2.5]),  # reference: chosen, rejected
+        ...     beta=0.1,
+        ... )
+        >>> round(float(loss), 4), float(metrics["rewards/accuracies"])
+        (0.6688, 0.5)
     """
     optional = {
         "label_smoothing": label_smoothing,

@@ -104,6 +104,17 @@ def clipped_surrogate_loss(
       positions where clipping is active), ``policy/approxkl`` (``0.5 * mean(log_ratio**2)``),
       ``policy/approxkl_k3`` (``mean(ratio - 1 - log_ratio)``), ``policy/ratio`` (mean ratio),
       ``policy/ratio_max`` (0 when no position is valid), and ``count``.
+
+    Example (the first ratio, 1.5, is clipped at 1.2 for its positive advantage)::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.ppo import clipped_surrogate_loss
+        >>> loss, metrics = clipped_surrogate_loss(
+        ...     jnp.log(jnp.array([0.6, 0.3])), jnp.log(jnp.array([0.4, 0.4])),
+        ...     jnp.array([1.0, -1.0]),
+        ... )
+        >>> round(float(loss), 4), float(metrics["policy/clipfrac"])
+        (-0.2, 1.0)
     """
     if mask is not None:
         # Padded positions may hold anything (e.g. -1e9 log-probs, inf advantages); neutralise

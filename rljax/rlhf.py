@@ -343,6 +343,17 @@ def policy_loss(
       ValueError: an unknown ``loss_type`` or level; an argument the type does not read;
         ``dr_grpo`` without ``max_completion_len``; ``cispo`` without ``clip_eps_high``; a
         nonzero or traced ``beta`` without ``ref_logps``.
+
+    Example (two completions of two tokens, the second row one token long)::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.rlhf import policy_loss
+        >>> logps = jnp.log(jnp.array([[0.5, 0.4], [0.2, 0.9]]))
+        >>> old_logps = jnp.log(jnp.array([[0.4, 0.4], [0.25, 0.9]]))
+        >>> mask = jnp.array([[True, True], [True, False]])
+        >>> loss, metrics = policy_loss(logps, old_logps, jnp.array([1.0, -1.0]), mask)
+        >>> round(float(loss), 4)
+        -0.4667
     """
     _check_policy_loss_shapes(logps, old_logps, advantages, mask, ref_logps)
     optional = {"max_completion_len": max_completion_len, "num_items": num_items}

@@ -287,6 +287,15 @@ def conjugate_gradient(
     Returns:
       ``(x, CGInfo(iterations, residual_norm))`` with ``residual_norm`` :math:`\|b - (A +
       \lambda I)x\|` as tracked by the recursion.
+
+    Example (a 2 x 2 system: CG is exact in two iterations)::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.trpo import conjugate_gradient
+        >>> A = jnp.array([[4.0, 1.0], [1.0, 3.0]])
+        >>> x, info = conjugate_gradient(lambda v: A @ v, jnp.array([1.0, 2.0]), max_iters=10)
+        >>> [round(float(v), 4) for v in x], int(info.iterations)
+        ([0.0909, 0.6364], 2)
     """
 
     def damped(v):

@@ -148,7 +148,15 @@ def _replace(instance, values: Mapping[tuple[str, ...], Any]):
 def config(name: str, **overrides):
     """The run configuration of algorithm ``name``: its config class's defaults, then the
     algorithm's preset, then ``overrides`` (flag names; a nested update config's fields by
-    their own names). Unknown names raise, listing the valid ones."""
+    their own names). Unknown names raise, listing the valid ones.
+
+    Example::
+
+        >>> import rljax.rl
+        >>> c = rljax.rl.config("dapo", iterations=5, clip_eps_high=0.3)
+        >>> c.iterations, c.dynamic_sampling, c.overlong, c.grpo.loss_type, c.grpo.clip_eps_high
+        (5, True, 'soft', 'dapo', 0.3)
+    """
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; valid: {sorted(ALGORITHMS)}")
     entry = ALGORITHMS[name]
