@@ -584,10 +584,18 @@ def compile_lowered(lowered, env_steps: int | None = None):
 
 
 def run_experiment(
-    algo: str, config: ClassicConfig, seeds: int, seed: int, out: str, progress_every: int = 10
+    algo: str,
+    config: ClassicConfig,
+    seeds: int,
+    seed: int,
+    out: str,
+    progress_every: int = 10,
+    *,
+    log: str = "jsonl",
 ) -> dict:
     """Train ``seeds`` seeds at once (``vmap``), time compilation and run separately, evaluate
-    greedily, and write ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` to ``out``.
+    greedily, and write ``metrics.jsonl``, ``summary.json`` and ``learning_curve.png`` to ``out``
+    (and the metrics to the sinks of ``log``, e.g. ``"jsonl,tensorboard"``).
 
     Updates with a NaN or inf are skipped inside the compiled run (:mod:`rljax.finite`; the
     metric ``nonfinite`` per iteration); the summary counts them per seed
@@ -641,7 +649,7 @@ def run_experiment(
 
     out_dir = pathlib.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_metrics(history, config.num_iterations, out_dir / "metrics.jsonl")
+    _write_metrics(history, config, label, out_dir / "metrics.jsonl", log)
     summary = {
         "algorithm": algo,
         "env": config.env,
@@ -667,15 +675,16 @@ def run_experiment(
     return summary
 
 
-def _write_metrics(history, num_iterations: int, path) -> None:
-    """``metrics.jsonl``: per iteration the env steps, each seed's training return and the
-    seeds' mean of every other metric."""
-    import json
-
+def _write_metrics(history, config: ClassicConfig, label: str, path, log: str) -> None:
+    """``metrics.jsonl`` (and the sinks of ``log``): per iteration the env steps, each seed's
+    training return and the seeds' mean of every other metric."""
     import numpy as np
 
-    with open(path, "w") as f:
-        for i in range(num_iterations):
+    metrics_log = runs.MetricsLog(
+        path, label, config.num_iterations, sinks=log, config=dataclasses.asdict(config)
+    )
+    try:
+        for i in range(config.num_iterations):
             row = {
                 "iteration": i + 1,
                 "env_steps": int(history["env_steps"][0, i]),
@@ -686,7 +695,9 @@ def _write_metrics(history, num_iterations: int, path) -> None:
             row.update(
                 {k: _json_float(np.mean(v[:, i])) for k, v in history.items() if k != "env_steps"}
             )
-            f.write(json.dumps(row) + "\n")
+            metrics_log.log(i + 1, row, print_line=False)
+    finally:
+        metrics_log.close()
 
 
 def _report(label: str, summary: dict, out_dir) -> None:
@@ -732,6 +743,10 @@ class ExperimentSettings:
         lets the compilation cache keep the program: JAX does not cache host callbacks).
       compilation_cache: folder of JAX's persistent compilation cache (a second run with the
         same settings loads the compiled program instead of compiling it); none = off.
+      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
+        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
+        Biases; pip install 'rljax[wandb]'). The whole run is one compiled program, so the
+        sinks receive every iteration's metrics (seed means) when it ends.
     """
 
     seeds: int = 10
@@ -739,6 +754,13 @@ class ExperimentSettings:
     out: str = "runs/classic"
     progress_every: int = 10
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
+    log: str = "jsonl"
+
+    def __post_init__(self):
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
+        validate = getattr(super(), "__post_init__", None)
+        if validate is not None:  # a script's Config also inherits the algorithm's config
+            validate()
 
 
 def parse(config_class, argv: list[str] | None = None):
@@ -770,7 +792,13 @@ def main(config) -> dict:
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config_class)}
     )
     return run_experiment(
-        algorithm, run_config, config.seeds, config.seed, config.out, config.progress_every
+        algorithm,
+        run_config,
+        config.seeds,
+        config.seed,
+        config.out,
+        config.progress_every,
+        log=config.log,
     )
 
 
