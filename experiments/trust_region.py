@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import advantages, cli, envs, trpo, updates
+from rljax import advantages, cli, envs, runs, trpo, updates
 from rljax.models.mlp import Actor, Critic, pure
 
 
@@ -50,6 +50,8 @@ class Config:
       num_points: points per curve.
       seed: random seed.
       out: output folder.
+      log: metrics sinks of the warm-up iterations, comma-separated: jsonl
+        (out/metrics.jsonl, always written), tensorboard, wandb (see rljax.runs).
     """
 
     num_envs: int = 16
@@ -65,6 +67,10 @@ class Config:
     num_points: int = 61
     seed: int = 0
     out: str = "runs/trust_region"
+    log: str = "jsonl"
+
+    def __post_init__(self):
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
 
 
 def main(config: Config) -> dict:
@@ -117,10 +123,18 @@ def main(config: Config) -> dict:
 
     carry = envs.init_carry(env, env_params, k_env, config.num_envs)
     print(f"TRPO on {env.name}: {config.num_envs} envs x {config.num_steps} steps per batch")
+    out = pathlib.Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = runs.MetricsLog(
+        out / "metrics.jsonl", "TRPO", config.warmup_iterations, sinks=config.log,
+        config=dataclasses.asdict(config),
+    )  # fmt: skip
     for iteration in range(config.warmup_iterations):
         key, k_roll = jax.random.split(key)
         carry, batch, mean_return, finished = rollout(state, carry, k_roll)
         state, metrics = update(state, batch)
+        row = {"episode_return": float(mean_return), **jax.device_get(metrics)}
+        log.log(iteration + 1, row, print_line=False)
         print(
             f"  iteration {iteration + 1}/{config.warmup_iterations}: "
             f"return {float(mean_return):6.1f} over {int(finished)} episodes, "
@@ -133,9 +147,8 @@ def main(config: Config) -> dict:
     curves = jax.jit(lambda p, b: trust_region_curves(policy_fn, p, b, config, trpo_config))(
         state.params["policy"], batch
     )
+    log.close()
     curves = jax.tree.map(np.asarray, curves)
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     plot(curves, config, out / "trust_region.png")
     (out / "curves.json").write_text(json.dumps(jax.tree.map(lambda x: x.tolist(), curves)))
     summary = summarise(curves, config, time.perf_counter() - start)
