@@ -1,9 +1,12 @@
 """rljax.bench: the FLOP count against XLA's own cost analysis, timing and table helpers."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from helpers import load_script
 
 from rljax import bench
 from rljax.models.transformer import Transformer, TransformerConfig, preset
@@ -56,14 +59,7 @@ def test_timing_memory_and_table():
 
 
 def test_lm_speed_quick_smoke(tmp_path):
-    import importlib.util
-    import json
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "lm_speed.py"
-    spec = importlib.util.spec_from_file_location("lm_speed", path)
-    lm_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lm_speed)
+    lm_speed = load_script("benchmarks/lm_speed.py")
     out = tmp_path / "lm.json"
     rows = lm_speed.main(["--quick", "--dtype", "float32", "--json", str(out)])
     assert [r["phase"] for r in rows] == ["train", "decode"]
@@ -75,14 +71,7 @@ def test_lm_speed_quick_smoke(tmp_path):
 
 
 def test_dpo_speed_quick_smoke(tmp_path):
-    import importlib.util
-    import json
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_speed.py"
-    spec = importlib.util.spec_from_file_location("dpo_speed", path)
-    dpo_speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(dpo_speed)
+    dpo_speed = load_script("benchmarks/dpo_speed.py")
     out = tmp_path / "dpo.json"
     rows = dpo_speed.main(["--quick", "--json", str(out)])
     chunked, full = rows

@@ -16,18 +16,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_llama
 
 from rljax import sharding
 from rljax.checkpoint import Checkpointer, abstract_like
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 
 
 def sharded_state(mesh, seed=0):
     """(params, adam state, step) of a tiny Llama with random (incompressible) moments, placed
     on ``mesh``, plus a typed RNG key."""
-    config = TransformerConfig.llama(
-        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2
-    )
+    config = tiny_llama(intermediate_size=None)  # MLP width 4 x 32
     _, params = nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
     optimizer = optax.adam(1e-3)
     opt_state = optimizer.init(params)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import EPS, RTOL, TRANSFORMS, assert_close_per_element, np_log_softmax
 
 from rljax.logprobs import (
     chunked_token_logprobs,
@@ -29,9 +30,6 @@ from rljax.logprobs import (
 )
 from rljax.models.transformer import Transformer, TransformerConfig
 
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
-EPS = {np.dtype(np.float64): np.finfo(np.float64).eps, np.dtype(np.float32): 2.0**-23}
 B, T, D, V = 3, 5, 8, 13  # B * T = 15 tokens
 # 15 tokens: chunk sizes 1, 5, 15 divide it, 4 does not (padding), 64 exceeds it (clamped).
 CHUNKS = [1, 4, 15, 64]
@@ -51,12 +49,6 @@ def ABS_FLOOR(dtype, h, w):
 
 def np_logits(h, w):
     return np.asarray(h, np.float64) @ np.asarray(w, np.float64)
-
-
-def np_log_softmax(z):
-    m = np.max(z, axis=-1, keepdims=True)
-    s = z - m
-    return s - np.log(np.sum(np.exp(s), axis=-1, keepdims=True))
 
 
 def np_onehot(y, v):
@@ -98,17 +90,8 @@ def make_inputs(seed, shape=(B, T), d=D, v=V, dtype=np.float64, scale=1.0):
 
 
 def assert_close(got, want, dtype, atol=0.0, rtol=None):
-    got = np.asarray(got)
-    assert got.dtype == np.dtype(dtype), (got.dtype, dtype)
-    got64, want = got.astype(np.float64), np.asarray(want, np.float64)
-    assert got64.shape == want.shape, (got64.shape, want.shape)
     rtol = RTOL[np.dtype(dtype)] if rtol is None else rtol
-    err = np.abs(got64 - want)
-    ok = (err <= atol + rtol * np.abs(want)) | (got64 == want)
-    assert np.all(ok), (
-        f"rtol={rtol} atol={atol}: worst at {np.argwhere(~ok)[:5].tolist()}\n"
-        f"got  {got64[~ok][:5]}\nwant {want[~ok][:5]}\nerr  {err[~ok][:5]}"
-    )
+    assert_close_per_element(got, want, dtype, rtol, atol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,16 +3,14 @@ a short CartPole run that must learn, evaluation on a hand-made environment, con
 checks and the experiment driver's outputs."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
-import sys
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from rljax import classic, cli, envs, updates
 
@@ -21,7 +19,6 @@ ALGOS = {
     "trpo": (classic.TRPOClassicConfig, classic.train_trpo),
 }
 GAMMA = 0.9
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def probe_config(algo: str, kind: str):
@@ -300,14 +297,6 @@ def test_bad_settings_raise_naming_the_field(make, message):
         make()
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def with_preset(config, preset, **values):
     """``config`` (a script's Config) with every setting of ``preset``, then ``values``."""
     settings = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
@@ -316,7 +305,7 @@ def with_preset(config, preset, **values):
 
 @pytest.mark.parametrize("algo", ["ppo", "trpo"])
 def test_script_flags_default_to_the_envs_preset(algo, tmp_path, capsys):
-    script = load_script(f"{algo}_classic")
+    script = load_experiment(f"{algo}_classic")
     assert classic.parse(script.Config, []) == script.Config()  # CartPole-v1's preset
     assert script.Config().out == f"runs/{algo}_classic"
     acrobot = classic.parse(script.Config, ["--env", "Acrobot-v1", "--seeds", "2"])
@@ -346,10 +335,12 @@ def test_scripts_are_one_driver(monkeypatch, tmp_path):
     parses back to the same config) and runs the algorithm's part of it with the script's
     settings (seeds, out, ...)."""
     calls = []
-    monkeypatch.setattr(classic, "run_experiment", lambda *args: calls.append(args) or {})
+    monkeypatch.setattr(
+        classic, "run_experiment", lambda *args, **kw: calls.append((*args, kw)) or {}
+    )
     monkeypatch.setenv("XLA_FLAGS", "")
     for algo in ("ppo", "trpo"):
-        script = load_script(f"{algo}_classic")
+        script = load_experiment(f"{algo}_classic")
         out = str(tmp_path / algo)
         flags = ["--env", "Acrobot-v1", "--seeds", "3", "--seed", "7", "--out", out,
                  "--progress-every", "2", "--compilation-cache", "none",
@@ -357,7 +348,7 @@ def test_scripts_are_one_driver(monkeypatch, tmp_path):
         config = classic.parse(script.Config, flags)
         script.main(config)
         expected = classic.preset("Acrobot-v1", algo, num_steps=64)
-        assert calls.pop() == (algo, expected, 3, 7, out, 2)
+        assert calls.pop() == (algo, expected, 3, 7, out, 2, {"log": "jsonl"})
         again = classic.parse(script.Config, ["--config", f"{out}/config.json"])
         assert again == config
     assert "--xla_cpu_multi_thread_eigen=false" in classic.os.environ["XLA_FLAGS"]
@@ -382,7 +373,9 @@ def test_run_experiment_writes_metrics_summary_and_figure(tmp_path, capsys):
     config = classic.preset(
         "probe-action", "ppo", total_steps=1000, num_envs=8, num_steps=16, hidden=8
     )
-    summary = classic.run_experiment("ppo", config, seeds=2, seed=0, out=str(tmp_path))
+    summary = classic.run_experiment(
+        "ppo", config, seeds=2, seed=0, out=str(tmp_path), log="jsonl,tensorboard"
+    )
     out = capsys.readouterr().out
     assert config.env_steps == 1024 != config.total_steps
     assert "rounded up to whole iterations" in out
@@ -400,6 +393,8 @@ def test_run_experiment_writes_metrics_summary_and_figure(tmp_path, capsys):
     assert [r["env_steps"] for r in rows] == [128 * (i + 1) for i in range(8)]
     assert all(len(r["episode_return_per_seed"]) == 2 for r in rows)
     assert (tmp_path / "learning_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["step"] for r in rows] == [r["iteration"] for r in rows]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))  # --log tensorboard
 
 
 def test_run_experiment_rejects_zero_seeds_and_another_algorithms_config(tmp_path):

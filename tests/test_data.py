@@ -240,15 +240,8 @@ def row_arrays(arrays, prefix, i):
 
 def test_plain_and_conversational_tokens(tokenizer):
     arrays, report = tokenize_preferences([PLAIN, CHAT], tokenizer, max_length=16)
-    assert set(arrays) == {
-        "chosen_tokens",
-        "chosen_mask",
-        "chosen_loss_mask",
-        "rejected_tokens",
-        "rejected_mask",
-        "rejected_loss_mask",
-        "prompt_lengths",
-    }
+    sides, fields = ("chosen", "rejected"), ("tokens", "mask", "loss_mask")
+    assert set(arrays) == {f"{s}_{f}" for s in sides for f in fields} | {"prompt_lengths"}
     assert arrays["chosen_tokens"].dtype == np.int32 and arrays["chosen_mask"].dtype == bool
     assert arrays["chosen_tokens"].shape == arrays["rejected_tokens"].shape == (2, 9)
     # plain: BOS from the tokenizer, then the prompt; completion + EOS; right-padded.

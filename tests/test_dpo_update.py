@@ -27,53 +27,27 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import TINY, TRL_DPO_METRICS, count_traces, preference_batch, tiny_llama
 
 from rljax import sharding
 from rljax.dpo import dpo_loss
 from rljax.logprobs import token_logprobs
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 from rljax.updates import DPOConfig, DPOState, init_dpo_state, make_dpo_eval, make_dpo_update
 from rljax.updates.lm import compile_update, reference_logps, sequence_logps, token_logps
 
-VOCAB = 64
+VOCAB = TINY["vocab_size"]
 PAIRS = 4
 TIME = 12
 
 
-def tiny_config(dtype="float32"):
-    return TransformerConfig.llama(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        param_dtype=dtype,
-        dtype=dtype,
-    )
-
-
 def make_model(seed, dtype="float32"):
-    return nnx.split(Transformer(tiny_config(dtype), rngs=nnx.Rngs(seed)))
+    return nnx.split(Transformer(tiny_llama(param_dtype=dtype, dtype=dtype), rngs=nnx.Rngs(seed)))
 
 
 def make_batch(seed, pairs=PAIRS, time=TIME):
     """A right-padded preference batch following the rljax.data contract."""
-    rng = np.random.default_rng(seed)
-    batch = {}
-    prompt = rng.integers(1, 4, pairs)  # shared prompt length per pair
-    prompt_tokens = rng.integers(0, VOCAB, (pairs, time))
-    for side in ("chosen", "rejected"):
-        length = prompt + rng.integers(1, time - 3, pairs)  # prompt + completion (>= 1 token)
-        pos = np.arange(time)[None]
-        mask = pos < length[:, None]
-        completion = rng.integers(0, VOCAB, (pairs, time))
-        tokens = np.where(pos < prompt[:, None], prompt_tokens, completion) * mask
-        batch[f"{side}_tokens"] = tokens.astype(np.int32)
-        batch[f"{side}_mask"] = mask
-        batch[f"{side}_loss_mask"] = mask & (pos >= prompt[:, None])
-    assert not batch["chosen_loss_mask"][:, 0].any()
-    return batch
+    return preference_batch(np.random.default_rng(seed), pairs, time, VOCAB)
 
 
 def full_logits_logps(graphdef, params, tokens, mask, loss_mask):
@@ -163,30 +137,21 @@ def dpo_kwargs(config: DPOConfig):
     return kwargs
 
 
+# One config per reference mode: (mode, beta, loss types, their weights, rpo_alpha, chunk size).
 CONFIGS = {
-    "precomputed": DPOConfig(
-        beta=0.3,
-        loss_type=("sigmoid", "ipo"),
-        loss_weights=(1.0, 0.5),
-        rpo_alpha=0.7,
-        reference="precomputed",
-        chunk_size=7,
-    ),
-    "model": DPOConfig(
-        beta=0.2,
-        loss_type=("sigmoid", "bco_pair"),
-        loss_weights=(1.0, 0.3),
-        reference="model",
-        chunk_size=16,
-    ),
-    "none": DPOConfig(
-        beta=0.1,
-        loss_type=("sigmoid_norm", "hinge"),
-        loss_weights=(0.6, 0.4),
-        rpo_alpha=0.25,
-        reference="none",
-        chunk_size=1024,
-    ),
+    mode: DPOConfig(
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=weights,
+        rpo_alpha=rpo_alpha,
+        reference=mode,
+        chunk_size=chunk_size,
+    )
+    for mode, beta, loss_type, weights, rpo_alpha, chunk_size in [
+        ("precomputed", 0.3, ("sigmoid", "ipo"), (1.0, 0.5), 0.7, 7),
+        ("model", 0.2, ("sigmoid", "bco_pair"), (1.0, 0.3), None, 16),
+        ("none", 0.1, ("sigmoid_norm", "hinge"), (0.6, 0.4), 0.25, 1024),
+    ]
 }
 
 
@@ -284,16 +249,7 @@ def test_update_matches_independent_loss_and_gradient(mode):
     np.testing.assert_allclose(metrics["loss"], expected_loss, rtol=rtol)
     for key, val in expected_metrics.items():
         np.testing.assert_allclose(metrics[key], val, rtol=rtol, atol=1e-9, err_msg=key)
-    for key in (
-        "rewards/chosen",
-        "rewards/rejected",
-        "rewards/accuracies",
-        "rewards/margins",
-        "logps/chosen",
-        "logps/rejected",
-        "loss",
-        "grad_norm",
-    ):
+    for key in (*TRL_DPO_METRICS, "loss", "grad_norm"):
         assert metrics[key].shape == (), key
     grads = jax.tree.map(lambda a, b: a - b, state.params, new_state.params)
     leaves, expected_leaves = jax.tree.leaves(grads), jax.tree.leaves(expected_grads)
@@ -397,12 +353,7 @@ def test_swept_coefficients_compile_once_and_equal_the_baked_step():
     graphdef, _ = policy64()
     batch = batch_for("precomputed")
     state = state64("precomputed")
-    traces = []
-
-    def counted(state, batch, hyperparams=None):
-        traces.append(1)
-        return make_dpo_update(graphdef, optax.sgd(1.0), SWEEP_CONFIG)(state, batch, hyperparams)
-
+    counted, traces = count_traces(make_dpo_update(graphdef, optax.sgd(1.0), SWEEP_CONFIG))
     step = jax.jit(counted)
     results = [step(state, batch, h) for h in SWEEP]
     assert step._cache_size() == 1 and len(traces) == 1  # four settings, one compilation
@@ -461,20 +412,22 @@ TRAIN_CONFIG = DPOConfig(beta=0.5, loss_type="sigmoid", rpo_alpha=0.1, reference
 SHARDED_STEPS = 3
 
 
+def training_setup():
+    """``(update, traces, state, batch)``: the step (TRAIN_CONFIG, Adam) on ``make_model(3)``,
+    counting its traces in ``traces``, its first state (the reference a copy of the policy) and a
+    fixed batch."""
+    graphdef, params = make_model(3)
+    optimizer = optax.adam(3e-3)
+    update, traces = count_traces(make_dpo_update(graphdef, optimizer, TRAIN_CONFIG))
+    state = init_dpo_state(params, optimizer, jax.tree.map(jnp.copy, params))
+    return update, traces, state, make_batch(5, pairs=8)
+
+
 @functools.cache
 def one_device_run(steps=12):
     """Adam steps on a fixed batch on one device; returns per-step metrics and trace count."""
-    graphdef, params = make_model(3)
-    optimizer = optax.adam(3e-3)
-    traces = []
-
-    def counted(state, batch):
-        traces.append(1)
-        return make_dpo_update(graphdef, optimizer, TRAIN_CONFIG)(state, batch)
-
-    step = jax.jit(counted, donate_argnums=0)
-    state = init_dpo_state(params, optimizer, jax.tree.map(jnp.copy, params))
-    batch = make_batch(5, pairs=8)
+    update, traces, state, batch = training_setup()
+    step = jax.jit(update, donate_argnums=0)
     history = []
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -496,17 +449,8 @@ def test_sharded_update_matches_one_device():
     assert jax.device_count() >= 8
     history, _ = one_device_run()
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-    graphdef, params = make_model(3)
-    optimizer = optax.adam(3e-3)
-    traces = []
-
-    def counted(state, batch):
-        traces.append(1)
-        return make_dpo_update(graphdef, optimizer, TRAIN_CONFIG)(state, batch)
-
-    state = init_dpo_state(params, optimizer, jax.tree.map(jnp.copy, params))
-    batch = make_batch(5, pairs=8)
-    state, step, batch_shardings = compile_update(counted, state, batch, mesh)
+    update, traces, state, batch = training_setup()
+    state, step, batch_shardings = compile_update(update, state, batch, mesh)
     batch = jax.device_put(batch, batch_shardings)
     q_spec = state.params["layers"]["q"].sharding.spec
     assert "fsdp" in str(q_spec) and "tensor" in str(q_spec)

@@ -108,17 +108,27 @@ def f64(x):
     return np.asarray(x, np.float64)
 
 
+def reset_many(env, n):
+    """``(obs, state)`` of ``n`` resets (jitted, vmapped; keys split from key 0) with the
+    default parameters."""
+    keys = jax.random.split(jax.random.key(0), n)
+    return jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, env.default_params())
+
+
+def start(env, seed):
+    """``(params, state)``: the default parameters and a reset from ``key(seed)``."""
+    params = env.default_params()
+    _, state = env.reset(jax.random.key(seed), params)
+    return params, state
+
+
 # --------------------------------------------------------------------------------------------
 # Pendulum
 # --------------------------------------------------------------------------------------------
 
 
 def test_pendulum_reset_distribution():
-    env = envs.Pendulum()
-    params = env.default_params()
-    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
-        jax.random.split(jax.random.key(0), 2000), params
-    )
+    obs, state = reset_many(envs.Pendulum(), 2000)
     theta, theta_dot = f64(state.theta), f64(state.theta_dot)
     assert obs.shape == (2000, 3) and obs.dtype == jnp.float32
     assert np.all(np.abs(theta) <= math.pi) and np.all(np.abs(theta_dot) <= 1.0)
@@ -134,8 +144,7 @@ def test_pendulum_reset_distribution():
 
 def test_pendulum_matches_gymnasium_equations_over_an_episode():
     env = envs.Pendulum()
-    params = env.default_params()
-    _, state = env.reset(jax.random.key(7), params)
+    params, state = start(env, 7)
     step = jax.jit(env.step_env)
     free_running = (float(state.theta), float(state.theta_dot))
     rng = np.random.default_rng(1)
@@ -217,11 +226,7 @@ def acrobot_array(state):
 
 
 def test_acrobot_reset_distribution():
-    env = envs.Acrobot()
-    params = env.default_params()
-    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
-        jax.random.split(jax.random.key(0), 1000), params
-    )
+    obs, state = reset_many(envs.Acrobot(), 1000)
     s = acrobot_array(state)
     assert np.all(np.abs(s) <= 0.1) and s.min() < -0.095 and s.max() > 0.095
     assert obs.shape == (1000, 6) and obs.dtype == jnp.float32
@@ -235,8 +240,7 @@ def test_acrobot_reset_distribution():
 def test_acrobot_matches_gymnasium_equations_over_an_episode():
     """Chaotic: compare the one-step map from the env's own state at every step."""
     env = envs.Acrobot()
-    params = env.default_params()
-    _, state = env.reset(jax.random.key(5), params)
+    params, state = start(env, 5)
     step = jax.jit(env.step_env)
     rng = np.random.default_rng(3)
     terminated = False
@@ -353,11 +357,7 @@ def test_acrobot_terminates_near_the_top(time):
 
 
 def test_mountaincar_reset_distribution():
-    env = envs.MountainCarContinuous()
-    params = env.default_params()
-    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(
-        jax.random.split(jax.random.key(0), 1000), params
-    )
+    obs, state = reset_many(envs.MountainCarContinuous(), 1000)
     position = np.asarray(state.position)
     assert np.all((position >= -0.6) & (position <= -0.4))
     assert position.min() < -0.59 and position.max() > -0.41
@@ -393,8 +393,7 @@ def run_mountaincar(env, params, state, policy, num_steps):
 
 def test_mountaincar_matches_gymnasium_equations_random_actions():
     env = envs.MountainCarContinuous()
-    params = env.default_params()
-    _, state = env.reset(jax.random.key(2), params)
+    params, state = start(env, 2)
     rng = np.random.default_rng(5)
     actions = rng.uniform(-3.0, 3.0, 999)  # mostly out of range: penalty on the raw action
     end, _, _, state = run_mountaincar(env, params, state, lambda t, s: actions[t], 999)
@@ -403,8 +402,7 @@ def test_mountaincar_matches_gymnasium_equations_random_actions():
 
 def test_mountaincar_scripted_policy_reaches_the_goal():
     env = envs.MountainCarContinuous()
-    params = env.default_params()
-    _, state = env.reset(jax.random.key(3), params)
+    params, state = start(env, 3)
 
     def policy(t, s):  # push (beyond the clip) in the direction of motion
         return 1.5 if s[1] >= 0 else -1.5

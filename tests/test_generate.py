@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import TINY, np_log_softmax, tiny_gpt2, tiny_llama
 
 import rljax.models.generate as gen
 from rljax.models.generate import (
@@ -17,20 +18,19 @@ from rljax.models.generate import (
     make_generate_fn,
     to_left_padded,
 )
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 
-VOCAB = 64
+VOCAB = TINY["vocab_size"]
 PROMPTS = [[5, 17, 3, 40, 22], [9, 31, 12], [50]]  # different lengths, left-padded together
 
 
 @functools.cache
 def tiny_model(family):
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4)
-    common["initializer_range"] = 0.1  # logits spread enough that greedy has no near-ties
-    if family == "llama":
-        config = TransformerConfig.llama(**common, num_kv_heads=2, tie_word_embeddings=False)
+    spread = dict(initializer_range=0.1)  # logits spread enough that greedy has no near-ties
+    if family == "llama":  # MLP width 4 x 32
+        config = tiny_llama(**spread, intermediate_size=None, tie_word_embeddings=False)
     else:
-        config = TransformerConfig.gpt2(**common, max_position_embeddings=64)
+        config = tiny_gpt2(**spread, max_position_embeddings=64)
     return Transformer(config, rngs=nnx.Rngs(0))
 
 
@@ -53,11 +53,6 @@ def run(fn, family, tokens, mask, seed=0, **kwargs):
     params = nnx.split(tiny_model(family))[1]
     out = fn(params, tokens, mask, jax.random.key(seed), **kwargs)
     return jax.tree.map(np.asarray, out)
-
-
-def np_log_softmax(x):
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def np_filtered(logits, temperature, top_k, top_p):

@@ -4,28 +4,16 @@ in rljax's order, the timing plumbing around rl.grpo.run, and the peer's task lo
 rljax's reward functions without jax."""
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, load_script
 
 from rljax import cli, rl
 from rljax.tasks import arithmetic
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "grpo_vs_trl", ROOT / "benchmarks" / "grpo_vs_trl.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["grpo_vs_trl"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 class _CharTokenizer:
@@ -42,7 +30,7 @@ def _flag(command, name):
 
 
 def test_defaults_follow_the_recipe_and_reach_the_peer():
-    gvt = _load()
+    gvt = load_script("benchmarks/grpo_vs_trl.py")
     config = cli.parse(gvt.GRPOvsTRLConfig, [])
     recipe, run = rl.grpo.GRPORunConfig(), config.run
     for field in ("iterations", "batch_size", "group_size", "learning_rate", "temperature"):
@@ -93,7 +81,7 @@ def test_defaults_follow_the_recipe_and_reach_the_peer():
     ],
 )
 def test_settings_trl_cannot_mirror_are_refused(change, flag):
-    gvt = _load()
+    gvt = load_script("benchmarks/grpo_vs_trl.py")
     run = dataclasses.replace(rl.grpo.GRPORunConfig(), **change)
     with pytest.raises(ValueError, match=flag):
         gvt.check_comparable(run)
@@ -102,7 +90,7 @@ def test_settings_trl_cannot_mirror_are_refused(change, flag):
 def test_prompt_files_hold_rljax_rows_in_order(tmp_path, monkeypatch):
     """The rows of rl.grpo.load_prompts, the training rows cycled as rljax's cursor takes
     them (4 training problems here instead of 4,096, so 6 rows wrap around)."""
-    gvt = _load()
+    gvt = load_script("benchmarks/grpo_vs_trl.py")
     problems = arithmetic.problems
     monkeypatch.setattr(
         arithmetic, "problems", lambda n, seed, split: problems(min(n, 4), seed, split)
@@ -118,7 +106,7 @@ def test_prompt_files_hold_rljax_rows_in_order(tmp_path, monkeypatch):
 
 def test_rljax_side_timing(monkeypatch):
     """run_rljax around a stand-in rl.grpo.run: one evaluation, N collects, one evaluation."""
-    gvt = _load()
+    gvt = load_script("benchmarks/grpo_vs_trl.py")
     clock = iter(range(100))
     monkeypatch.setattr(gvt.time, "perf_counter", lambda: float(next(clock)))
     monkeypatch.setattr(rl.grpo, "collect", lambda: None)

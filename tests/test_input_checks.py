@@ -3,33 +3,21 @@ name the row of the user's file; clear errors for empty, too-small and missing i
 of unknown tokens. Configs and tiny files only (no model, no training)."""
 
 import functools
-import importlib.util
 import json
-import pathlib
-import sys
 import time
 
 import pytest
+from helpers import load_experiment
 
 from rljax import checks, classic, cli, data, experiment, rl, updates
 from rljax.models import hf
 from rljax.rl import rlhf as rx
 from rljax.tasks import sorting
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def experiment_config(name):
     def make(**kw):
-        return load(name).Config(**kw)
+        return load_experiment(name).Config(**kw)
 
     make.__name__ = f"{name}.Config"
     return make

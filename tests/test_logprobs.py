@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import EPS, RTOL, TRANSFORMS, assert_close_per_element, np_log_softmax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -39,9 +40,6 @@ from rljax.logprobs import (
     token_logprobs,
 )
 
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
-RTOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
-EPS = {np.dtype(np.float64): np.finfo(np.float64).eps, np.dtype(np.float32): 2.0**-23}
 # Few distinct shapes keep the eager runs fast (every primitive compiles once per shape).
 LOGIT_SHAPE = (3, 5, 7)  # [B, T, V]
 
@@ -54,14 +52,6 @@ def ABS_FLOOR(dtype, z):
 # ---------------------------------------------------------------------------------------------
 # numpy references (float64)
 # ---------------------------------------------------------------------------------------------
-
-
-def np_log_softmax(z):
-    """``z - logsumexp(z)`` with the max subtracted first, so ``exp`` cannot overflow."""
-    z = np.asarray(z, np.float64)
-    m = np.max(z, axis=-1, keepdims=True)
-    s = z - m
-    return s - np.log(np.sum(np.exp(s), axis=-1, keepdims=True))
 
 
 def np_token_logprobs(z, y):
@@ -126,18 +116,7 @@ def make_logits(seed, shape=LOGIT_SHAPE, scale=3.0, dtype=np.float64):
 
 
 def assert_close(got, want, dtype, atol=0.0):
-    got = np.asarray(got)
-    assert got.dtype == np.dtype(dtype), (got.dtype, dtype)
-    got64, want = got.astype(np.float64), np.asarray(want, np.float64)
-    assert got64.shape == want.shape, (got64.shape, want.shape)
-    # atol may be per element (np.testing.assert_allclose only takes a scalar)
-    rtol = RTOL[np.dtype(dtype)]
-    err = np.abs(got64 - want)
-    ok = (err <= atol + rtol * np.abs(want)) | (got64 == want)
-    assert np.all(ok), (
-        f"rtol={rtol}: worst at {np.argwhere(~ok)[:5].tolist()}\n"
-        f"got  {got64[~ok][:5]}\nwant {want[~ok][:5]}\nerr  {err[~ok][:5]}"
-    )
+    assert_close_per_element(got, want, dtype, RTOL[np.dtype(dtype)], atol)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,14 +492,17 @@ def test_kl_estimate_default_is_k1(transform):
     np.testing.assert_array_equal(got, lp - lr)
 
 
+# Six categories: the policy's and the reference's log-probabilities and their exact KL(pi || ref).
+SIX_LOGPS = np_log_softmax(np.array([1.0, 0.2, -0.5, 2.0, -1.5, 0.0]))
+SIX_REF_LOGPS = np_log_softmax(np.array([0.3, 0.9, -0.1, 1.0, 0.4, -0.8]))
+SIX_KL = float(np.sum(np.exp(SIX_LOGPS) * (SIX_LOGPS - SIX_REF_LOGPS)))
+
+
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_kl_k1_k3_expectation_is_exact_kl(transform):
     # E_{v ~ pi}[k(log pi_v, log ref_v)] summed exactly over the support: KL(pi || ref) for the
     # unbiased k1 and k3 (E[r - 1] = sum ref - 1 = 0); k2 is biased.
-    zp = np.array([1.0, 0.2, -0.5, 2.0, -1.5, 0.0])
-    zq = np.array([0.3, 0.9, -0.1, 1.0, 0.4, -0.8])
-    lp, lq = np_log_softmax(zp), np_log_softmax(zq)
-    kl = float(np.sum(np.exp(lp) * (lp - lq)))
+    lp, lq, kl = SIX_LOGPS, SIX_REF_LOGPS, SIX_KL
     expect = {
         name: float(
             np.sum(
@@ -538,10 +520,7 @@ def test_kl_k1_k3_expectation_is_exact_kl(transform):
 def test_kl_k1_k3_unbiased_monte_carlo(transform):
     # Sample v ~ pi (6 categories, 200k samples, fixed seed); the sample means of k1 and k3 must
     # lie within 5 standard errors of the exact KL(pi || ref). k2 is biased: its mean is far off.
-    zp = np.array([1.0, 0.2, -0.5, 2.0, -1.5, 0.0])
-    zq = np.array([0.3, 0.9, -0.1, 1.0, 0.4, -0.8])
-    lp_all, lq_all = np_log_softmax(zp), np_log_softmax(zq)
-    kl = float(np.sum(np.exp(lp_all) * (lp_all - lq_all)))
+    lp_all, lq_all, kl = SIX_LOGPS, SIX_REF_LOGPS, SIX_KL
     rng = np.random.default_rng(20)
     n = 200_000
     v = rng.choice(6, size=n, p=np.exp(lp_all) / np.exp(lp_all).sum())

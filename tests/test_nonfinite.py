@@ -10,10 +10,7 @@ That a finite step is unchanged by the guard is covered by the value tests of ea
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import load_script, one_layer_llama
 
 from rljax import (
     checkpoint,
@@ -31,11 +29,10 @@ from rljax import (
     updates,
 )
 from rljax.models import hf
-from rljax.models.transformer import Transformer, TransformerConfig, with_head
+from rljax.models.transformer import Transformer, with_head
 from rljax.tasks import sorting
 from rljax.updates import lm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAIRS, TIME = 4, 10
 
 
@@ -58,10 +55,9 @@ def tokenizer():
 def tiny_lm():
     """``(graphdef, params)`` of a one-layer LM over the sorting task's vocabulary (also the
     driver test's --model)."""
-    config = TransformerConfig.llama(
-        vocab_size=len(tokenizer()), hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-        intermediate_size=32, max_position_embeddings=64, param_dtype="float32", dtype="float32",
-    )  # fmt: skip
+    config = one_layer_llama(
+        len(tokenizer()), max_position_embeddings=64, param_dtype="float32", dtype="float32"
+    )
     return nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
 
 
@@ -291,10 +287,7 @@ def test_dpo_run_with_a_huge_learning_rate_stops_and_keeps_checkpoints_finite(tm
     graphdef, params = tiny_lm()
     model_dir = tmp_path / "base"
     hf.save_model(nnx.merge(graphdef, params, copy=True), model_dir, tokenizer=tokenizer())
-    spec = importlib.util.spec_from_file_location("dpo_script", ROOT / "experiments" / "dpo.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules["dpo_script"] = script
-    spec.loader.exec_module(script)
+    script = load_script("experiments/dpo.py", "dpo_script")
     out = tmp_path / "run"
     flags = [
         "--steps", "20", "--batch-size", "8", "--train-pairs", "64", "--eval-pairs", "16",

@@ -20,6 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    TOL,
+    TRANSFORMS,
+    assert_close,
+    count_traces,
+    dtype_st,
+    finite_diff,
+    seed_st,
+    shape_st,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,15 +41,12 @@ from rljax.ppo import (
     ppo_loss,
 )
 
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
-# Few distinct shapes: un-jitted jax compiles every primitive once per new shape (~0.5 s for a
-# loss), so the eager runs stay fast only if tests share shapes.
-SHAPES = [(6,), (3, 4)]
-TOL = {
-    np.dtype(np.float64): dict(rtol=1e-10, atol=0.0),
-    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
-}
-
+# Clip settings: symmetric, clip-higher (a larger upper bound), dual clip.
+CLIPS = [
+    pytest.param(dict(eps=0.2), id="symmetric"),
+    pytest.param(dict(eps=0.2, eps_high=0.28), id="clip_higher"),
+    pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
+]
 # Every clip boundary any test uses; generated ratios / value moves keep away from all of them,
 # so that float32 rounding cannot flip a branch and finite differences never straddle a kink.
 RATIO_BOUNDARIES = (0.7, 0.8, 0.9, 1.1, 1.2, 1.28, 1.3, 2.0, 3.0, 4.0)
@@ -152,17 +159,6 @@ def np_value_grad_per_token(values, old_values, returns, eps):
     return np.where(use_clipped & (np.abs(move) > eps), 0.0, values - returns)
 
 
-def finite_diff(f, x, h=1e-6):
-    x = np.asarray(x, np.float64)
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        grad[idx] = (f(xp) - f(xm)) / (2 * h)
-    return grad
-
-
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +208,6 @@ def make_value_data(seed, shape, dtype=np.float64, eps_values=(0.1, 0.2, 0.3)):
     return (*(np.asarray(x, dtype) for x in (old + move, old, returns)), mask)
 
 
-def assert_close(actual, expected, dtype=np.float64):
-    actual = np.asarray(actual)
-    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
-    np.testing.assert_allclose(actual, expected, **TOL[np.dtype(dtype)])
-
-
 def assert_metrics(metrics, expected, dtype=np.float64):
     assert set(metrics) >= set(expected), sorted(set(expected) - set(metrics))
     for key, value in expected.items():
@@ -230,11 +220,6 @@ def assert_metrics(metrics, expected, dtype=np.float64):
             np.testing.assert_allclose(got, value, **TOL[np.dtype(dtype)], err_msg=key)
 
 
-shape_st = st.sampled_from(SHAPES)
-seed_st = st.integers(0, 2**32 - 1)
-dtype_st = st.sampled_from([np.float64, np.float32])
-
-
 # ---------------------------------------------------------------------------------------------
 # clipped surrogate: values and metrics
 # ---------------------------------------------------------------------------------------------
@@ -243,12 +228,7 @@ dtype_st = st.sampled_from([np.float64, np.float32])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize(
     "clip",
-    [
-        pytest.param(dict(eps=0.2), id="symmetric"),
-        pytest.param(dict(eps=0.2, eps_high=0.28), id="clip_higher"),
-        pytest.param(dict(eps=0.1, eps_high=0.3, dual=3.0), id="asym_dual"),
-        pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
-    ],
+    [*CLIPS, pytest.param(dict(eps=0.1, eps_high=0.3, dual=3.0), id="asym_dual")],
 )
 @settings(max_examples=6)
 @given(seed=seed_st, shape=shape_st, dtype=dtype_st)
@@ -276,12 +256,7 @@ def test_per_token_matches_reference(transform, clip, seed, shape, dtype):
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize(
     "clip",
-    [
-        pytest.param(dict(eps=0.2), id="symmetric"),
-        pytest.param(dict(eps=0.2, eps_high=0.28), id="clip_higher"),
-        pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
-        pytest.param(dict(eps=0.1, eps_high=0.3, dual=2.0), id="asym_dual"),
-    ],
+    [*CLIPS, pytest.param(dict(eps=0.1, eps_high=0.3, dual=2.0), id="asym_dual")],
 )
 @settings(max_examples=6)
 @given(
@@ -434,14 +409,7 @@ def _surrogate_value(logps, old_logps, adv, mask, **clip):
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize(
-    "clip",
-    [
-        pytest.param(dict(eps=0.2), id="symmetric"),
-        pytest.param(dict(eps=0.2, eps_high=0.28), id="clip_higher"),
-        pytest.param(dict(eps=0.2, dual=3.0), id="dual"),
-    ],
-)
+@pytest.mark.parametrize("clip", CLIPS)
 @settings(max_examples=4)
 @given(seed=seed_st, shape=shape_st)
 def test_surrogate_gradient_vs_reference_and_finite_differences(transform, clip, seed, shape):
@@ -606,6 +574,18 @@ def _ppo_data(seed, shape, dtype=np.float64):
     return logps, old, adv, values, old_values, returns, ent, mask
 
 
+# ppo_loss's hyper-parameters, in np_ppo_loss's order
+PPO_HYPERPARAMETERS = (
+    "clip_eps",
+    "clip_eps_high",
+    "dual_clip",
+    "value_clip_eps",
+    "value_coef",
+    "entropy_coef",
+    "normalizer",
+)
+
+
 def np_ppo_loss(data, clip_eps, clip_eps_high, dual_clip, value_clip_eps, vc, ec, normalizer):
     logps, old, adv, values, old_values, returns, ent, mask = data
     pol, pm = np_surrogate_loss(
@@ -710,13 +690,8 @@ def test_ppo_loss_gradients(transform):
 
 def test_surrogate_traced_hyperparameters_do_not_retrace():
     logps, old, adv, mask = make_policy_data(51, (3, 4))
-    traces = []
-
-    @jax.jit
-    def fn(lp, o, a, m, eps, eps_high, dual, normalizer):
-        traces.append(1)
-        return clipped_surrogate_loss(lp, o, a, m, eps, eps_high, dual, normalizer)
-
+    fn, traces = count_traces(clipped_surrogate_loss)
+    fn = jax.jit(fn)
     arrays = [jnp.asarray(x) for x in (logps, old, adv, mask)]
     for eps, high, dual, norm in [
         (0.2, 0.28, 3.0, 9.0),
@@ -735,13 +710,8 @@ def test_surrogate_traced_hyperparameters_do_not_retrace():
 
 def test_value_loss_traced_clip_does_not_retrace():
     values, old, returns, mask = make_value_data(52, (3, 4))
-    traces = []
-
-    @jax.jit
-    def fn(v, o, r, m, eps):
-        traces.append(1)
-        return clipped_value_loss(v, o, r, m, eps)
-
+    fn, traces = count_traces(clipped_value_loss)
+    fn = jax.jit(fn)
     for eps in (0.1, 0.2, 0.3):
         loss, metrics = fn(*(jnp.asarray(x) for x in (values, old, returns, mask)), eps)
         ref, ref_metrics = np_value_loss(values, old, returns, mask, eps)
@@ -752,31 +722,18 @@ def test_value_loss_traced_clip_does_not_retrace():
 
 def test_ppo_loss_traced_hyperparameters_do_not_retrace():
     data = _ppo_data(53, (3, 4))
-    traces = []
-
-    @jax.jit
-    def fn(arrays, hp):
-        traces.append(1)
-        return ppo_loss(*arrays, **hp)
-
+    fn, traces = count_traces(lambda arrays, hp: ppo_loss(*arrays, **hp))
+    fn = jax.jit(fn)
     arrays = tuple(jnp.asarray(x) for x in data)
     settings_list = [
         (0.2, 0.28, 3.0, 0.2, 0.5, 0.01, 10.0),
         (0.1, 0.3, 2.0, 0.3, 1.0, 0.1, 6.0),
         (0.3, 0.3, 4.0, 0.1, 0.25, 0.0, 12.0),
     ]
-    for eps, high, dual, veps, vc, ec, norm in settings_list:
-        hp = dict(
-            clip_eps=eps,
-            clip_eps_high=high,
-            dual_clip=dual,
-            value_clip_eps=veps,
-            value_coef=vc,
-            entropy_coef=ec,
-            normalizer=norm,
-        )
+    for values in settings_list:
+        hp = dict(zip(PPO_HYPERPARAMETERS, values, strict=True))
         loss, metrics = fn(arrays, {k: jnp.asarray(v) for k, v in hp.items()})
-        ref, ref_metrics = np_ppo_loss(data, eps, high, dual, veps, vc, ec, norm)
+        ref, ref_metrics = np_ppo_loss(data, *values)
         assert_close(loss, ref)
         assert_metrics(metrics, ref_metrics)
     assert len(traces) == 1

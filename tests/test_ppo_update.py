@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import np_log_softmax
 
 from rljax.distributions import entropy as distribution_entropy
 from rljax.distributions import log_prob
@@ -84,11 +85,6 @@ def init_params(family, seed, value_dim=OBS):
     value = {"v": rng.normal(size=value_dim), "c": np.float64(rng.normal())}
     to_jnp = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
     return to_jnp(policy), to_jnp(value)
-
-
-def np_log_softmax(z):
-    z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 def make_batch(family, seed, *, seq=False, value_inputs=False, rows=ROWS):

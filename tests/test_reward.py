@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import count_traces, finite_diff, np_logsigmoid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,11 +24,6 @@ from rljax.reward import bradley_terry_loss
 
 VARIANTS = pytest.mark.parametrize("variant", ["eager", "jit"])
 METRIC_KEYS = {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"}
-
-
-def np_logsigmoid(x):
-    x = np.asarray(x, np.float64)
-    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
 
 
 def trl_reward_loss(rewards_chosen, rewards_rejected, margin=None, center_rewards_coefficient=None):
@@ -50,23 +46,13 @@ def trl_reward_loss(rewards_chosen, rewards_rejected, margin=None, center_reward
     return float(loss), metrics
 
 
-def fd_grad(fn, x, h=1e-6):
-    x = np.asarray(x, np.float64)
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = (fn(xp) - fn(xm)) / (xp[i] - xm[i])
-    return g
-
-
-def make_rewards(seed, batch, scale=2.0):
+def make_rewards(seed, batch, scale=2.0, with_margin=True, dtype=np.float64):
+    """Chosen and rejected rewards, and margins (``None`` without ``with_margin``)."""
     rng = np.random.default_rng(seed)
-    chosen = rng.normal(0.5, scale, batch)
-    rejected = rng.normal(0.0, scale, batch)
-    margin = rng.uniform(0.0, 2.0, batch)
-    return chosen, rejected, margin
+    chosen = rng.normal(0.5, scale, batch).astype(dtype)
+    rejected = rng.normal(0.0, scale, batch).astype(dtype)
+    margin = rng.uniform(0.0, 2.0, batch).astype(dtype)
+    return chosen, rejected, margin if with_margin else None
 
 
 @functools.cache
@@ -111,8 +97,7 @@ def assert_matches(got, want, *, rtol, atol=0.0):
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_matches_trl_float64(variant, with_margin, center):
     for seed, batch in ((1, 7), (2, 1), (3, 16)):
-        chosen, rejected, margin = make_rewards(seed, batch)
-        margin = margin if with_margin else None
+        chosen, rejected, margin = make_rewards(seed, batch, with_margin=with_margin)
         got = run_bt(variant, chosen, rejected, margin, center)
         assert got[0].dtype == jnp.float64
         assert_matches(got, trl_reward_loss(chosen, rejected, margin, center), rtol=1e-10)
@@ -123,8 +108,7 @@ def test_matches_trl_float64(variant, with_margin, center):
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_matches_trl_float32(variant, with_margin, center):
     # float32 inputs against the float64 reference of the same float32-rounded values: 1e-5
-    chosen, rejected, margin = (x.astype(np.float32) for x in make_rewards(4, 9))
-    margin = margin if with_margin else None
+    chosen, rejected, margin = make_rewards(4, 9, with_margin=with_margin, dtype=np.float32)
     got = run_bt(variant, chosen, rejected, margin, center)
     assert got[0].dtype == jnp.float32
     assert_matches(got, trl_reward_loss(chosen, rejected, margin, center), rtol=1e-5)
@@ -176,8 +160,7 @@ def test_equal_rewards_give_log2_and_zero_accuracy():
 @pytest.mark.parametrize("with_margin", [False, True])
 @pytest.mark.parametrize("center", [None, 0.3])
 def test_gradients_match_finite_differences(variant, with_margin, center):
-    chosen, rejected, margin = make_rewards(5, 6)
-    margin = margin if with_margin else None
+    chosen, rejected, margin = make_rewards(5, 6, with_margin=with_margin)
 
     def loss_fn(c, r, m):
         return bradley_terry_loss(c, r, margin=m, center_rewards_coefficient=center)[0]
@@ -185,7 +168,7 @@ def test_gradients_match_finite_differences(variant, with_margin, center):
     g = jax.grad(loss_fn, argnums=(0, 1, 2) if with_margin else (0, 1))
     g = jax.jit(g) if variant == "jit" else g
     got = g(chosen, rejected, margin)
-    want = fd_grad(
+    want = finite_diff(
         lambda x: trl_reward_loss(x[:6], x[6:], margin, center)[0],
         np.concatenate([chosen, rejected]),
     )
@@ -198,8 +181,7 @@ def test_gradients_match_finite_differences(variant, with_margin, center):
 @pytest.mark.parametrize("with_margin", [False, True])
 @pytest.mark.parametrize("center", [None, 0.2])
 def test_micro_batches_with_normalizer_sum_to_full_batch(variant, with_margin, center):
-    chosen, rejected, margin = make_rewards(6, 8)
-    margin = margin if with_margin else None
+    chosen, rejected, margin = make_rewards(6, 8, with_margin=with_margin)
     full = trl_reward_loss(chosen, rejected, margin, center)[0]
     total = 0.0
     grads = []
@@ -216,7 +198,7 @@ def test_micro_batches_with_normalizer_sum_to_full_batch(variant, with_margin, c
         grads.append(g(chosen[sl], rejected[sl]))
     np.testing.assert_allclose(total, full, rtol=1e-10)
     got = np.concatenate([grads[0][0], grads[1][0], grads[0][1], grads[1][1]])
-    want = fd_grad(
+    want = finite_diff(
         lambda x: trl_reward_loss(x[:8], x[8:], margin, center)[0],
         np.concatenate([chosen, rejected]),
     )
@@ -225,18 +207,14 @@ def test_micro_batches_with_normalizer_sum_to_full_batch(variant, with_margin, c
 
 def test_traced_center_coefficient_traces_once():
     chosen, rejected, _ = make_rewards(7, 5)
-    traces = 0
-
-    @jax.jit
-    def f(c, r, coef):
-        nonlocal traces
-        traces += 1
-        return bradley_terry_loss(c, r, center_rewards_coefficient=coef)
-
+    f, traces = count_traces(
+        lambda c, r, coef: bradley_terry_loss(c, r, center_rewards_coefficient=coef)
+    )
+    f = jax.jit(f)
     for coef in (0.0, 0.01, 0.1, 1.0):
         got = f(chosen, rejected, coef)
         assert_matches(got, trl_reward_loss(chosen, rejected, None, coef), rtol=1e-10)
-    assert traces == 1
+    assert len(traces) == 1
 
 
 def test_shape_mismatch_raises():

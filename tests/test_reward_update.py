@@ -16,27 +16,17 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import TINY, count_traces, preference_batch, tiny_llama
 
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 from rljax.updates import RewardConfig, init_reward_state, make_reward_eval, make_reward_update
 
-VOCAB = 64
+VOCAB = TINY["vocab_size"]
 TIME = 10
 
 
 def reward_model(seed, dtype="float32"):
-    config = TransformerConfig.llama(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        head="reward",
-        lm_head=False,
-        param_dtype=dtype,
-        dtype=dtype,
-    )
+    config = tiny_llama(head="reward", lm_head=False, param_dtype=dtype, dtype=dtype)
     return nnx.split(Transformer(config, rngs=nnx.Rngs(seed)))
 
 
@@ -44,20 +34,8 @@ def make_batch(seed, pairs, learnable=False):
     """Right-padded pairs; with ``learnable`` the chosen completions use tokens < 32 and the
     rejected ones tokens >= 32."""
     rng = np.random.default_rng(seed)
-    prompt = rng.integers(1, 4, pairs)
-    prompt_tokens = rng.integers(0, VOCAB, (pairs, TIME))
-    pos = np.arange(TIME)[None]
-    batch = {}
-    for side, (low, high) in (("chosen", (0, 32)), ("rejected", (32, 64))):
-        if not learnable:
-            low, high = 0, VOCAB
-        length = prompt + rng.integers(1, TIME - 3, pairs)
-        mask = pos < length[:, None]
-        completion = rng.integers(low, high, (pairs, TIME))
-        tokens = np.where(pos < prompt[:, None], prompt_tokens, completion) * mask
-        batch[f"{side}_tokens"] = tokens.astype(np.int32)
-        batch[f"{side}_mask"] = mask
-        batch[f"{side}_loss_mask"] = mask & (pos >= prompt[:, None])
+    ranges = {"chosen": (0, 32), "rejected": (32, 64)} if learnable else None
+    batch = preference_batch(rng, pairs, TIME, VOCAB, ranges)
     batch["margin"] = rng.uniform(0.0, 1.0, pairs)
     return batch
 
@@ -116,12 +94,8 @@ def test_update_matches_independent_bradley_terry(config):
 def test_accuracy_rises_on_a_learnable_task():
     graphdef, params = reward_model(1)
     optimizer = optax.adam(1e-2)
-    traces = []
-
-    def counted(state, batch):
-        traces.append(1)
-        return make_reward_update(graphdef, optimizer, RewardConfig(use_margin=False))(state, batch)
-
+    update = make_reward_update(graphdef, optimizer, RewardConfig(use_margin=False))
+    counted, traces = count_traces(update)
     step = jax.jit(counted, donate_argnums=0)
     evaluate = jax.jit(make_reward_eval(graphdef, RewardConfig(use_margin=False)))
     train = make_batch(1, pairs=16, learnable=True)

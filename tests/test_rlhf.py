@@ -16,9 +16,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import one_layer_llama
 
 from rljax import rlhf, updates
-from rljax.models.transformer import Transformer, TransformerConfig, with_head
+from rljax.models.transformer import Transformer, with_head
 
 B, P, N, V = 6, 5, 7, 24
 
@@ -175,11 +176,7 @@ def test_group_advantages_errors():
 
 
 def tiny_lm(seed):
-    config = TransformerConfig.llama(
-        vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-        intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
-    return Transformer(config, rngs=nnx.Rngs(seed))
+    return Transformer(one_layer_llama(V), rngs=nnx.Rngs(seed))
 
 
 def rollout_batch(seed, critic=True):

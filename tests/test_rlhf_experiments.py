@@ -6,31 +6,21 @@ end and write what they promise."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from rljax import rl
 from rljax.models import hf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Critic-free PPO: group-relative advantages, not whitened again (the run config insists).
 GROUPED = dict(
     critic="none",
     ppo=dataclasses.replace(rl.rlhf.PPORunConfig.ppo, normalize_advantages=False),
 )
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def rows(folder):
@@ -39,7 +29,7 @@ def rows(folder):
 
 
 def test_ppo_rlhf_raises_the_oracle_score(tmp_path):
-    ppo = load("ppo_rlhf")
+    ppo = load_experiment("ppo_rlhf")
     # Critic-free (GRPO-style group advantages, 4 samples per prompt): the cleanest signal in
     # few iterations (measured: held-out score 0.38 -> 0.53 in these 30 iterations).
     config = rl.rlhf.PPORunConfig(
@@ -58,7 +48,7 @@ def test_ppo_rlhf_raises_the_oracle_score(tmp_path):
 
 
 def test_ppo_rlhf_resumes_with_identical_results(tmp_path, monkeypatch):
-    ppo = load("ppo_rlhf")
+    ppo = load_experiment("ppo_rlhf")
     base = rl.rlhf.PPORunConfig(
         iterations=4, checkpoint_every=2, eval_every=2, samples_per_prompt=2, **GROUPED,
         kl_target=1.0, kl_horizon=100.0, batch_size=8, eval_prompts=16, log_every=1,
@@ -90,7 +80,7 @@ def test_ppo_rlhf_resumes_with_identical_results(tmp_path, monkeypatch):
 
 
 def test_trpo_rlhf_runs_and_steps_in_the_trust_region(tmp_path):
-    trpo = load("trpo_rlhf")
+    trpo = load_experiment("trpo_rlhf")
     config = rl.rlhf.TRPORunConfig(
         out=str(tmp_path / "trpo"), iterations=3, eval_every=0, batch_size=16, eval_prompts=16,
         log_every=1,
@@ -121,7 +111,7 @@ def test_run_config_errors():
 
 
 def test_frontier_end_to_end(tmp_path):
-    frontier = load("frontier")
+    frontier = load_experiment("frontier")
     config = frontier.Config(
         out=str(tmp_path / "f"), dpo_betas="0.1", dpo_steps=4, dpo_pairs=64, ppo_kl_coefs="0.05",
         trpo_kl_coefs="", iterations=2, eval_prompts=16,
@@ -158,7 +148,7 @@ def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
     reward_model = with_head(hf.load_model(base_path), "reward", rngs=nnx.Rngs(3))
     rm_folder = tmp_path / "rm"
     hf.save_model(reward_model, rm_folder, tokenizer=hf.load_tokenizer(base_path))
-    ppo = load("ppo_rlhf")
+    ppo = load_experiment("ppo_rlhf")
     base = rl.rlhf.PPORunConfig(
         reward_model=str(rm_folder), iterations=2, batch_size=4, samples_per_prompt=2,
         eval_prompts=8, log_every=1, **GROUPED,

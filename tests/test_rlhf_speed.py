@@ -1,27 +1,14 @@
 """benchmarks/rlhf_speed.py: the --quick path in-process (a smoke test: the phases of the
 report, positive finite timings, the FLOP and bandwidth-bound fields; no timing asserts)."""
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "rlhf_speed", ROOT / "benchmarks" / "rlhf_speed.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rlhf_speed"] = module
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def test_rlhf_speed_quick(tmp_path):
-    rlhf_speed = _load()
+    rlhf_speed = load_script("benchmarks/rlhf_speed.py")
     out = tmp_path / "rlhf.json"
     returned = rlhf_speed.main(["--quick", "--json", str(out)])
     record = json.loads(out.read_text())

@@ -24,11 +24,12 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import np_log_softmax, one_layer_llama
 from jax.flatten_util import ravel_pytree
 
 from rljax import rlhf, updates
 from rljax.models import generate
-from rljax.models.transformer import Transformer, TransformerConfig, with_head
+from rljax.models.transformer import Transformer, with_head
 from rljax.rl.rlhf import PPORunConfig, TRPORunConfig, make_shaping_fn
 from rljax.rl.rollout import make_rollout_fn
 
@@ -226,16 +227,8 @@ def test_shaping_check_fails_for_planted_kl_sign_flip(monkeypatch):
 
 V = 8  # vocabulary
 EOS, PAD = 1, 0
-TINY = TransformerConfig.llama(
-    vocab_size=V,
-    hidden_size=8,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    intermediate_size=8,
-    max_position_embeddings=32,
-    param_dtype="float64",
-    dtype="float64",
+TINY = one_layer_llama(
+    V, hidden_size=8, intermediate_size=8, param_dtype="float64", dtype="float64"
 )
 
 
@@ -284,12 +277,6 @@ def full_forward(graphdef):
         return logits, values
 
     return forward
-
-
-def np_log_softmax(logits):
-    logits = np.asarray(logits, np.float64)
-    top = logits.max(axis=-1, keepdims=True)
-    return logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
 
 
 def left_padded_prompts(lengths, width, seed):

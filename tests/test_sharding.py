@@ -8,39 +8,19 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_gpt2, tiny_llama
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rljax import sharding
 from rljax.logprobs import masked_mean, token_logprobs
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 
 CONFIGS = {
-    "llama": TransformerConfig.llama(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-    ),
+    "llama": tiny_llama(),
     # 8 query heads so that tensor=8 splits them; the 2 key/value heads stay replicated.
-    "llama8": TransformerConfig.llama(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=8,
-        num_kv_heads=2,
-        intermediate_size=64,
-    ),
-    "gpt2": TransformerConfig.gpt2(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    ),
+    "llama8": tiny_llama(num_heads=8),
+    "gpt2": tiny_gpt2(intermediate_size=64, max_position_embeddings=16),
 }
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_gpt2, tiny_llama
 
 from rljax.models.transformer import (
     Transformer,
@@ -24,30 +25,16 @@ from rljax.models.transformer import (
 V = 61
 
 
+# The shared two-layer shapes over a 61-token vocabulary, with a wide initialisation.
+SETTINGS = dict(vocab_size=V, initializer_range=0.2)
+
+
 def llama_config(**kw):
-    base = dict(
-        vocab_size=V,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=48,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    return TransformerConfig.llama(**{**base, **kw})
+    return tiny_llama(**{**SETTINGS, "intermediate_size": 48, "tie_word_embeddings": False, **kw})
 
 
 def gpt2_config(**kw):
-    base = dict(
-        vocab_size=V,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        max_position_embeddings=24,
-        initializer_range=0.2,
-    )
-    return TransformerConfig.gpt2(**{**base, **kw})
+    return tiny_gpt2(**{**SETTINGS, "max_position_embeddings": 24, **kw})
 
 
 CONFIGS = {
