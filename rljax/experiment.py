@@ -1,63 +1,111 @@
-"""Orchestration shared by the language-model preference experiments (``experiments/dpo.py``,
-``experiments/reward_model.py``, ``experiments/iterative_dpo.py``).
+"""Drivers of the language-model preference experiments: Direct Preference Optimization
+(:func:`train_dpo`, ``experiments/dpo.py``), Bradley-Terry reward models
+(:func:`train_reward_model`, ``experiments/reward_model.py``) and iterative (online) DPO
+(:func:`train_iterative_dpo`, ``experiments/iterative_dpo.py``), and the stages they share.
 
-What every such run does, in one place: resolve the model folder (a Hugging Face checkpoint, or
-the built-in task's warmed-up base model), load and validate preference data (a file or the
-built-in task's generated pairs), tokenise it with the model's tokenizer, build the device mesh,
-and run a resumable training loop: the train state and the data position are checkpointed with
-orbax every ``checkpoint_every`` steps, and a run started again with the same ``--out`` folder
-continues from the last checkpoint with identical results (the data order is a function of the
-seed and the position; nothing else is random). The drivers hold their folder while they run
-(:func:`in_run_folder`): a second run on it fails at once, and a resume with other settings than
-the stored ``out/config.json`` is refused unless ``--allow-config-change``.
+A driver calls one named stage per line. :func:`load_run` resolves the model folder (a Hugging
+Face checkpoint, or the built-in task's warmed-up base model), loads and validates preference
+data (a file or the built-in task's generated pairs), tokenises it with the model's tokenizer
+and builds the device mesh; :func:`dpo_run` or :func:`reward_run` compiles the update;
+:func:`train_loop` runs it resumably: the train state and the data position are checkpointed
+with orbax every ``checkpoint_every`` steps, and a run started again with the same ``--out``
+folder continues from the last checkpoint with identical results (the data order is a function
+of the seed and the position; nothing else is random); :func:`finish_run` exports the model;
+the built-in task's oracle judges it (:func:`dpo_oracle`, :func:`oracle_agreement`); and
+:func:`write_outputs` writes ``summary.json`` and the plot. Metrics go to ``out/metrics.jsonl``
+and to the sinks named by ``--log`` (TensorBoard, Weights & Biases:
+:class:`rljax.runs.MetricsLog`), a few sample completions of the final evaluation to
+``out/samples.jsonl`` and the sinks' sample tables. The drivers hold their folder while they
+run (:func:`in_run_folder`): a second run on it fails at once, and a resume with other settings
+than the stored ``out/config.json`` is refused unless ``--allow-config-change``.
 
 Multi-process runs (``python -m rljax.launch``, or one process per host on a cluster; the
-scripts call :func:`rljax.sharding.initialize_from_env` first): every process resolves the same
+drivers call :func:`rljax.sharding.initialize_from_env` first): every process resolves the same
 model and loads and tokenises the same data (deterministic), draws the same global batches and
 feeds only the rows its devices hold (:func:`rljax.sharding.shard_global_batch`), so a run over
 N processes computes what one process over the same devices computes. Orbax checkpoints are
 saved and restored by every process together (written once); ``metrics.jsonl``, summaries,
-plots and the exported Hugging Face model are written by process 0 only.
+plots and the exported Hugging Face model are written by process 0 only. (Iterative DPO has
+not been run on several processes.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from rljax import checkpoint, checks, data, finite, runs, sharding, updates
 from rljax.models import hf
+from rljax.models.generate import SamplingConfig, make_generate_fn
+from rljax.models.transformer import with_head
 from rljax.tasks import sorting
 from rljax.updates import lm
 
 __all__ = [
     "DPORunConfig",
+    "IterativeDPORunConfig",
     "PreferenceRunConfig",
+    "PreferenceSetup",
+    "RewardModelRunConfig",
+    "RoundSetup",
     "adamw",
     "apply_layout",
     "build_mesh",
+    "builtin",
+    "dpo_oracle",
     "dpo_run",
     "final_eval",
     "finish_run",
     "in_run_folder",
     "load_preference_arrays",
+    "load_reward_model",
+    "load_run",
+    "log_final_samples",
     "mean_metrics",
+    "oracle_agreement",
     "oracle_win_rate",
+    "pair_best_worst",
     "placer",
+    "rank_correlation",
     "resolve_model",
     "resume",
+    "reward_model_judge",
+    "reward_run",
+    "round_prompts",
+    "run_round",
+    "sample_completions",
+    "sample_pairs",
+    "saved_rounds",
+    "train_and_export",
+    "train_dpo",
+    "train_iterative_dpo",
     "train_loop",
+    "train_reward_model",
+    "train_round",
+    "win_rate_vs_base",
+    "write_outputs",
 ]
+
+
+#: Completions of a final evaluation logged as samples (and, for DPO, kept in ``summary.json``).
+EXAMPLES = 5
+
+
+# ---------------------------------------------------------------------------- settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +132,9 @@ class PreferenceRunConfig:
       eval_pairs: generated held-out pairs (built-in task only).
       log_every: steps between progress lines.
       eval_every: steps between held-out evaluations (0 = only at the end).
+      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
+        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
+        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       checkpoint_every: steps between checkpoints (the last step is always saved).
       share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
         fewer FLOPs: both completions attend to one prompt key/value cache).
@@ -110,6 +161,7 @@ class PreferenceRunConfig:
     eval_pairs: int = 512
     log_every: int = 25
     eval_every: int = 100
+    log: str = "jsonl"
     checkpoint_every: int = 100
     share_prompt: bool = False
     max_nonfinite_updates: int = 3
@@ -134,6 +186,83 @@ class PreferenceRunConfig:
             },
         )
         checks.check_choice(self, "overflow", ("truncate", "drop"))
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORunConfig(PreferenceRunConfig):
+    """Direct Preference Optimization (Rafailov et al., 2023).
+
+    Attributes:
+      beta: DPO's beta (strength of the KL regularisation to the reference).
+      loss_type: a TRL loss type, or several separated by commas (sigmoid,ipo,...).
+      loss_weights: comma-separated weights, one per loss type (empty = 1 each).
+      rpo_alpha: weight of the chosen NLL term (RPO, Pang et al., 2024); none = off. The default
+        0.5 keeps the chosen completions likely: with plain DPO on the built-in task both
+        log-probs fall and the policy's samples stop being valid permutations (oracle win-rate
+        0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
+      reference: precomputed (reference log-probs computed once over the data), model (a frozen
+        reference forward pass per batch) or none (reference-free).
+      chunk_size: token rows per chunk of the log-prob computation.
+      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    loss_weights: str = ""
+    rpo_alpha: float | None = 0.5
+    reference: str = "precomputed"
+    chunk_size: int = 1024
+    win_rate_prompts: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"win_rate_prompts": ">= 1"})
+        self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
+
+    def dpo_config(self) -> updates.DPOConfig:
+        types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
+        try:
+            weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
+        except ValueError:
+            raise ValueError(
+                f"--loss-weights {self.loss_weights!r}: expected numbers separated by commas, "
+                "one per loss type"
+            ) from None
+        return updates.DPOConfig(
+            beta=self.beta,
+            loss_type=types[0] if len(types) == 1 else types,
+            loss_weights=weights,
+            rpo_alpha=self.rpo_alpha,
+            reference=self.reference,
+            chunk_size=self.chunk_size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelRunConfig(PreferenceRunConfig):
+    """Bradley-Terry reward model (Ouyang et al., 2022; TRL's RewardTrainer).
+
+    Attributes:
+      center_rewards_coefficient: weight of the mean-squared-reward penalty (Eisenstein et al.,
+        2023); none = off.
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png,
+        reward_model/).
+    """
+
+    center_rewards_coefficient: float | None = None
+    out: str = "runs/reward_model"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.reward_config()  # RewardConfig checks center_rewards_coefficient
+
+    def reward_config(self) -> updates.RewardConfig:
+        return updates.RewardConfig(center_rewards_coefficient=self.center_rewards_coefficient)
+
+
+# ---------------------------------------------------------------------------- run folder, model, mesh
 
 
 def in_run_folder(
@@ -201,6 +330,9 @@ def build_mesh(spec: str):
     return sharding.make_mesh(spec)
 
 
+# ---------------------------------------------------------------------------- data
+
+
 _Split = tuple[list[dict], data.RowNumbers]  # rows, and where each lies in the user's file
 
 
@@ -215,23 +347,29 @@ def _file_rows(path: str, option: str) -> _Split:
     return rows, numbering
 
 
+def _generated_rows(config: PreferenceRunConfig) -> tuple[_Split, _Split, str]:
+    """The built-in task's generated pairs, written to ``out/data`` by process 0 (the others
+    generate the same rows apart from its files)."""
+    folder = pathlib.Path(config.out) / "data"
+
+    def generated(root) -> tuple[_Split, _Split, str]:
+        paths = sorting.write_dataset(root, config.train_pairs, config.eval_pairs, config.seed)
+        train = _file_rows(paths["train"], "built-in pairs")
+        test = _file_rows(paths["test"], "built-in pairs")
+        return train, test, str(folder)
+
+    if sharding.is_primary():
+        return generated(folder)
+    with tempfile.TemporaryDirectory() as own:
+        return generated(own)
+
+
 def _rows(config: PreferenceRunConfig) -> tuple[_Split, _Split, str]:
     """``(train, held_out, source)``: each split's rows with their :class:`rljax.data.RowNumbers`
     (numbered as the user's file numbers them, also when the held-out split is carved from
     ``--data``)."""
     if builtin(config):
-        folder = pathlib.Path(config.out) / "data"
-
-        def generated(root) -> tuple[_Split, _Split, str]:
-            paths = sorting.write_dataset(root, config.train_pairs, config.eval_pairs, config.seed)
-            train = _file_rows(paths["train"], "built-in pairs")
-            test = _file_rows(paths["test"], "built-in pairs")
-            return train, test, str(folder)
-
-        if sharding.is_primary():
-            return generated(folder)
-        with tempfile.TemporaryDirectory() as own:  # the same rows, apart from process 0's files
-            return generated(own)
+        return _generated_rows(config)
     train, numbering = _file_rows(config.data, "--data")
     if config.eval_data is not None:
         return (train, numbering), _file_rows(config.eval_data, "--eval-data"), config.data
@@ -298,6 +436,136 @@ def load_preference_arrays(
     return arrays[0], arrays[1], report
 
 
+class PreferenceSetup(NamedTuple):
+    """What a preference run starts from (:func:`load_run`)."""
+
+    model_path: str  # the model folder (--model, or the built-in base model)
+    tokenizer: Any
+    graphdef: Any  # the model, split: nnx.split(model)
+    params: Any
+    train: dict[str, np.ndarray]  # tokenised pairs (the rljax.data batch contract)
+    held_out: dict[str, np.ndarray]
+    data_report: dict[str, Any]  # what validation and tokenisation kept (load_preference_arrays)
+    mesh: Any
+
+
+def load_run(config: PreferenceRunConfig, load_model: Callable = hf.load_model) -> PreferenceSetup:
+    """Resolve the model folder (:func:`resolve_model`), load its tokenizer and
+    ``load_model(folder)``, load and tokenise the preference data
+    (:func:`load_preference_arrays`) and build the mesh of ``config.mesh``."""
+    model_path = resolve_model(config)
+    tokenizer = hf.load_tokenizer(model_path)
+    graphdef, params = nnx.split(load_model(model_path))
+    train, held_out, data_report = load_preference_arrays(config, tokenizer)
+    mesh = build_mesh(config.mesh)
+    return PreferenceSetup(
+        model_path, tokenizer, graphdef, params, train, held_out, data_report, mesh
+    )
+
+
+# ---------------------------------------------------------------------------- compiled updates
+
+
+def adamw(config: PreferenceRunConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping at 1, linear warm-up over 10% of the steps and cosine
+    decay to 10% of the peak learning rate."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        max(1, config.steps // 10),
+        config.steps,
+        0.1 * config.learning_rate,
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+
+
+def placer(mesh, batch_shardings) -> Callable:
+    """The batch placement of a step compiled by :func:`rljax.updates.lm.compile_update`: a global
+    batch (the same in every process) to global arrays. One process: ``jax.device_put(batch,
+    batch_shardings)``; several: each process feeds its own rows
+    (:func:`rljax.sharding.shard_global_batch`, the same shardings)."""
+    if jax.process_count() == 1:
+        return lambda batch: jax.device_put(batch, batch_shardings)
+    return lambda batch: sharding.shard_global_batch(batch, mesh)
+
+
+def apply_layout(config: PreferenceRunConfig, *splits: dict[str, np.ndarray]) -> None:
+    """With ``config.share_prompt``, rewrite each split in place into the shared-prompt layout
+    (:func:`rljax.data.share_prompts`, padded to the split's longest prompt and completion);
+    otherwise leave them as they are."""
+    if not config.share_prompt:
+        return
+    for arrays in splits:
+        shared = data.share_prompts(arrays)
+        arrays.clear()
+        arrays.update(shared)
+
+
+def _compiled(update, initial_state, make_eval, train, held_out, config, mesh):
+    """``(state, step_fn, place, evaluate)`` of ``update``: the placed initial state, the
+    compiled donated step (:func:`rljax.updates.lm.compile_update`, shaped by ``train``'s first
+    batch), the batch placement and the mean of ``make_eval`` over ``held_out``."""
+    example = {k: v[: config.batch_size] for k, v in train.items()}
+    state, step_fn, batch_shardings = lm.compile_update(update, initial_state, example, mesh)
+    place = placer(mesh, batch_shardings)
+    eval_fn = jax.jit(make_eval)
+    evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
+    return state, step_fn, place, evaluate
+
+
+def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, reference_params=None):
+    """Everything a DPO training loop needs: reference log-probs added to ``train`` and
+    ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
+    step, the batch placement and the held-out evaluation. The reference policy is
+    ``reference_params`` (default: ``params``, the initial policy). With
+    ``config.share_prompt`` the arrays are first rewritten in place into the shared-prompt
+    layout (:func:`rljax.data.share_prompts`, padded to the longest prompt and completion of
+    each split).
+
+    Returns ``(state, step_fn, place, evaluate)``.
+    """
+    dpo_config = config.dpo_config()
+    reference_params = params if reference_params is None else reference_params
+    apply_layout(config, train, held_out)
+    if config.reference == "precomputed":
+        for arrays in (train, held_out):
+            arrays.update(
+                lm.reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
+            )
+    optimizer = adamw(config)
+    ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
+    return _compiled(
+        updates.make_dpo_update(graphdef, optimizer, dpo_config),
+        updates.init_dpo_state(params, optimizer, ref_params),
+        updates.make_dpo_eval(graphdef, dpo_config),
+        train,
+        held_out,
+        config,
+        mesh,
+    )
+
+
+def reward_run(graphdef, params, train, held_out, config: RewardModelRunConfig, mesh):
+    """What :func:`dpo_run` gives, for a Bradley-Terry reward model (``params`` with a reward
+    head): ``(state, step_fn, place, evaluate)``, the arrays first rewritten into the
+    shared-prompt layout with ``config.share_prompt``."""
+    reward_config = config.reward_config()
+    apply_layout(config, train, held_out)
+    optimizer = adamw(config)
+    return _compiled(
+        updates.make_reward_update(graphdef, optimizer, reward_config),
+        updates.init_reward_state(params, optimizer),
+        updates.make_reward_eval(graphdef, reward_config),
+        train,
+        held_out,
+        config,
+        mesh,
+    )
+
+
+# ---------------------------------------------------------------------------- training loop
+
+
 def mean_metrics(evaluate: Callable, state, arrays: Mapping[str, np.ndarray], place, batch_size):
     """Mean of ``evaluate(state, batch)`` over the whole of ``arrays`` in batches of
     ``batch_size`` (the last one filled with repeated rows, which are not counted); ``place``
@@ -348,10 +616,14 @@ def train_loop(
 ) -> tuple[Any, runs.MetricsLog, dict[str, Any]]:
     """Run ``config.steps`` steps of ``step_fn(state, batch) -> (state, metrics)``, resuming
     from the last checkpoint in ``checkpoint_dir`` (default ``out/checkpoints``) if there is
-    one (the newest that restores: :func:`resume`). Logs every ``log_every`` steps, evaluates
-    (``evaluate(state) -> metrics``, logged with an ``eval/`` prefix) every ``eval_every``
-    steps and at the end, and checkpoints every ``checkpoint_every`` steps and at the end.
-    Returns ``(state, log, info)``.
+    one (the newest that restores: :func:`resume`). Logs every ``log_every`` steps to
+    ``out/metrics.jsonl`` and the sinks of ``config.log``, evaluates (``evaluate(state) ->
+    metrics``, logged with an ``eval/`` prefix) every ``eval_every`` steps and at the end, and
+    checkpoints every ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``.
+
+    The log is returned open, for the final evaluation's samples (:func:`log_final_samples`):
+    the caller closes it (``with log:`` marks a W&B run failed when its block raises). When
+    the loop itself raises (an interruption, a non-finite stop) it is closed as failed.
 
     A step whose update was non-finite (its ``nonfinite`` metric, :mod:`rljax.finite`) left
     the state unchanged; ``config.max_nonfinite_updates`` of them in a row stop the run with a
@@ -359,7 +631,7 @@ def train_loop(
     non-finite value is never checkpointed.
 
     Multi-process: every process runs the loop (and the collective orbax saves and restores)
-    with the same global batches; only process 0 writes ``metrics.jsonl``."""
+    with the same global batches; only process 0 writes the metrics."""
     out = pathlib.Path(config.out)
     ckpt = checkpoint.Checkpointer(checkpoint_dir or out / "checkpoints", max_to_keep=2)
     batches = data.Batches(train_arrays, config.batch_size, seed=config.seed)
@@ -367,18 +639,21 @@ def train_loop(
     if saved is not None:
         batches.restore(saved["data"])
         print(f"[{label}] resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
-    log = runs.MetricsLog(
-        out / "metrics.jsonl",
-        label,
-        config.steps,
-        resume_step=start,
-        keys=progress_keys,
-        write=sharding.is_primary(),
-    )
     stop = finite.NonfiniteStop(config.max_nonfinite_updates, label, ckpt.directory)
     if start:
         stop.saved(start)
+    log = None
     try:
+        log = runs.MetricsLog(
+            out / "metrics.jsonl",
+            label,
+            config.steps,
+            resume_step=start,
+            keys=progress_keys,
+            write=sharding.is_primary(),
+            sinks=config.log,
+            config=dataclasses.asdict(config),
+        )
         for step in range(start + 1, config.steps + 1):
             state, metrics = step_fn(state, place(next(batches)))
             stop.observe(step, metrics)  # the previous step's `nonfinite`; this one stays queued
@@ -397,128 +672,141 @@ def train_loop(
                 ckpt.save(step, state, {"data": batches.state(), **(extra or {})}, force=True)
                 stop.saved(step)
         stop.flush()
+    except BaseException:
+        if log is not None:
+            log.close(failed=True)  # marks a W&B run failed
+        raise
     finally:
         ckpt.close()  # finishes a save in flight, also when the run is interrupted
     return state, log, {"resumed_from": start or None}
 
 
-@dataclasses.dataclass(frozen=True)
-class DPORunConfig(PreferenceRunConfig):
-    """Direct Preference Optimization (Rafailov et al., 2023).
+def log_final_samples(log: runs.MetricsLog, step: int, rows: Sequence[Mapping[str, Any]]):
+    """Record a few sample completions of the evaluation after the last step ``step``
+    (:meth:`rljax.runs.MetricsLog.log_samples`), unless ``samples.jsonl`` holds that step
+    already: a run resumed from its last checkpoint keeps what the interrupted run recorded."""
+    if log.write and log.samples_path.exists():
+        if any(row.get("step") == step for _, row in runs.read_jsonl(log.samples_path)):
+            return
+    log.log_samples(step, rows)
 
-    Attributes:
-      beta: DPO's beta (strength of the KL regularisation to the reference).
-      loss_type: a TRL loss type, or several separated by commas (sigmoid,ipo,...).
-      loss_weights: comma-separated weights, one per loss type (empty = 1 each).
-      rpo_alpha: weight of the chosen NLL term (RPO, Pang et al., 2024); none = off. The default
-        0.5 keeps the chosen completions likely: with plain DPO on the built-in task both
-        log-probs fall and the policy's samples stop being valid permutations (oracle win-rate
-        0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
-      reference: precomputed (reference log-probs computed once over the data), model (a frozen
-        reference forward pass per batch) or none (reference-free).
-      chunk_size: token rows per chunk of the log-prob computation.
-      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
-    """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    loss_weights: str = ""
-    rpo_alpha: float | None = 0.5
-    reference: str = "precomputed"
-    chunk_size: int = 1024
-    win_rate_prompts: int = 512
+# ---------------------------------------------------------------------------- the end of a run
 
-    def __post_init__(self):
-        super().__post_init__()
-        checks.check(self, {"win_rate_prompts": ">= 1"})
-        self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
 
-    def dpo_config(self) -> updates.DPOConfig:
-        types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
-        try:
-            weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
-        except ValueError:
-            raise ValueError(
-                f"--loss-weights {self.loss_weights!r}: expected numbers separated by commas, "
-                "one per loss type"
-            ) from None
-        return updates.DPOConfig(
-            beta=self.beta,
-            loss_type=types[0] if len(types) == 1 else types,
-            loss_weights=weights,
-            rpo_alpha=self.rpo_alpha,
-            reference=self.reference,
-            chunk_size=self.chunk_size,
+def final_eval(rows) -> dict[str, Any]:
+    """The held-out metrics (``eval/...``) of the last logged row, without the prefix (a
+    non-finite value, logged as null, comes back as NaN so that it still formats)."""
+    if not rows:
+        return {}
+    return {
+        k[len("eval/") :]: float("nan") if v is None else v
+        for k, v in rows[-1].items()
+        if k.startswith("eval/")
+    }
+
+
+def finish_run(
+    config: PreferenceRunConfig,
+    setup: PreferenceSetup,
+    params,
+    log: runs.MetricsLog,
+    info: Mapping[str, Any],
+    *,
+    started: float,
+    folder: str,
+):
+    """Save the trained model (``params`` of ``setup.graphdef``) as a Hugging Face folder
+    ``out/folder`` and build the common part of ``summary.json`` (the run took since
+    ``started``, a ``time.perf_counter()``). Returns ``(model, summary)``.
+
+    Multi-process: every process calls it (the parameters are gathered to every host, a
+    collective); process 0 alone writes the folder."""
+    out = pathlib.Path(config.out)
+    finite.require_finite(params, f"not exporting the model to {out / folder}")
+    model = lm.merge(setup.graphdef, sharding.to_host(params))
+    if sharding.is_primary():
+        hf.save_model(model, out / folder, tokenizer=setup.tokenizer)
+    summary = {
+        "model": setup.model_path,
+        "steps": config.steps,
+        "eval": final_eval(log.rows()),
+        "data": dict(setup.data_report),
+        "resumed_from": info["resumed_from"],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "devices": int(setup.mesh.size),
+        "processes": jax.process_count(),
+        "config": dataclasses.asdict(config),
+        **runs.config_record(out),  # the original settings, after --allow-config-change
+    }
+    return model, summary
+
+
+def train_and_export(
+    config: PreferenceRunConfig,
+    setup: PreferenceSetup,
+    run: tuple,
+    *,
+    label: str,
+    progress_keys: tuple[str, ...],
+    folder: str,
+    started: float,
+):
+    """Train from ``run`` (``(state, step_fn, place, evaluate)`` of :func:`dpo_run` or
+    :func:`reward_run`) on ``setup.train`` (:func:`train_loop`) and export the trained model to
+    ``out/folder`` (:func:`finish_run`). Returns ``(model, summary, log)``; the log is open for
+    the final evaluation's samples (close it: ``with log:``), and closed as failed when the
+    export raises."""
+    state, step_fn, place, evaluate = run
+    state, log, info = train_loop(
+        label=label,
+        config=config,
+        state=state,
+        step_fn=step_fn,
+        train_arrays=setup.train,
+        place=place,
+        evaluate=evaluate,
+        progress_keys=progress_keys,
+    )
+    try:
+        model, summary = finish_run(
+            config, setup, state.params, log, info, started=started, folder=folder
         )
+    except BaseException:
+        log.close(failed=True)
+        raise
+    return model, summary, log
 
 
-def adamw(config: PreferenceRunConfig) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping at 1, linear warm-up over 10% of the steps and cosine
-    decay to 10% of the peak learning rate."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0,
-        config.learning_rate,
-        max(1, config.steps // 10),
-        config.steps,
-        0.1 * config.learning_rate,
+def write_outputs(
+    config: PreferenceRunConfig,
+    summary: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    label: str,
+    title: str,
+    plot_keys: Sequence[str],
+    headline: Mapping[str, str],
+    folder: str,
+) -> None:
+    """Process 0's last outputs of a preference run: ``out/summary.json``, ``out/training.png``
+    (the ``plot_keys`` metrics of the logged ``rows`` by step) and a closing line with the
+    held-out metrics of ``headline`` (``{"name in the line": "metric"}``)."""
+    out = pathlib.Path(config.out)
+    runs.write_summary(out, summary)
+    runs.plot_metrics(rows, plot_keys, out / "training.png", title=title)
+    final = summary["eval"]
+    shown = ", ".join(f"{name} {final.get(k, float('nan')):.3f}" for name, k in headline.items())
+    print(
+        f"[{label}] held-out {shown}; wrote {out}/metrics.jsonl, summary.json, training.png, "
+        f"{folder}/ ({summary['wall_seconds']:.0f}s)"
     )
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
 
 
-def placer(mesh, batch_shardings) -> Callable:
-    """The batch placement of a step compiled by :func:`rljax.updates.lm.compile_update`: a global
-    batch (the same in every process) to global arrays. One process: ``jax.device_put(batch,
-    batch_shardings)``; several: each process feeds its own rows
-    (:func:`rljax.sharding.shard_global_batch`, the same shardings)."""
-    if jax.process_count() == 1:
-        return lambda batch: jax.device_put(batch, batch_shardings)
-    return lambda batch: sharding.shard_global_batch(batch, mesh)
+# ---------------------------------------------------------------------------- DPO
 
 
-def apply_layout(config: PreferenceRunConfig, *splits: dict[str, np.ndarray]) -> None:
-    """With ``config.share_prompt``, rewrite each split in place into the shared-prompt layout
-    (:func:`rljax.data.share_prompts`, padded to the split's longest prompt and completion);
-    otherwise leave them as they are."""
-    if not config.share_prompt:
-        return
-    for arrays in splits:
-        shared = data.share_prompts(arrays)
-        arrays.clear()
-        arrays.update(shared)
-
-
-def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, reference_params=None):
-    """Everything a DPO training loop needs: reference log-probs added to ``train`` and
-    ``held_out`` (``reference="precomputed"``), the placed initial state, the compiled donated
-    step, the batch placement and the held-out evaluation. The reference policy is
-    ``reference_params`` (default: ``params``, the initial policy). With
-    ``config.share_prompt`` the arrays are first rewritten in place into the shared-prompt
-    layout (:func:`rljax.data.share_prompts`, padded to the longest prompt and completion of
-    each split).
-
-    Returns ``(state, step_fn, place, evaluate)``.
-    """
-    dpo_config = config.dpo_config()
-    reference_params = params if reference_params is None else reference_params
-    apply_layout(config, train, held_out)
-    if config.reference == "precomputed":
-        for arrays in (train, held_out):
-            arrays.update(
-                lm.reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
-            )
-    optimizer = adamw(config)
-    ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
-    example = {k: v[: config.batch_size] for k, v in train.items()}
-    state, step_fn, batch_shardings = lm.compile_update(
-        updates.make_dpo_update(graphdef, optimizer, dpo_config),
-        updates.init_dpo_state(params, optimizer, ref_params),
-        example,
-        mesh,
-    )
-    place = placer(mesh, batch_shardings)
-    eval_fn = jax.jit(updates.make_dpo_eval(graphdef, dpo_config))
-    evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
-    return state, step_fn, place, evaluate
+DPO_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies")
 
 
 def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int) -> dict:
@@ -536,58 +824,529 @@ def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int
         "examples": [
             {"prompt": q, "policy": a, "reference": b}
             for q, a, b in zip(
-                prompts[:5], policy["completions"], reference["completions"], strict=False
+                prompts[:EXAMPLES], policy["completions"], reference["completions"], strict=False
             )
         ],
     }
 
 
-def final_eval(rows) -> dict[str, Any]:
-    """The held-out metrics (``eval/...``) of the last logged row, without the prefix (a
-    non-finite value, logged as null, comes back as NaN so that it still formats)."""
-    if not rows:
-        return {}
-    return {
-        k[len("eval/") :]: float("nan") if v is None else v
-        for k, v in rows[-1].items()
-        if k.startswith("eval/")
+def dpo_oracle(config: DPORunConfig, policy, reference, tokenizer) -> dict[str, Any]:
+    """The built-in task's verdict on a DPO run (:func:`oracle_win_rate`): the win-rate of the
+    ``policy`` model's samples over the ``reference`` model's on up to ``win_rate_prompts``
+    held-out prompts (``out/data/test.jsonl``), printed and returned."""
+    held_out_rows = data.load_rows(str(pathlib.Path(config.out) / "data" / "test.jsonl"))
+    prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]
+    oracle = oracle_win_rate(policy, reference, tokenizer, prompts, config.seed + 1)
+    print(
+        f"[DPO] oracle win-rate of the policy over the reference: {oracle['win_rate']:.3f} "
+        f"({oracle['prompts']} held-out prompts; mean score "
+        f"{oracle['policy']['mean_score']:.3f} vs {oracle['reference']['mean_score']:.3f})"
+    )
+    return oracle
+
+
+@in_run_folder  # one run per --out; a resume must keep the stored settings
+def train_dpo(config: DPORunConfig) -> dict[str, Any]:
+    """Direct Preference Optimization of ``config.model`` (or the built-in base model) on
+    preference pairs, the initial model as the reference. Writes ``out/metrics.jsonl``,
+    ``out/summary.json``, ``out/training.png`` and ``out/policy`` (a Hugging Face folder); on
+    the built-in task the summary adds the oracle's win-rate (:func:`dpo_oracle`), whose first
+    completions are logged as samples. Returns the summary."""
+    started = time.perf_counter()
+    setup = load_run(config)
+    reference = jax.device_get(setup.params)  # kept apart from the donated train state
+    run = dpo_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
+    policy, summary, log = train_and_export(
+        config, setup, run, label="DPO", progress_keys=DPO_KEYS, folder="policy", started=started
+    )
+    with log:
+        if not sharding.is_primary():
+            return summary  # process 0 samples, writes the summary and plots
+        if builtin(config):
+            base = lm.merge(setup.graphdef, reference)
+            summary["oracle"] = dpo_oracle(config, policy, base, setup.tokenizer)
+            log_final_samples(log, config.steps, summary["oracle"]["examples"])
+        write_outputs(
+            config,
+            summary,
+            log.rows(),
+            label="DPO",
+            title=f"DPO ({config.loss_type}, beta {config.beta})",
+            plot_keys=DPO_KEYS,
+            headline={"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"},
+            folder="policy",
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------- reward model
+
+
+REWARD_KEYS = ("loss", "accuracy", "margin", "eval/accuracy")
+
+
+def load_reward_model(path: str, seed: int):
+    """A one-label *ForSequenceClassification folder as is; a causal LM with a fresh scalar
+    head read at the last token (:func:`rljax.models.transformer.with_head`)."""
+    model_type = json.loads((pathlib.Path(path) / "config.json").read_text()).get(
+        "architectures", [""]
+    )[0]
+    if model_type.endswith("ForSequenceClassification"):
+        return hf.load_model(path, head="reward")
+    return with_head(hf.load_model(path), "reward", rngs=nnx.Rngs(seed))
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation (ties broken by order), in numpy."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def oracle_agreement(model, tokenizer, rows, max_length) -> tuple[dict, list[dict]]:
+    """Scores of the reward model and the built-in task's oracle on every held-out completion
+    (chosen and rejected) of ``rows``: ``({"spearman": their rank correlation, "completions":
+    how many}, the first few completions with both scores)``."""
+    texts = [
+        {"prompt": r["prompt"], "completion": r[k]} for r in rows for k in ("chosen", "rejected")
+    ]
+    arrays, _ = data.tokenize_completions(
+        texts, tokenizer, max_length=max_length, pad_to=max_length
+    )
+    rewards = np.asarray(
+        jax.jit(lambda t, m: model.rewards(t, m))(arrays["tokens"], arrays["mask"])
+    )
+    oracle = [sorting.score(t["prompt"], t["completion"]) for t in texts]
+    samples = [
+        {**text, "reward": float(reward), "oracle": score}
+        for text, reward, score in zip(texts[:EXAMPLES], rewards, oracle, strict=False)
+    ]
+    agreement = {
+        "spearman": rank_correlation(rewards, np.asarray(oracle)),
+        "completions": len(texts),
+    }
+    return agreement, samples
+
+
+@in_run_folder  # one run per --out; a resume must keep the stored settings
+def train_reward_model(config: RewardModelRunConfig) -> dict[str, Any]:
+    """Train a Bradley-Terry reward model: ``config.model``'s backbone (or the built-in base
+    model's) with a fresh scalar head, or a one-label *ForSequenceClassification folder
+    fine-tuned (:func:`load_reward_model`). Writes ``out/metrics.jsonl``, ``out/summary.json``,
+    ``out/training.png`` and ``out/reward_model`` (a Hugging Face *ForSequenceClassification
+    folder); on the built-in task the summary adds the rank correlation of its scores with the
+    oracle's on the held-out completions (:func:`oracle_agreement`), the first of which are
+    logged as samples. Returns the summary."""
+    started = time.perf_counter()
+    setup = load_run(config, functools.partial(load_reward_model, seed=config.seed))
+    run = reward_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
+    model, summary, log = train_and_export(
+        config,
+        setup,
+        run,
+        label="reward model",
+        progress_keys=REWARD_KEYS,
+        folder="reward_model",
+        started=started,
+    )
+    with log:
+        if not sharding.is_primary():
+            return summary  # process 0 scores the oracle agreement, writes the summary and plots
+        if builtin(config):
+            rows = data.load_rows(str(pathlib.Path(config.out) / "data" / "test.jsonl"))
+            summary["oracle"], samples = oracle_agreement(
+                model, setup.tokenizer, rows, config.max_length
+            )
+            print(
+                f"[reward model] rank correlation with the oracle: {summary['oracle']['spearman']:.3f}"
+            )
+            log_final_samples(log, config.steps, samples)
+        write_outputs(
+            config,
+            summary,
+            log.rows(),
+            label="reward model",
+            title="Reward model",
+            plot_keys=REWARD_KEYS,
+            headline={"accuracy": "accuracy", "margin": "margin"},
+            folder="reward_model",
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------- iterative DPO
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeDPORunConfig(DPORunConfig):
+    """Iterative DPO (Xu et al., 2023, "Some things are more CRINGE than others"; Guo et al.,
+    2024, online AI feedback).
+
+    Attributes:
+      rounds: sample-label-train rounds.
+      prompts_per_round: training prompts sampled per round.
+      samples_per_prompt: completions sampled per prompt (the best and worst form a pair).
+      judge: a reward-model folder (a one-label *ForSequenceClassification checkpoint) that
+        scores completions; none = the built-in task's oracle.
+      reference_policy: previous (the policy at the start of each round) or initial.
+      steps: DPO steps per round.
+      out: output folder.
+    """
+
+    rounds: int = 3
+    prompts_per_round: int = 1024
+    samples_per_prompt: int = 4
+    judge: str | None = None
+    reference_policy: str = "previous"
+    steps: int = 100
+    out: str = "runs/iterative_dpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(
+            self, {"rounds": ">= 1", "prompts_per_round": ">= 1", "samples_per_prompt": ">= 2"}
+        )
+        if self.data is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"--max-prompt-length {self.max_prompt_length} must be below --max-length "
+                f"{self.max_length}: completions of a prompt file are sampled up to "
+                "max_length - max_prompt_length tokens"
+            )
+
+
+def sample_completions(model, tokenizer, prompts, config, key, batch_size: int = 256) -> list[str]:
+    """One temperature-1 completion per prompt (decoded without special tokens): the built-in
+    task's sampler, or for a prompt file (``--data``) prompts left-padded to
+    ``max_prompt_length`` and ``max_length - max_prompt_length`` new tokens."""
+    if builtin(config):
+        return sorting.evaluate_policy(model, tokenizer, prompts, key=key)["completions"]
+    sampling = SamplingConfig(
+        max_new_tokens=config.max_length - config.max_prompt_length,
+        temperature=1.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    graphdef, params = nnx.split(model)
+    generate_fn = make_generate_fn(graphdef, sampling)
+    tokens, mask = data.tokenize_prompts(
+        prompts, tokenizer, config.max_prompt_length, pad_to=config.max_prompt_length
+    )
+    out = []
+    batch_size = min(batch_size, len(prompts))
+    for start in range(0, len(prompts), batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), len(prompts) - 1)
+        result = generate_fn(params, tokens[index], mask[index], jax.random.fold_in(key, start))
+        ids, keep = jax.device_get((result.completions, result.completion_mask))
+        for row in range(min(batch_size, len(prompts) - start)):
+            out.append(tokenizer.decode(ids[row][keep[row]].tolist(), skip_special_tokens=True))
+    return out
+
+
+def pair_best_worst(prompts, completions, scores) -> tuple[list[dict], dict[str, Any]]:
+    """Pair the best-scored completion of each prompt (``completions`` and ``scores`` are
+    ``[samples, prompts]``) with the worst: ``(rows, stats)``. Empty completions (EOS at once)
+    cannot form a pair and are left out; prompts whose remaining samples all score the same
+    give no pair. Both are counted."""
+    completions = np.array(completions, dtype=object)
+    scores = np.asarray(scores, np.float64)
+    empty = np.vectorize(lambda c: not c.strip())(completions)
+    ranked = np.where(empty, np.nan, scores)
+    rows = []
+    for p, prompt in enumerate(prompts):
+        if np.sum(~empty[:, p]) < 2:
+            continue
+        best, worst = int(np.nanargmax(ranked[:, p])), int(np.nanargmin(ranked[:, p]))
+        if ranked[best, p] > ranked[worst, p] and completions[best, p] != completions[worst, p]:
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": completions[best, p],
+                    "rejected": completions[worst, p],
+                }
+            )
+    return rows, {
+        "pairs": len(rows),
+        "prompts_without_pair": len(prompts) - len(rows),
+        "empty_samples": int(empty.sum()),
+        "mean_score": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
     }
 
 
-def finish_run(
-    config: PreferenceRunConfig,
-    *,
-    graphdef,
-    params,
-    tokenizer,
-    log: runs.MetricsLog,
-    info: Mapping[str, Any],
-    mesh,
-    model_path: str,
-    data_report: Mapping[str, Any],
-    wall_seconds: float,
-    folder: str,
-):
-    """Save the trained model as a Hugging Face folder ``out/folder`` and build the common part
-    of ``summary.json``. Returns ``(model, summary)``.
+def sample_pairs(model, tokenizer, prompts, config, round_index, judge):
+    """Sample ``samples_per_prompt`` completions per prompt, score them (``judge(prompts,
+    completions)``, or the built-in oracle for ``judge=None``) and pair the best with the worst
+    (:func:`pair_best_worst`). Returns ``(rows, stats)``."""
+    completions, scores = [], []
+    for k in range(config.samples_per_prompt):
+        key = jax.random.fold_in(jax.random.key(config.seed), 1000 * round_index + k)
+        texts = sample_completions(model, tokenizer, prompts, config, key)
+        completions.append(texts)
+        scores.append(
+            sorting.score_batch(prompts, texts) if judge is None else judge(prompts, texts)
+        )
+    return pair_best_worst(prompts, completions, scores)
 
-    Multi-process: every process calls it (the parameters are gathered to every host, a
-    collective); process 0 alone writes the folder."""
+
+def _prompt_column(path: str) -> list[str]:
+    rows = data.load_rows(path)
+    missing = [i for i, row in enumerate(rows) if not row.get("prompt")]
+    if missing:
+        raise ValueError(f"{path}: rows {missing[:5]} have no (or an empty) 'prompt' field")
+    return [row["prompt"] for row in rows]
+
+
+def round_prompts(config: IterativeDPORunConfig) -> tuple[list, list]:
+    """Training prompts (``rounds * prompts_per_round``) and held-out prompts: the built-in
+    task's generated ones, or those of ``--data`` (rows with a ``prompt`` field; held out:
+    ``--eval-data`` or the last 10%), cycled through in a seeded order when the rounds need more
+    prompts than the file has."""
+    n = config.rounds * config.prompts_per_round
+    if builtin(config):
+        train = sorting.prompts(n, config.seed)
+        held_out = sorted(
+            set(sorting.prompts(config.win_rate_prompts, config.seed + 7)) - set(train)
+        )
+        return train, held_out
+    prompts = _prompt_column(config.data)
+    if config.eval_data is not None:
+        held_out = _prompt_column(config.eval_data)
+    else:
+        n_eval = max(1, len(prompts) // 10)
+        prompts, held_out = prompts[:-n_eval], prompts[-n_eval:]
+    if not prompts:
+        raise ValueError(f"--data {config.data!r}: no training prompts left")
+    rng = np.random.default_rng(config.seed)
+    cycled = []
+    while len(cycled) < n:
+        cycled += [prompts[i] for i in rng.permutation(len(prompts))]
+    return cycled[:n], held_out[: config.win_rate_prompts]
+
+
+def win_rate_vs_base(policy, base, tokenizer, prompts, config, judge) -> tuple[dict, list[dict]]:
+    """Win-rate (ties half) of one sampled policy completion over one sampled base-model
+    completion per held-out prompt (the same key), and both mean scores: by the oracle on the
+    built-in task, by the judge on a prompt file. Returns ``(verdict, the first few prompts
+    with both completions)``."""
+    if builtin(config):  # the oracle measures true improvement
+        oracle = oracle_win_rate(policy, base, tokenizer, prompts, config.seed + 1)
+        samples = [
+            {"prompt": e["prompt"], "policy": e["policy"], "base": e["reference"]}
+            for e in oracle["examples"]
+        ]
+        return {
+            "win_rate_vs_base": oracle["win_rate"],
+            "policy_score": oracle["policy"]["mean_score"],
+            "policy_validity": oracle["policy"]["validity"],
+            "base_score": oracle["reference"]["mean_score"],
+        }, samples
+    key = jax.random.key(config.seed + 1)
+    mine = sample_completions(policy, tokenizer, prompts, config, key)
+    theirs = sample_completions(base, tokenizer, prompts, config, key)
+    score = judge if judge is not None else sorting.score_batch
+    p, b = np.asarray(score(prompts, mine), float), np.asarray(score(prompts, theirs), float)
+    p, b = np.nan_to_num(p, nan=-np.inf), np.nan_to_num(b, nan=-np.inf)  # empty loses
+    samples = [
+        {"prompt": q, "policy": x, "base": y, "policy_score": s, "base_score": t}
+        for q, x, y, s, t in zip(prompts[:EXAMPLES], mine, theirs, p, b, strict=False)
+    ]
+    return {
+        "win_rate_vs_base": float(np.mean((p > b) + 0.5 * (p == b))),
+        "policy_score": float(np.mean(p[np.isfinite(p)])) if np.isfinite(p).any() else None,
+        "base_score": float(np.mean(b[np.isfinite(b)])) if np.isfinite(b).any() else None,
+    }, samples
+
+
+def reward_model_judge(folder, max_length):
+    """Scores of a reward model (a one-label *ForSequenceClassification folder) for
+    ``(prompt, completion)`` lists; empty completions get NaN (they are never paired)."""
+    model = hf.load_model(folder, head="reward")
+    tokenizer = hf.load_tokenizer(folder)
+    score = jax.jit(lambda t, m: model.rewards(t, m))
+
+    def judge(prompts, completions):
+        keep = [i for i, c in enumerate(completions) if c.strip()]
+        out = np.full(len(completions), np.nan)
+        if keep:
+            rows = [{"prompt": prompts[i], "completion": completions[i]} for i in keep]
+            arrays, _ = data.tokenize_completions(
+                rows, tokenizer, max_length=max_length, pad_to=max_length
+            )
+            out[keep] = np.asarray(score(arrays["tokens"], arrays["mask"]))
+        return out
+
+    return judge
+
+
+class RoundSetup(NamedTuple):
+    """What every round of iterative DPO uses (:func:`run_round`)."""
+
+    graphdef: Any
+    initial: Any  # the base model's parameters, on the host
+    tokenizer: Any
+    mesh: Any
+    judge: Callable | None  # judge(prompts, completions) -> scores; None = the built-in oracle
+    train_prompts: list[str]  # rounds * prompts_per_round (round_prompts)
+    held_out: list[str]  # the win-rate's prompts
+
+
+def train_round(r, round_dir, config, setup: RoundSetup, params):
+    """DPO on the round's pairs (``round_dir/pairs.jsonl``, 10% held out) from ``params``, the
+    reference being ``params`` (``reference_policy="previous"``) or the base model; resumes
+    from ``round_dir/checkpoints``. Returns the new parameters (on the host) and the round's
+    metrics log, open (:func:`train_loop`)."""
+    round_config = dataclasses.replace(
+        config, data=str(round_dir / "pairs.jsonl"), out=str(round_dir)
+    )
+    train, held_pairs, _ = load_preference_arrays(round_config, setup.tokenizer)
+    reference = params if config.reference_policy == "previous" else setup.initial
+    state, step_fn, place, evaluate = dpo_run(
+        setup.graphdef,
+        jax.tree.map(np.copy, params),
+        train,
+        held_pairs,
+        round_config,
+        setup.mesh,
+        reference,
+    )
+    state, log, _ = train_loop(
+        label=f"iterative DPO round {r}",
+        config=round_config,
+        state=state,
+        step_fn=step_fn,
+        train_arrays=train,
+        place=place,
+        evaluate=evaluate,
+        progress_keys=("loss", "rewards/accuracies", "eval/rewards/accuracies"),
+    )
+    return jax.device_get(state.params), log
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def run_round(config: IterativeDPORunConfig, setup: RoundSetup, r: int, params):
+    """Round ``r`` in ``out/round_R``: sample pairs from the policy ``params`` and save them
+    (``pairs.jsonl``), train DPO on them (:func:`train_round`; too few pairs leave the policy
+    unchanged), save the policy (``policy/``), rate it against the base model
+    (:func:`win_rate_vs_base`, a few of whose completions are logged as samples) and record the
+    round (``done.json``). Returns ``(params, record)``."""
+    round_dir = pathlib.Path(config.out) / f"round_{r}"
+    n = config.prompts_per_round
+    rows, sampling = sample_pairs(
+        lm.merge(setup.graphdef, params),
+        setup.tokenizer,
+        setup.train_prompts[(r - 1) * n : r * n],
+        config,
+        r,
+        setup.judge,
+    )
+    round_dir.mkdir(parents=True, exist_ok=True)
+    (round_dir / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(
+        f"[iterative DPO] round {r}: {sampling['pairs']} pairs, "
+        f"{sampling['prompts_without_pair']} prompts without a pair "
+        f"({sampling['empty_samples']} empty samples), mean sampled score "
+        f"{_fmt(sampling['mean_score'])}"
+    )
+    log, round_eval = None, {}
+    if sampling["pairs"] < max(2, config.batch_size):
+        print(f"[iterative DPO] round {r}: too few pairs to train on; the policy is unchanged")
+    else:
+        params, log = train_round(r, round_dir, config, setup, params)
+        round_eval = final_eval(log.rows())
+    with log if log is not None else contextlib.nullcontext():
+        policy = lm.merge(setup.graphdef, params)
+        hf.save_model(policy, round_dir / "policy", tokenizer=setup.tokenizer)
+        base = lm.merge(setup.graphdef, setup.initial)
+        verdict, samples = win_rate_vs_base(
+            policy, base, setup.tokenizer, setup.held_out, config, setup.judge
+        )
+        if log is not None:
+            log_final_samples(log, config.steps, samples)
+    record = {"round": r, **sampling, **verdict, "eval": round_eval}
+    (round_dir / "done.json").write_text(json.dumps(runs.to_json(record)))
+    print(
+        f"[iterative DPO] round {r}: win-rate over the base model "
+        f"{record['win_rate_vs_base']:.3f}, mean score {_fmt(record['policy_score'])} "
+        f"(base {_fmt(record['base_score'])})"
+    )
+    return params, record
+
+
+def saved_rounds(out: pathlib.Path) -> int | None:
+    """The last round with saved progress (finished, or an unfinished one's checkpoint)."""
+    rounds = [
+        int(folder.name.removeprefix("round_"))
+        for folder in out.glob("round_*")
+        if (folder / "done.json").exists()
+        or runs.latest_saved_step(folder / "checkpoints") is not None
+    ]
+    return max(rounds, default=None)
+
+
+def _check_iterative(config: IterativeDPORunConfig) -> None:
+    if config.reference_policy not in ("previous", "initial"):
+        raise ValueError(
+            f"--reference-policy must be previous or initial, got {config.reference_policy!r}"
+        )
+    if not builtin(config) and config.judge is None:
+        raise ValueError(
+            "--data (a prompt set of your own) needs --judge DIR (a reward-model folder): the "
+            "oracle only knows the built-in task"
+        )
+    checks.require_folder("--judge", config.judge, "reward-model folder")
+
+
+def _write_iterative_outputs(config, setup: RoundSetup, params, history, summary) -> None:
     out = pathlib.Path(config.out)
-    finite.require_finite(params, f"not exporting the model to {out / folder}")
-    model = lm.merge(graphdef, sharding.to_host(params))
-    if sharding.is_primary():
-        hf.save_model(model, out / folder, tokenizer=tokenizer)
+    (out / "rounds.jsonl").write_text("".join(json.dumps(runs.to_json(h)) + "\n" for h in history))
+    hf.save_model(lm.merge(setup.graphdef, params), out / "policy", tokenizer=setup.tokenizer)
+    runs.plot_metrics(
+        history,
+        ["win_rate_vs_base", "policy_score"],
+        out / "win_rate.png",
+        title="Iterative DPO",
+        x="round",
+    )
+    runs.write_summary(out, summary)
+    rates = [round(h["win_rate_vs_base"], 3) for h in history]
+    print(f"[iterative DPO] win-rate by round: {rates}; wrote {out}")
+
+
+# One run per --out; a resume (of finished or checkpointed rounds) must keep the settings.
+@in_run_folder(length_field=None, progress=saved_rounds)
+def train_iterative_dpo(config: IterativeDPORunConfig) -> dict[str, Any]:
+    """Iterative (online) DPO: ``config.rounds`` rounds of :func:`run_round` from the base
+    model, each round's policy the next one's start. A resume loads the finished rounds
+    (``round_R/done.json`` and ``policy/``) and continues an unfinished one from its last
+    checkpoint. Writes ``out/rounds.jsonl``, ``out/summary.json``, ``out/win_rate.png`` and
+    ``out/policy`` (the last round's, a Hugging Face folder). Returns the summary."""
+    _check_iterative(config)
+    started = time.perf_counter()
+    model_path = resolve_model(config)
+    tokenizer = hf.load_tokenizer(model_path)
+    graphdef, initial = nnx.split(hf.load_model(model_path))
+    initial = jax.device_get(initial)
+    judge = None if config.judge is None else reward_model_judge(config.judge, config.max_length)
+    mesh = build_mesh(config.mesh)
+    setup = RoundSetup(graphdef, initial, tokenizer, mesh, judge, *round_prompts(config))
+    params, history = initial, []
+    for r in range(1, config.rounds + 1):
+        round_dir = pathlib.Path(config.out) / f"round_{r}"
+        if (round_dir / "done.json").exists():  # finished before an interruption: load it
+            history.append(json.loads((round_dir / "done.json").read_text()))
+            params = jax.device_get(nnx.split(hf.load_model(str(round_dir / "policy")))[1])
+            print(f"[iterative DPO] round {r}: loaded from {round_dir}")
+            continue
+        params, record = run_round(config, setup, r, params)
+        history.append(record)
     summary = {
         "model": model_path,
-        "steps": config.steps,
-        "eval": final_eval(log.rows()),
-        "data": dict(data_report),
-        "resumed_from": info["resumed_from"],
-        "wall_seconds": round(wall_seconds, 2),
-        "devices": int(mesh.size),
-        "processes": jax.process_count(),
+        "rounds": history,
+        "final_win_rate": history[-1]["win_rate_vs_base"],
+        "wall_seconds": round(time.perf_counter() - started, 2),
         "config": dataclasses.asdict(config),
-        **runs.config_record(out),  # the original settings, after --allow-config-change
+        **runs.config_record(pathlib.Path(config.out)),  # the original settings, if changed
     }
-    return model, summary
+    _write_iterative_outputs(config, setup, params, history, summary)
+    return summary

@@ -1,6 +1,8 @@
 """The preference experiments end to end on tiny settings: experiments/dpo.py (with a local
-Hugging Face checkpoint folder, resume after an interruption with identical results, and a
-sharded mesh that equals one device) and experiments/reward_model.py."""
+Hugging Face checkpoint folder, resume after an interruption with identical results and each
+step once in metrics.jsonl and the TensorBoard files, and a sharded mesh that equals one
+device), experiments/reward_model.py and experiments/iterative_dpo.py (the drivers in
+rljax.experiment)."""
 
 import dataclasses
 import importlib.util
@@ -11,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from rljax import cli, runs
+from rljax import cli, experiment, runs
 from rljax.models import hf
 from rljax.tasks import sorting
 
@@ -40,9 +42,27 @@ TINY = [
 ]  # fmt: skip
 
 
+def tensorboard_values(folder) -> dict[str, list[tuple[int, object]]]:
+    """``{tag: [(step, value)]}`` of the scalars and texts in the event files of ``folder``,
+    in file-name order (TensorBoard's)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    values = {}
+    for path in sorted(folder.glob("*tfevents*")):
+        for _, payload in runs._tfrecords(path):
+            event = Event.FromString(payload)
+            for value in event.summary.value:
+                tag = value.tag.removesuffix("/text_summary")
+                item = (
+                    value.tensor.string_val[0] if value.HasField("tensor") else value.simple_value
+                )
+                values.setdefault(tag, []).append((event.step, item))
+    return values
+
+
 def test_dpo_experiment_resumes_with_identical_results(base_model, tmp_path, monkeypatch):
     dpo = load("dpo")
-    flags = [*TINY, "--model", base_model, "--win-rate-prompts", "8"]
+    flags = [*TINY, "--model", base_model, "--win-rate-prompts", "8", "--log", "jsonl,tensorboard"]
     whole = dpo.main(cli.parse(dpo.Config, [*flags, "--out", str(tmp_path / "whole")]))
     assert whole["oracle"]["prompts"] == 8 and 0.0 <= whole["oracle"]["win_rate"] <= 1.0
     assert set(whole["eval"]) >= {"rewards/accuracies", "rewards/margins", "loss"}
@@ -72,6 +92,36 @@ def test_dpo_experiment_resumes_with_identical_results(base_model, tmp_path, mon
         for key in ("loss", "rewards/accuracies", "rewards/margins", "grad_norm"):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-6, err_msg=f"{key} {ra['step']}")
     np.testing.assert_allclose(resumed["eval"]["loss"], whole["eval"]["loss"], rtol=1e-6)
+    # --log tensorboard: event files hold each step once, the resumed run's as the whole run's;
+    # the oracle's first completions are one samples table (and samples.jsonl rows) at step 6.
+    whole_tb = tensorboard_values(out / "tensorboard")
+    resumed_tb = tensorboard_values(pathlib.Path(resumed_dir) / "tensorboard")
+    assert [s for s, _ in resumed_tb["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in resumed_tb["eval/loss"]] == [3, 6]
+    np.testing.assert_allclose(
+        [v for _, v in resumed_tb["loss"]], [v for _, v in whole_tb["loss"]], rtol=1e-6
+    )
+    assert [s for s, _ in resumed_tb["samples"]] == [s for s, _ in whole_tb["samples"]] == [6]
+    assert [s for s, _ in resumed_tb["config"]] == [0]
+    samples = [row for _, row in runs.read_jsonl(pathlib.Path(resumed_dir) / "samples.jsonl")]
+    assert [r["step"] for r in samples] == [6] * 5
+    assert [r["prompt"] for r in samples] == [e["prompt"] for e in resumed["oracle"]["examples"]]
+
+
+def test_an_unknown_metrics_sink_fails_at_config_construction():
+    for name in ("dpo", "reward_model", "iterative_dpo"):
+        with pytest.raises(ValueError, match=r"unknown metrics sink 'tensorbord' in --log"):
+            load(name).Config(log="jsonl,tensorbord")
+    assert experiment.DPORunConfig(log="tensorboard,wandb").log == "tensorboard,wandb"
+
+
+def test_pair_best_worst_skips_empty_and_tied_samples():
+    prompts = ["a", "b", "c"]
+    completions = [["x", "", "p"], ["y", "q", "p2"]]  # [samples, prompts]
+    scores = [[1.0, 5.0, 0.5], [2.0, 3.0, 0.5]]
+    rows, stats = experiment.pair_best_worst(prompts, completions, scores)
+    assert rows == [{"prompt": "a", "chosen": "y", "rejected": "x"}]  # b: one non-empty; c: tie
+    assert stats == {"pairs": 1, "prompts_without_pair": 2, "empty_samples": 1, "mean_score": 2.0}
 
 
 def _rows(folder):
@@ -113,6 +163,9 @@ def test_reward_model_experiment(base_model, tmp_path):
     )
     assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert -1.0 <= summary["oracle"]["spearman"] <= 1.0
+    samples = [row for _, row in runs.read_jsonl(tmp_path / "samples.jsonl")]
+    assert [r["step"] for r in samples] == [6] * 5
+    assert set(samples[0]) == {"step", "prompt", "completion", "reward", "oracle"}
     loaded = hf.load_model(str(tmp_path / "reward_model"), head="reward")
     assert loaded.config.head == "reward" and loaded.lm_head is None
     config = dataclasses.asdict(cli.parse(reward_model.Config, []))
@@ -155,6 +208,9 @@ def test_iterative_dpo_rounds_and_resume(base_model, tmp_path):
     np.testing.assert_allclose(
         again["rounds"][1]["win_rate_vs_base"], rounds[1]["win_rate_vs_base"], rtol=1e-6
     )
+    # Round 2 resumed at its last checkpoint: its samples are not logged a second time.
+    samples = [row for _, row in runs.read_jsonl(out / "round_2" / "samples.jsonl")]
+    assert [r["step"] for r in samples] == [2] * 5
     with pytest.raises(ValueError, match="reference-policy"):
         iterative.main(cli.parse(iterative.Config, [*flags, "--reference-policy", "latest"]))
 
