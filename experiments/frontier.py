@@ -17,10 +17,8 @@ folder per arm.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
-import sys
 import time
 
 import jax
@@ -29,16 +27,6 @@ from flax import nnx
 from rljax import cli, experiment, rl, runs
 from rljax.models import generate, hf
 from rljax.tasks import sorting
-
-HERE = pathlib.Path(__file__).resolve().parent
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_frontier_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +47,8 @@ class Config:
       trpo_kl_coefs: comma-separated KL-penalty coefficients of the TRPO arms (empty = none).
       iterations: RLHF iterations per PPO/TRPO arm.
       eval_prompts: held-out prompts sampled per policy for the frontier point.
+      log: metrics sinks of every arm, comma-separated: jsonl (each arm's metrics.jsonl,
+        always written), tensorboard, wandb (see rljax.runs).
     """
 
     model: str | None = None
@@ -72,6 +62,10 @@ class Config:
     trpo_kl_coefs: str = "0.02,0.2"
     iterations: int = 60
     eval_prompts: int = 512
+    log: str = "jsonl"
+
+    def __post_init__(self):
+        runs.parse_sinks(self.log)  # an unknown sink fails here, before any arm
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -109,9 +103,8 @@ def train_arm(arm: dict, config: Config, model_path: str) -> None:
         print(f"[frontier] {arm['method']} {arm['coef']:g}: finished before, not trained again")
         return
     if arm["method"] == "DPO":
-        dpo = _script("dpo")
-        dpo.main(
-            dpo.Config(
+        experiment.train_dpo(
+            experiment.DPORunConfig(
                 model=model_path,
                 out=folder,
                 seed=config.seed,
@@ -121,6 +114,7 @@ def train_arm(arm: dict, config: Config, model_path: str) -> None:
                 eval_pairs=max(32, config.dpo_pairs // 8),
                 rpo_alpha=config.dpo_rpo_alpha,
                 win_rate_prompts=64,
+                log=config.log,
             )
         )
     else:
@@ -133,6 +127,7 @@ def train_arm(arm: dict, config: Config, model_path: str) -> None:
             kl_coef=arm["coef"],
             eval_every=0,
             eval_prompts=64,
+            log=config.log,
         )
         rl.train(rl_config, label=f"{arm['method']}-RLHF")
 
