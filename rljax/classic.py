@@ -502,7 +502,8 @@ def evaluate(
 
 
 class Progress:
-    """Host callback that prints one line per ``every`` iterations once all seeds reported.
+    """Host callback that prints one line per ``every`` iterations once all seeds reported,
+    with elapsed time, rate and ETA (:class:`rljax.runs.Progress`).
 
     Passed to :func:`train_ppo`/:func:`train_trpo` as ``progress``; under ``vmap`` over seeds
     the callback fires once per seed per iteration, so values are gathered per iteration.
@@ -513,12 +514,10 @@ class Progress:
         self.every, self.pending, self.start = max(1, every), {}, None
 
     def __call__(self, iteration, env_steps, episode_return):
-        import time
-
         import numpy as np
 
-        if self.start is None:
-            self.start = time.perf_counter()
+        if self.start is None:  # the first callback: the compiled run has started
+            self.start = runs.Progress(self.num_iterations, unit="iteration")
         iteration = int(iteration)
         values = self.pending.setdefault(iteration, [])
         values.append(float(episode_return))
@@ -536,7 +535,7 @@ class Progress:
             print(
                 f"[{self.label}] iteration {iteration + 1}/{self.num_iterations}  "
                 f"env steps {int(env_steps):,}/seed  {returns}  "
-                f"[{time.perf_counter() - self.start:.1f}s]",
+                f"[{self.start.update(iteration + 1)}]",
                 flush=True,
             )
 
