@@ -175,7 +175,7 @@ def train(run_config, **kwargs) -> dict[str, Any]:
     """Train ``run_config`` (from :func:`config`, or any run configuration of a registered
     algorithm) with its driver; returns the run's summary."""
     for entry in ALGORITHMS.values():
-        if type(run_config) is entry.config_class:
+        if isinstance(run_config, entry.config_class):  # a script's subclass too
             return entry.run(run_config, **kwargs)
     classes = sorted({e.config_class.__name__ for e in ALGORITHMS.values()})
     raise TypeError(
