@@ -355,8 +355,24 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
         rl.grpo.run(settings)
     die.unlink()
     monkeypatch.setattr(rl.grpo, "collect", original)
+    compiled = {}  # the programs the resumed run builds, to count their compilations
+
+    def capture(name, make):
+        def wrapped(*args, **kwargs):
+            out = make(*args, **kwargs)
+            compiled[name] = out if name == "rollout" else out[1]  # compile_update: (s, step, sh)
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(rl.grpo, "make_rollout_fn", capture("rollout", rl.grpo.make_rollout_fn))
+    monkeypatch.setattr(rl.grpo.lm, "compile_update", capture("step", rl.grpo.lm.compile_update))
     summary = rl.grpo.run(settings)
     assert summary["resumed_from"] == 2 and summary["devices"] == 8
+    # One program each, whatever the iteration: sampling at the training temperature, greedy
+    # and sampled evaluation share the rollout's (temperature is traced), and no iteration
+    # recompiles the update.
+    assert compiled["rollout"]._cache_size() == 1 and compiled["step"]._cache_size() == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 3]
     # The evaluations' sample completions (before the first iteration and after the last),
