@@ -46,6 +46,12 @@ smoothing, so ``loss_type="sigmoid", label_smoothing=0.3`` is an error, not cons
 DPO (``label_smoothing=0``, "no smoothing", is accepted anywhere). A custom loss type (a
 function) may read any of them, so a call with one is not checked this way.
 
+The rest of the preference family lives here too, as pure functions of sequence log-probs with
+TRL 1.16's formulas and metric names: :func:`kto_loss` (KTO and unpaired APO-zero, on unpaired
+desirable/undesirable examples), :func:`orpo_loss` (ORPO, reference-free, with the odds ratio)
+and :func:`cpo_loss` (CPO's sigmoid/hinge/IPO types and SimPO, reference-free). The same rule
+holds for them: an argument the chosen loss type does not read is a ``ValueError``.
+
 :func:`make_dpo_update` builds the pure training step on a Flax NNX language model
 (``update(state, batch, hyperparams=None) -> (state, metrics)``, :class:`DPOConfig`,
 :class:`DPOState`) and :func:`make_dpo_eval` the matching metrics-only step for held-out pairs;
@@ -67,13 +73,20 @@ import numpy as np
 
 __all__ = [
     "ARGUMENT_READERS",
+    "CPO_ARGUMENT_READERS",
+    "CPO_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
+    "KTO_ARGUMENT_READERS",
+    "KTO_LOSS_TYPES",
     "LOSS_FUNCTIONS",
     "LOSS_TYPES",
     "REDUCTIONS",
     "PairTerms",
+    "cpo_loss",
     "dpo_loss",
+    "kto_loss",
+    "orpo_loss",
 ]
 
 
@@ -726,3 +739,445 @@ def _reward_metrics(terms: PairTerms, beta) -> dict[str, jax.Array]:
         "logps/chosen": jnp.mean(jax.lax.stop_gradient(terms.chosen_logps)),
         "logps/rejected": jnp.mean(jax.lax.stop_gradient(terms.rejected_logps)),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# The preference family beyond DPO: KTO, ORPO, CPO / SimPO (TRL 1.16's formulas, pure).
+# --------------------------------------------------------------------------------------------
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+KTO_ARGUMENT_READERS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {"kl_policy_logps": frozenset({"kto"}), "kl_reference_logps": frozenset({"kto"})}
+)
+"""Optional argument of :func:`kto_loss` -> the loss types that read it (TRL 1.16 computes the
+KL reference point only for ``kto``)."""
+
+
+def _working_dtype(array: jax.Array):
+    """The inputs' dtype promoted to at least float32 (the dtype every loss here computes in)."""
+    return jnp.promote_types(jnp.asarray(array).dtype, jnp.float32)
+
+
+def _check_read(where: str, loss_type: str, argument: str, value, readers, given: bool, hint=""):
+    """Raise when ``argument`` was ``given`` but ``loss_type`` is not one of its ``readers``."""
+    if given and loss_type not in readers:
+        raise ValueError(
+            f"{where}: {argument}={_shown(value)} is not read by loss_type {loss_type!r}; only "
+            f"{sorted(readers)} read it (TRL 1.16). Leave it out.{hint}"
+        )
+
+
+def _check_loss_type(where: str, loss_type, valid: Sequence[str]) -> None:
+    if not isinstance(loss_type, str) or loss_type not in valid:
+        raise ValueError(f"{where}: unknown loss_type {loss_type!r}; valid choices: {list(valid)}")
+
+
+def _kto(logratios: jax.Array, z0: jax.Array, beta: jax.Array):
+    """KTO (Ethayarajh et al., 2024, arXiv:2402.01306, Eq. 7, as TRL computes it): the value
+    :math:`\\sigma(\\beta(r - z_0))` of a desirable and :math:`\\sigma(\\beta(z_0 - r))` of an
+    undesirable example, loss one minus it; ``(desirable losses, undesirable losses)``."""
+    desirable_losses = 1.0 - jax.nn.sigmoid(beta * (logratios - z0))
+    undesirable_losses = 1.0 - jax.nn.sigmoid(beta * (z0 - logratios))
+    return desirable_losses, undesirable_losses
+
+
+def _apo_zero_unpaired(logratios: jax.Array, z0: jax.Array, beta: jax.Array):
+    """APO-zero, unpaired (D'Oosterlinck et al., 2024, arXiv:2408.06266, Eq. 7 split per
+    example): push desirable log-ratios up and undesirable ones down, no reference point.
+    (Algebraically KTO with :math:`z_0 = 0`.)"""
+    del z0  # not read: TRL 1.16 computes no KL term for this type
+    return 1.0 - jax.nn.sigmoid(beta * logratios), jax.nn.sigmoid(beta * logratios)
+
+
+_KTO_LOSS_FUNCTIONS = {"kto": _kto, "apo_zero_unpaired": _apo_zero_unpaired}
+
+
+def _check_kto_inputs(
+    policy_logps, reference_logps, desirable, kl_policy_logps, kl_reference_logps
+):
+    chex.assert_rank([policy_logps, reference_logps, desirable], 1)
+    chex.assert_equal_shape([policy_logps, reference_logps, desirable])
+    if jnp.asarray(desirable).dtype != jnp.bool_:
+        raise ValueError(
+            "kto_loss: desirable must be a bool array, shape [batch] (True = a desirable "
+            f"example, False = an undesirable one); got dtype {jnp.asarray(desirable).dtype}. "
+            "Convert labels with labels.astype(bool)."
+        )
+    if (kl_policy_logps is None) != (kl_reference_logps is None):
+        raise ValueError(
+            "kto_loss: give both kl_policy_logps and kl_reference_logps (the KL batch under the "
+            "policy and the reference), or neither (reference point z0 = 0)"
+        )
+    if kl_policy_logps is not None:
+        chex.assert_rank([kl_policy_logps, kl_reference_logps], 1)
+        chex.assert_equal_shape([kl_policy_logps, kl_reference_logps])
+
+
+def kto_loss(
+    policy_logps: jax.Array,
+    reference_logps: jax.Array,
+    desirable: jax.Array,
+    kl_policy_logps: jax.Array | None = None,
+    kl_reference_logps: jax.Array | None = None,
+    *,
+    beta: float | jax.Array = 0.1,
+    desirable_weight: float | jax.Array = 1.0,
+    undesirable_weight: float | jax.Array = 1.0,
+    loss_type: str = "kto",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""KTO, Kahneman-Tversky Optimization (Ethayarajh et al., 2024, arXiv:2402.01306), as TRL
+    1.16's ``KTOTrainer`` computes it, on unpaired examples each labelled desirable or not.
+
+    With the implied reward :math:`r = \log\pi_\theta(y|x) - \log\pi_{ref}(y|x)` and the
+    reference point :math:`z_0 = \max(0, \mathrm{mean}_j[\log\pi_\theta(y'_j|x_j) -
+    \log\pi_{ref}(y'_j|x_j)])` over the KL batch (mismatched prompt/completion pairs; TRL
+    pairs each prompt with the next example's completion), without gradient (Eq. 7):
+
+    .. math::
+        \ell(x, y) = \lambda_D\,(1 - \sigma(\beta(r - z_0)))\ \text{(desirable)},\quad
+        \lambda_U\,(1 - \sigma(\beta(z_0 - r)))\ \text{(undesirable)},
+
+    and the loss is their mean over the whole batch, :math:`\frac1B\sum_i \ell_i` (TRL
+    concatenates the weighted desirable and undesirable losses and takes the mean: the weights
+    are not renormalised and the two classes are not averaged separately).
+    ``loss_type="apo_zero_unpaired"`` (APO-zero, D'Oosterlinck et al., 2024,
+    arXiv:2408.06266) uses :math:`1 - \sigma(\beta r)` and :math:`\sigma(\beta r)`: KTO with
+    :math:`z_0 = 0`; TRL computes no KL term for it, so the KL inputs are an error there.
+
+    Where rljax differs from TRL: ``loss_type="kto"`` without the KL inputs uses
+    :math:`z_0 = 0` (TRL always computes the KL batch for ``kto``); :math:`z_0` is the mean
+    over the KL batch this call sees (under ``jit`` on a sharded global batch that is the
+    global mean, which equals TRL's mean of per-process means when the processes hold equal
+    shares); metrics of a class with no example in the batch are 0 where TRL logs nothing,
+    and ``count/chosen``/``count/rejected`` are added so that a caller can average metrics
+    across batches exactly.
+
+    Args:
+      policy_logps: ``[batch]`` sequence log-probs (sums over completion tokens) under the
+        policy.
+      reference_logps: ``[batch]`` the same under the reference policy (no gradient).
+      desirable: ``[batch]`` bool, True for a desirable ("chosen") example.
+      kl_policy_logps, kl_reference_logps: ``[kl_batch]`` sequence log-probs of the KL batch
+        under the policy and the reference (both or neither; no gradient flows through them).
+      beta: :math:`\beta`. May be traced.
+      desirable_weight, undesirable_weight: :math:`\lambda_D`, :math:`\lambda_U`. May be traced.
+      loss_type: ``"kto"`` or ``"apo_zero_unpaired"`` (``KTO_LOSS_TYPES``).
+
+    Returns:
+      ``(loss, metrics)``: scalar ``loss`` and scalar metrics with TRL's names: ``kl``
+      (:math:`z_0`), ``rewards/{chosen,rejected}`` (mean :math:`\beta r` per class),
+      ``rewards/margins`` (their difference), ``logps/{chosen,rejected}`` (mean policy
+      log-probs per class), plus ``count/{chosen,rejected}``.
+
+    Raises:
+      ValueError: an unknown ``loss_type``; a non-bool ``desirable``; only one of the KL
+        inputs; KL inputs with ``apo_zero_unpaired``. Shape mismatches fail chex's checks.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.dpo import kto_loss
+        >>> loss, metrics = kto_loss(
+        ...     jnp.array([-1.0, -2.0, -3.0]), jnp.array([-1.5, -2.0, -2.5]),  # policy, reference
+        ...     jnp.array([True, True, False]),  # desirable?
+        ...     jnp.array([-4.0, -5.0, -6.0]), jnp.array([-4.5, -5.0, -6.0]),  # the KL batch
+        ... )
+        >>> round(float(loss), 4), round(float(metrics["kl"]), 4)
+        (0.4931, 0.1667)
+    """
+    where = "kto_loss"
+    _check_loss_type(where, loss_type, KTO_LOSS_TYPES)
+    for argument, value in (
+        ("kl_policy_logps", kl_policy_logps),
+        ("kl_reference_logps", kl_reference_logps),
+    ):
+        _check_read(
+            where, loss_type, argument, value, KTO_ARGUMENT_READERS[argument], value is not None
+        )
+    _check_kto_inputs(policy_logps, reference_logps, desirable, kl_policy_logps, kl_reference_logps)
+    dtype = _working_dtype(policy_logps)
+    desirable = jnp.asarray(desirable)
+    logps = policy_logps.astype(dtype)
+    logratios = logps - jax.lax.stop_gradient(reference_logps.astype(dtype))
+    beta = jnp.asarray(beta, dtype)
+    if kl_policy_logps is None:
+        z0 = jnp.zeros((), dtype)
+    else:
+        kl = jnp.mean(kl_policy_logps.astype(dtype) - kl_reference_logps.astype(dtype))
+        z0 = jax.lax.stop_gradient(jnp.maximum(kl, 0.0))
+    desirable_losses, undesirable_losses = _KTO_LOSS_FUNCTIONS[loss_type](logratios, z0, beta)
+    weights = jnp.where(
+        desirable, jnp.asarray(desirable_weight, dtype), jnp.asarray(undesirable_weight, dtype)
+    )
+    per_example = weights * jnp.where(desirable, desirable_losses, undesirable_losses)
+    loss = jnp.mean(per_example)
+    return loss, _kto_metrics(logps, logratios, desirable, beta, z0)
+
+
+def _kto_metrics(logps, logratios, desirable, beta, z0) -> dict[str, jax.Array]:
+    """TRL's KTO metrics (per-class sums over per-class counts), gradient-free."""
+    rewards = jax.lax.stop_gradient(beta * logratios)
+    logps = jax.lax.stop_gradient(logps)
+    metrics = {"kl": z0}
+    for side, mask in (("chosen", desirable), ("rejected", jnp.logical_not(desirable))):
+        count = jnp.sum(mask.astype(logps.dtype))
+        metrics[f"count/{side}"] = count
+        metrics[f"rewards/{side}"] = jnp.sum(jnp.where(mask, rewards, 0.0)) / jnp.maximum(count, 1)
+        metrics[f"logps/{side}"] = jnp.sum(jnp.where(mask, logps, 0.0)) / jnp.maximum(count, 1)
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
+def _check_pair_inputs(where: str, chosen_logps, rejected_logps, chosen_nll):
+    """``[batch]`` chosen and rejected log-probs of equal shape; ``chosen_nll`` a scalar."""
+    chex.assert_rank([chosen_logps, rejected_logps], 1)
+    chex.assert_equal_shape([chosen_logps, rejected_logps])
+    if chosen_nll is not None and jnp.ndim(chosen_nll) != 0:
+        raise ValueError(
+            f"{where}: chosen_nll must be a scalar (the mean token negative log-likelihood of "
+            f"the chosen completions); got shape {jnp.shape(chosen_nll)}"
+        )
+
+
+def _nll(chosen_nll, dtype) -> jax.Array:
+    return jnp.zeros((), dtype) if chosen_nll is None else jnp.asarray(chosen_nll).astype(dtype)
+
+
+def _policy_reward_metrics(chosen_logps, rejected_logps, beta) -> dict[str, jax.Array]:
+    """Reference-free reward metrics of ORPO and CPO (TRL: reward = beta * policy log-prob)."""
+    chosen_logps = jax.lax.stop_gradient(chosen_logps)
+    rejected_logps = jax.lax.stop_gradient(rejected_logps)
+    chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
+    return {
+        "rewards/chosen": jnp.mean(chosen_rewards),
+        "rewards/rejected": jnp.mean(rejected_rewards),
+        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(beta.dtype)),
+        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": jnp.mean(chosen_logps),
+        "logps/rejected": jnp.mean(rejected_logps),
+    }
+
+
+def _log1mexp(x: jax.Array) -> jax.Array:
+    """:math:`\\log(1 - e^x)` for :math:`x \\le 0`, switching formulas at :math:`-\\log 2`
+    (Maechler, 2012, "Accurately computing log(1 - exp(-|a|))"), as TRL does; each branch gets
+    an input it is finite at, so the unused one cannot put NaN into the gradient."""
+    threshold = -math.log(2.0)
+    small = x < threshold
+    below = jnp.log1p(-jnp.exp(jnp.where(small, x, threshold)))
+    above = jnp.log(-jnp.expm1(jnp.where(small, threshold, x)))
+    return jnp.where(small, below, above)
+
+
+def orpo_loss(
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+    chosen_nll: float | jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""ORPO, monolithic preference optimization without a reference model (Hong et al., 2024,
+    arXiv:2403.07691), as TRL 1.16's ``ORPOTrainer`` computes it.
+
+    With per-sequence *mean* token log-probs :math:`\ell_w, \ell_l` (so
+    :math:`P = e^{\ell}` is the geometric-mean token probability) the log odds ratio
+    (Eqs. 4 and 7) is
+
+    .. math::
+        \log\frac{\mathrm{odds}(y_w)}{\mathrm{odds}(y_l)} = (\ell_w - \ell_l)
+            - \big(\log(1 - e^{\ell_w}) - \log(1 - e^{\ell_l})\big),
+
+    and :math:`\mathcal L = \mathcal L_{SFT} - \mathrm{mean}\,\beta\log\sigma(\text{log odds})`
+    (``beta`` is the paper's :math:`\lambda`; :math:`\mathcal L_{SFT}` is ``chosen_nll``, taken
+    as 0 when ``None``, and is not scaled by ``beta``).
+
+    Where rljax differs from TRL: the NLL term is an input (TRL computes it from the logits;
+    pass the mean token NLL over all chosen tokens of the batch to match it), and TRL's
+    ``logits/*`` metrics need logits, so they are absent. The inputs must be log-probs
+    (:math:`\le 0`): at exactly 0 the odds are infinite and the gradient is not finite, in
+    TRL too.
+
+    Args:
+      chosen_logps, rejected_logps: ``[batch]`` per-token *mean* log-probs of the chosen and
+        rejected completions under the policy (TRL's ``average_log_prob=True``).
+      beta: :math:`\lambda`, the weight of the odds-ratio term. May be traced.
+      chosen_nll: scalar negative log-likelihood of the chosen completions (with gradient), or
+        ``None`` for the odds-ratio term alone.
+
+    Returns:
+      ``(loss, metrics)`` with TRL's metric names: ``rewards/{chosen,rejected}`` (mean
+      ``beta * logps``), ``rewards/accuracies``, ``rewards/margins``, ``logps/{chosen,rejected}``,
+      ``nll_loss``, ``log_odds_ratio`` (TRL's name for the mean of
+      :math:`\log\sigma(\text{log odds})`) and ``log_odds_chosen`` (the mean log odds ratio).
+
+    Raises:
+      ValueError: ``chosen_nll`` not a scalar. Shape mismatches fail chex's checks.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.dpo import orpo_loss
+        >>> loss, metrics = orpo_loss(jnp.array([-0.5, -1.0]), jnp.array([-1.5, -1.2]),
+        ...                           chosen_nll=jnp.array(0.75))
+        >>> round(float(loss), 4), round(float(metrics["log_odds_chosen"]), 4)
+        (0.7863, 0.9903)
+    """
+    _check_pair_inputs("orpo_loss", chosen_logps, rejected_logps, chosen_nll)
+    dtype = _working_dtype(chosen_logps)
+    chosen_logps, rejected_logps = chosen_logps.astype(dtype), rejected_logps.astype(dtype)
+    beta = jnp.asarray(beta, dtype)
+    log_odds = (chosen_logps - rejected_logps) - (
+        _log1mexp(chosen_logps) - _log1mexp(rejected_logps)
+    )
+    ratio = log_sigmoid(log_odds)
+    nll = _nll(chosen_nll, dtype)
+    loss = nll - jnp.mean(beta * ratio)
+    metrics = _policy_reward_metrics(chosen_logps, rejected_logps, beta)
+    metrics["nll_loss"] = jax.lax.stop_gradient(nll)
+    metrics["log_odds_ratio"] = jax.lax.stop_gradient(jnp.mean(ratio))
+    metrics["log_odds_chosen"] = jax.lax.stop_gradient(jnp.mean(log_odds))
+    return loss, metrics
+
+
+def _logistic(z: jax.Array, label_smoothing: jax.Array) -> jax.Array:
+    """Conservative logistic loss (cDPO, Mitchell, 2023): labels flipped with probability
+    ``label_smoothing``."""
+    return -log_sigmoid(z) * (1.0 - label_smoothing) - log_sigmoid(-z) * label_smoothing
+
+
+def _cpo_sigmoid(margin, beta, label_smoothing, simpo_gamma):
+    """CPO (Xu et al., 2024, arXiv:2401.08417, Eq. 3), with cDPO's label smoothing as in TRL."""
+    del simpo_gamma
+    return _logistic(beta * margin, label_smoothing)
+
+
+def _cpo_hinge(margin, beta, label_smoothing, simpo_gamma):
+    """SLiC hinge (Zhao et al., 2023, arXiv:2305.10425) on the policy margin."""
+    del label_smoothing, simpo_gamma
+    return jax.nn.relu(1.0 - beta * margin)
+
+
+def _cpo_ipo(margin, beta, label_smoothing, simpo_gamma):
+    """IPO (Azar et al., 2023, arXiv:2310.12036, Eq. 17) on the policy margin of per-token mean
+    log-probs; ``beta`` is IPO's tau."""
+    del label_smoothing, simpo_gamma
+    return jnp.square(margin - 1.0 / (2.0 * beta))
+
+
+def _cpo_simpo(margin, beta, label_smoothing, simpo_gamma):
+    """SimPO (Meng et al., 2024, arXiv:2405.14734, Eq. 6) on per-token mean log-probs:
+    :math:`-\\log\\sigma(\\beta(\\bar\\ell_w - \\bar\\ell_l) - \\gamma)`, written as TRL does with
+    the margin ``simpo_gamma / beta`` subtracted inside, and TRL's label smoothing."""
+    return _logistic(beta * (margin - simpo_gamma / beta), label_smoothing)
+
+
+_CPO_LOSS_FUNCTIONS = {
+    "sigmoid": _cpo_sigmoid,
+    "hinge": _cpo_hinge,
+    "ipo": _cpo_ipo,
+    "simpo": _cpo_simpo,
+}
+CPO_LOSS_TYPES = tuple(_CPO_LOSS_FUNCTIONS)
+CPO_ARGUMENT_READERS: Mapping[str, frozenset[str]] = MappingProxyType(
+    {"label_smoothing": frozenset({"sigmoid", "simpo"}), "simpo_gamma": frozenset({"simpo"})}
+)
+"""Optional argument of :func:`cpo_loss` -> the loss types that read it (TRL 1.16: ``hinge``
+and ``ipo`` ignore ``label_smoothing`` with a warning; only ``simpo`` reads ``simpo_gamma``).
+``label_smoothing`` 0 and ``simpo_gamma`` at its default 0.5 count as not given."""
+_SIMPO_GAMMA_DEFAULT = 0.5
+
+
+def cpo_loss(
+    chosen_logps: jax.Array,
+    rejected_logps: jax.Array,
+    *,
+    beta: float | jax.Array = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float | jax.Array = 0.0,
+    simpo_gamma: float | jax.Array = _SIMPO_GAMMA_DEFAULT,
+    cpo_alpha: float | jax.Array = 1.0,
+    chosen_nll: float | jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""CPO, Contrastive Preference Optimization (Xu et al., 2024, arXiv:2401.08417), and SimPO
+    (Meng et al., 2024, arXiv:2405.14734), as TRL 1.16's ``CPOTrainer`` computes them.
+
+    Reference-free: with the policy margin :math:`m = \ell_w - \ell_l` of the chosen and
+    rejected log-probs, ``loss = mean_i loss_type(m_i) + cpo_alpha * chosen_nll``, where
+
+    * ``sigmoid`` (CPO, Eq. 3): :math:`-(1-\epsilon)\log\sigma(\beta m) - \epsilon\log\sigma(-\beta m)`
+      (:math:`\epsilon` = ``label_smoothing``, cDPO-style);
+    * ``hinge`` (SLiC): :math:`\max(0, 1 - \beta m)`;
+    * ``ipo`` (IPO, Eq. 17): :math:`(m - 1/(2\beta))^2`;
+    * ``simpo`` (SimPO, Eq. 6): the ``sigmoid`` form of :math:`\beta(m - \gamma/\beta)
+      = \beta m - \gamma`, :math:`\gamma` = ``simpo_gamma`` (SimPO's target reward margin;
+      TRL subtracts ``simpo_gamma / beta`` from the log-prob margin, so the margin in reward
+      units is ``simpo_gamma`` itself). SimPO proper is ``cpo_alpha=0``.
+
+    TRL feeds ``sigmoid``/``hinge`` *summed* sequence log-probs and ``ipo``/``simpo`` per-token
+    *mean* (length-normalised) log-probs; pass the same to match it. The CPO NLL term is an
+    input here (TRL computes it from the logits: the mean token NLL over all chosen tokens of
+    the batch); ``None`` makes it 0, so ``cpo_alpha`` then has no effect.
+
+    Where rljax differs from TRL: an argument the loss type does not read raises (TRL warns
+    about ``label_smoothing`` with ``hinge``/``ipo`` and ignores it; ``simpo_gamma`` counts as
+    given when it is not the default 0.5); AlphaPO's reward transform (TRL's ``alpha``, default
+    0) is not covered; TRL's ``logits/*`` metrics need logits and are absent.
+
+    Args:
+      chosen_logps, rejected_logps: ``[batch]`` policy log-probs (see above for sum vs mean).
+      beta: :math:`\beta` (IPO's :math:`\tau` for ``ipo``). May be traced.
+      loss_type: one of ``CPO_LOSS_TYPES``: ``sigmoid``, ``hinge``, ``ipo``, ``simpo``.
+      label_smoothing: :math:`\epsilon` in [0, 1] (read by ``sigmoid`` and ``simpo``). May be
+        traced (a traced value counts as given).
+      simpo_gamma: SimPO's :math:`\gamma` (read by ``simpo``; TRL's default 0.5). May be traced.
+      cpo_alpha: weight of the NLL term. May be traced.
+      chosen_nll: scalar negative log-likelihood of the chosen completions (with gradient), or
+        ``None``.
+
+    Returns:
+      ``(loss, metrics)`` with TRL's metric names: ``rewards/{chosen,rejected}`` (mean
+      ``beta * logps``), ``rewards/accuracies``, ``rewards/margins``, ``logps/{chosen,rejected}``
+      and ``nll_loss``.
+
+    Raises:
+      ValueError: an unknown ``loss_type``; ``label_smoothing`` or ``simpo_gamma`` with a type
+        that does not read it; a concrete ``label_smoothing`` outside [0, 1]; ``chosen_nll`` not
+        a scalar. Shape mismatches fail chex's checks.
+
+    Example::
+
+        >>> import jax.numpy as jnp
+        >>> from rljax.dpo import cpo_loss
+        >>> loss, metrics = cpo_loss(jnp.array([-0.5, -1.0]), jnp.array([-1.5, -1.2]),
+        ...                          beta=2.0, loss_type="simpo", cpo_alpha=0.0)
+        >>> round(float(loss), 4), round(float(metrics["rewards/margins"]), 4)
+        (0.4729, 1.2)
+    """
+    where = "cpo_loss"
+    _check_loss_type(where, loss_type, CPO_LOSS_TYPES)
+    smoothing_given = _given("label_smoothing", label_smoothing)
+    gamma_given = _concrete(simpo_gamma) != _SIMPO_GAMMA_DEFAULT or np.ndim(simpo_gamma) != 0
+    for argument, value, given in (
+        ("label_smoothing", label_smoothing, smoothing_given),
+        ("simpo_gamma", simpo_gamma, gamma_given),
+    ):
+        hint = " (simpo_gamma is SimPO's margin: use loss_type='simpo')" * (
+            argument == "simpo_gamma"
+        )
+        _check_read(where, loss_type, argument, value, CPO_ARGUMENT_READERS[argument], given, hint)
+    _check_label_smoothing([loss_type], label_smoothing, str, where)
+    _check_pair_inputs(where, chosen_logps, rejected_logps, chosen_nll)
+    dtype = _working_dtype(chosen_logps)
+    chosen_logps, rejected_logps = chosen_logps.astype(dtype), rejected_logps.astype(dtype)
+    beta = jnp.asarray(beta, dtype)
+    per_pair = _CPO_LOSS_FUNCTIONS[loss_type](
+        chosen_logps - rejected_logps,
+        beta,
+        jnp.asarray(label_smoothing, dtype),
+        jnp.asarray(simpo_gamma, dtype),
+    )
+    nll = _nll(chosen_nll, dtype)
+    loss = jnp.mean(per_pair) + jnp.asarray(cpo_alpha, dtype) * nll
+    metrics = _policy_reward_metrics(chosen_logps, rejected_logps, beta)
+    metrics["nll_loss"] = jax.lax.stop_gradient(nll)
+    return loss, metrics
