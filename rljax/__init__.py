@@ -7,7 +7,8 @@ The package is layered; a module imports only from its own layer and the layers 
 1. **Objectives** (arrays in, ``(loss, metrics)`` out; no flax, no optax, no model code):
    :mod:`rljax.logprobs`, :mod:`rljax.advantages`, :mod:`rljax.distributions`,
    :mod:`rljax.ppo`, :mod:`rljax.trpo`, :mod:`rljax.dpo`, :mod:`rljax.reward`,
-   :mod:`rljax.rlhf` (the RL policy-loss family and reward shaping).
+   :mod:`rljax.rlhf` (the RL policy-loss family and reward shaping), :mod:`rljax.sft`
+   (supervised fine-tuning).
    Beside them, **infrastructure** used by every layer above: :mod:`rljax.checks`,
    :mod:`rljax.finite`, :mod:`rljax.sharding`, :mod:`rljax.checkpoint`, :mod:`rljax.runs`,
    :mod:`rljax.cli`, :mod:`rljax.launch`, :mod:`rljax.bench`.
@@ -36,7 +37,7 @@ import pkgutil
 
 __version__ = "0.1.0"
 
-__all__ = ["advantages", "distributions", "dpo", "logprobs", "ppo", "reward", "rlhf", "trpo"]
+__all__ = ["advantages", "distributions", "dpo", "logprobs", "ppo", "reward", "rlhf", "sft", "trpo"]
 
 
 def _lazy_getattr(package_name: str, package_path):

@@ -1,7 +1,8 @@
 """Drivers of the language-model preference experiments: Direct Preference Optimization
 (:func:`train_dpo`, ``experiments/dpo.py``), Bradley-Terry reward models
 (:func:`train_reward_model`, ``experiments/reward_model.py``) and iterative (online) DPO
-(:func:`train_iterative_dpo`, ``experiments/iterative_dpo.py``), and the stages they share.
+(:func:`train_iterative_dpo`, ``experiments/iterative_dpo.py``), supervised fine-tuning with
+packing (:func:`train_sft`, ``experiments/sft.py``), and the stages they share.
 
 A driver calls one named stage per line. :func:`load_run` resolves the model folder (a Hugging
 Face checkpoint, or the built-in task's warmed-up base model), loads and validates preference
@@ -52,7 +53,7 @@ from rljax import checkpoint, checks, data, finite, runs, sharding, updates
 from rljax.models import hf
 from rljax.models.generate import SamplingConfig, make_generate_fn
 from rljax.models.transformer import with_head
-from rljax.tasks import sorting
+from rljax.tasks import arithmetic, sorting
 from rljax.updates import lm
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "PreferenceSetup",
     "RewardModelRunConfig",
     "RoundSetup",
+    "SFTRunConfig",
     "adamw",
     "apply_layout",
     "build_mesh",
@@ -74,6 +76,7 @@ __all__ = [
     "load_preference_arrays",
     "load_reward_model",
     "load_run",
+    "load_sft_data",
     "log_final_samples",
     "mean_metrics",
     "oracle_agreement",
@@ -90,12 +93,17 @@ __all__ = [
     "sample_completions",
     "sample_pairs",
     "saved_rounds",
+    "sft_arrays",
+    "sft_held_out",
+    "sft_run",
+    "sft_sequences",
     "train_and_export",
     "train_dpo",
     "train_iterative_dpo",
     "train_loop",
     "train_reward_model",
     "train_round",
+    "train_sft",
     "win_rate_vs_base",
     "write_outputs",
 ]
@@ -1349,4 +1357,350 @@ def train_iterative_dpo(config: IterativeDPORunConfig) -> dict[str, Any]:
         **runs.config_record(pathlib.Path(config.out)),  # the original settings, if changed
     }
     _write_iterative_outputs(config, setup, params, history, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------- supervised fine-tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTRunConfig:
+    """Supervised fine-tuning (TRL's SFTTrainer) on demonstrations, packed or padded.
+
+    Attributes:
+      model: a Hugging Face checkpoint folder; none = the built-in arithmetic task's base model
+        (rljax.tasks.arithmetic, warmed up on demonstrations with format noise).
+      data: demonstrations (JSONL, JSON, parquet or a saved datasets folder) in one of TRL's SFT
+        formats: text, prompt/completion (plain or conversational), or messages (the last
+        message is the assistant's reply that is trained on); none = the built-in task's clean
+        demonstrations.
+      eval_data: held-out demonstrations; none = the built-in held-out split, or 10% of --data.
+      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, model/).
+      seed: data order seed.
+      steps: optimizer steps.
+      batch_size: rows per step (with --packing a row holds several demonstrations).
+      learning_rate: AdamW peak learning rate (linear warm-up over 10% of the steps).
+      max_length: tokens per packed row, and per demonstration (longer ones are cut or
+        dropped); without packing rows are padded to the longest demonstration.
+      packing: pack several demonstrations per row (rljax.data.pack, segment ids: no compute
+        on padding; the loss is the unpacked one).
+      packing_strategy: bfd (best-fit decreasing) or greedy (in order).
+      completion_only_loss: train on the completion tokens only (prompt/completion data);
+        off = on the whole sequence. Text rows always train on every token.
+      overflow: truncate or drop demonstrations longer than max_length (counted and reported).
+      skip_invalid: skip and count invalid rows instead of failing on the first.
+      train_examples: built-in demonstrations to train on.
+      eval_examples: built-in held-out demonstrations (and problems for the greedy accuracy).
+      log_every: steps between progress lines.
+      eval_every: steps between held-out evaluations (0 = only at the end).
+      log: metrics sinks, comma-separated: jsonl, tensorboard, wandb.
+      checkpoint_every: steps between checkpoints (the last step is always saved).
+      max_nonfinite_updates: stop after this many consecutive non-finite updates.
+      allow_config_change: resume even though the settings differ from out/config.json.
+      sft: the update's settings (loss normalisation, metrics, chunking).
+    """
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    mesh: str = ""
+    out: str = "runs/sft"
+    seed: int = 0
+    steps: int = 150
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    max_length: int = 256
+    packing: bool = True
+    packing_strategy: str = "bfd"
+    completion_only_loss: bool = True
+    overflow: str = "truncate"
+    skip_invalid: bool = False
+    train_examples: int = 4096
+    eval_examples: int = 256
+    log_every: int = 25
+    eval_every: int = 50
+    log: str = "jsonl"
+    checkpoint_every: int = 50
+    max_nonfinite_updates: int = 3
+    allow_config_change: bool = False
+    sft: updates.SFTConfig = dataclasses.field(default_factory=updates.SFTConfig)
+
+    def __post_init__(self):
+        checks.check(
+            self,
+            {
+                "seed": ">= 0",
+                "steps": ">= 1",
+                "batch_size": ">= 1",
+                "learning_rate": "> 0",
+                "max_length": ">= 2",
+                "train_examples": ">= 1",
+                "eval_examples": ">= 1",
+                "log_every": ">= 1",
+                "eval_every": ">= 0",
+                "checkpoint_every": ">= 1",
+                "max_nonfinite_updates": ">= 1",
+            },
+        )
+        checks.check_choice(self, "overflow", ("truncate", "drop"))
+        checks.check_choice(self, "packing_strategy", data.PACKING_STRATEGIES)
+        runs.parse_sinks(self.log)
+
+
+def _sft_format(row: Any, where: str) -> str:
+    """``"text"``, ``"messages"`` or ``"prompt_completion"``: TRL's SFT format of ``row``."""
+    if isinstance(row, dict):
+        if "text" in row:
+            return "text"
+        if "messages" in row:
+            return "messages"
+        if "prompt" in row and "completion" in row:
+            return "prompt_completion"
+    fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise ValueError(
+        f"{where}: not an SFT row (fields {fields}); use TRL's formats: 'text', "
+        "'prompt' + 'completion', or 'messages'"
+    )
+
+
+def _messages_to_completion(rows: Sequence[dict], numbering: data.RowNumbers) -> list[dict]:
+    """Conversational ``messages`` rows as prompt (every message but the last) and completion
+    (the last, the assistant's reply). Earlier assistant turns are context, not trained on:
+    TRL's ``assistant_only_loss`` over every turn needs the chat template's generation markers,
+    which a template need not have."""
+    out = []
+    for i, row in enumerate(rows):
+        messages = row["messages"]
+        where = f"row {numbering.label(i)}"
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise ValueError(f"{where}: field 'messages' needs at least two messages")
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "assistant":
+            raise ValueError(
+                f"{where}: the last message must be the assistant's reply (the trained span); "
+                f"got role {last.get('role') if isinstance(last, dict) else last!r}. Multi-turn "
+                "rows train on the final reply only; split them into one row per reply"
+            )
+        out.append({"prompt": messages[:-1], "completion": [last]})
+    return out
+
+
+def _text_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report: dict):
+    """Token ids (EOS appended) of plain ``text`` rows, all tokens counted; cut or dropped at
+    ``max_length`` (counted in ``report``)."""
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for i, row in enumerate(rows):
+        text = row["text"]
+        if not isinstance(text, str) or not text:
+            if config.skip_invalid:
+                report["skipped"] = report.get("skipped", 0) + 1
+                continue
+            raise ValueError(f"row {numbering.label(i)}: field 'text' must be a non-empty string")
+        ids = list(tokenizer(text)["input_ids"])
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(int(eos))
+        if len(ids) > config.max_length:
+            key = "dropped" if config.overflow == "drop" else "truncated"
+            report[key] = report.get(key, 0) + 1
+            if config.overflow == "drop":
+                continue
+            ids = ids[: config.max_length]
+        sequences.append(np.asarray(ids, np.int32))
+    return sequences, [np.ones(len(s), bool) for s in sequences]
+
+
+def sft_sequences(rows, numbering, tokenizer, config: SFTRunConfig) -> tuple[list, list, dict]:
+    """``(token ids, loss masks, report)`` of SFT rows in any of TRL's formats (the format of
+    the first row; a row of another format fails validation)."""
+    kind = _sft_format(rows[0], f"row {numbering.label(0)}")
+    report: dict[str, Any] = {"rows": len(rows), "format": kind}
+    if kind == "text":
+        sequences, losses = _text_sequences(rows, numbering, tokenizer, config, report)
+        report["examples"] = len(sequences)
+        return sequences, losses, report
+    if kind == "messages":
+        rows = _messages_to_completion(rows, numbering)
+    valid, validation = data.validate_completions(
+        rows, skip_invalid=config.skip_invalid, numbering=numbering
+    )
+    arrays, tokenization = data.tokenize_completions(
+        valid,
+        tokenizer,
+        max_length=config.max_length,
+        overflow=config.overflow,
+        numbering=numbering.take(validation.kept_rows),
+    )
+    keep = np.asarray(arrays["mask"], bool)
+    counted = arrays["loss_mask"] if config.completion_only_loss else arrays["mask"]
+    sequences = [row[k] for row, k in zip(arrays["tokens"], keep, strict=True)]
+    losses = [np.asarray(row, bool)[k] for row, k in zip(counted, keep, strict=True)]
+    report.update(
+        examples=len(sequences),
+        skipped=dict(validation.skipped),
+        truncated=tokenization.truncated,
+        dropped=tokenization.dropped,
+        unknown_tokens=tokenization.unknown_tokens,
+    )
+    return sequences, losses, report
+
+
+def sft_arrays(sequences, losses, config: SFTRunConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """The batch arrays of :func:`rljax.updates.make_sft_update`: packed rows of
+    ``max_length`` (:func:`rljax.data.pack`), or one demonstration per row right-padded to the
+    longest; and what it did (rows, the fraction of slots holding a real token)."""
+    if config.packing:
+        arrays, packing = data.pack(
+            sequences, config.max_length, loss_masks=losses, strategy=config.packing_strategy
+        )
+        return dict(arrays), {"rows": packing.rows, "slot_use": round(packing.efficiency, 4)}
+    n, length = len(sequences), max(map(len, sequences))
+    arrays = {
+        "tokens": np.zeros((n, length), np.int32),
+        "mask": np.zeros((n, length), bool),
+        "loss_mask": np.zeros((n, length), bool),
+    }
+    for i, (ids, loss) in enumerate(zip(sequences, losses, strict=True)):
+        arrays["tokens"][i, : len(ids)] = ids
+        arrays["mask"][i, : len(ids)] = True
+        arrays["loss_mask"][i, : len(ids)] = loss
+    used = sum(map(len, sequences)) / max(n * length, 1)
+    return arrays, {"rows": n, "slot_use": round(used, 4)}
+
+
+def load_sft_data(config: SFTRunConfig, tokenizer) -> tuple[dict, dict, dict[str, Any]]:
+    """Train and held-out batch arrays (:func:`sft_arrays`) and a report of each split (printed)."""
+    if config.data is None:
+        train_rows = arithmetic.sft_corpus(config.train_examples, config.seed)
+        eval_rows = arithmetic.sft_corpus(config.eval_examples, config.seed, "heldout")
+        splits = [
+            ("train", train_rows, data.RowNumbers.of(len(train_rows))),
+            ("eval", eval_rows, data.RowNumbers.of(len(eval_rows))),
+        ]
+        source = "built-in arithmetic demonstrations"
+    else:
+        (train_rows, train_numbers), (eval_rows, eval_numbers), source = _rows(config)
+        splits = [("train", train_rows, train_numbers), ("eval", eval_rows, eval_numbers)]
+    report: dict[str, Any] = {"source": source}
+    out = []
+    for name, rows, numbering in splits:
+        sequences, losses, split_report = sft_sequences(rows, numbering, tokenizer, config)
+        if not sequences:
+            raise ValueError(f"{name} data ({source}): no demonstrations left: {split_report}")
+        arrays, layout = sft_arrays(sequences, losses, config)
+        report[name] = {**split_report, **layout}
+        print(f"{name} data ({source}): {report[name]}", flush=True)
+        out.append(arrays)
+    return out[0], out[1], report
+
+
+def sft_held_out(evaluate: Callable, state, arrays: Mapping[str, np.ndarray], place, batch_size):
+    """Held-out metrics of ``evaluate`` (:func:`rljax.updates.make_sft_eval`) over all of
+    ``arrays``, exact token means: the last batch is filled with empty rows (no token
+    counted), and sums and counts add over batches."""
+    n = len(arrays["tokens"])
+    totals = {"nll_sum": 0.0, "num_tokens": 0.0, "hits": 0.0, "entropy": 0.0}
+    for start in range(0, n, batch_size):
+        batch = {}
+        for k, v in arrays.items():
+            part = v[start : start + batch_size]
+            fill = np.zeros((batch_size - len(part), *v.shape[1:]), v.dtype)
+            batch[k] = np.concatenate([part, fill])
+        m = sharding.to_host(evaluate(state, place(batch)))
+        totals["nll_sum"] += float(m["nll_sum"])
+        totals["num_tokens"] += float(m["num_tokens"])
+        totals["hits"] += float(m.get("mean_token_accuracy", 0.0)) * float(m["num_tokens"])
+        totals["entropy"] += float(m.get("entropy", 0.0)) * float(m["num_tokens"])
+    tokens = max(totals["num_tokens"], 1.0)
+    metrics = {"loss": totals["nll_sum"] / tokens, "num_tokens": totals["num_tokens"]}
+    if "mean_token_accuracy" in m:
+        metrics["mean_token_accuracy"] = totals["hits"] / tokens
+    if "entropy" in m:
+        metrics["entropy"] = totals["entropy"] / tokens
+    return metrics
+
+
+def sft_run(graphdef, params, train, held_out, config: SFTRunConfig, mesh):
+    """``(state, step_fn, place, evaluate)`` of supervised fine-tuning: the placed initial
+    state, the compiled donated step (:func:`rljax.updates.lm.compile_update`), the batch
+    placement and the exact held-out evaluation (:func:`sft_held_out`)."""
+    optimizer = adamw(config)
+    example = {k: v[: config.batch_size] for k, v in train.items()}
+    state, step_fn, batch_shardings = lm.compile_update(
+        updates.make_sft_update(graphdef, optimizer, config.sft),
+        updates.init_sft_state(params, optimizer),
+        example,
+        mesh,
+    )
+    place = placer(mesh, batch_shardings)
+    eval_fn = jax.jit(updates.make_sft_eval(graphdef, config.sft))
+    evaluate = lambda s: sft_held_out(eval_fn, s, held_out, place, config.batch_size)
+    return state, step_fn, place, evaluate
+
+
+def _greedy_accuracy(model, tokenizer, config: SFTRunConfig) -> dict[str, float]:
+    """The built-in task's greedy strict accuracy and format rate on held-out problems."""
+    rows = arithmetic.problems(config.eval_examples, config.seed, "heldout")
+    result = arithmetic.evaluate_policy(model, tokenizer, rows, key=jax.random.key(config.seed))
+    return {k: round(v, 4) for k, v in result["metrics"].items()}
+
+
+SFT_KEYS = ("loss", "mean_token_accuracy", "eval/loss", "eval/mean_token_accuracy")
+
+
+@in_run_folder
+def train_sft(config: SFTRunConfig) -> dict[str, Any]:
+    """Supervised fine-tuning: load the model and the demonstrations (:func:`load_sft_data`,
+    packed with ``config.packing``), train (:func:`train_loop`, resumable from ``out``),
+    export ``out/model``, write ``summary.json`` and ``training.png``. For the built-in task
+    the summary adds the greedy accuracy on held-out problems before and after.
+
+    Returns the summary."""
+    started = time.perf_counter()
+    model_path = config.model
+    if model_path is None:
+        model_path = arithmetic.default_base_model()
+    else:
+        checks.require_folder("--model", model_path, "Hugging Face checkpoint folder")
+    tokenizer = hf.load_tokenizer(model_path)
+    base = hf.load_model(model_path)
+    graphdef, params = nnx.split(base)
+    train, held_out, data_report = load_sft_data(config, tokenizer)
+    mesh = build_mesh(config.mesh)
+    setup = PreferenceSetup(
+        model_path, tokenizer, graphdef, params, train, held_out, data_report, mesh
+    )
+    before = _greedy_accuracy(base, tokenizer, config) if config.data is None else None
+    run = sft_run(graphdef, params, train, held_out, config, mesh)
+    eval_before = run[3](run[0])  # the base model's held-out metrics
+    model, summary, log = train_and_export(
+        config, setup, run, label="sft", progress_keys=SFT_KEYS, folder="model", started=started
+    )
+    summary["eval_before"] = eval_before
+    with log:
+        if before is not None:
+            summary["greedy"] = {
+                "before": before,
+                "after": _greedy_accuracy(model, tokenizer, config),
+            }
+        rows = log.rows()
+    if sharding.is_primary():
+        write_outputs(
+            config,
+            summary,
+            rows,
+            label="sft",
+            title="supervised fine-tuning",
+            plot_keys=("loss", "eval/loss", "mean_token_accuracy"),
+            headline={"loss": "loss", "token accuracy": "mean_token_accuracy"},
+            folder="model",
+        )
+        print(f"[sft] held-out loss {eval_before['loss']:.4f} -> {summary['eval']['loss']:.4f}")
+        if before is not None:
+            print(
+                f"[sft] held-out greedy accuracy {before['accuracy']:.3f} -> "
+                f"{summary['greedy']['after']['accuracy']:.3f}",
+                flush=True,
+            )
     return summary

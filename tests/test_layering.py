@@ -23,6 +23,7 @@ LAYERS = {
         "dpo",
         "reward",
         "rlhf",
+        "sft",
     },
     "infrastructure": {
         "checks",

@@ -8,6 +8,8 @@
 - :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
   padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.updates.lm`);
 - :func:`share_prompts`: the shared-prompt layout (each pair's prompt stored and run once);
+- :func:`pack` / :func:`pack_arrays`: several sequences per row with segment ids (no padding
+  compute; supervised fine-tuning, :mod:`rljax.sft`), :class:`PackingReport`;
 - :class:`Batches`: deterministic, resumable minibatches.
 
 numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datasets folder is read.
@@ -15,6 +17,13 @@ numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datase
 
 from rljax.data.batching import Batches
 from rljax.data.load import RowNumbers, load_numbered_rows, load_rows
+from rljax.data.packing import (
+    PACKING_STRATEGIES,
+    PackedArrays,
+    PackingReport,
+    pack,
+    pack_arrays,
+)
 from rljax.data.preference import (
     SKIP_REASONS,
     ValidationReport,
@@ -33,10 +42,13 @@ from rljax.data.tokenize import (
 )
 
 __all__ = [
+    "PACKING_STRATEGIES",
     "SHARED_PROMPT_KEYS",
     "SKIP_REASONS",
     "Batches",
     "CompletionArrays",
+    "PackedArrays",
+    "PackingReport",
     "PreferenceArrays",
     "RowNumbers",
     "TokenizationReport",
@@ -44,6 +56,8 @@ __all__ = [
     "is_conversational",
     "load_numbered_rows",
     "load_rows",
+    "pack",
+    "pack_arrays",
     "share_prompts",
     "tokenize_completions",
     "tokenize_preferences",

@@ -28,7 +28,9 @@ Design, for speed and for sharding:
 Conventions: ``tokens`` are ``int32 [batch, time]``; ``mask`` is 1 (True) at real tokens and 0
 at padding, left or right or both; positions default to ``cumsum(mask) - 1``, so a left-padded
 prompt starts at position 0 (what Hugging Face ``generate`` does; pass ``positions`` to
-override). Padding positions produce finite garbage that losses must mask out.
+override). Padding positions produce finite garbage that losses must mask out. Packed rows
+(several sequences per row, :func:`rljax.data.pack`) pass ``segment_ids``: attention is then
+causal within each segment and positions restart at 0 in each (:meth:`Transformer.decode`).
 
 Usage::
 
@@ -59,6 +61,7 @@ __all__ = [
     "TransformerConfig",
     "last_valid_index",
     "positions_from_mask",
+    "positions_from_segments",
     "preset",
     "rope_inverse_frequencies",
     "with_head",
@@ -311,6 +314,19 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position ids of packed rows: ``0, 1, 2, ...`` restarting at every segment (a run of
+    equal ``segment_ids``; 0 = padding, which gets position 0), int32 ``[..., T]``."""
+    segment_ids = segment_ids.astype(jnp.int32)
+    t = segment_ids.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    previous = jnp.concatenate(
+        [jnp.full_like(segment_ids[..., :1], -1), segment_ids[..., :-1]], axis=-1
+    )
+    starts = jax.lax.cummax(jnp.where(segment_ids != previous, idx, 0), axis=segment_ids.ndim - 1)
+    return jnp.where(segment_ids > 0, idx - starts, 0)
+
+
 def last_valid_index(mask: jax.Array) -> jax.Array:
     """Index of the last position with ``mask == 1`` along the last axis (0 if there is none)."""
     t = mask.shape[-1]
@@ -528,10 +544,13 @@ class Transformer(nnx.Module):
         rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
         return (x32 * cos + rotated * sin).astype(x.dtype)
 
-    def _attention(self, q, k, v, mask, cache_mask, query_slots, seq_lengths):
-        """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding.
-        With one: keys are cache slots, allowed where valid and not after the query's slot."""
+    def _attention(self, q, k, v, mask, cache_mask, query_slots, seq_lengths, segment_ids=None):
+        """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding
+        (+ same segment, with ``segment_ids``). With one: keys are cache slots, allowed where
+        valid and not after the query's slot."""
         impl = self.config.attention_impl
+        if segment_ids is not None:
+            return self._segment_attention(q, k, v, mask, segment_ids)
         if q.dtype == jnp.float64:
             # jax.nn.dot_product_attention runs its softmax in float32 whatever the inputs;
             # a float64 model (the reference of the parity tests) must stay float64 throughout.
@@ -566,7 +585,32 @@ class Transformer(nnx.Module):
             q, k, v, mask=allowed[:, None, :, :], implementation="xla"
         )
 
-    def _layer(self, h, p, positions, mask, layer_cache, cache_index, cache_mask, seq_lengths):
+    def _segment_attention(self, q, k, v, mask, segment_ids):
+        """Packed rows: a query attends to the keys of its own segment, causally (the key
+        padding mask too). cuDNN's flash attention takes no such mask here: XLA runs it."""
+        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+        causal = slots[None, :] <= slots[:, None]  # [T, S]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
+        allowed = same & causal[None] & mask.astype(bool)[:, None, :]
+        if q.dtype == jnp.float64:
+            return _float64_attention(q, k, v, allowed)
+        impl = "xla" if self.config.attention_impl == "cudnn" else self.config.attention_impl
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=allowed[:, None, :, :], implementation=impl
+        )
+
+    def _layer(
+        self,
+        h,
+        p,
+        positions,
+        mask,
+        layer_cache,
+        cache_index,
+        cache_mask,
+        seq_lengths,
+        segment_ids=None,
+    ):
         c = self.config
         dt = jnp.dtype(c.dtype)
         p = jax.tree.map(lambda x: x.astype(dt), p)
@@ -592,7 +636,7 @@ class Transformer(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             layer_cache = (k, v)
             query_slots = cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
-        attn = self._attention(q, k, v, mask, cache_mask, query_slots, seq_lengths)
+        attn = self._attention(q, k, v, mask, cache_mask, query_slots, seq_lengths, segment_ids)
         out = _dense(attn.astype(dt), p["o"], in_axes=2)
         if c.o_bias:
             out = out + p["o_bias"]
@@ -636,6 +680,7 @@ class Transformer(nnx.Module):
         *,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Final hidden states ``[B, T, D]`` (after the final norm), and the updated cache.
 
@@ -646,11 +691,31 @@ class Transformer(nnx.Module):
             the tokens already in ``cache``.
           cache: a :class:`KVCache`; the ``T`` tokens are written at slots
             ``cache.index .. cache.index + T - 1`` and attend to every valid earlier slot.
+          segment_ids: ``int [B, T]`` for packed rows (:func:`rljax.data.pack`): several
+            sequences per row, numbered 1, 2, ... with 0 at padding. A token attends only to
+            earlier tokens of its own segment, ``mask`` defaults to ``segment_ids > 0`` and
+            ``positions`` to :func:`positions_from_segments` (restarting at 0 in each
+            segment), so each sequence's outputs are those it has alone. Not with ``cache``.
         """
         c = self.config
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
         b, t = tokens.shape
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "segment_ids (packed rows) are for training/evaluation passes, "
+                    "not with a KV cache"
+                )
+            if segment_ids.shape != (b, t):
+                raise ValueError(
+                    f"segment_ids shape {segment_ids.shape} does not match tokens {tokens.shape}"
+                )
+            segment_ids = segment_ids.astype(jnp.int32)
+            if mask is None:
+                mask = segment_ids > 0
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
         if mask is None:
             mask = jnp.ones((b, t), bool)
         if mask.shape != (b, t):
@@ -684,7 +749,15 @@ class Transformer(nnx.Module):
         def body(h, xs):
             p, layer_cache = xs
             return self._layer(
-                h, p, positions, mask, layer_cache, cache_index, cache_mask, seq_lengths
+                h,
+                p,
+                positions,
+                mask,
+                layer_cache,
+                cache_index,
+                cache_mask,
+                seq_lengths,
+                segment_ids,
             )
 
         if c.remat:
@@ -727,14 +800,16 @@ class Transformer(nnx.Module):
         mask: jax.Array | None = None,
         *,
         positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits ``[B, T, V]`` of the next token at every position."""
-        hidden, _ = self.decode(tokens, mask, positions=positions)
+        """Logits ``[B, T, V]`` of the next token at every position (``segment_ids``: packed
+        rows, as :meth:`decode`)."""
+        hidden, _ = self.decode(tokens, mask, positions=positions, segment_ids=segment_ids)
         return self.logits(hidden)
 
-    def values(self, tokens, mask=None, *, positions=None) -> jax.Array:
+    def values(self, tokens, mask=None, *, positions=None, segment_ids=None) -> jax.Array:
         """Per-token values ``[B, T]`` from the value head."""
-        hidden, _ = self.decode(tokens, mask, positions=positions)
+        hidden, _ = self.decode(tokens, mask, positions=positions, segment_ids=segment_ids)
         return self.scores(hidden)
 
     def rewards(self, tokens, mask=None, *, positions=None) -> jax.Array:

@@ -2,9 +2,10 @@
 metrics)`` to jit with explicit shardings (layer 3 of the package).
 
 The objectives (:mod:`rljax.ppo`, :mod:`rljax.trpo`, :mod:`rljax.dpo`, :mod:`rljax.reward`,
-:mod:`rljax.rlhf`) are arrays in, arrays out; the modules here add what a training step needs
-around them: a train state, an optimizer, minibatches and epochs, the non-finite guard, and
-for language models the forward passes that turn tokens into log-probs (:mod:`.lm`).
+:mod:`rljax.rlhf`, :mod:`rljax.sft`) are arrays in, arrays out; the modules here add what a
+training step needs around them: a train state, an optimizer, minibatches and epochs, the
+non-finite guard, and for language models the forward passes that turn tokens into log-probs
+(:mod:`.lm`).
 
 * :mod:`.ppo`: :class:`PPOConfig`, :class:`PPOState` (the one train-state layout of the
   policy-gradient family), :func:`minibatch_epochs` / :func:`epochs_step` (the one
@@ -12,6 +13,7 @@ for language models the forward passes that turn tokens into log-probs (:mod:`.l
 * :mod:`.trpo`: :class:`TRPOConfig`, :func:`make_trpo_update` (its state is a
   :class:`PPOState` too; the critic is fitted by :func:`minibatch_epochs`).
 * :mod:`.dpo`, :mod:`.reward`: the preference updates on a language model.
+* :mod:`.sft`: supervised fine-tuning on padded or packed rows.
 * :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
 * :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.
 
@@ -30,7 +32,9 @@ from rljax.updates.reward import *  # noqa: F403
 from rljax.updates.reward import __all__ as _reward
 from rljax.updates.rlhf import *  # noqa: F403
 from rljax.updates.rlhf import __all__ as _rlhf
+from rljax.updates.sft import *  # noqa: F403
+from rljax.updates.sft import __all__ as _sft
 from rljax.updates.trpo import *  # noqa: F403
 from rljax.updates.trpo import __all__ as _trpo
 
-__all__ = [*_dpo, *_grpo, *_ppo, *_reward, *_rlhf, *_trpo]
+__all__ = [*_dpo, *_grpo, *_ppo, *_reward, *_rlhf, *_sft, *_trpo]
