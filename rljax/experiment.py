@@ -1,5 +1,6 @@
 """Drivers of the language-model preference experiments: Direct Preference Optimization
-(:func:`train_dpo`, ``experiments/dpo.py``), Bradley-Terry reward models
+(:func:`train_dpo`, ``experiments/dpo.py``), KTO on unpaired completions (:func:`train_kto`,
+``experiments/kto.py``), Bradley-Terry reward models
 (:func:`train_reward_model`, ``experiments/reward_model.py``) and iterative (online) DPO
 (:func:`train_iterative_dpo`, ``experiments/iterative_dpo.py``), supervised fine-tuning with
 packing (:func:`train_sft`, ``experiments/sft.py``), and the stages they share.
@@ -59,6 +60,7 @@ from rljax.updates import lm
 __all__ = [
     "DPORunConfig",
     "IterativeDPORunConfig",
+    "KTORunConfig",
     "PreferenceRunConfig",
     "PreferenceSetup",
     "RewardModelRunConfig",
@@ -73,6 +75,8 @@ __all__ = [
     "final_eval",
     "finish_run",
     "in_run_folder",
+    "kto_run",
+    "load_kto_arrays",
     "load_preference_arrays",
     "load_reward_model",
     "load_run",
@@ -100,10 +104,13 @@ __all__ = [
     "train_and_export",
     "train_dpo",
     "train_iterative_dpo",
+    "train_kto",
     "train_loop",
     "train_reward_model",
     "train_round",
     "train_sft",
+    "unpaired_rows",
+    "validate_unpaired",
     "win_rate_vs_base",
     "write_outputs",
 ]
@@ -621,6 +628,7 @@ def train_loop(
     progress_keys: tuple[str, ...],
     checkpoint_dir: str | os.PathLike | None = None,
     extra: Mapping[str, Any] | None = None,
+    shuffle: bool = True,
 ) -> tuple[Any, runs.MetricsLog, dict[str, Any]]:
     """Run ``config.steps`` steps of ``step_fn(state, batch) -> (state, metrics)``, resuming
     from the last checkpoint in ``checkpoint_dir`` (default ``out/checkpoints``) if there is
@@ -628,6 +636,7 @@ def train_loop(
     ``out/metrics.jsonl`` and the sinks of ``config.log``, evaluates (``evaluate(state) ->
     metrics``, logged with an ``eval/`` prefix) every ``eval_every`` steps and at the end, and
     checkpoints every ``checkpoint_every`` steps and at the end. Returns ``(state, log, info)``.
+    ``shuffle=False`` draws the batches in the rows' order (:class:`rljax.data.Batches`).
 
     The log is returned open, for the final evaluation's samples (:func:`log_final_samples`):
     the caller closes it (``with log:`` marks a W&B run failed when its block raises). When
@@ -642,7 +651,7 @@ def train_loop(
     with the same global batches; only process 0 writes the metrics."""
     out = pathlib.Path(config.out)
     ckpt = checkpoint.Checkpointer(checkpoint_dir or out / "checkpoints", max_to_keep=2)
-    batches = data.Batches(train_arrays, config.batch_size, seed=config.seed)
+    batches = data.Batches(train_arrays, config.batch_size, seed=config.seed, shuffle=shuffle)
     start, state, saved = resume(ckpt, state, config.steps, "step")
     if saved is not None:
         batches.restore(saved["data"])
@@ -759,6 +768,7 @@ def train_and_export(
     progress_keys: tuple[str, ...],
     folder: str,
     started: float,
+    shuffle: bool = True,
 ):
     """Train from ``run`` (``(state, step_fn, place, evaluate)`` of :func:`dpo_run` or
     :func:`reward_run`) on ``setup.train`` (:func:`train_loop`) and export the trained model to
@@ -775,6 +785,7 @@ def train_and_export(
         place=place,
         evaluate=evaluate,
         progress_keys=progress_keys,
+        shuffle=shuffle,
     )
     try:
         model, summary = finish_run(
@@ -838,7 +849,9 @@ def oracle_win_rate(policy_model, reference_model, tokenizer, prompts, seed: int
     }
 
 
-def dpo_oracle(config: DPORunConfig, policy, reference, tokenizer) -> dict[str, Any]:
+def dpo_oracle(
+    config: PreferenceRunConfig, policy, reference, tokenizer, label: str = "DPO"
+) -> dict[str, Any]:
     """The built-in task's verdict on a DPO run (:func:`oracle_win_rate`): the win-rate of the
     ``policy`` model's samples over the ``reference`` model's on up to ``win_rate_prompts``
     held-out prompts (``out/data/test.jsonl``), printed and returned."""
@@ -846,7 +859,7 @@ def dpo_oracle(config: DPORunConfig, policy, reference, tokenizer) -> dict[str, 
     prompts = sorted({row["prompt"] for row in held_out_rows})[: config.win_rate_prompts]
     oracle = oracle_win_rate(policy, reference, tokenizer, prompts, config.seed + 1)
     print(
-        f"[DPO] oracle win-rate of the policy over the reference: {oracle['win_rate']:.3f} "
+        f"[{label}] oracle win-rate of the policy over the reference: {oracle['win_rate']:.3f} "
         f"({oracle['prompts']} held-out prompts; mean score "
         f"{oracle['policy']['mean_score']:.3f} vs {oracle['reference']['mean_score']:.3f})"
     )
@@ -882,6 +895,226 @@ def train_dpo(config: DPORunConfig) -> dict[str, Any]:
             title=f"DPO ({config.loss_type}, beta {config.beta})",
             plot_keys=DPO_KEYS,
             headline={"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"},
+            folder="policy",
+        )
+    return summary
+
+
+# ---------------------------------------------------------------------------- KTO
+
+
+@dataclasses.dataclass(frozen=True)
+class KTORunConfig(PreferenceRunConfig):
+    """KTO, Kahneman-Tversky Optimization (Ethayarajh et al., 2024; TRL's KTOTrainer), on
+    unpaired completions (TRL's unpaired format: prompt, completion, label).
+
+    Attributes:
+      data: unpaired completions (JSONL, JSON, parquet or a saved datasets folder: prompt,
+        completion and a bool label, True = desirable); none = the built-in task's oracle
+        pairs, each split into a desirable (chosen) and an undesirable (rejected) row.
+      batch_size: rows per step (each batch's KL reference point uses its own completions,
+        rotated by one: at least 2 rows for loss type kto).
+      beta: KTO's beta.
+      desirable_weight: weight of the desirable rows' losses (lambda_D).
+      undesirable_weight: weight of the undesirable rows' losses (lambda_U).
+      loss_type: kto or apo_zero_unpaired.
+      reference: precomputed (reference log-probs computed once over the data) or model (a
+        frozen reference forward pass per batch).
+      chunk_size: token rows per chunk of the log-prob computation.
+      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
+    """
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"
+    reference: str = "precomputed"
+    chunk_size: int = 1024
+    win_rate_prompts: int = 512
+    out: str = "runs/kto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"win_rate_prompts": ">= 1"})
+        if self.kto_config().uses_kl and self.batch_size < 2:
+            raise ValueError(
+                f"--batch-size {self.batch_size}: loss type kto estimates its KL reference point "
+                "from the batch's other completions, so it needs at least 2 rows per batch"
+            )
+
+    def kto_config(self) -> updates.KTOConfig:
+        return updates.KTOConfig(
+            beta=self.beta,
+            desirable_weight=self.desirable_weight,
+            undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
+            chunk_size=self.chunk_size,
+            reference=self.reference,
+        )
+
+
+KTO_KEYS = ("loss", "kl", "rewards/margins", "eval/rewards/margins")
+
+
+def unpaired_rows(pairs: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """TRL's unpaired format from preference pairs: each pair gives its chosen completion with
+    ``label`` True and its rejected one with ``label`` False (in that order)."""
+    return [
+        {"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+        for pair in pairs
+        for side in ("chosen", "rejected")
+    ]
+
+
+def validate_unpaired(
+    rows: Sequence[Any], numbering: data.RowNumbers, skip_invalid: bool
+) -> tuple[list[dict], data.RowNumbers, dict[str, Any]]:
+    """Rows in TRL's unpaired format: ``prompt`` and ``completion`` as
+    :func:`rljax.data.validate_completions` checks them, and a bool ``label``. An invalid row
+    raises naming its row in the user's file, or with ``skip_invalid`` is skipped and counted.
+    Returns ``(rows, their numbering, report)``."""
+    valid, validation = data.validate_completions(
+        rows, skip_invalid=skip_invalid, numbering=numbering
+    )
+    numbering = numbering.take(validation.kept_rows)
+    kept, bad = [], []
+    for i, row in enumerate(valid):
+        if isinstance(row.get("label"), bool | np.bool_):
+            kept.append(i)
+            continue
+        problem = (
+            "field 'label' is missing"
+            if "label" not in row
+            else f"field 'label' is {row['label']!r}, expected true or false"
+        )
+        message = (
+            f"{numbering.label(i)}: {problem} (TRL's unpaired format: prompt, completion, label)"
+        )
+        if not skip_invalid:
+            raise ValueError(f"{message}; pass --skip-invalid to skip and count such rows")
+        bad.append(numbering.numbers[i])
+    report = {
+        "validation": str(validation),
+        "valid": len(kept),
+        "skipped": {**validation.skipped, **({"invalid_label": len(bad)} if bad else {})},
+    }
+    return [valid[i] for i in kept], numbering.take(kept), report
+
+
+def load_kto_arrays(
+    config: KTORunConfig, tokenizer
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    """Train and held-out arrays of unpaired completions: ``tokens``, ``mask``, ``loss_mask``
+    (padded to ``max_length``), ``desirable`` and, for loss type kto, the KL batch of each
+    group of ``batch_size`` rows (:func:`rljax.updates.mismatched_pairs`). The training rows
+    are shuffled once (``seed``) and then drawn in order, so each batch's KL completions are
+    its own, rotated by one (TRL's sequential sampling). Also returns a report of validation
+    and tokenisation (printed)."""
+    train_split, eval_split, source = _rows(config)
+    if builtin(config):  # the oracle's pairs -> desirable and undesirable rows
+        train_split, eval_split = (
+            (rows, data.RowNumbers.of(len(rows)))
+            for rows in (unpaired_rows(train_split[0]), unpaired_rows(eval_split[0]))
+        )
+    report: dict[str, Any] = {"source": source}
+    arrays = []
+    for name, (rows, numbering) in (("train", train_split), ("eval", eval_split)):
+        valid, numbering, validation = validate_unpaired(rows, numbering, config.skip_invalid)
+        tokens, tokenization = data.tokenize_completions(
+            valid,
+            tokenizer,
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            overflow=config.overflow,
+            pad_to=config.max_length,
+            numbering=numbering,
+        )
+        print(f"{name} data ({numbering.source}): {validation['validation']}; {tokenization}")
+        split = {k: np.asarray(v) for k, v in dict(tokens).items()}
+        split["desirable"] = np.array([valid[i]["label"] for i in tokenization.kept_rows], bool)
+        n = len(split["desirable"])
+        report[name] = {
+            "rows": len(rows),
+            **{k: v for k, v in validation.items() if k != "validation"},
+            "examples": n,
+            "desirable": int(split["desirable"].sum()),
+            "truncated": tokenization.truncated,
+            "dropped": tokenization.dropped,
+            "unknown_tokens": tokenization.unknown_tokens,
+        }
+        if n == 0:
+            raise ValueError(
+                f"{name} data ({numbering.source}): no examples left of {len(rows)} rows"
+            )
+        if name == "train":
+            order = np.random.default_rng(config.seed).permutation(n)
+            split = {k: v[order] for k, v in split.items()}
+        if config.kto_config().uses_kl:
+            split.update(updates.mismatched_pairs(split, config.batch_size))
+        arrays.append(split)
+    return arrays[0], arrays[1], report
+
+
+def kto_run(graphdef, params, train, held_out, config: KTORunConfig, mesh):
+    """What :func:`dpo_run` gives, for KTO: reference log-probs added to ``train`` and
+    ``held_out`` (``reference="precomputed"``; the initial policy is the reference), then
+    ``(state, step_fn, place, evaluate)``."""
+    kto_config = config.kto_config()
+    if config.reference == "precomputed":
+        for arrays in (train, held_out):
+            arrays.update(
+                updates.kto_reference_logps(graphdef, params, arrays, chunk_size=config.chunk_size)
+            )
+    optimizer = adamw(config)
+    ref_params = jax.tree.map(jnp.copy, params) if config.reference == "model" else None
+    return _compiled(
+        updates.make_kto_update(graphdef, optimizer, kto_config),
+        updates.init_kto_state(params, optimizer, ref_params),
+        updates.make_kto_eval(graphdef, kto_config),
+        train,
+        held_out,
+        config,
+        mesh,
+    )
+
+
+@in_run_folder  # one run per --out; a resume must keep the stored settings
+def train_kto(config: KTORunConfig) -> dict[str, Any]:
+    """KTO of ``config.model`` (or the built-in base model) on unpaired completions, the
+    initial model as the reference; the outputs of :func:`train_dpo` (on the built-in task
+    with the oracle's win-rate of the policy over the reference, :func:`dpo_oracle`). Returns
+    the summary."""
+    started = time.perf_counter()
+    model_path = resolve_model(config)
+    tokenizer = hf.load_tokenizer(model_path)
+    graphdef, params = nnx.split(hf.load_model(model_path))
+    train, held_out, data_report = load_kto_arrays(config, tokenizer)
+    setup = PreferenceSetup(
+        model_path, tokenizer, graphdef, params, train, held_out, data_report,
+        build_mesh(config.mesh),
+    )  # fmt: skip
+    reference = jax.device_get(setup.params)  # kept apart from the donated train state
+    run = kto_run(graphdef, setup.params, train, held_out, config, setup.mesh)
+    policy, summary, log = train_and_export(
+        config, setup, run, label="KTO", progress_keys=KTO_KEYS, folder="policy",
+        started=started, shuffle=False,
+    )  # fmt: skip
+    with log:
+        if not sharding.is_primary():
+            return summary
+        if builtin(config):
+            base = lm.merge(graphdef, reference)
+            summary["oracle"] = dpo_oracle(config, policy, base, tokenizer, label="KTO")
+            log_final_samples(log, config.steps, summary["oracle"]["examples"])
+        write_outputs(
+            config,
+            summary,
+            log.rows(),
+            label="KTO",
+            title=f"KTO ({config.loss_type}, beta {config.beta})",
+            plot_keys=KTO_KEYS,
+            headline={"reward margin": "rewards/margins", "kl": "kl"},
             folder="policy",
         )
     return summary

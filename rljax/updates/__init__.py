@@ -12,7 +12,7 @@ non-finite guard, and for language models the forward passes that turn tokens in
   minibatch/epoch loop), :func:`make_ppo_update` over pure policy/value functions.
 * :mod:`.trpo`: :class:`TRPOConfig`, :func:`make_trpo_update` (its state is a
   :class:`PPOState` too; the critic is fitted by :func:`minibatch_epochs`).
-* :mod:`.dpo`, :mod:`.reward`: the preference updates on a language model.
+* :mod:`.dpo`, :mod:`.kto`, :mod:`.reward`: the preference updates on a language model.
 * :mod:`.sft`: supervised fine-tuning on padded or packed rows.
 * :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
 * :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.
@@ -26,6 +26,8 @@ from rljax.updates.dpo import *  # noqa: F403
 from rljax.updates.dpo import __all__ as _dpo
 from rljax.updates.grpo import *  # noqa: F403
 from rljax.updates.grpo import __all__ as _grpo
+from rljax.updates.kto import *  # noqa: F403
+from rljax.updates.kto import __all__ as _kto
 from rljax.updates.ppo import *  # noqa: F403
 from rljax.updates.ppo import __all__ as _ppo
 from rljax.updates.reward import *  # noqa: F403
@@ -37,4 +39,4 @@ from rljax.updates.sft import __all__ as _sft
 from rljax.updates.trpo import *  # noqa: F403
 from rljax.updates.trpo import __all__ as _trpo
 
-__all__ = [*_dpo, *_grpo, *_ppo, *_reward, *_rlhf, *_sft, *_trpo]
+__all__ = [*_dpo, *_grpo, *_kto, *_ppo, *_reward, *_rlhf, *_sft, *_trpo]
