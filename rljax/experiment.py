@@ -464,14 +464,19 @@ class PreferenceSetup(NamedTuple):
     mesh: Any
 
 
-def load_run(config: PreferenceRunConfig, load_model: Callable = hf.load_model) -> PreferenceSetup:
+def load_run(
+    config: PreferenceRunConfig,
+    load_model: Callable = hf.load_model,
+    load_arrays: Callable | None = None,
+) -> PreferenceSetup:
     """Resolve the model folder (:func:`resolve_model`), load its tokenizer and
-    ``load_model(folder)``, load and tokenise the preference data
-    (:func:`load_preference_arrays`) and build the mesh of ``config.mesh``."""
+    ``load_model(folder)``, load and tokenise the data with ``load_arrays(config, tokenizer)``
+    (default :func:`load_preference_arrays`) and build the mesh of ``config.mesh``."""
     model_path = resolve_model(config)
     tokenizer = hf.load_tokenizer(model_path)
     graphdef, params = nnx.split(load_model(model_path))
-    train, held_out, data_report = load_preference_arrays(config, tokenizer)
+    load_arrays = load_preference_arrays if load_arrays is None else load_arrays
+    train, held_out, data_report = load_arrays(config, tokenizer)
     mesh = build_mesh(config.mesh)
     return PreferenceSetup(
         model_path, tokenizer, graphdef, params, train, held_out, data_report, mesh
@@ -542,13 +547,13 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
     dpo_config = config.dpo_config()
     reference_params = params if reference_params is None else reference_params
     apply_layout(config, train, held_out)
-    if config.reference == "precomputed":
-        for arrays in (train, held_out):
-            arrays.update(
-                lm.reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
-            )
+    ref_params = _reference(
+        config, reference_params, train, held_out,
+        lambda arrays: lm.reference_logps(
+            graphdef, reference_params, arrays, chunk_size=config.chunk_size
+        ),
+    )  # fmt: skip
     optimizer = adamw(config)
-    ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
     return _compiled(
         updates.make_dpo_update(graphdef, optimizer, dpo_config),
         updates.init_dpo_state(params, optimizer, ref_params),
@@ -558,6 +563,17 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
         config,
         mesh,
     )
+
+
+def _reference(config, reference_params, train, held_out, reference_logps: Callable):
+    """The reference of a DPO-family run: with ``reference="precomputed"`` its log-probs,
+    ``reference_logps(arrays)``, are added to both splits (and ``None`` returned); with
+    ``"model"`` a copy of ``reference_params`` (kept apart from the donated train state) is
+    returned; with ``"none"``, ``None``."""
+    if config.reference == "precomputed":
+        for arrays in (train, held_out):
+            arrays.update(reference_logps(arrays))
+    return jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
 
 
 def reward_run(graphdef, params, train, held_out, config: RewardModelRunConfig, mesh):
@@ -875,26 +891,43 @@ def train_dpo(config: DPORunConfig) -> dict[str, Any]:
     completions are logged as samples. Returns the summary."""
     started = time.perf_counter()
     setup = load_run(config)
-    reference = jax.device_get(setup.params)  # kept apart from the donated train state
-    run = dpo_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
-    policy, summary, log = train_and_export(
-        config, setup, run, label="DPO", progress_keys=DPO_KEYS, folder="policy", started=started
+    return _train_policy(
+        config,
+        setup,
+        dpo_run,
+        started=started,
+        label="DPO",
+        keys=DPO_KEYS,
+        headline={"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"},
     )
+
+
+def _train_policy(config, setup, make_run, *, started, label, keys, headline, shuffle=True):
+    """Train and export the policy of a DPO-family run (``make_run``: :func:`dpo_run` or
+    :func:`kto_run`, the initial model as the reference), then on process 0 the oracle's
+    win-rate over the reference on the built-in task (its first completions logged as
+    samples), ``summary.json`` and the plot. Returns the summary."""
+    reference = jax.device_get(setup.params)  # kept apart from the donated train state
+    run = make_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
+    policy, summary, log = train_and_export(
+        config, setup, run, label=label, progress_keys=keys, folder="policy", started=started,
+        shuffle=shuffle,
+    )  # fmt: skip
     with log:
         if not sharding.is_primary():
             return summary  # process 0 samples, writes the summary and plots
         if builtin(config):
             base = lm.merge(setup.graphdef, reference)
-            summary["oracle"] = dpo_oracle(config, policy, base, setup.tokenizer)
+            summary["oracle"] = dpo_oracle(config, policy, base, setup.tokenizer, label=label)
             log_final_samples(log, config.steps, summary["oracle"]["examples"])
         write_outputs(
             config,
             summary,
             log.rows(),
-            label="DPO",
-            title=f"DPO ({config.loss_type}, beta {config.beta})",
-            plot_keys=DPO_KEYS,
-            headline={"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"},
+            label=label,
+            title=f"{label} ({config.loss_type}, beta {config.beta})",
+            plot_keys=keys,
+            headline=headline,
             folder="policy",
         )
     return summary
@@ -1061,13 +1094,13 @@ def kto_run(graphdef, params, train, held_out, config: KTORunConfig, mesh):
     ``held_out`` (``reference="precomputed"``; the initial policy is the reference), then
     ``(state, step_fn, place, evaluate)``."""
     kto_config = config.kto_config()
-    if config.reference == "precomputed":
-        for arrays in (train, held_out):
-            arrays.update(
-                updates.kto_reference_logps(graphdef, params, arrays, chunk_size=config.chunk_size)
-            )
+    ref_params = _reference(
+        config, params, train, held_out,
+        lambda arrays: updates.kto_reference_logps(
+            graphdef, params, arrays, chunk_size=config.chunk_size
+        ),
+    )  # fmt: skip
     optimizer = adamw(config)
-    ref_params = jax.tree.map(jnp.copy, params) if config.reference == "model" else None
     return _compiled(
         updates.make_kto_update(graphdef, optimizer, kto_config),
         updates.init_kto_state(params, optimizer, ref_params),
@@ -1086,38 +1119,17 @@ def train_kto(config: KTORunConfig) -> dict[str, Any]:
     with the oracle's win-rate of the policy over the reference, :func:`dpo_oracle`). Returns
     the summary."""
     started = time.perf_counter()
-    model_path = resolve_model(config)
-    tokenizer = hf.load_tokenizer(model_path)
-    graphdef, params = nnx.split(hf.load_model(model_path))
-    train, held_out, data_report = load_kto_arrays(config, tokenizer)
-    setup = PreferenceSetup(
-        model_path, tokenizer, graphdef, params, train, held_out, data_report,
-        build_mesh(config.mesh),
-    )  # fmt: skip
-    reference = jax.device_get(setup.params)  # kept apart from the donated train state
-    run = kto_run(graphdef, setup.params, train, held_out, config, setup.mesh)
-    policy, summary, log = train_and_export(
-        config, setup, run, label="KTO", progress_keys=KTO_KEYS, folder="policy",
-        started=started, shuffle=False,
-    )  # fmt: skip
-    with log:
-        if not sharding.is_primary():
-            return summary
-        if builtin(config):
-            base = lm.merge(graphdef, reference)
-            summary["oracle"] = dpo_oracle(config, policy, base, tokenizer, label="KTO")
-            log_final_samples(log, config.steps, summary["oracle"]["examples"])
-        write_outputs(
-            config,
-            summary,
-            log.rows(),
-            label="KTO",
-            title=f"KTO ({config.loss_type}, beta {config.beta})",
-            plot_keys=KTO_KEYS,
-            headline={"reward margin": "rewards/margins", "kl": "kl"},
-            folder="policy",
-        )
-    return summary
+    setup = load_run(config, load_arrays=load_kto_arrays)
+    return _train_policy(
+        config,
+        setup,
+        kto_run,
+        started=started,
+        label="KTO",
+        keys=KTO_KEYS,
+        headline={"reward margin": "rewards/margins", "kl": "kl"},
+        shuffle=False,  # each batch's KL rows are its own completions rotated (TRL's order)
+    )
 
 
 # ---------------------------------------------------------------------------- reward model

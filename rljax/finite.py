@@ -39,6 +39,7 @@ __all__ = [
     "NonfiniteStop",
     "all_finite",
     "count_nonfinite",
+    "guarded_step",
     "require_finite",
     "select",
     "step_if_finite",
@@ -97,6 +98,20 @@ def count_nonfinite(count: jax.Array, finite: jax.Array) -> tuple[jax.Array, dic
         "nonfinite": jnp.logical_not(finite).astype(jnp.float32),
         "nonfinite_updates": count,
     }
+
+
+def guarded_step(
+    optimizer: optax.GradientTransformation, grads: Any, state: Any, loss: jax.Array
+) -> tuple[Any, Any, jax.Array, dict]:
+    """One guarded optax step of a train state with ``params``, ``opt_state`` and
+    ``nonfinite_updates`` fields (:func:`step_if_finite` on ``loss`` and ``grads``, then
+    :func:`count_nonfinite`). Returns ``(params, opt_state, nonfinite_updates, metrics)``,
+    ``metrics`` holding ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``."""
+    params, opt_state, finite = step_if_finite(
+        optimizer, grads, state.opt_state, state.params, loss
+    )
+    count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
+    return params, opt_state, count, {"grad_norm": optax.tree.norm(grads), **guard_metrics}
 
 
 # ---------------------------------------------------------------------------- host side

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rljax import checks
 from rljax.dpo import (
@@ -21,7 +20,7 @@ from rljax.dpo import (
     _validate,
     dpo_loss,
 )
-from rljax.finite import count_nonfinite, step_if_finite
+from rljax.finite import guarded_step
 from rljax.updates.lm import pair_sequence_logps
 
 __all__ = [
@@ -333,11 +332,9 @@ def make_dpo_update(
         grads, metrics = jax.grad(objective, has_aux=True)(
             state.params, ref_logps, batch, hyperparams
         )
-        params, opt_state, finite = step_if_finite(
-            optimizer, grads, state.opt_state, state.params, metrics["loss"]
+        params, opt_state, count, guard_metrics = guarded_step(
+            optimizer, grads, state, metrics["loss"]
         )
-        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
-        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics.update(guard_metrics)
         return DPOState(params, opt_state, state.step + 1, state.ref_params, count), metrics
 

@@ -14,11 +14,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rljax import checks
 from rljax.dpo import KTO_LOSS_TYPES, kto_loss
-from rljax.finite import count_nonfinite, step_if_finite
+from rljax.finite import guarded_step
 from rljax.updates.dpo import DPOState, init_dpo_state
 from rljax.updates.lm import reference_logps, sequence_logps
 
@@ -221,11 +220,9 @@ def make_kto_update(
     def update(state: DPOState, batch: dict) -> tuple[DPOState, dict[str, jax.Array]]:
         ref = reference(state.ref_params, batch)
         grads, metrics = jax.grad(objective, has_aux=True)(state.params, ref, batch)
-        params, opt_state, finite = step_if_finite(
-            optimizer, grads, state.opt_state, state.params, metrics["loss"]
+        params, opt_state, count, guard_metrics = guarded_step(
+            optimizer, grads, state, metrics["loss"]
         )
-        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
-        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics.update(guard_metrics)
         return DPOState(params, opt_state, state.step + 1, state.ref_params, count), metrics
 

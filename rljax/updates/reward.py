@@ -11,10 +11,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from rljax import checks
-from rljax.finite import count_nonfinite, step_if_finite
+from rljax.finite import guarded_step
 from rljax.reward import (
     bradley_terry_loss,
 )
@@ -119,11 +118,9 @@ def make_reward_update(
 
     def update(state: RewardState, batch: dict) -> tuple[RewardState, dict[str, jax.Array]]:
         grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
-        params, opt_state, finite = step_if_finite(
-            optimizer, grads, state.opt_state, state.params, metrics["loss"]
+        params, opt_state, count, guard_metrics = guarded_step(
+            optimizer, grads, state, metrics["loss"]
         )
-        count, guard_metrics = count_nonfinite(state.nonfinite_updates, finite)
-        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics.update(guard_metrics)
         return RewardState(params, opt_state, state.step + 1, count), metrics
 
