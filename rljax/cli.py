@@ -147,6 +147,12 @@ def _build(cls, values: Mapping[str, Any]):
     return cls(**kwargs)
 
 
+def flat_names(cls) -> list[str]:
+    """The flag (flat) names of every leaf field of the config class ``cls``, nested configs
+    included, in declaration order."""
+    return list(_fields(cls))
+
+
 def replace(config, /, **values):
     """:func:`dataclasses.replace` that also reaches nested configs: ``values`` name fields by
     their flat (flag) name, ``replace(run, beta=0.05)`` for ``run.grpo.beta``. An unknown name

@@ -23,10 +23,10 @@ Overrides name fields by their flag names (the fields of a nested update config 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from rljax import cli
 from rljax.rl import grpo, rlhf
 
 __all__ = ["ALGORITHMS", "Algorithm", "config", "train"]
@@ -119,32 +119,6 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
-def _flat_fields(cls) -> dict[str, tuple[str, ...]]:
-    """Flag name -> path of field names (nested config dataclasses contribute their fields)."""
-    hints = typing.get_type_hints(cls)
-    paths: dict[str, tuple[str, ...]] = {}
-    for field in dataclasses.fields(cls):
-        kind = hints[field.name]
-        if dataclasses.is_dataclass(kind):
-            for name, path in _flat_fields(kind).items():
-                paths[name] = (field.name, *path)
-        else:
-            paths[field.name] = (field.name,)
-    return paths
-
-
-def _replace(instance, values: Mapping[tuple[str, ...], Any]):
-    """``instance`` with the values at their field paths (nested configs rebuilt)."""
-    top = {path[0]: v for path, v in values.items() if len(path) == 1}
-    nested: dict[str, dict] = {}
-    for path, v in values.items():
-        if len(path) > 1:
-            nested.setdefault(path[0], {})[path[1:]] = v
-    for name, inner in nested.items():
-        top[name] = _replace(getattr(instance, name), inner)
-    return dataclasses.replace(instance, **top)
-
-
 def config(name: str, **overrides):
     """The run configuration of algorithm ``name``: its config class's defaults, then the
     algorithm's preset, then ``overrides`` (flag names; a nested update config's fields by
@@ -160,15 +134,14 @@ def config(name: str, **overrides):
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}; valid: {sorted(ALGORITHMS)}")
     entry = ALGORITHMS[name]
-    paths = _flat_fields(entry.config_class)
-    unknown = sorted(set(overrides) - set(paths))
+    names = cli.flat_names(entry.config_class)
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ValueError(
             f"rljax.rl.config({name!r}): {unknown} are not fields of "
-            f"{entry.config_class.__name__}; valid: {sorted(paths)}"
+            f"{entry.config_class.__name__}; valid: {sorted(names)}"
         )
-    values = {**entry.preset, **overrides}
-    return _replace(entry.config_class(), {paths[k]: v for k, v in values.items()})
+    return cli.replace(entry.config_class(), **{**entry.preset, **overrides})
 
 
 def train(run_config, **kwargs) -> dict[str, Any]:
