@@ -25,7 +25,7 @@ import jax
 from flax import nnx
 
 from rljax import cli, experiment, rl, runs
-from rljax.models import generate, hf
+from rljax.models import hf
 from rljax.tasks import sorting
 
 
@@ -144,12 +144,7 @@ def main(config: Config) -> dict:
     scorer = rl.rlhf.Scorer(tokenizer)
     key = jax.random.key(config.seed + 12)
 
-    sampling = generate.SamplingConfig(
-        max_new_tokens=sorting.max_completion_tokens(),
-        temperature=1.0,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    sampling = rl.rollout.sampling_config(tokenizer, sorting.max_completion_tokens(), 1.0)
 
     def point(graphdef, params):
         rollout_fn = rl.rollout.make_rollout_fn(graphdef, sampling, ref_graphdef=ref_graphdef)

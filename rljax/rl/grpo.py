@@ -37,9 +37,9 @@ import optax
 from flax import nnx
 
 from rljax import advantages, checks, data, experiment, rewards, runs, sharding, updates
-from rljax.models import generate, hf
+from rljax.models import hf
 from rljax.rl.loop import export_policy, finish, train_loop
-from rljax.rl.rollout import decode_completions, make_rollout_fn
+from rljax.rl.rollout import decode_completions, make_rollout_fn, sampling_config
 from rljax.tasks import arithmetic
 from rljax.updates import lm
 
@@ -591,12 +591,7 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
         update, init, _example_batch(config, max_new), mesh
     )
     ref_params = sharding.shard_params(params, mesh)
-    sampling = generate.SamplingConfig(
-        max_new_tokens=max_new,
-        temperature=config.temperature,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    sampling = sampling_config(tokenizer, max_new, config.temperature)
     rollout_fn = make_rollout_fn(graphdef, sampling, chunk_size=config.grpo.chunk_size)
 
     def held_out_eval(s):

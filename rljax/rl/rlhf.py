@@ -44,7 +44,7 @@ from rljax.logprobs import masked_mean
 from rljax.models import hf
 from rljax.models.transformer import with_head
 from rljax.rl.loop import export_policy, finish, train_loop
-from rljax.rl.rollout import make_rollout_fn, sampling_config
+from rljax.rl.rollout import decode_completions, make_rollout_fn, sampling_config
 from rljax.tasks import sorting
 from rljax.updates import lm
 
@@ -401,12 +401,7 @@ class Scorer:
             return np.asarray(
                 self.model(self.params, rollout["tokens"], rollout["mask"]), np.float32
             )
-        cmask = np.asarray(rollout["completion_mask"])
-        tokens = np.asarray(rollout["tokens"])[:, -cmask.shape[1] :]
-        texts = [
-            self.tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
-            for row, m in zip(tokens, cmask, strict=True)
-        ]
+        texts = decode_completions(self.tokenizer, rollout)
         return np.asarray(sorting.score_batch(list(prompts), texts), np.float32)
 
 
