@@ -521,57 +521,44 @@ def dpo_loss(
 
     With :math:`h_w = \log\pi_\theta(y_w|x) - \log\pi_{ref}(y_w|x)` (chosen) and :math:`h_l`
     (rejected), standard DPO (Rafailov et al., 2023, Eq. 7) is
-
-    .. math:: \mathcal L = -\mathbb E\,\log\sigma\big(\beta (h_w - h_l)\big).
-
-    Which loss type reads which optional argument: the module docstring's table
-    (``ARGUMENT_READERS``). One that no requested type reads is a ``ValueError``, not ignored.
+    :math:`\mathcal L = -\mathbb E\,\log\sigma\big(\beta (h_w - h_l)\big)`. Which loss type
+    reads which optional argument: the module's table (``ARGUMENT_READERS``); an argument no
+    requested type reads is a ``ValueError``, not ignored.
 
     Args:
-      policy_chosen_logps, policy_rejected_logps: ``[batch]`` sequence log-probs (sums over
-        completion tokens) of the chosen and the rejected completions under the policy.
-      ref_chosen_logps, ref_rejected_logps: ``[batch]`` under the reference policy, or both
-        ``None`` for reference-free training (the reference log-probs are taken as 0).
+      policy_chosen_logps, policy_rejected_logps: ``[batch]`` summed completion log-probs.
+      ref_chosen_logps, ref_rejected_logps: the same under the reference, or both ``None``
+        (reference-free: taken as 0).
       beta: :math:`\beta` (for ``ipo``, the :math:`\tau` of the IPO paper). May be traced.
       loss_type: a name from ``LOSS_TYPES``, a function ``PairTerms -> [batch]`` per-pair
         losses (a variant of your own, reported as ``loss/<function name>``), or a list of them.
-      loss_weights: one weight per loss type (default 1 each; may be traced); the loss is
-        :math:`\sum_k w_k\,\mathrm{mean}_i\,\ell_k(i)`.
-      label_smoothing: ``None`` = 0 (readers: the module's table). May be traced (a traced value
-        counts as given, and its range is checked only when concrete).
+      loss_weights: one weight per type (default 1; may be traced): :math:`\sum_k w_k\bar\ell_k`.
+      label_smoothing: ``None`` = 0; may be traced (counts as given, range-checked if concrete).
       chosen_lengths, rejected_lengths: ``[batch]`` completion token counts (see the table).
-      f_divergence_type: f-DPO regulariser (Wang et al., 2023): ``reverse_kl`` (standard),
-        ``forward_kl``, ``js_divergence``, ``alpha_divergence``.
-      f_alpha_divergence_coef: :math:`\alpha` for ``alpha_divergence`` (a Python float;
-        ``None`` = TRL's 0.5).
+      f_divergence_type: f-DPO (Wang et al., 2023): ``reverse_kl`` (standard DPO),
+        ``forward_kl``, ``js_divergence`` or ``alpha_divergence``.
+      f_alpha_divergence_coef: :math:`\alpha` of ``alpha_divergence`` (float; ``None`` = 0.5).
       discopop_tau: temperature of ``discopop`` (``None`` = TRL's 0.05). May be traced.
-      weights: optional ``[batch]`` per-pair weights multiplying every per-pair loss (e.g. WPO
-        weights, Zhou et al., 2024, arXiv:2406.11827, computed by the caller). As in TRL, the
-        ``sft`` term is then its batch value times ``mean(weights)`` (exact per local batch; with
-        a global ``normalizer`` this is exact only when the weights are constant).
-      normalizer: divide per-pair sums by this instead of the local batch size (the number of
-        pairs in the global batch, for exact gradient accumulation / data parallelism).
-      sft_normalizer: the ``sft`` term's token count (default ``sum(chosen_lengths)``; set it
-        to the global batch's chosen-token count together with ``normalizer``).
-      reduction: ``"mean"`` (the scalar loss above) or ``"none"``: the ``[batch]`` per-pair
-        losses :math:`\sum_k w_k\,\ell_k(i)` (times ``weights``), whose
-        ``sum(...) / normalizer`` (default: their mean) is the ``"mean"`` loss. Not defined for
-        ``aot``/``aot_unpaired``, which sort the batch.
+      weights: optional ``[batch]`` per-pair weights on every per-pair loss (e.g. WPO weights,
+        Zhou et al., 2024, computed by the caller); the ``sft`` term is scaled by their mean
+        (exact per local batch; with a global ``normalizer``, only for constant weights).
+      normalizer, sft_normalizer: divide per-pair sums by ``normalizer`` instead of the local
+        batch size, and the ``sft`` term by ``sft_normalizer`` instead of
+        ``sum(chosen_lengths)`` (the global batch's counts, for exact gradient accumulation).
+      reduction: ``"mean"`` (the scalar loss) or ``"none"``: the ``[batch]`` per-pair losses
+        :math:`\sum_k w_k\,\ell_k(i)` whose ``sum / normalizer`` is the mean loss (not for
+        ``aot``/``aot_unpaired``, which sort the batch).
 
     Returns:
-      ``(loss, metrics)``: ``loss`` a scalar (``reduction="mean"``) or ``[batch]`` (``"none"``);
-      scalar metrics with TRL's names: ``rewards/{chosen,rejected,accuracies,margins}``,
-      ``logps/{chosen,rejected}`` and, for each type, ``loss/<type>`` (the weighted mean of that
-      type alone, before its ``loss_weights`` entry).
+      ``(loss, metrics)``: scalar metrics with TRL's names: ``rewards/{chosen,rejected,
+      accuracies,margins}``, ``logps/{chosen,rejected}`` and ``loss/<type>`` for each type (its
+      weighted mean before its ``loss_weights`` entry).
 
     Raises:
-      ValueError: an unknown ``loss_type``, ``f_divergence_type`` or ``reduction`` (listing the
-        valid choices), mismatched ``loss_weights``, an argument no requested type reads, a
-        concrete ``label_smoothing`` outside the range a type needs, missing lengths, or a
-        custom loss type that does not return ``[batch]``.
+      ValueError: naming the argument: an unknown choice, an argument no type reads, a missing
+        or out-of-range one, or a custom loss type that does not return ``[batch]``.
 
-    Example (two pairs; the policy already prefers the first pair's chosen answer more than the
-    reference does)::
+    Example (the policy prefers the first pair's chosen answer more than the reference does)::
 
         >>> import jax.numpy as jnp
         >>> from rljax.dpo import dpo_loss

@@ -287,8 +287,7 @@ def policy_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Policy loss of the GRPO family; equals TRL 1.16 ``GRPOTrainer._compute_loss``.
 
-    With :math:`m_{i,t}` the mask, :math:`A_{i,t}` the advantage (a ``[B]`` advantage is
-    the same for every token of its row) and the importance ratio
+    With :math:`m_{i,t}` the mask, :math:`A_{i,t}` the advantage and the importance ratio
 
     .. math::
         r_{i,t} = \exp(\log\pi_{i,t} - \log\pi^{old}_{i,t}) \quad (\text{token}), \qquad
@@ -297,10 +296,8 @@ def policy_loss(
 
     the per-token loss is, for every type but cispo, the clipped surrogate (clip-higher:
     separate :math:`\epsilon_{low}` = ``clip_eps``, :math:`\epsilon_{high}` = ``clip_eps_high``)
-
-    .. math::
-        \ell_{i,t} = -\min\big(r A_{i,t},\ \mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})
-                     A_{i,t}\big) + \beta\, k_{i,t},
+    :math:`\ell_{i,t} = -\min(r A_{i,t}, \mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})
+    A_{i,t}) + \beta k_{i,t}`,
 
     and for cispo :math:`\ell_{i,t} = -\mathrm{sg}(\min(r, \epsilon_{max})) A_{i,t}
     \log\pi_{i,t} + \beta k_{i,t}` with :math:`\epsilon_{max}` = ``clip_eps_high``. The KL
@@ -310,41 +307,35 @@ def policy_loss(
     :math:`\ell`, and what of TRL's loss is not covered: :data:`POLICY_LOSS_TYPES`.
 
     ``importance_sampling_level="sequence"`` is GSPO (Zheng et al. 2025, arXiv:2507.18071) as
-    TRL 1.16 computes it (the gradient flows through the mean log-ratio; no "sequence_token"
-    level). A row with no valid token contributes exactly 0 to the loss and the gradient:
-    masked positions are neutralised before ``exp``, so padding may hold anything.
+    TRL computes it. A row with no valid token adds exactly 0 to the loss and the gradient
+    (masked positions are neutralised before ``exp``, so padding may hold anything).
 
     Args:
-      logps: ``[B, T]`` log-probs of the sampled tokens under the current policy (the only
-        input gradients flow through).
+      logps: ``[B, T]`` log-probs of the sampled tokens under the policy (differentiated).
       old_logps: ``[B, T]`` log-probs under the policy that sampled them.
-      advantages: ``[B]`` (per sequence) or ``[B, T]`` (per token).
+      advantages: ``[B]`` (per sequence: the same for every token of a row) or ``[B, T]``.
       mask: ``[B, T]``, 1 at valid completion tokens.
-      loss_type: one of :data:`POLICY_LOSS_TYPES` (static).
-      importance_sampling_level: ``"token"`` or ``"sequence"`` (static).
+      loss_type, importance_sampling_level: one of :data:`POLICY_LOSS_TYPES`; ``"token"`` or
+        ``"sequence"`` (both static).
       clip_eps: :math:`\epsilon_{low}` (TRL's ``epsilon``); not read by ``cispo``.
       clip_eps_high: :math:`\epsilon_{high}` (TRL's ``epsilon_high``; DAPO recommends 0.28;
         ``None`` = ``clip_eps``, as in TRL). Required by ``cispo``, where it is
         :math:`\epsilon_{max}`, the cap of the ratio itself (recommended 5.0).
-      ref_logps: ``[B, T]`` reference-policy log-probs; required unless ``beta`` is the number
-        0. Given, they also give the ``kl`` metric.
-      beta: weight of the k3 KL in the loss (traced, like ``clip_eps``/``clip_eps_high``); the
-        number 0 leaves the term out, as TRL does for ``beta == 0``.
+      ref_logps: ``[B, T]`` reference log-probs (for the KL term and the ``kl`` metric).
+      beta: weight of the k3 KL (may be traced); the number 0 leaves the term out, as in TRL.
       max_completion_len: ``dr_grpo``'s constant; an error for the other types.
       num_items: ``dapo``/``cispo``'s token count; an error for the other types.
 
     Returns:
-      ``(loss, metrics)``, scalar metrics named as TRL logs them (defined in
-      ``_policy_loss_metrics``): ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}``
-      (how often the ratio is clipped), or ``cispo_clip_ratio`` for ``cispo``; ``kl`` (mean k3,
-      given ``ref_logps``); ``policy/ratio{,_min,_max}``; ``count`` (valid tokens).
+      ``(loss, metrics)``, scalar metrics named as TRL logs them (``_policy_loss_metrics``):
+      ``clip_ratio/*`` (or ``cispo_clip_ratio``), ``kl`` (given ``ref_logps``),
+      ``policy/ratio{,_min,_max}`` and ``count`` (valid tokens).
 
     Raises:
-      ValueError: an unknown ``loss_type`` or level; an argument the type does not read;
-        ``dr_grpo`` without ``max_completion_len``; ``cispo`` without ``clip_eps_high``; a
-        nonzero or traced ``beta`` without ``ref_logps``.
+      ValueError: an unknown type or level, an argument the type does not read, or a required
+        one missing (``max_completion_len``, ``clip_eps_high``, ``ref_logps`` for beta != 0).
 
-    Example (two completions of two tokens, the second row one token long)::
+    Example (two completions, the second one token long)::
 
         >>> import jax.numpy as jnp
         >>> from rljax.rlhf import policy_loss
