@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -48,25 +48,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import bench, data
-from rljax.dpo import dpo_loss
-from rljax.logprobs import masked_sum_and_count, token_logprobs
-from rljax.models.transformer import Transformer, TransformerConfig
-from rljax.updates import DPOConfig, DPOState, init_dpo_state, lm, make_dpo_update
+_HERE = pathlib.Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # the benchmarks' shared helpers (_common.py)
+    sys.path.insert(0, str(_HERE))
 
+import _common  # noqa: E402
 
-def model_config(args) -> TransformerConfig:
-    return TransformerConfig.llama(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        intermediate_size=args.intermediate_size,
-        tie_word_embeddings=False,
-        max_position_embeddings=256,
-        dtype="float32",
-        param_dtype="float32",
-    )
+from rljax import bench, data  # noqa: E402
+from rljax.dpo import dpo_loss  # noqa: E402
+from rljax.logprobs import masked_sum_and_count, token_logprobs  # noqa: E402
+from rljax.models.transformer import Transformer  # noqa: E402
+from rljax.updates import DPOConfig, DPOState, init_dpo_state, lm, make_dpo_update  # noqa: E402
 
 
 def make_batch(args, vocab_size: int) -> dict[str, jax.Array]:
@@ -150,11 +142,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=688)
+    _common.add_model_size_args(parser)
     parser.add_argument("--chunk-size", type=int, default=1024, help="DPOConfig.chunk_size")
     parser.add_argument(
         "--full-logits", action="store_true", help="also time the unchunked-logits step"
@@ -185,12 +173,11 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/dpo_speed_results.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.vocab, args.hidden, args.layers, args.heads = 256, 64, 2, 2
-        args.intermediate_size = 128
+        _common.use_quick_model_sizes(args)
         args.batch, args.seq, args.prompt_len, args.steps, args.warmup = 2, 32, 16, 3, 1
         args.chunk_size, args.memory_vocab = min(args.chunk_size, 16), 0
 
-    config = model_config(args)
+    config = _common.model_config(args)
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
     optimizer = optax.adamw(1e-6, weight_decay=0.0)
     batch = make_batch(args, config.vocab_size)
@@ -237,7 +224,7 @@ def main(argv=None):
         row["params"] = config.num_params
     if args.memory_vocab:
         big = argparse.Namespace(**{**vars(args), "vocab": args.memory_vocab})
-        big_config = model_config(big)
+        big_config = _common.model_config(big)
         big_graphdef, big_params = nnx.split(Transformer(big_config, rngs=nnx.Rngs(0)), nnx.Param)
         big_batch = make_batch(big, args.memory_vocab)
         for name, update in [
@@ -266,11 +253,7 @@ def main(argv=None):
         ("temp_bytes", "XLA temp bytes"),
     ]
     print(bench.markdown_table(rows, columns))
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"environment": env, "args": vars(args), "results": rows}
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    _common.write_json(args.json, {"environment": env, "args": vars(args), "results": rows})
     return rows
 
 

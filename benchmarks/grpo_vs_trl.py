@@ -46,16 +46,21 @@ import os
 import pathlib
 import platform
 import shutil
-import statistics
 import subprocess
+import sys
 import time
-
-from rljax import cli, rl
-from rljax.models import hf
-from rljax.tasks import arithmetic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "peers" / "trl_grpo.py"
+if str(PEER.parent) not in sys.path:  # the peers' helpers: both sides' statistics are one function
+    sys.path.insert(0, str(PEER.parent))
+
+from _peer_common import nearest_rank_summary  # noqa: E402
+
+from rljax import cli, rl  # noqa: E402
+from rljax.models import hf  # noqa: E402
+from rljax.tasks import arithmetic  # noqa: E402
+
 SCALE_REWARDS = {"grpo": "group", "grpo_batch_std": "batch", "dr_grpo": "none"}
 REWARDS = ("accuracy_reward", "format_reward")  # the order the peer passes them to TRL
 
@@ -204,20 +209,6 @@ def peer_command(config: GRPOvsTRLConfig, model: str, paths: dict, out_json: str
     return command
 
 
-def summarise(times: list[float]) -> dict | None:
-    if not times:
-        return None
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-    return {
-        "median_s": statistics.median(times),
-        "mean_s": statistics.fmean(times),
-        "p10_s": pick(0.1),
-        "p90_s": pick(0.9),
-        "n": len(times),
-    }
-
-
 @contextlib.contextmanager
 def _timestamps(module, name: str, record: list):
     """Record ``(start, end)`` of every call of ``module.name`` while in the block."""
@@ -269,10 +260,10 @@ def run_rljax(run: rl.grpo.GRPORunConfig) -> dict:
         "samples_seen": summary["samples"],
         "setup_s": collects[0][0] - start,
         "first_iteration_s": iterations[0],
-        "steady_iteration": summarise(iterations[1:]),
+        "steady_iteration": nearest_rank_summary(iterations[1:]),
         "iteration_times_s": iterations,
         "rollout_times_s": rollouts,
-        "steady_rollout": summarise(rollouts[1:]),
+        "steady_rollout": nearest_rank_summary(rollouts[1:]),
         "heldout_problems": run.eval_prompts,
         "heldout_accuracy_before": summary["heldout_accuracy_before"],
         "heldout_accuracy_after": summary["heldout_accuracy_after"],

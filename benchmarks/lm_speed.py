@@ -20,8 +20,8 @@ smoke run); prints a markdown table and writes JSON (``--json PATH``).
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
+import sys
 import time
 
 import jax
@@ -30,10 +30,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import bench
-from rljax.logprobs import token_logprobs
-from rljax.models import generate as gen
-from rljax.models.transformer import Transformer, preset
+_HERE = pathlib.Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # the benchmarks' shared helpers (_common.py)
+    sys.path.insert(0, str(_HERE))
+
+import _common  # noqa: E402
+
+from rljax import bench  # noqa: E402
+from rljax.logprobs import token_logprobs  # noqa: E402
+from rljax.models import generate as gen  # noqa: E402
+from rljax.models.transformer import Transformer, preset  # noqa: E402
 
 
 def build(args):
@@ -127,11 +133,9 @@ def decode_benchmark(args, config, graphdef, params):
     )
     decode_s = max(timing.median - prefill_timing.median, 1e-9)
     steps = args.new_tokens - 1
-    itemsize = jnp.dtype(config.dtype).itemsize
-    param_bytes = config.num_params * itemsize  # decode reads weights in the compute dtype
-    kv_per_token = 2 * config.num_layers * config.kv_heads * config.dim_per_head * itemsize
-    mean_context = args.prompt_len + args.new_tokens / 2
-    kv_bytes = kv_per_token * args.decode_batch * mean_context
+    param_bytes, kv_bytes = _common.decode_step_bytes(
+        config, args.decode_batch, args.prompt_len, args.new_tokens
+    )
     bandwidth = bench.measure_bandwidth()
     bound_step_s = (param_bytes + kv_bytes) / bandwidth
     step_s = decode_s / max(steps, 1)
@@ -200,10 +204,7 @@ def main(argv=None):
         ("fraction_of_bound", "of bandwidth bound"),
     ]
     print(bench.markdown_table(rows, columns))
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
-    print(f"wrote {out}")
+    _common.write_json(args.json, {"environment": env, "results": rows})
     return rows
 
 

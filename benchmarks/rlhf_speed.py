@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import sys
@@ -76,7 +75,7 @@ _HERE = pathlib.Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # the sibling benchmark scripts, whose builders are reused
     sys.path.insert(0, str(_HERE))
 
-import dpo_speed  # noqa: E402
+import _common  # noqa: E402
 import step_speed  # noqa: E402
 
 from rljax import bench, rl, updates  # noqa: E402
@@ -97,18 +96,6 @@ PHASES = (
     "trpo_update",
     "fused_rollout",
 )
-#: The phases of ``--phases core``: the iteration of TRL's PPO layout, and the prefill for the
-#: decode step time.
-CORE = (
-    "generation",
-    "prefill",
-    "policy_forward",
-    "reference_forward",
-    "value_forward",
-    "scoring",
-    "shaping",
-    "ppo_update_separate",
-)
 #: The phases whose per-iteration sum is the iteration total (TRL's PPO layout).
 ITERATION = (
     "generation",
@@ -119,12 +106,15 @@ ITERATION = (
     "shaping",
     "ppo_update_separate",
 )
+#: The phases of ``--phases core``: the iteration of TRL's PPO layout, and the prefill for the
+#: decode step time (in the order of :data:`PHASES`).
+CORE = tuple(p for p in PHASES if p in ITERATION or p == "prefill")
 
 
 def build_models(args) -> dict:
     """``{name: (config, graphdef, params)}`` of the policy, reference, value model, reward
     model and value-head policy, random weights as device arrays."""
-    base = dpo_speed.model_config(args)
+    base = _common.model_config(args)
     variants = {
         "policy": base,
         "reference": base,
@@ -226,11 +216,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16, help="prompts (rows) per iteration")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate-size", type=int, default=688)
+    _common.add_model_size_args(parser)
     parser.add_argument("--epochs", type=int, default=4, help="PPO epochs (TRL num_ppo_epochs)")
     parser.add_argument("--minibatches", type=int, default=1, help="TRL num_mini_batches")
     parser.add_argument("--learning-rate", type=float, default=3e-6)
@@ -250,8 +236,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     compiler_options = None
     if args.quick:
-        args.vocab, args.hidden, args.layers, args.heads = 256, 64, 2, 2
-        args.intermediate_size = 128
+        _common.use_quick_model_sizes(args)
         args.batch, args.prompt_len, args.new_tokens = 4, 8, 8
         args.iterations, args.warmup, args.cg_iters = 2, 1, 3
         compiler_options = bench.FAST_COMPILE_CPU_OPTIONS
@@ -296,8 +281,7 @@ def main(argv=None):
     # Shapes of the intermediate inputs for the ahead-of-time compiles (nothing runs).
     example_gen = jax.eval_shape(fns["generation"], params["policy"], prompts, prompt_mask, key)
     tokens, mask = example_gen.tokens, example_gen.mask
-    example_rollout = jax.eval_shape(
-        fns["fused_rollout"],
+    rollout_args = (
         params["policy"],
         params["reference"],
         params["value"],
@@ -305,6 +289,7 @@ def main(argv=None):
         prompt_mask,
         key,
     )
+    example_rollout = jax.eval_shape(fns["fused_rollout"], *rollout_args)
     # The phased rollout below has no sampler log-probs (it times the phases one by one).
     example_rollout = {k: v for k, v in example_rollout.items() if k != "sampler_logps"}
     scores = jax.ShapeDtypeStruct((args.batch,), jnp.float32)
@@ -332,14 +317,7 @@ def main(argv=None):
         "value_forward": (params["value"], tokens, mask),
         "scoring": (params["reward"], tokens, mask),
         "shaping": (example_rollout, scores, kl_coef),
-        "fused_rollout": (
-            params["policy"],
-            params["reference"],
-            params["value"],
-            prompts,
-            prompt_mask,
-            key,
-        ),
+        "fused_rollout": rollout_args,
     }
     phases = PHASES if args.phases == "all" else CORE
     compiled, compile_s = {}, {}
@@ -456,11 +434,9 @@ def main(argv=None):
     # Decode step vs the memory-bandwidth bound.
     gen_row, prefill_row = by_phase["generation"], by_phase["prefill"]
     decode_s = max(gen_row["median_s"] - prefill_row["median_s"], 1e-9)
-    itemsize = jnp.dtype(policy_config.dtype).itemsize
-    param_bytes = policy_config.num_params * itemsize
-    c = policy_config
-    kv_per_token = 2 * c.num_layers * c.kv_heads * c.dim_per_head * itemsize
-    kv_bytes = kv_per_token * args.batch * (args.prompt_len + args.new_tokens / 2)
+    param_bytes, kv_bytes = _common.decode_step_bytes(
+        policy_config, args.batch, args.prompt_len, args.new_tokens
+    )
     bound_step_s = (param_bytes + kv_bytes) / bandwidth
     step_s = decode_s / (args.new_tokens - 1)
     gen_row.update(
@@ -521,10 +497,7 @@ def main(argv=None):
         "iteration": iteration,
         "load_avg": {"before": list(load_before), "after": list(load_after)},
     }
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    _common.write_json(args.json, record)
     return record
 
 

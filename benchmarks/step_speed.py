@@ -94,7 +94,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -110,6 +109,7 @@ _HERE = pathlib.Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # the sibling benchmark scripts, whose builders are reused
     sys.path.insert(0, str(_HERE))
 
+import _common  # noqa: E402
 import dpo_speed  # noqa: E402
 import fvp  # noqa: E402
 import lm_speed  # noqa: E402
@@ -873,10 +873,7 @@ def main(argv=None) -> dict[str, Any]:
         "skipped": skipped,
         "memory": memory,
     }
-    out = pathlib.Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str))
-    print(f"wrote {out}")
+    _common.write_json(args.json, record, default=str)
     if args.results_md:
         with open(args.results_md, "a") as f:
             f.write("\n" + results_section(env, args, rows, memory))

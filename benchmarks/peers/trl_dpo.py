@@ -35,28 +35,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import pathlib
 import statistics
 import tempfile
 import time
 
 import numpy as np
-
-
-def build_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {str(i): i for i in range(vocab_size - 1)}
-    eos = "</s>"
-    vocab[eos] = vocab_size - 1
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
-    fast.add_special_tokens({"eos_token": eos, "pad_token": eos})
-    return fast
+from _peer_common import (
+    build_tokenizer,
+    cpu_training_args,
+    emit_result,
+    library_versions,
+    llama_config,
+)
 
 
 def build_dataset(num_pairs: int, prompt_len: int, completion_len: int, vocab_size: int, seed=0):
@@ -92,27 +83,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
-    import trl
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import LlamaForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     vocab = 2048
-    config = LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=args.intermediate_size,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        eos_token_id=vocab - 1,
-        pad_token_id=vocab - 1,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = LlamaForCausalLM(llama_config(vocab, args.intermediate_size)).to(torch.float32)
     tokenizer = build_tokenizer(vocab)
     total_steps = args.warmup + args.steps
     completion_len = args.seq - args.prompt_len - 1  # TRL appends EOS to each completion
@@ -132,26 +109,18 @@ def main(argv=None):
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out_dir:
         dpo_args = DPOConfig(
-            output_dir=out_dir,
-            per_device_train_batch_size=args.batch,
-            max_length=args.seq,
-            loss_type=["sigmoid"],
-            beta=0.1,
-            learning_rate=1e-6,
-            max_steps=total_steps,
-            num_train_epochs=1,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            gradient_checkpointing=args.gradient_checkpointing,
-            precompute_ref_log_probs=args.precompute_ref,
-            dataloader_num_workers=0,
-            report_to=[],
-            logging_strategy="no",
-            eval_strategy="no",
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **cpu_training_args(
+                output_dir=out_dir,
+                per_device_train_batch_size=args.batch,
+                max_length=args.seq,
+                loss_type=["sigmoid"],
+                beta=0.1,
+                learning_rate=1e-6,
+                max_steps=total_steps,
+                num_train_epochs=1,
+                gradient_checkpointing=args.gradient_checkpointing,
+                precompute_ref_log_probs=args.precompute_ref,
+            )
         )
         # TRL's default reference (ref_model=None) reloads the policy from its hub/disk path; a
         # model built in memory has none, so pass the same thing TRL would build: a frozen copy.
@@ -190,17 +159,9 @@ def main(argv=None):
         "tokens_per_s": tokens_per_step / median,
         "step_times_s": timed,
         "load_avg_1min": [load_before, os.getloadavg()[0]],  # other processes on the machine
-        "trl": trl.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **library_versions(),
     }
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        out = pathlib.Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-    return result
+    return emit_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -47,11 +47,12 @@ import itertools
 import json
 import os
 import pathlib
-import statistics
 import sys
 import tempfile
 import time
 import types
+
+from _peer_common import cpu_training_args, emit_result, library_versions, nearest_rank_summary
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -76,18 +77,6 @@ def load_task_module(root: str | os.PathLike = ROOT) -> types.ModuleType:
 def read_jsonl(path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def summary(times: list[float]) -> dict:
-    ordered = sorted(times)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-    return {
-        "median_s": statistics.median(times),
-        "mean_s": statistics.fmean(times),
-        "p10_s": pick(0.1),
-        "p90_s": pick(0.9),
-        "n": len(times),
-    }
 
 
 def greedy_eval(model, tokenizer, rows, task, max_new_tokens: int, batch_size: int) -> dict:
@@ -158,8 +147,6 @@ def main(argv=None) -> dict:
     task = load_task_module()
 
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -216,43 +203,36 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = GRPOConfig(
-            output_dir=out_dir,
-            per_device_train_batch_size=rows_per_generation // args.num_minibatches,
-            gradient_accumulation_steps=1,
-            steps_per_generation=args.num_minibatches,
-            num_iterations=args.epochs,
-            num_generations=args.group_size,
-            max_completion_length=args.max_new_tokens,
-            max_steps=args.iterations * steps_per_iteration,
-            shuffle_dataset=False,
-            temperature=args.temperature,
-            top_p=1.0,
-            top_k=0,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            max_grad_norm=args.max_grad_norm,
-            loss_type=args.loss_type,
-            importance_sampling_level=args.importance_sampling_level,
-            beta=args.beta,
-            epsilon=args.clip_eps,
-            epsilon_high=args.clip_eps_high,
-            scale_rewards=args.scale_rewards,
-            reward_weights=list(args.reward_weights),
-            mask_truncated_completions=args.mask_truncated_completions,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
-            report_to=[],
-            logging_strategy="steps",
-            logging_steps=steps_per_iteration,
-            eval_strategy="no",
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=args.seed,
+            **cpu_training_args(
+                output_dir=out_dir,
+                per_device_train_batch_size=rows_per_generation // args.num_minibatches,
+                gradient_accumulation_steps=1,
+                steps_per_generation=args.num_minibatches,
+                num_iterations=args.epochs,
+                num_generations=args.group_size,
+                max_completion_length=args.max_new_tokens,
+                max_steps=args.iterations * steps_per_iteration,
+                shuffle_dataset=False,
+                temperature=args.temperature,
+                top_p=1.0,
+                top_k=0,
+                learning_rate=args.learning_rate,
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                weight_decay=0.0,
+                max_grad_norm=args.max_grad_norm,
+                loss_type=args.loss_type,
+                importance_sampling_level=args.importance_sampling_level,
+                beta=args.beta,
+                epsilon=args.clip_eps,
+                epsilon_high=args.clip_eps_high,
+                scale_rewards=args.scale_rewards,
+                reward_weights=list(args.reward_weights),
+                mask_truncated_completions=args.mask_truncated_completions,
+                logging_strategy="steps",
+                logging_steps=steps_per_iteration,
+                seed=args.seed,
+            )
         )
         trainer = GRPOTrainer(
             model=model,
@@ -307,12 +287,7 @@ def main(argv=None) -> dict:
     result = {
         "system": "trl",
         "trainer": "trl.GRPOTrainer",
-        "versions": {
-            "trl": trl.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": sys.version.split()[0],
-        },
+        "versions": {**library_versions(), "python": sys.version.split()[0]},
         "threads": args.threads,
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "also_evaluate")},
         "params": sum(p.numel() for p in model.parameters()),
@@ -320,10 +295,10 @@ def main(argv=None) -> dict:
         "setup_s": setup_s,
         "train_s": train_s,
         "first_iteration_s": iterations[0],
-        "steady_iteration": summary(iterations[1:]) if len(iterations) > 1 else None,
+        "steady_iteration": nearest_rank_summary(iterations[1:]),
         "iteration_times_s": iterations,
         "rollout_times_s": rollouts,
-        "steady_rollout": summary(rollouts[1:]) if len(rollouts) > 1 else None,
+        "steady_rollout": nearest_rank_summary(rollouts[1:]),
         "heldout_problems": len(heldout),
         "heldout_accuracy_before": before["accuracy"],
         "heldout_accuracy_after": after["accuracy"],
@@ -341,13 +316,7 @@ def main(argv=None) -> dict:
         },
         "wall_s": time.perf_counter() - start_time,
     }
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        out = pathlib.Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-    return result
+    return emit_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import pathlib
 import statistics
@@ -60,8 +59,15 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-# The word-level tokenizer of the DPO peer (every id one token).
-from trl_dpo import build_tokenizer
+# The helpers the peers share (_peer_common.py, next to this file): the word-level tokenizer
+# (every id one token), the model's LlamaConfig, the trainer settings and the JSON output.
+from _peer_common import (
+    build_tokenizer,
+    cpu_training_args,
+    emit_result,
+    library_versions,
+    llama_config,
+)
 
 
 def summary(times):
@@ -87,12 +93,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import (
         GenerationConfig,
-        LlamaConfig,
         LlamaForCausalLM,
         LlamaForSequenceClassification,
         TrainerCallback,
@@ -104,19 +107,7 @@ def main(argv=None):
     torch.manual_seed(0)
     vocab = 2048
     pad = vocab - 1
-    config = LlamaConfig(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=args.intermediate_size,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        eos_token_id=pad,
-        pad_token_id=pad,
-        bos_token_id=None,
-        num_labels=1,
-    )
+    config = llama_config(vocab, args.intermediate_size, num_labels=1)
     policy = LlamaForCausalLM(config).to(torch.float32)
     ref_model = copy.deepcopy(policy).eval()
     value_model = LlamaForSequenceClassification(config).to(torch.float32)
@@ -174,31 +165,22 @@ def main(argv=None):
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as out_dir:
         ppo_args = PPOConfig(
-            output_dir=out_dir,
-            per_device_train_batch_size=args.batch,
-            gradient_accumulation_steps=1,
-            num_mini_batches=1,
-            num_ppo_epochs=4,
-            local_rollout_forward_batch_size=args.batch,
-            total_episodes=args.batch * total,
-            response_length=args.new_tokens,
-            temperature=1.0,
-            stop_token=None,
-            missing_eos_penalty=None,
-            kl_coef=0.05,
-            learning_rate=3e-6,
-            num_sample_generations=0,
-            bf16=False,
-            fp16=False,
-            use_cpu=True,
-            gradient_checkpointing=False,
-            dataloader_num_workers=0,
-            report_to=[],
-            logging_strategy="no",
-            eval_strategy="no",
-            save_strategy="no",
-            disable_tqdm=True,
-            seed=0,
+            **cpu_training_args(
+                output_dir=out_dir,
+                per_device_train_batch_size=args.batch,
+                gradient_accumulation_steps=1,
+                num_mini_batches=1,
+                num_ppo_epochs=4,
+                local_rollout_forward_batch_size=args.batch,
+                total_episodes=args.batch * total,
+                response_length=args.new_tokens,
+                temperature=1.0,
+                stop_token=None,
+                missing_eos_penalty=None,
+                kl_coef=0.05,
+                learning_rate=3e-6,
+                num_sample_generations=0,
+            )
         )
         trainer = PPOTrainer(
             args=ppo_args,
@@ -279,9 +261,7 @@ def main(argv=None):
         "phases": {p: summary(t) for p, t in phases.items()},
         "prefill": summary(prefill_times),
         "load_avg": {"before": list(load_before), "after": list(load_after)},
-        "trl": trl.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **library_versions(),
     }
     gen_s = result["phases"]["generation"]["median_s"]
     decode_step = (gen_s - result["prefill"]["median_s"]) / (args.new_tokens - 1)
@@ -295,13 +275,7 @@ def main(argv=None):
         "ppo_update": 4 * args.batch * t / result["phases"]["ppo_update"]["median_s"],
         "iteration": args.batch * args.new_tokens / result["phases"]["iteration"]["median_s"],
     }
-    line = json.dumps(result)
-    print(line)
-    if args.json:
-        out = pathlib.Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-    return result
+    return emit_result(result, args.json)
 
 
 if __name__ == "__main__":
