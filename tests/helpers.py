@@ -165,16 +165,17 @@ def np_logsigmoid(x):
     return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
 
 
-def finite_diff(fn, x, h=1e-6):
-    """Central finite differences of a scalar numpy function ``fn`` at the float64 array ``x``,
-    each divided by the step actually taken (``x + h`` and ``x - h`` are rounded)."""
+def finite_diff(fn, x, *args, h=1e-6):
+    """Central finite differences in ``x`` of the scalar numpy function ``fn(x, *args)`` at the
+    float64 array ``x``, each divided by the step actually taken (``x + h`` and ``x - h`` are
+    rounded)."""
     x = np.asarray(x, np.float64)
     grad = np.zeros_like(x)
     for idx in np.ndindex(x.shape):
         xp, xm = x.copy(), x.copy()
         xp[idx] += h
         xm[idx] -= h
-        grad[idx] = (fn(xp) - fn(xm)) / (xp[idx] - xm[idx])
+        grad[idx] = (fn(xp, *args) - fn(xm, *args)) / (xp[idx] - xm[idx])
     return grad
 
 

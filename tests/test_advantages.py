@@ -154,14 +154,18 @@ def _j(*xs):
 # ---------------------------------------------------------------------------------------------
 
 MASK_KINDS = ["none", "full", "left", "right", "holes", "empty", "mixed"]
-
-
-@settings(max_examples=10)
-@given(
+# hypothesis strategies for a rollout (make_data's shape and mask) and its discount
+ROLLOUT_ST = dict(
     batch=st.sampled_from(BATCHES),
     t_len=st.sampled_from(TIMES),
     mask_kind=st.sampled_from(MASK_KINDS),
     gamma=st.floats(0.0, 1.0),
+)
+
+
+@settings(max_examples=10)
+@given(
+    **ROLLOUT_ST,
     lam=st.floats(0.0, 1.0),
     p_done=st.sampled_from([0.0, 0.3, 1.0]),
     seed=st.integers(0, 2**16),
@@ -271,13 +275,7 @@ def test_gae_leading_batch_dims(transform, batch_shape):
 
 
 @settings(max_examples=8)
-@given(
-    batch=st.sampled_from(BATCHES),
-    t_len=st.sampled_from(TIMES),
-    mask_kind=st.sampled_from(MASK_KINDS),
-    gamma=st.floats(0.0, 1.0),
-    seed=st.integers(0, 2**16),
-)
+@given(**ROLLOUT_ST, seed=st.integers(0, 2**16))
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_gae_lam1_is_discounted_returns_minus_values(
     transform, batch, t_len, mask_kind, gamma, seed
@@ -416,10 +414,7 @@ def test_gae_time_first_input_is_named(transform):
 
 @settings(max_examples=8)
 @given(
-    batch=st.sampled_from(BATCHES),
-    t_len=st.sampled_from(TIMES),
-    mask_kind=st.sampled_from(MASK_KINDS),
-    gamma=st.floats(0.0, 1.0),
+    **ROLLOUT_ST,
     with_bootstrap=st.booleans(),
     seed=st.integers(0, 2**16),
 )

@@ -39,6 +39,16 @@ size_st = st.sampled_from([4])
 DRAWS = dict(seed=seed_st, positions=shape_st, size=size_st, dtype=dtype_st)
 
 
+def property_test(**more):
+    """A property test, eager and under jit: 6 examples of :data:`DRAWS` and ``more``."""
+
+    def wrap(test):
+        test = given(**DRAWS, **more)(test)
+        return pytest.mark.parametrize("transform", TRANSFORMS)(settings(max_examples=6)(test))
+
+    return wrap
+
+
 # ---------------------------------------------------------------------------------------------
 # numpy references
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +80,12 @@ def np_gaussian_entropy(mean, log_std):
     return out
 
 
+def assert_per_position(got, want, positions, dtype):
+    """One value per position (shape ``positions``), each matching the reference."""
+    assert got.shape == positions
+    assert_close(got, want, dtype)
+
+
 def make_gaussian(rng, positions, size, shared, dtype=np.float64):
     mean = rng.normal(0.0, 1.0, (*positions, size)).astype(dtype)
     log_std = rng.normal(-0.2, 0.4, (size,) if shared else (*positions, size)).astype(dtype)
@@ -81,28 +97,22 @@ def make_gaussian(rng, positions, size, shared, dtype=np.float64):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS, int_dtype=st.sampled_from([np.int32]))
+@property_test(int_dtype=st.sampled_from([np.int32]))
 def test_categorical_log_prob(transform, seed, positions, size, dtype, int_dtype):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0.0, 2.0, (*positions, size)).astype(dtype)
     actions = rng.integers(0, size, positions).astype(int_dtype)
     got = transform(log_prob)(jnp.asarray(logits), jnp.asarray(actions))
-    assert got.shape == positions
-    assert_close(got, np_categorical_log_prob(logits, actions), dtype)
+    assert_per_position(got, np_categorical_log_prob(logits, actions), positions, dtype)
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS, shared=st.booleans())
+@property_test(shared=st.booleans())
 def test_gaussian_log_prob(transform, seed, positions, size, dtype, shared):
     rng = np.random.default_rng(seed)
     mean, log_std = make_gaussian(rng, positions, size, shared, dtype)
     actions = (mean + np.exp(log_std) * rng.normal(size=mean.shape)).astype(dtype)
     got = transform(log_prob)((jnp.asarray(mean), jnp.asarray(log_std)), jnp.asarray(actions))
-    assert got.shape == positions
-    assert_close(got, np_gaussian_log_prob(mean, log_std, actions), dtype)
+    assert_per_position(got, np_gaussian_log_prob(mean, log_std, actions), positions, dtype)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -129,9 +139,7 @@ def test_log_prob_gradients(transform):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS)
+@property_test()
 def test_categorical_kl(transform, seed, positions, size, dtype):
     rng = np.random.default_rng(seed)
     p = rng.normal(0.0, 1.5, (*positions, size)).astype(dtype)
@@ -145,16 +153,13 @@ def test_categorical_kl(transform, seed, positions, size, dtype):
     )
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS, p_shared=st.booleans(), q_shared=st.booleans())
+@property_test(p_shared=st.booleans(), q_shared=st.booleans())
 def test_gaussian_kl_closed_form(transform, seed, positions, size, dtype, p_shared, q_shared):
     rng = np.random.default_rng(seed)
     p = make_gaussian(rng, positions, size, p_shared, dtype)
     q = make_gaussian(rng, positions, size, q_shared, dtype)
     got = transform(kl_divergence)(*(tuple(map(jnp.asarray, d)) for d in (p, q)))
-    assert got.shape == positions
-    assert_close(got, np_gaussian_kl(p, q), dtype)
+    assert_per_position(got, np_gaussian_kl(p, q), positions, dtype)
     assert np.all(np.asarray(got) > 0)
     same = transform(kl_divergence)(tuple(map(jnp.asarray, p)), tuple(map(jnp.asarray, p)))
     assert_close(same, np.zeros(positions), dtype)
@@ -200,9 +205,7 @@ def test_categorical_kl_equals_expected_log_ratio(transform):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS)
+@property_test()
 def test_categorical_entropy(transform, seed, positions, size, dtype):
     rng = np.random.default_rng(seed)
     logits = rng.normal(0.0, 2.0, (*positions, size)).astype(dtype)
@@ -220,15 +223,12 @@ def test_categorical_entropy_extremes(transform):
     np.testing.assert_allclose(transform(entropy)(peaked), np.zeros(6), atol=1e-12)
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@settings(max_examples=6)
-@given(**DRAWS, shared=st.booleans())
+@property_test(shared=st.booleans())
 def test_gaussian_entropy(transform, seed, positions, size, dtype, shared):
     rng = np.random.default_rng(seed)
     mean, log_std = make_gaussian(rng, positions, size, shared, dtype)
     got = transform(entropy)((jnp.asarray(mean), jnp.asarray(log_std)))
-    assert got.shape == positions
-    assert_close(got, np_gaussian_entropy(mean, log_std), dtype)
+    assert_per_position(got, np_gaussian_entropy(mean, log_std), positions, dtype)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import TRL_DPO_METRICS, finite_diff, np_logsigmoid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,14 +77,6 @@ TRL_READS = {
     "rejected_lengths": {"ipo", "sigmoid_norm"},
     "sft_normalizer": {"sft"},
 }
-METRIC_KEYS = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
 LN2 = math.log(2.0)
 
 VARIANTS = pytest.mark.parametrize("variant", ["eager", "jit"])
@@ -92,12 +85,6 @@ VARIANTS = pytest.mark.parametrize("variant", ["eager", "jit"])
 # ------------------------------------------------------------------------------------------
 # Independent float64 NumPy reference (transcribed from TRL, not from rljax)
 # ------------------------------------------------------------------------------------------
-
-
-def np_logsigmoid(x):
-    """torch.nn.functional.logsigmoid, float64."""
-    x = np.asarray(x, np.float64)
-    return np.minimum(x, 0.0) - np.log1p(np.exp(-np.abs(x)))
 
 
 def np_sigmoid(x):
@@ -189,6 +176,37 @@ def _f64(x):
     return None if x is None else np.asarray(x, np.float64)
 
 
+def trl_terms(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    *,
+    beta=0.1,
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    f_divergence_type="reverse_kl",
+    f_alpha_divergence_coef=0.5,
+):
+    """What TRL's loss branches read (``d`` of :func:`trl_per_sequence_loss`), in float64."""
+    d = types.SimpleNamespace(
+        beta=float(beta), label_smoothing=float(label_smoothing), discopop_tau=float(discopop_tau)
+    )
+    d.chosen_logps, d.rejected_logps = _f64(chosen_logps), _f64(rejected_logps)
+    d.ref_chosen_logps, d.ref_rejected_logps = _f64(ref_chosen_logps), _f64(ref_rejected_logps)
+    d.chosen_logratios = d.chosen_logps - d.ref_chosen_logps
+    d.rejected_logratios = d.rejected_logps - d.ref_rejected_logps
+    d.chosen_scores, d.rejected_scores = (
+        trl_scores(x, f_divergence_type, f_alpha_divergence_coef)
+        for x in (d.chosen_logratios, d.rejected_logratios)
+    )
+    d.delta_score = d.chosen_scores - d.rejected_scores
+    d.chosen_lengths, d.rejected_lengths = _f64(chosen_lengths), _f64(rejected_lengths)
+    return d
+
+
 def trl_dpo(
     chosen_logps,
     rejected_logps,
@@ -198,41 +216,28 @@ def trl_dpo(
     beta=0.1,
     loss_type="sigmoid",
     loss_weights=None,
-    label_smoothing=0.0,
     chosen_lengths=None,
     rejected_lengths=None,
-    f_divergence_type="reverse_kl",
-    f_alpha_divergence_coef=0.5,
-    discopop_tau=0.05,
     weights=None,
+    **hyperparameters,
 ):
-    """TRL 1.16's DPO loss and logged metrics, in float64 NumPy."""
-    chosen_logps, rejected_logps = _f64(chosen_logps), _f64(rejected_logps)
+    """TRL 1.16's DPO loss and logged metrics, in float64 NumPy. ``hyperparameters``:
+    ``label_smoothing``, ``discopop_tau``, ``f_divergence_type``, ``f_alpha_divergence_coef``
+    (:func:`trl_terms`)."""
     if ref_chosen_logps is None:
-        ref_chosen_logps = np.zeros_like(chosen_logps)
-        ref_rejected_logps = np.zeros_like(rejected_logps)
-    ref_chosen_logps, ref_rejected_logps = _f64(ref_chosen_logps), _f64(ref_rejected_logps)
+        ref_chosen_logps = np.zeros_like(_f64(chosen_logps))
+        ref_rejected_logps = np.zeros_like(_f64(rejected_logps))
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     loss_weights = list(loss_weights) if loss_weights else [1.0] * len(loss_types)
-    chosen_logratios = chosen_logps - ref_chosen_logps
-    rejected_logratios = rejected_logps - ref_rejected_logps
-    chosen_scores = trl_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
-    rejected_scores = trl_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
-    d = types.SimpleNamespace(
-        beta=float(beta),
-        label_smoothing=float(label_smoothing),
-        discopop_tau=float(discopop_tau),
-        chosen_logps=chosen_logps,
-        rejected_logps=rejected_logps,
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
-        chosen_logratios=chosen_logratios,
-        rejected_logratios=rejected_logratios,
-        chosen_scores=chosen_scores,
-        rejected_scores=rejected_scores,
-        delta_score=chosen_scores - rejected_scores,
-        chosen_lengths=_f64(chosen_lengths),
-        rejected_lengths=_f64(rejected_lengths),
+    d = trl_terms(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        beta=beta,
+        **hyperparameters,
     )
     loss = 0.0
     metrics = {}
@@ -242,27 +247,15 @@ def trl_dpo(
             per_sequence_loss = per_sequence_loss * _f64(weights)
         metrics[f"loss/{lt}"] = per_sequence_loss.mean()
         loss += per_sequence_loss.mean() * w
-    chosen_rewards = beta * chosen_logratios
-    rejected_rewards = beta * rejected_logratios
+    chosen_rewards = beta * d.chosen_logratios
+    rejected_rewards = beta * d.rejected_logratios
     metrics["rewards/chosen"] = chosen_rewards.mean()
     metrics["rewards/rejected"] = rejected_rewards.mean()
     metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).astype(np.float64).mean()
     metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
-    metrics["logps/chosen"] = chosen_logps.mean()
-    metrics["logps/rejected"] = rejected_logps.mean()
+    metrics["logps/chosen"] = d.chosen_logps.mean()
+    metrics["logps/rejected"] = d.rejected_logps.mean()
     return float(loss), metrics
-
-
-def fd_grad(fn, x, h=1e-6):
-    """Central finite differences of a scalar NumPy function of a 1-D float64 vector."""
-    x = np.asarray(x, np.float64)
-    g = np.zeros_like(x)
-    for i in range(x.size):
-        xp, xm = x.copy(), x.copy()
-        xp[i] += h
-        xm[i] -= h
-        g[i] = (fn(xp) - fn(xm)) / (xp[i] - xm[i])
-    return g
 
 
 # ------------------------------------------------------------------------------------------
@@ -366,6 +359,26 @@ def assert_matches(got, want, *, rtol, atol=0.0):
         )
 
 
+def logps(b, sl=slice(None)):
+    """``(chosen, rejected, ref chosen, ref rejected)`` sequence log-probs of ``b`` (rows ``sl``;
+    ``None`` for a reference ``b`` sets to ``None``: reference-free)."""
+    return tuple(None if b[k] is None else b[k][sl] for k in ("c", "r", "rc", "rr"))
+
+
+def lengths(b, sl=slice(None)):
+    """``b``'s completion lengths (rows ``sl``) as ``dpo_loss``'s keyword arguments."""
+    return {"chosen_lengths": b["cl"][sl], "rejected_lengths": b["rl"][sl]}
+
+
+def check_against_trl(variant, b, *, rtol, atol=0.0, traced=None, **kw):
+    """``dpo_loss`` (:func:`run_dpo`) on ``b``'s log-probs matches :func:`trl_dpo` given the same
+    arguments (``traced`` ones included); returns both."""
+    got = run_dpo(variant, *logps(b), traced=traced, **kw)
+    want = trl_dpo(*logps(b), **kw, **(traced or {}))
+    assert_matches(got, want, rtol=rtol, atol=atol)
+    return got, want
+
+
 def default_config(lt):
     # EXO needs epsilon > 0 (the paper recommends 1e-3); TRL's other defaults otherwise.
     return {"beta": 0.1, "label_smoothing": 1e-3 if lt == "exo_pair" else 0.0}
@@ -417,12 +430,10 @@ def test_matches_trl_float64(loss_type, variant):
     ]
     for i, (batch, cfg, with_ref) in enumerate(cases):
         b = make_batch(100 + i, batch)
-        lengths = _lengths_kw(b, loss_type, always=with_ref)
-        rc, rr = (b["rc"], b["rr"]) if with_ref else (None, None)
-        got = run_dpo(variant, b["c"], b["r"], rc, rr, loss_type=loss_type, **lengths, **cfg)
+        kw = _lengths_kw(b, loss_type, always=with_ref)
+        b = b if with_ref else {**b, "rc": None, "rr": None}
+        got, _ = check_against_trl(variant, b, rtol=1e-10, loss_type=loss_type, **kw, **cfg)
         assert got[0].dtype == jnp.float64
-        want = trl_dpo(b["c"], b["r"], rc, rr, loss_type=loss_type, **lengths, **cfg)
-        assert_matches(got, want, rtol=1e-10)
 
 
 @VARIANTS
@@ -434,24 +445,23 @@ def test_matches_trl_float32(loss_type, variant):
         [(7, default_config(loss_type), True), (4, OTHER_CONFIG, False)]
     ):
         b = make_batch(200 + i, batch)
-        b32 = {k: v.astype(np.float32) for k, v in b.items() if k in ("c", "r", "rc", "rr")}
-        lengths = {"chosen_lengths": b["cl"].astype(np.int32)}
-        lengths["rejected_lengths"] = b["rl"].astype(np.int32)
-        rc, rr = (b32["rc"], b32["rr"]) if with_ref else (None, None)
-        got = run_dpo(variant, b32["c"], b32["r"], rc, rr, loss_type=loss_type, **lengths, **cfg)
+        b32 = {k: v.astype(np.int32 if k in ("cl", "rl") else np.float32) for k, v in b.items()}
+        if not with_ref:
+            b32.update(rc=None, rr=None)
+        got, _ = check_against_trl(
+            variant, b32, rtol=1e-5, loss_type=loss_type, **lengths(b32), **cfg
+        )
         assert got[0].dtype == jnp.float32
-        want = trl_dpo(b32["c"], b32["r"], rc, rr, loss_type=loss_type, **lengths, **cfg)
-        assert_matches(got, want, rtol=1e-5)
 
 
 @VARIANTS
 def test_bfloat16_inputs_are_computed_in_float32(variant):
     b = make_batch(7, 6)
     bf = {k: jnp.asarray(b[k], jnp.bfloat16) for k in ("c", "r", "rc", "rr")}
-    got = run_dpo(variant, bf["c"], bf["r"], bf["rc"], bf["rr"], loss_type="sigmoid")
+    got = run_dpo(variant, *logps(bf), loss_type="sigmoid")
     assert got[0].dtype == jnp.float32
     rounded = {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in bf.items()}
-    want = trl_dpo(rounded["c"], rounded["r"], rounded["rc"], rounded["rr"])
+    want = trl_dpo(*logps(rounded))
     assert_matches(got, want, rtol=1e-5)
 
 
@@ -473,32 +483,18 @@ def test_multiple_loss_types_match_trl(
     b = make_batch(seed, batch, spread=0.5)
     weights = loss_weights[: len(type_set)]
     scalars = {"beta": beta, "label_smoothing": label_smoothing, "discopop_tau": discopop_tau}
-    got = run_dpo(
+    # tiny absolute floor: random examples can put a mean (e.g. the margin) near zero, where
+    # float64 summation-order differences (~1e-15) dominate a relative comparison
+    check_against_trl(
         variant,
-        b["c"],
-        b["r"],
-        b["rc"],
-        b["rr"],
-        chosen_lengths=b["cl"],
-        rejected_lengths=b["rl"],
+        b,
+        rtol=1e-10,
+        atol=1e-14,
         traced=scalars,
         loss_type=type_set,
         loss_weights=weights,
+        **lengths(b),
     )
-    want = trl_dpo(
-        b["c"],
-        b["r"],
-        b["rc"],
-        b["rr"],
-        chosen_lengths=b["cl"],
-        rejected_lengths=b["rl"],
-        loss_type=type_set,
-        loss_weights=weights,
-        **scalars,
-    )
-    # tiny absolute floor: random examples can put a mean (e.g. the margin) near zero, where
-    # float64 summation-order differences (~1e-15) dominate a relative comparison
-    assert_matches(got, want, rtol=1e-10, atol=1e-14)
 
 
 @VARIANTS
@@ -512,21 +508,9 @@ def test_multiple_loss_types_match_trl(
 )
 def test_named_combinations_match_trl(variant, loss_type, loss_weights):
     b = make_batch(11, 6)
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"]}
-    got = run_dpo(
-        variant,
-        b["c"],
-        b["r"],
-        b["rc"],
-        b["rr"],
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        **kw,
+    got, want = check_against_trl(
+        variant, b, rtol=1e-10, loss_type=loss_type, loss_weights=loss_weights, **lengths(b)
     )
-    want = trl_dpo(
-        b["c"], b["r"], b["rc"], b["rr"], loss_type=loss_type, loss_weights=loss_weights, **kw
-    )
-    assert_matches(got, want, rtol=1e-10)
     weights = loss_weights or [1.0] * len(loss_type)
     total = sum(w * want[1][f"loss/{lt}"] for lt, w in zip(loss_type, weights, strict=True))
     np.testing.assert_allclose(np.asarray(got[0]), total, rtol=1e-10)
@@ -553,24 +537,19 @@ def test_f_divergences_match_trl(f_type, alpha, dtype, variant):
     # All eight f-divergence loss types at once; loss/<type> checks each one separately. Small
     # log-ratios: forward KL's exp(-log ratio) would otherwise overflow discopop's exp(-logits).
     b = make_batch(31, 7, max_len=12, spread=0.15)
-    arr = {k: b[k].astype(dtype) for k in ("c", "r", "rc", "rr")}
-    weights = [0.3, 1.0, 0.7, 0.2, 0.5, 1.3, 0.4, 0.9]
-    kw = {
-        "loss_type": list(TRL_F_DIVERGENCE_LOSS_TYPES),
-        "loss_weights": weights,
-        "label_smoothing": 0.2,
-        "beta": 0.3,
-        "f_divergence_type": f_type,
-        "f_alpha_divergence_coef": alpha,
-        "chosen_lengths": b["cl"],
-        "rejected_lengths": b["rl"],
-    }
-    got = run_dpo(variant, arr["c"], arr["r"], arr["rc"], arr["rr"], **kw)
-    want = trl_dpo(arr["c"], arr["r"], arr["rc"], arr["rr"], **kw)
-    if dtype == np.float64:
-        assert_matches(got, want, rtol=1e-10)
-    else:
-        assert_matches(got, want, rtol=1e-5)
+    arr = dict(zip(("c", "r", "rc", "rr"), (x.astype(dtype) for x in logps(b)), strict=True))
+    check_against_trl(
+        variant,
+        arr,
+        rtol=1e-10 if dtype == np.float64 else 1e-5,
+        loss_type=list(TRL_F_DIVERGENCE_LOSS_TYPES),
+        loss_weights=[0.3, 1.0, 0.7, 0.2, 0.5, 1.3, 0.4, 0.9],
+        label_smoothing=0.2,
+        beta=0.3,
+        f_divergence_type=f_type,
+        f_alpha_divergence_coef=alpha,
+        **lengths(b),
+    )
 
 
 @VARIANTS
@@ -580,17 +559,16 @@ def test_f_divergences_wide_logratios_float64(variant):
     types_ = ["sigmoid", "hinge", "ipo", "robust", "sigmoid_norm", "sft", "exo_pair"]
     # 1 + 5e-7 is inside TRL's |alpha - 1| < 1e-6 band: the reverse-KL limit, not the formula
     for f_type, alpha in [*F_DIVERGENCE_CASES, ("alpha_divergence", 1.0 + 5e-7)]:
-        kw = {
-            "loss_type": types_,
-            "label_smoothing": 0.1,
-            "f_divergence_type": f_type,
-            "f_alpha_divergence_coef": alpha,
-            "chosen_lengths": b["cl"],
-            "rejected_lengths": b["rl"],
-        }
-        got = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw)
-        want = trl_dpo(b["c"], b["r"], b["rc"], b["rr"], **kw)
-        assert_matches(got, want, rtol=1e-10)
+        check_against_trl(
+            variant,
+            b,
+            rtol=1e-10,
+            loss_type=types_,
+            label_smoothing=0.1,
+            f_divergence_type=f_type,
+            f_alpha_divergence_coef=alpha,
+            **lengths(b),
+        )
 
 
 @VARIANTS
@@ -619,9 +597,7 @@ def _grad_case(loss_type):
 
 
 def _grad_fn(variant, b, cfg, argnums):
-    kw = read_only(
-        {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], **cfg}, cfg.get("loss_type")
-    )
+    kw = read_only({**lengths(b), **cfg}, cfg.get("loss_type"))
 
     def loss_fn(c, r, rc, rr):
         return dpo_loss(c, r, rc, rr, **kw)[0]
@@ -632,11 +608,10 @@ def _grad_fn(variant, b, cfg, argnums):
 
 def _check_fd(b, cfg, got, *, batch):
     def ref(x):
-        kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], **cfg}
-        return trl_dpo(x[:batch], x[batch:], b["rc"], b["rr"], **kw)[0]
+        return trl_dpo(x[:batch], x[batch:], b["rc"], b["rr"], **lengths(b), **cfg)[0]
 
     x = np.concatenate([b["c"], b["r"]])
-    want = fd_grad(ref, x)
+    want = finite_diff(ref, x)
     got = np.concatenate([np.asarray(g) for g in got])
     # FD truncation + rounding (~1e-10 of the loss scale): the absolute floor covers entries whose
     # exact gradient is ~0 (e.g. the rejected side of sft).
@@ -649,7 +624,7 @@ def _check_fd(b, cfg, got, *, batch):
 @pytest.mark.parametrize("loss_type", TRL_LOSS_TYPES)
 def test_gradients_match_finite_differences(loss_type, variant):
     b, cfg = _grad_case(loss_type)
-    got = _grad_fn(variant, b, cfg, (0, 1, 2, 3))(b["c"], b["r"], b["rc"], b["rr"])
+    got = _grad_fn(variant, b, cfg, (0, 1, 2, 3))(*logps(b))
     want = _check_fd(b, cfg, got[:2], batch=5)
     assert np.any(np.abs(want) > 1e-4)  # the check is not vacuous
     # no gradient flows to the reference log-probs (TRL computes them under no_grad)
@@ -669,7 +644,7 @@ def test_f_divergence_gradients_match_finite_differences(f_type, alpha, variant)
         "f_divergence_type": f_type,
         "f_alpha_divergence_coef": alpha,
     }
-    got = _grad_fn(variant, b, cfg, (0, 1, 2, 3))(b["c"], b["r"], b["rc"], b["rr"])
+    got = _grad_fn(variant, b, cfg, (0, 1, 2, 3))(*logps(b))
     _check_fd(b, cfg, got[:2], batch=5)
     np.testing.assert_array_equal(np.asarray(got[2]), 0.0)
     np.testing.assert_array_equal(np.asarray(got[3]), 0.0)
@@ -685,7 +660,7 @@ def test_reference_free_gradients_match_finite_differences(variant):
 
     g = jax.grad(loss_fn, argnums=(0, 1))
     got = (jax.jit(g) if variant == "jit" else g)(b["c"], b["r"])
-    want = fd_grad(lambda x: trl_dpo(x[:4], x[4:], **cfg)[0], np.concatenate([b["c"], b["r"]]))
+    want = finite_diff(lambda x: trl_dpo(x[:4], x[4:], **cfg)[0], np.concatenate([b["c"], b["r"]]))
     np.testing.assert_allclose(np.concatenate(got), want, rtol=1e-6, atol=1e-9)
 
 
@@ -769,7 +744,7 @@ def test_hand_computed_sft_and_hinge(variant):
 
 def test_traced_beta_and_label_smoothing_trace_once():
     b = make_batch(61, 6)
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"]}
+    kw = lengths(b)
     lts = ["sigmoid", "robust", "exo_pair", "aot", "ipo", "discopop", "sppo_hard"]
     traces = 0
 
@@ -792,17 +767,9 @@ def test_traced_beta_and_label_smoothing_trace_once():
     seen = []
     for beta in (0.05, 0.1, 0.5, 1.0, 3.0):
         for ls in (0.01, 0.2, 0.4):
-            got = f(b["c"], b["r"], b["rc"], b["rr"], beta, ls, 0.3)
+            got = f(*logps(b), beta, ls, 0.3)
             want = trl_dpo(
-                b["c"],
-                b["r"],
-                b["rc"],
-                b["rr"],
-                beta=beta,
-                label_smoothing=ls,
-                discopop_tau=0.3,
-                loss_type=lts,
-                **kw,
+                *logps(b), beta=beta, label_smoothing=ls, discopop_tau=0.3, loss_type=lts, **kw
             )
             assert_matches(got, want, rtol=1e-10)
             seen.append(float(got[0]))
@@ -813,17 +780,12 @@ def test_traced_beta_and_label_smoothing_trace_once():
 def test_concrete_array_hyperparameters_work_eagerly():
     b = make_batch(62, 4)
     got = dpo_loss(
-        jnp.asarray(b["c"]),
-        jnp.asarray(b["r"]),
-        jnp.asarray(b["rc"]),
-        jnp.asarray(b["rr"]),
+        *map(jnp.asarray, logps(b)),
         beta=jnp.asarray(0.4),
         label_smoothing=jnp.asarray(0.25),
         loss_type="robust",
     )
-    want = trl_dpo(
-        b["c"], b["r"], b["rc"], b["rr"], beta=0.4, label_smoothing=0.25, loss_type="robust"
-    )
+    want = trl_dpo(*logps(b), beta=0.4, label_smoothing=0.25, loss_type="robust")
     assert_matches(got, want, rtol=1e-10)
 
 
@@ -838,31 +800,14 @@ def test_micro_batches_with_normalizer_sum_to_full_batch(variant):
     lts = list(PER_PAIR_TYPES)
     lws = [0.5 + 0.1 * i for i in range(len(lts))]
     static = {"loss_type": lts, "loss_weights": lws, "label_smoothing": 0.2, "beta": 0.3}
-    full = run_dpo(
-        variant,
-        b["c"],
-        b["r"],
-        b["rc"],
-        b["rr"],
-        chosen_lengths=b["cl"],
-        rejected_lengths=b["rl"],
-        **static,
-    )
-    want = trl_dpo(
-        b["c"], b["r"], b["rc"], b["rr"], chosen_lengths=b["cl"], rejected_lengths=b["rl"], **static
-    )
-    assert_matches(full, want, rtol=1e-10)
+    _, want = check_against_trl(variant, b, rtol=1e-10, **lengths(b), **static)
     parts = []
     for sl in (slice(0, 3), slice(3, 8)):
         parts.append(
             run_dpo(
                 variant,
-                b["c"][sl],
-                b["r"][sl],
-                b["rc"][sl],
-                b["rr"][sl],
-                chosen_lengths=b["cl"][sl],
-                rejected_lengths=b["rl"][sl],
+                *logps(b, sl),
+                **lengths(b, sl),
                 normalizer=8,
                 sft_normalizer=int(b["cl"].sum()),
                 **static,
@@ -895,10 +840,8 @@ def test_micro_batch_gradients_sum_to_full_batch(variant):
         return dpo_loss(
             c,
             r,
-            b["rc"][sl],
-            b["rr"][sl],
-            chosen_lengths=b["cl"][sl],
-            rejected_lengths=b["rl"][sl],
+            *logps(b, sl)[2:],
+            **lengths(b, sl),
             normalizer=normalizer,
             sft_normalizer=sft_normalizer,
             **cfg,
@@ -919,8 +862,8 @@ def test_micro_batch_gradients_sum_to_full_batch(variant):
 
 def test_default_normalizer_is_local_batch_size():
     b = make_batch(73, 5)
-    base = dpo_loss(b["c"], b["r"], b["rc"], b["rr"])[0]
-    scaled = dpo_loss(b["c"], b["r"], b["rc"], b["rr"], normalizer=20)[0]
+    base = dpo_loss(*logps(b))[0]
+    scaled = dpo_loss(*logps(b), normalizer=20)[0]
     np.testing.assert_allclose(float(scaled), float(base) * 5 / 20, rtol=1e-12)
 
 
@@ -935,24 +878,13 @@ def test_per_pair_weights_match_trl(variant):
     w = np.random.default_rng(81).uniform(0.0, 1.0, 7)
     lts = [lt for lt in PER_PAIR_TYPES if lt != "sft"]
     cfg = {"loss_type": lts, "label_smoothing": 0.2, "beta": 0.3}
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], "weights": w}
-    got = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw, **cfg)
-    want = trl_dpo(b["c"], b["r"], b["rc"], b["rr"], **kw, **cfg)
-    assert_matches(got, want, rtol=1e-10)
+    got, _ = check_against_trl(variant, b, rtol=1e-10, weights=w, **lengths(b), **cfg)
     # and explicitly: loss/<type> = mean_i(w_i * loss_i), with loss_i the unweighted reference
     # loss of pair i alone (these types do not couple pairs)
+    pairs = [slice(i, i + 1) for i in range(7)]
     for lt in lts:
         per_pair = [
-            trl_dpo(
-                b["c"][i : i + 1],
-                b["r"][i : i + 1],
-                b["rc"][i : i + 1],
-                b["rr"][i : i + 1],
-                chosen_lengths=b["cl"][i : i + 1],
-                rejected_lengths=b["rl"][i : i + 1],
-                **cfg,
-            )[1][f"loss/{lt}"]
-            for i in range(7)
+            trl_dpo(*logps(b, sl), **lengths(b, sl), **cfg)[1][f"loss/{lt}"] for sl in pairs
         ]
         expected = np.mean(w * np.array(per_pair))
         np.testing.assert_allclose(float(got[1][f"loss/{lt}"]), expected, rtol=1e-10, err_msg=lt)
@@ -965,8 +897,7 @@ def test_per_pair_weights_sft_matches_trl(variant):
     # mean_i(w_i * L_sft) = mean(w) * (-sum(chosen_logps) / sum(chosen_lengths)).
     b = make_batch(82, 5)
     w = np.array([0.1, 1.0, 0.5, 0.9, 0.2])
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"]}
-    got, _ = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], weights=w, loss_type="sft", **kw)
+    got, _ = run_dpo(variant, *logps(b), weights=w, loss_type="sft", **lengths(b))
     batch_loss = -b["c"].sum() / b["cl"].sum()
     np.testing.assert_allclose(float(got), w.mean() * batch_loss, rtol=1e-10)
 
@@ -984,7 +915,7 @@ def test_weighted_gradients_match_finite_differences(variant):
         "label_smoothing": 0.2,
         "weights": w,
     }
-    got = _grad_fn(variant, b, cfg, (0, 1))(b["c"], b["r"], b["rc"], b["rr"])
+    got = _grad_fn(variant, b, cfg, (0, 1))(*logps(b))
     _check_fd(b, cfg, got, batch=5)
 
 
@@ -994,7 +925,7 @@ def test_no_gradient_to_per_pair_weights(variant):
     w = np.array([0.3, 0.6, 1.0, 0.8])
 
     def loss_fn(w):
-        return dpo_loss(b["c"], b["r"], b["rc"], b["rr"], weights=w, loss_type="bco_pair")[0]
+        return dpo_loss(*logps(b), weights=w, loss_type="bco_pair")[0]
 
     g = jax.grad(loss_fn)
     np.testing.assert_array_equal(np.asarray((jax.jit(g) if variant == "jit" else g)(w)), 0.0)
@@ -1004,7 +935,7 @@ def test_no_gradient_to_per_pair_weights(variant):
 def test_weights_with_sorting_losses_raise(loss_type):
     b = make_batch(84, 4)
     with pytest.raises(ValueError, match="aot"):
-        dpo_loss(b["c"], b["r"], b["rc"], b["rr"], weights=np.ones(4), loss_type=loss_type)
+        dpo_loss(*logps(b), weights=np.ones(4), loss_type=loss_type)
     with pytest.raises(ValueError, match="aot"):
         dpo_loss(b["c"], b["r"], weights=np.ones(4), loss_type=["sigmoid", loss_type])
 
@@ -1193,22 +1124,8 @@ def trl_per_pair(b, loss_types, loss_weights, *, weights=None, **cfg):
     """``sum_k w_k * loss_k(i)`` per pair in float64 NumPy, from TRL's per-sequence losses;
     the sft entry is pair i's share of the per-token NLL, ``-c_i * B / sum(chosen_lengths)``
     (TRL's batch value times ``w_i`` with per-pair weights, as TRL weights it)."""
-    cl, rl = _f64(b["cl"]), _f64(b["rl"])
-    d = types.SimpleNamespace(
-        beta=cfg.get("beta", 0.1),
-        label_smoothing=cfg.get("label_smoothing", 0.0),
-        discopop_tau=cfg.get("discopop_tau", 0.05),
-        chosen_logps=_f64(b["c"]),
-        rejected_logps=_f64(b["r"]),
-        ref_chosen_logps=_f64(b["rc"]),
-        ref_rejected_logps=_f64(b["rr"]),
-        chosen_logratios=_f64(b["c"]) - _f64(b["rc"]),
-        rejected_logratios=_f64(b["r"]) - _f64(b["rr"]),
-        chosen_lengths=cl,
-        rejected_lengths=rl,
-    )
-    d.chosen_scores, d.rejected_scores = d.chosen_logratios, d.rejected_logratios
-    d.delta_score = d.chosen_scores - d.rejected_scores
+    d = trl_terms(*logps(b), b["cl"], b["rl"], **cfg)
+    cl = d.chosen_lengths
     total = np.zeros_like(d.chosen_logps)
     for lt, w in zip(loss_types, loss_weights, strict=True):
         if lt == "sft" and weights is None:
@@ -1231,12 +1148,10 @@ def test_reduction_none_gives_per_pair_losses(dtype, with_weights, variant):
     lws = [0.4 + 0.1 * i for i in range(len(lts))]
     w = np.linspace(0.2, 1.0, 6) if with_weights else None
     cfg = {"beta": 0.3, "label_smoothing": 0.2, "discopop_tau": 0.4}
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], "weights": w}
+    kw = {**lengths(b), "weights": w}
     common = {"loss_type": lts, "loss_weights": lws, **cfg}
-    per_pair, metrics = run_dpo(
-        variant, b["c"], b["r"], b["rc"], b["rr"], **kw, **common, reduction="none"
-    )
-    mean, mean_metrics = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw, **common)
+    per_pair, metrics = run_dpo(variant, *logps(b), **kw, **common, reduction="none")
+    mean, mean_metrics = run_dpo(variant, *logps(b), **kw, **common)
     assert per_pair.shape == (6,) and per_pair.dtype == dtype
     want = trl_per_pair(b, lts, lws, weights=w, **cfg)
     rtol = 1e-10 if dtype == np.float64 else 2e-6
@@ -1245,9 +1160,7 @@ def test_reduction_none_gives_per_pair_losses(dtype, with_weights, variant):
     )
     # their mean is the default reduction; the metrics are the same scalars
     np.testing.assert_allclose(float(jnp.mean(per_pair)), float(mean), rtol=rtol)
-    np.testing.assert_allclose(
-        np.mean(want), trl_dpo(b["c"], b["r"], b["rc"], b["rr"], **kw, **common)[0], rtol=rtol
-    )
+    np.testing.assert_allclose(np.mean(want), trl_dpo(*logps(b), **kw, **common)[0], rtol=rtol)
     assert set(metrics) == set(mean_metrics)
     for key in metrics:
         np.testing.assert_allclose(metrics[key], mean_metrics[key], rtol=rtol, err_msg=key)
@@ -1256,18 +1169,13 @@ def test_reduction_none_gives_per_pair_losses(dtype, with_weights, variant):
 @VARIANTS
 def test_reduction_none_sums_to_mean_with_a_global_normalizer(variant):
     b = make_batch(96, 8)
-    kw = {"chosen_lengths": b["cl"], "rejected_lengths": b["rl"], "loss_type": ["ipo", "sft"]}
-    full, _ = run_dpo(variant, b["c"], b["r"], b["rc"], b["rr"], **kw)
+    full, _ = run_dpo(variant, *logps(b), **lengths(b), loss_type=["ipo", "sft"])
     parts = []
     for sl in (slice(0, 3), slice(3, 8)):
-        sub = {"chosen_lengths": b["cl"][sl], "rejected_lengths": b["rl"][sl]}
         per_pair, _ = run_dpo(
             variant,
-            b["c"][sl],
-            b["r"][sl],
-            b["rc"][sl],
-            b["rr"][sl],
-            **sub,
+            *logps(b, sl),
+            **lengths(b, sl),
             loss_type=["ipo", "sft"],
             normalizer=8,
             sft_normalizer=int(b["cl"].sum()),
@@ -1335,11 +1243,11 @@ def test_custom_variant_from_pair_terms(dtype, variant):
     np.testing.assert_allclose(float(metrics["loss/conservative_dpo"]), want.mean(), rtol=rtol)
     sigmoid = trl_dpo(rounded["c"], rounded["r"], rounded["rc"], rounded["rr"], beta=0.4)[0]
     np.testing.assert_allclose(float(combined), 0.5 * sigmoid + 2.0 * want.mean(), rtol=rtol)
-    expected_grad = fd_grad(
+    expected_grad = finite_diff(
         lambda x: np_conservative_dpo({**rounded, "c": x}, 0.4).mean(), rounded["c"]
     )
     np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-5, atol=1e-8)
-    for key in METRIC_KEYS:
+    for key in TRL_DPO_METRICS:
         assert key in metrics
 
 

@@ -43,6 +43,24 @@ LLAMA_SHAPE = dict(
     max_position_embeddings=64,
     attn_implementation="eager",
 )
+
+
+def _causal_lm(family, kv_heads, rope, **settings):
+    """transformers' ``<family>ForCausalLM`` of :data:`LLAMA_SHAPE` with ``kv_heads`` key/value
+    heads and ``rope`` as its ``rope_parameters``."""
+    config = getattr(transformers, f"{family}Config")(
+        **LLAMA_SHAPE, num_key_value_heads=kv_heads, rope_parameters=rope, **settings
+    )
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def _scaled_rope(rope_type, **factors):
+    """RoPE scaling ``rope_type`` (theta 1e4) from an original context of 16 positions."""
+    return dict(
+        rope_type=rope_type, rope_theta=10000.0, **factors, original_max_position_embeddings=16
+    )
+
+
 FAMILIES = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
@@ -57,46 +75,25 @@ FAMILIES = {
         )
     ),
     # GQA, untied embeddings, llama3 RoPE scaling, biases on every projection.
-    "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            **LLAMA_SHAPE,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-            attention_bias=True,
-            mlp_bias=True,
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=10000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=16,
-            ),
-        )
+    "llama": lambda: _causal_lm(
+        "Llama",
+        kv_heads=2,
+        rope=_scaled_rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0),
+        tie_word_embeddings=False,
+        attention_bias=True,
+        mlp_bias=True,
     ),
     # GQA, tied embeddings, q/k/v biases, YaRN RoPE scaling.
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(
-        transformers.Qwen2Config(
-            **LLAMA_SHAPE,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-            rope_parameters=dict(
-                rope_type="yarn",
-                rope_theta=10000.0,
-                factor=4.0,
-                original_max_position_embeddings=16,
-            ),
-        )
+    "qwen2": lambda: _causal_lm(
+        "Qwen2", kv_heads=2, rope=_scaled_rope("yarn", factor=4.0), tie_word_embeddings=True
     ),
     # Multi-query attention, head_dim != hidden_size / heads, rope_theta 1e6, no window.
-    "mistral": lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            **LLAMA_SHAPE,
-            num_key_value_heads=1,
-            head_dim=16,
-            sliding_window=None,
-            rope_parameters=dict(rope_type="default", rope_theta=1e6),
-        )
+    "mistral": lambda: _causal_lm(
+        "Mistral",
+        kv_heads=1,
+        rope=dict(rope_type="default", rope_theta=1e6),
+        head_dim=16,
+        sliding_window=None,
     ),
 }
 

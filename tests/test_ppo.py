@@ -220,6 +220,23 @@ def assert_metrics(metrics, expected, dtype=np.float64):
             np.testing.assert_allclose(got, value, **TOL[np.dtype(dtype)], err_msg=key)
 
 
+def assert_loss_and_metrics(got, want, dtype):
+    """``got = (loss, metrics)`` matches the reference's ``want``, with the same metric names."""
+    (loss, metrics), (ref, ref_metrics) = got, want
+    assert_close(loss, ref, dtype)
+    assert_metrics(metrics, ref_metrics, dtype)
+    assert set(metrics) == set(ref_metrics)
+
+
+def clip_args(clip):
+    """``(clip_eps, clip_eps_high, dual_clip)`` of a :data:`CLIPS` entry."""
+    return clip["eps"], clip.get("eps_high"), clip.get("dual")
+
+
+def clip_kwargs(clip):
+    return dict(zip(("clip_eps", "clip_eps_high", "dual_clip"), clip_args(clip), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # clipped surrogate: values and metrics
 # ---------------------------------------------------------------------------------------------
@@ -234,18 +251,9 @@ def assert_metrics(metrics, expected, dtype=np.float64):
 @given(seed=seed_st, shape=shape_st, dtype=dtype_st)
 def test_per_token_matches_reference(transform, clip, seed, shape, dtype):
     logps, old, adv, _ = make_policy_data(seed, shape, dtype)
-    fn = transform(
-        functools.partial(
-            clipped_surrogate_per_token,
-            clip_eps=clip["eps"],
-            clip_eps_high=clip.get("eps_high"),
-            dual_clip=clip.get("dual"),
-        )
-    )
+    fn = transform(functools.partial(clipped_surrogate_per_token, **clip_kwargs(clip)))
     loss, ratio, clipped = fn(jnp.asarray(logps), jnp.asarray(old), jnp.asarray(adv))
-    ref_loss, ref_ratio, ref_clipped = np_surrogate_per_token(
-        logps, old, adv, clip["eps"], clip.get("eps_high"), clip.get("dual")
-    )
+    ref_loss, ref_ratio, ref_clipped = np_surrogate_per_token(logps, old, adv, *clip_args(clip))
     chex.assert_shape([loss, ratio, clipped], shape)
     assert_close(loss, ref_loss, dtype)
     assert_close(ratio, ref_ratio, dtype)
@@ -267,22 +275,11 @@ def test_per_token_matches_reference(transform, clip, seed, shape, dtype):
 )
 def test_surrogate_loss_and_metrics(transform, clip, seed, shape, dtype, mask_kind):
     logps, old, adv, mask = make_policy_data(seed, shape, dtype, mask_kind)
-    fn = transform(
-        functools.partial(
-            clipped_surrogate_loss,
-            clip_eps=clip["eps"],
-            clip_eps_high=clip.get("eps_high"),
-            dual_clip=clip.get("dual"),
-        )
-    )
+    fn = transform(functools.partial(clipped_surrogate_loss, **clip_kwargs(clip)))
     args = [jnp.asarray(logps), jnp.asarray(old), jnp.asarray(adv)]
     loss, metrics = fn(*args, None if mask is None else jnp.asarray(mask))
-    ref, ref_metrics = np_surrogate_loss(
-        logps, old, adv, mask, clip["eps"], clip.get("eps_high"), clip.get("dual")
-    )
-    assert_close(loss, ref, dtype)
-    assert_metrics(metrics, ref_metrics, dtype)
-    assert set(metrics) == set(ref_metrics)
+    ref, ref_metrics = np_surrogate_loss(logps, old, adv, mask, *clip_args(clip))
+    assert_loss_and_metrics((loss, metrics), (ref, ref_metrics), dtype)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -404,6 +401,16 @@ def test_surrogate_gradient_cases(transform, adv, ratio, clip, zero):
         assert np.all(np.sign(grad[:5]) == -np.sign(adv))  # descending raises ratio iff A > 0
 
 
+def check_gradients(grads, analytic, numeric):
+    """``grads`` of a loss in (the input, two data arrays): the first matches the analytic
+    gradient and central differences of the numpy reference (truncation ~h^2 and round-off
+    ~1e-16/h), the data get exactly 0."""
+    np.testing.assert_allclose(grads[0], analytic, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(grads[0], numeric, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(grads[1], np.zeros(np.shape(analytic)))
+    np.testing.assert_array_equal(grads[2], np.zeros(np.shape(analytic)))
+
+
 def _surrogate_value(logps, old_logps, adv, mask, **clip):
     return clipped_surrogate_loss(logps, old_logps, adv, mask, **clip)[0]
 
@@ -414,22 +421,18 @@ def _surrogate_value(logps, old_logps, adv, mask, **clip):
 @given(seed=seed_st, shape=shape_st)
 def test_surrogate_gradient_vs_reference_and_finite_differences(transform, clip, seed, shape):
     logps, old, adv, mask = make_policy_data(seed, shape)
-    eps, high, dual = clip["eps"], clip.get("eps_high"), clip.get("dual")
+    eps, high, dual = clip_args(clip)
     fn = functools.partial(_surrogate_value, clip_eps=eps, clip_eps_high=high, dual_clip=dual)
     grads = transform(jax.grad(fn, argnums=(0, 1, 2)))(
         *(jnp.asarray(x) for x in (logps, old, adv)), jnp.asarray(mask)
     )
     count = max(mask.sum(), 1.0)
     analytic = np_surrogate_grad_per_token(logps, old, adv, eps, high, dual) * mask / count
-    np.testing.assert_allclose(grads[0], analytic, rtol=1e-10, atol=1e-15)
-    # central differences of the numpy reference: truncation ~h^2 and round-off ~1e-16/h
     numeric = finite_diff(
         lambda lp: np_surrogate_loss(lp, old, adv, mask, eps, high, dual)[0], logps
     )
-    np.testing.assert_allclose(grads[0], numeric, rtol=1e-6, atol=1e-9)
     # old log-probs and advantages are data
-    np.testing.assert_array_equal(grads[1], np.zeros(shape))
-    np.testing.assert_array_equal(grads[2], np.zeros(shape))
+    check_gradients(grads, analytic, numeric)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -472,9 +475,7 @@ def test_value_loss_matches_reference(transform, eps, seed, shape, dtype):
     fn = transform(functools.partial(clipped_value_loss, clip_eps=eps))
     loss, metrics = fn(*(jnp.asarray(x) for x in (values, old, returns, mask)))
     ref, ref_metrics = np_value_loss(values, old, returns, mask, eps)
-    assert_close(loss, ref, dtype)
-    assert_metrics(metrics, ref_metrics, dtype)
-    assert set(metrics) == set(ref_metrics)
+    assert_loss_and_metrics((loss, metrics), (ref, ref_metrics), dtype)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -523,11 +524,9 @@ def test_value_loss_gradient(transform, eps, seed, shape):
     )
     count = max(mask.sum(), 1.0)
     analytic = np_value_grad_per_token(values, old, returns, eps) * mask / count
-    np.testing.assert_allclose(grads[0], analytic, rtol=1e-10, atol=1e-15)
     numeric = finite_diff(lambda v: np_value_loss(v, old, returns, mask, eps)[0], values)
-    np.testing.assert_allclose(grads[0], numeric, rtol=1e-6, atol=1e-9)
-    np.testing.assert_array_equal(grads[1], np.zeros(shape))
-    np.testing.assert_array_equal(grads[2], np.zeros(shape))
+    # old values and returns are data
+    check_gradients(grads, analytic, numeric)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
@@ -640,9 +639,7 @@ def test_ppo_loss_matches_reference(transform, config, seed, shape, dtype, use_n
         config["entropy_coef"],
         normalizer,
     )
-    assert_close(loss, ref, dtype)
-    assert_metrics(metrics, ref_metrics, dtype)
-    assert set(metrics) == set(ref_metrics)
+    assert_loss_and_metrics((loss, metrics), (ref, ref_metrics), dtype)
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)

@@ -5,27 +5,16 @@ device), experiments/reward_model.py and experiments/iterative_dpo.py (the drive
 rljax.experiment)."""
 
 import dataclasses
-import importlib.util
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
+from helpers import load_experiment
 
 from rljax import cli, experiment, runs
 from rljax.models import hf
 from rljax.tasks import sorting
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +50,7 @@ def tensorboard_values(folder) -> dict[str, list[tuple[int, object]]]:
 
 
 def test_dpo_experiment_resumes_with_identical_results(base_model, tmp_path, monkeypatch):
-    dpo = load("dpo")
+    dpo = load_experiment("dpo")
     flags = [*TINY, "--model", base_model, "--win-rate-prompts", "8", "--log", "jsonl,tensorboard"]
     whole = dpo.main(cli.parse(dpo.Config, [*flags, "--out", str(tmp_path / "whole")]))
     assert whole["oracle"]["prompts"] == 8 and 0.0 <= whole["oracle"]["win_rate"] <= 1.0
@@ -111,7 +100,7 @@ def test_dpo_experiment_resumes_with_identical_results(base_model, tmp_path, mon
 def test_an_unknown_metrics_sink_fails_at_config_construction():
     for name in ("dpo", "reward_model", "iterative_dpo"):
         with pytest.raises(ValueError, match=r"unknown metrics sink 'tensorbord' in --log"):
-            load(name).Config(log="jsonl,tensorbord")
+            load_experiment(name).Config(log="jsonl,tensorbord")
     assert experiment.DPORunConfig(log="tensorboard,wandb").log == "tensorboard,wandb"
 
 
@@ -130,7 +119,7 @@ def _rows(folder):
 
 
 def test_dpo_experiment_on_a_mesh_equals_one_device(base_model, tmp_path):
-    dpo = load("dpo")
+    dpo = load_experiment("dpo")
     flags = [*TINY, "--steps", "3", "--model", base_model, "--win-rate-prompts", "4"]
     one = dpo.main(cli.parse(dpo.Config, [*flags, "--out", str(tmp_path / "one")]))
     mesh = dpo.main(
@@ -157,7 +146,7 @@ def test_dpo_experiment_on_a_mesh_equals_one_device(base_model, tmp_path):
 
 
 def test_reward_model_experiment(base_model, tmp_path):
-    reward_model = load("reward_model")
+    reward_model = load_experiment("reward_model")
     summary = reward_model.main(
         cli.parse(reward_model.Config, [*TINY, "--model", base_model, "--out", str(tmp_path)])
     )
@@ -185,7 +174,7 @@ def test_iterative_dpo_rounds_and_resume(base_model, tmp_path):
         judge,
         tokenizer=hf.load_tokenizer(base_model),
     )
-    iterative = load("iterative_dpo")
+    iterative = load_experiment("iterative_dpo")
     out = tmp_path / "run"
     flags = [
         "--rounds", "2", "--prompts-per-round", "24", "--samples-per-prompt", "2",
@@ -231,7 +220,7 @@ def test_iterative_dpo_on_a_prompt_file_with_a_judge(base_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"sort: {w} ->"} for w in ("cab", "zyx", "mlkj", "qp", "dcba", "hgf")]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
-    iterative = load("iterative_dpo")
+    iterative = load_experiment("iterative_dpo")
     flags = [
         "--data", str(prompts), "--rounds", "1", "--prompts-per-round", "20",
         "--samples-per-prompt", "2", "--steps", "2", "--batch-size", "4", "--log-every", "1",

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import finite_diff
 
 from rljax.dpo import CPO_LOSS_TYPES, KTO_LOSS_TYPES, cpo_loss, kto_loss, orpo_loss
 
@@ -110,18 +111,6 @@ def cpo_reference(chosen, rejected, nll, beta, loss_type, label_smoothing, simpo
     return loss, metrics
 
 
-def finite_difference_grad(f, x, *args, step=1e-6):
-    """Central differences of the scalar ``f(x, *args)`` in ``x``, a float64 vector."""
-    x = np.asarray(x, np.float64)
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[index] += step
-        down[index] -= step
-        grad[index] = (f(up, *args) - f(down, *args)) / (2 * step)
-    return grad
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +157,13 @@ def check_metrics(got, want, tol):
         np.testing.assert_allclose(np.asarray(got[name], np.float64), value, **tol, err_msg=name)
 
 
+def check_loss(loss, metrics, want, dtype, tol):
+    """A scalar ``loss`` of ``dtype`` and its ``metrics`` match ``want = (loss, metrics)``."""
+    assert loss.dtype == dtype and loss.shape == ()
+    close(loss, want[0], tol)
+    check_metrics(metrics, want[1], tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # KTO
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +202,7 @@ def test_kto_matches_trl(variant, loss_type, with_kl, dtype):
         kl = (b["kl_policy"], b["kl_reference"]) if with_kl else (None, None)
         hyper = (b["beta"], b["dw"], b["uw"], loss_type)
         want, want_metrics = kto_reference(b["policy"], b["reference"], b["desirable"], *kl, *hyper)
-        want_grad = finite_difference_grad(
+        want_grad = finite_diff(
             lambda *a: kto_reference(*a)[0],
             b["policy"],
             b["reference"],
@@ -219,9 +215,7 @@ def test_kto_matches_trl(variant, loss_type, with_kl, dtype):
         (loss, metrics), grads = value_and_grad(
             *arrays, jnp.asarray(b["desirable"]), *kl_arrays, b["beta"], b["dw"], b["uw"]
         )
-        assert loss.dtype == dtype and loss.shape == ()
-        close(loss, want, tol)
-        check_metrics(metrics, want_metrics, tol)
+        check_loss(loss, metrics, (want, want_metrics), dtype, tol)
         close(grads[0], want_grad, grad_tol)
         for no_gradient in grads[1:]:  # reference and the KL batch carry no gradient
             np.testing.assert_array_equal(np.asarray(no_gradient), 0.0)
@@ -276,7 +270,7 @@ def test_orpo_matches_trl(variant, with_nll, dtype):
         nll = b["nll"] if with_nll else 0.0
         want, want_metrics = orpo_reference(b["chosen"], b["rejected"], nll, b["beta"])
         both = np.concatenate([b["chosen"], b["rejected"]])
-        want_grad = finite_difference_grad(
+        want_grad = finite_diff(
             lambda x, *a: orpo_reference(*np.split(x, 2), *a)[0], both, nll, b["beta"]
         )
         (loss, metrics), grads = value_and_grad(
@@ -285,9 +279,7 @@ def test_orpo_matches_trl(variant, with_nll, dtype):
             jnp.asarray(b["nll"], dtype),
             b["beta"],
         )
-        assert loss.dtype == dtype and loss.shape == ()
-        close(loss, want, tol)
-        check_metrics(metrics, want_metrics, tol)
+        check_loss(loss, metrics, (want, want_metrics), dtype, tol)
         close(np.concatenate([grads[0], grads[1]]), want_grad, grad_tol)
         assert float(grads[2]) == (1.0 if with_nll else 0.0)
 
@@ -363,7 +355,7 @@ def test_cpo_matches_trl(variant, loss_type, dtype):
         hyper = (b["beta"], loss_type, smoothing, gamma, alpha)
         want, want_metrics = cpo_reference(b["chosen"], b["rejected"], b["nll"], *hyper)
         both = np.concatenate([b["chosen"], b["rejected"]])
-        want_grad = finite_difference_grad(
+        want_grad = finite_diff(
             lambda x, *a: cpo_reference(*np.split(x, 2), *a)[0], both, b["nll"], *hyper
         )
         (loss, metrics), grads = value_and_grad(
@@ -375,9 +367,7 @@ def test_cpo_matches_trl(variant, loss_type, dtype):
             smoothing,
             gamma,
         )
-        assert loss.dtype == dtype and loss.shape == ()
-        close(loss, want, tol)
-        check_metrics(metrics, want_metrics, tol)
+        check_loss(loss, metrics, (want, want_metrics), dtype, tol)
         close(np.concatenate([grads[0], grads[1]]), want_grad, grad_tol)
         close(grads[2], alpha, tol)
 
@@ -470,28 +460,32 @@ def test_orpo_errors():
         orpo_loss(TWO[None], TWO[None])
 
 
-@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
-def test_cpo_label_smoothing_is_refused_where_it_is_not_read(loss_type):
-    message = (
-        f"cpo_loss: label_smoothing=0.1 is not read by loss_type '{loss_type}'; only "
-        r"\['sigmoid', 'simpo'\] read it"
-    )
-    with pytest.raises(ValueError, match=message):
-        cpo_loss(TWO, TWO, loss_type=loss_type, label_smoothing=0.1)
-    with pytest.raises(ValueError, match=f"label_smoothing=a traced value .*'{loss_type}'"):
-        jax.jit(lambda s: cpo_loss(TWO, TWO, loss_type=loss_type, label_smoothing=s)[0])(0.1)
-    cpo_loss(TWO, TWO, loss_type=loss_type, label_smoothing=0.0)  # "no smoothing" is fine
+# (argument, a value to refuse, the value that counts as not given, who reads it, loss type):
+# label_smoothing 0 is "no smoothing"; simpo_gamma 0.5 is the default
+CPO_UNREAD_CASES = [
+    pytest.param(argument, value, neutral, readers, loss_type, id=f"{argument}-{loss_type}")
+    for argument, value, neutral, readers, loss_types in [
+        ("label_smoothing", 0.1, 0.0, r"\['sigmoid', 'simpo'\] read it", ["hinge", "ipo"]),
+        (
+            "simpo_gamma",
+            1.0,
+            0.5,
+            r"\['simpo'\] read it.*use loss_type='simpo'",
+            ["sigmoid", "hinge", "ipo"],
+        ),
+    ]
+    for loss_type in loss_types
+]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
-def test_cpo_simpo_gamma_is_refused_without_simpo(loss_type):
-    message = (
-        f"cpo_loss: simpo_gamma=1.0 is not read by loss_type '{loss_type}'; only "
-        r"\['simpo'\] read it.*use loss_type='simpo'"
-    )
+@pytest.mark.parametrize("argument,value,neutral,readers,loss_type", CPO_UNREAD_CASES)
+def test_cpo_argument_is_refused_where_it_is_not_read(argument, value, neutral, readers, loss_type):
+    message = f"cpo_loss: {argument}={value} is not read by loss_type '{loss_type}'; only {readers}"
     with pytest.raises(ValueError, match=message):
-        cpo_loss(TWO, TWO, loss_type=loss_type, simpo_gamma=1.0)
-    cpo_loss(TWO, TWO, loss_type=loss_type, simpo_gamma=0.5)  # the default counts as not given
+        cpo_loss(TWO, TWO, loss_type=loss_type, **{argument: value})
+    with pytest.raises(ValueError, match=f"{argument}=a traced value .*'{loss_type}'"):
+        jax.jit(lambda s: cpo_loss(TWO, TWO, loss_type=loss_type, **{argument: s})[0])(value)
+    cpo_loss(TWO, TWO, loss_type=loss_type, **{argument: neutral})  # not given: fine
 
 
 def test_cpo_other_errors():

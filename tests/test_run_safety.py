@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,20 +20,10 @@ import time
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, load_experiment
 
 from rljax import experiment, rl, runs
 from rljax.checkpoint import Checkpointer, CheckpointError, abstract_like
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 CONFIG = {"learning_rate": 1e-3, "batch_size": 32, "steps": 300, "log_every": 25, "out": "a"}
 
@@ -107,7 +96,7 @@ def test_resume_cannot_shrink_a_run_below_its_progress(tmp_path):
 def test_drivers_refuse_a_changed_resume_before_any_work(tmp_path):
     """experiments/dpo.py and the RLHF driver check the stored settings first (milliseconds:
     no model, data or compilation)."""
-    dpo = load("dpo")
+    dpo = load_experiment("dpo")
     out = str(tmp_path / "dpo")
     with runs.RunFolder(out, dataclasses.asdict(dpo.Config(out=out))):
         pass

@@ -14,10 +14,11 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import tiny_gpt2, tiny_llama
 
 from rljax import data
 from rljax.logprobs import token_logprobs
-from rljax.models.transformer import Transformer, TransformerConfig
+from rljax.models.transformer import Transformer
 from rljax.updates import (
     DPOConfig,
     RewardConfig,
@@ -106,21 +107,15 @@ def test_bad_rows_are_named():
 
 
 def tiny_config(family, **overrides):
-    return getattr(TransformerConfig, family)(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        **overrides,
-    )
+    """The two-layer model of ``family`` (the llama with 2 key/value heads) over :data:`VOCAB`
+    tokens, 32 positions, MLP width 48."""
+    make = {"llama": tiny_llama, "gpt2": tiny_gpt2}[family]
+    return make(vocab_size=VOCAB, intermediate_size=48, max_position_embeddings=32, **overrides)
 
 
 @functools.cache
 def model(family):
-    gqa = {"num_kv_heads": 2} if family == "llama" else {}
-    config = tiny_config(family, **gqa, dtype="float64", param_dtype="float64")
+    config = tiny_config(family, dtype="float64", param_dtype="float64")
     return nnx.split(Transformer(config, rngs=nnx.Rngs(3)), nnx.Param)
 
 
@@ -221,7 +216,7 @@ def test_reference_logps_and_dpo_update_equal_the_standard_layout():
 
 
 def test_reward_update_equals_the_standard_layout():
-    config = tiny_config("llama", head="reward", lm_head=False)
+    config = tiny_config("llama", num_kv_heads=None, head="reward", lm_head=False)  # no GQA
     graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(5)), nnx.Param)
     arrays = standard_arrays(6, pairs=6)
     arrays["margin"] = np.linspace(0.0, 1.0, 6).astype(np.float32)

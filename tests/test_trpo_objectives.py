@@ -19,28 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import (
+    TRANSFORMS,
+    assert_close,
+    dtype_st,
+    finite_diff,
+    np_gaussian_kl,
+    np_probs,
+    seed_st,
+    shape_st,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rljax.trpo import mean_kl, surrogate_objective
-
-TRANSFORMS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]
-# few distinct shapes: un-jitted jax compiles each primitive once per new shape
-SHAPES = [(6,), (3, 4)]
-TOL = {
-    np.dtype(np.float64): dict(rtol=1e-10, atol=0.0),
-    np.dtype(np.float32): dict(rtol=1e-5, atol=1e-6),
-}
-
-seed_st = st.integers(0, 2**32 - 1)
-shape_st = st.sampled_from(SHAPES)
-dtype_st = st.sampled_from([np.float64, np.float32])
-
-
-def assert_close(actual, expected, dtype=np.float64):
-    actual = np.asarray(actual)
-    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
-    np.testing.assert_allclose(actual, expected, **TOL[np.dtype(dtype)])
 
 
 def np_masked_mean(x, mask, normalizer=None):
@@ -49,17 +41,6 @@ def np_masked_mean(x, mask, normalizer=None):
     if normalizer is not None:
         return float(x[valid].sum() / normalizer)
     return float(x[valid].mean()) if valid.any() else 0.0
-
-
-def finite_diff(f, x, h=1e-6):
-    x = np.asarray(x, np.float64)
-    grad = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        xp, xm = x.copy(), x.copy()
-        xp[idx] += h
-        xm[idx] -= h
-        grad[idx] = (f(xp) - f(xm)) / (2 * h)
-    return grad
 
 
 def make_mask(rng, shape, dtype=np.float64):
@@ -184,44 +165,9 @@ def test_surrogate_traced_normalizer_does_not_retrace():
 # ---------------------------------------------------------------------------------------------
 
 
-def np_probs(logits):
-    logits = np.asarray(logits, np.float64)
-    e = np.exp(logits - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
 def np_categorical_kl(p_logits, q_logits):
-    p_logits, q_logits = (np.asarray(x, np.float64) for x in (p_logits, q_logits))
-    p = np.exp(p_logits - p_logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    q = np.exp(q_logits - q_logits.max(-1, keepdims=True))
-    q /= q.sum(-1, keepdims=True)
+    p, q = np_probs(p_logits), np_probs(q_logits)
     return np.sum(p * np.log(p / q), axis=-1)
-
-
-def np_gaussian_kl(p, q):
-    """KL(N(mu_p, S_p) || N(mu_q, S_q)) with explicit diagonal covariance matrices.
-
-    0.5 * (tr(S_q^-1 S_p) + (mu_q - mu_p)^T S_q^-1 (mu_q - mu_p) - k + log det S_q - log det S_p)
-    """
-    (mp, lp), (mq, lq) = p, q
-    mp, mq = np.asarray(mp, np.float64), np.asarray(mq, np.float64)
-    sp = np.broadcast_to(np.exp(np.asarray(lp, np.float64)), mp.shape)
-    sq = np.broadcast_to(np.exp(np.asarray(lq, np.float64)), mq.shape)
-    k = mp.shape[-1]
-    out = np.zeros(mp.shape[:-1])
-    for idx in np.ndindex(out.shape):
-        cov_p, cov_q = np.diag(sp[idx] ** 2), np.diag(sq[idx] ** 2)
-        inv_q = np.linalg.inv(cov_q)
-        diff = mq[idx] - mp[idx]
-        out[idx] = 0.5 * (
-            np.trace(inv_q @ cov_p)
-            + diff @ inv_q @ diff
-            - k
-            + np.linalg.slogdet(cov_q)[1]
-            - np.linalg.slogdet(cov_p)[1]
-        )
-    return out
 
 
 def make_outputs(rng, kind, positions, dtype=np.float64, size=3):
@@ -235,6 +181,14 @@ def make_outputs(rng, kind, positions, dtype=np.float64, size=3):
 
 def perturb(rng, outputs, scale=0.3):
     return jax.tree.map(lambda x: (x + scale * rng.normal(size=x.shape)).astype(x.dtype), outputs)
+
+
+def kl_case(seed, kind, positions=(3, 4), dtype=np.float64):
+    """``(old, new, mask)``: outputs of ``kind`` over ``positions``, a perturbation of them and a
+    mask, drawn from ``seed``."""
+    rng = np.random.default_rng(seed)
+    old = make_outputs(rng, kind, positions, dtype)
+    return old, perturb(rng, old), make_mask(rng, positions, dtype)
 
 
 def np_kl(kind, p, q):
@@ -255,10 +209,8 @@ KINDS = ["categorical", "gauss_shared", "gauss_full"]
     seed=seed_st, positions=shape_st, dtype=dtype_st, use_mask=st.booleans(), use_norm=st.booleans()
 )
 def test_mean_kl_matches_reference(transform, kind, seed, positions, dtype, use_mask, use_norm):
-    rng = np.random.default_rng(seed)
-    old = make_outputs(rng, kind, positions, dtype)
-    new = perturb(rng, old)
-    mask = make_mask(rng, positions, dtype) if use_mask else None
+    old, new, mask = kl_case(seed, kind, positions, dtype)
+    mask = mask if use_mask else None
     normalizer = 7.0 if use_norm else None
     fn = transform(functools.partial(mean_kl, normalizer=normalizer))
     value = fn(to_jnp(old), to_jnp(new), mask)
@@ -283,10 +235,7 @@ def test_mean_kl_zero_at_identical_outputs_with_zero_gradient(transform, kind):
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mean_kl_gradient_only_to_new_outputs(transform, kind):
-    rng = np.random.default_rng(2)
-    old = make_outputs(rng, kind, (3, 4))
-    new = perturb(rng, old)
-    mask = make_mask(rng, (3, 4))
+    old, new, mask = kl_case(2, kind)
     grad_old, grad_new = transform(jax.grad(mean_kl, argnums=(0, 1)))(
         to_jnp(old), to_jnp(new), mask
     )
@@ -334,10 +283,7 @@ def test_mean_kl_hessian_at_old_policy_is_fisher(transform):
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_mean_kl_normalizer_microbatches_add_up(transform, kind):
-    rng = np.random.default_rng(4)
-    old = make_outputs(rng, kind, (3, 4))
-    new = perturb(rng, old)
-    mask = make_mask(rng, (3, 4))
+    old, new, mask = kl_case(4, kind)
     fn = transform(mean_kl)
     full = fn(to_jnp(old), to_jnp(new), mask)
     n = float(mask.sum())
@@ -359,10 +305,7 @@ def test_mean_kl_normalizer_microbatches_add_up(transform, kind):
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_mean_kl_masked_positions_are_ignored(transform):
-    rng = np.random.default_rng(5)
-    old = make_outputs(rng, "gauss_full", (3, 4))
-    new = perturb(rng, old)
-    mask = make_mask(rng, (3, 4))
+    old, new, mask = kl_case(5, "gauss_full")
     mask[2, 3] = 0
     bad_mean = np.array(new[0])
     bad_mean[2, 3] = np.nan
@@ -381,10 +324,7 @@ def test_mean_kl_with_impossible_actions(transform):
 
 
 def test_mean_kl_traced_normalizer_does_not_retrace():
-    rng = np.random.default_rng(6)
-    old = make_outputs(rng, "categorical", (3, 4))
-    new = perturb(rng, old)
-    mask = make_mask(rng, (3, 4))
+    old, new, mask = kl_case(6, "categorical")
     traces = []
 
     @jax.jit
