@@ -139,6 +139,42 @@ def raw_step(env) -> Callable:
     return getattr(env, "step_env", env.step)
 
 
+class _BuiltIn(Environment):
+    """The built-in environments' common frame: each defines ``params_type`` (its constants,
+    with a ``max_steps`` time limit), :meth:`_initial_state`, :meth:`_dynamics` and
+    :meth:`_obs`; ``reset`` and ``step_env`` are assembled here once, with the time limit:
+    truncated at ``max_steps`` unless terminated there (never both)."""
+
+    params_type: type
+
+    def default_params(self):
+        return self.params_type()
+
+    def _initial_state(self, key: jax.Array, params):
+        """The state an episode starts in (its ``time`` 0)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _initial_state()")
+
+    def _dynamics(self, state, action: jax.Array, params):
+        """One deterministic transition: ``(new_state, reward, terminated)``, ``new_state.time``
+        one more than ``state.time``."""
+        raise NotImplementedError(f"{type(self).__name__} must define _dynamics()")
+
+    @staticmethod
+    def _obs(state) -> jax.Array:
+        """The float32 observation of a state."""
+        raise NotImplementedError("a built-in environment must define _obs()")
+
+    def reset(self, key: jax.Array, params):
+        state = self._initial_state(key, params)
+        return self._obs(state), state
+
+    def step_env(self, key: jax.Array, state, action: jax.Array, params):
+        del key  # deterministic dynamics
+        new, reward, terminated = self._dynamics(state, action, params)
+        truncated = (new.time >= params.max_steps) & ~terminated
+        return self._obs(new), new, reward.astype(jnp.float32), terminated, truncated, {}
+
+
 @struct.dataclass
 class CartPoleParams:
     """Constants of gymnasium's CartPole-v1 (a pytree, so it can be traced, vmapped, swept)."""
@@ -162,7 +198,7 @@ class CartPoleState(NamedTuple):
     time: jax.Array
 
 
-class CartPole(Environment):
+class CartPole(_BuiltIn):
     """CartPole-v1: push a cart left or right to keep a pole upright; reward 1 per step.
 
     Observation ``[x, x_dot, theta, theta_dot]``; actions 0 (push left) and 1 (push right).
@@ -173,20 +209,13 @@ class CartPole(Environment):
     observation_size = 4
     num_actions = 2
     continuous = False
+    params_type = CartPoleParams
 
-    def default_params(self) -> CartPoleParams:
-        return CartPoleParams()
-
-    def reset(self, key: jax.Array, params: CartPoleParams):
+    def _initial_state(self, key: jax.Array, params: CartPoleParams) -> CartPoleState:
         x, x_dot, theta, theta_dot = jax.random.uniform(key, (4,), jnp.float32, -0.05, 0.05)
-        state = CartPoleState(x, x_dot, theta, theta_dot, jnp.int32(0))
-        return self._obs(state), state
+        return CartPoleState(x, x_dot, theta, theta_dot, jnp.int32(0))
 
-    def step_env(
-        self, key: jax.Array, state: CartPoleState, action: jax.Array, params: CartPoleParams
-    ):
-        del key  # deterministic dynamics
-        p = params
+    def _dynamics(self, state: CartPoleState, action: jax.Array, p: CartPoleParams):
         total_mass = p.masspole + p.masscart
         polemass_length = p.masspole * p.length
         force = jnp.where(action == 1, p.force_mag, -p.force_mag)
@@ -204,9 +233,7 @@ class CartPole(Environment):
             time=state.time + 1,
         )
         terminated = (jnp.abs(new.x) > p.x_threshold) | (jnp.abs(new.theta) > p.theta_threshold)
-        truncated = (new.time >= p.max_steps) & ~terminated
-        reward = jnp.float32(1.0)
-        return self._obs(new), new, reward, terminated, truncated, {}
+        return new, jnp.float32(1.0), terminated
 
     @staticmethod
     def _obs(state: CartPoleState) -> jax.Array:
@@ -236,7 +263,7 @@ def _angle_normalize(x):
     return ((x + jnp.pi) % (2 * jnp.pi)) - jnp.pi
 
 
-class Pendulum(Environment):
+class Pendulum(_BuiltIn):
     """Pendulum-v1: swing a pendulum up and hold it; torque in [-2, 2]; never terminates.
 
     Observation ``[cos theta, sin theta, theta_dot]``; reward
@@ -248,19 +275,14 @@ class Pendulum(Environment):
     observation_size = 3
     action_size = 1
     continuous = True
+    params_type = PendulumParams
 
-    def default_params(self) -> PendulumParams:
-        return PendulumParams()
-
-    def reset(self, key: jax.Array, params: PendulumParams):
+    def _initial_state(self, key: jax.Array, params: PendulumParams) -> PendulumState:
         high = jnp.array([jnp.pi, 1.0], jnp.float32)
         theta, theta_dot = jax.random.uniform(key, (2,), jnp.float32, -high, high)
-        state = PendulumState(theta, theta_dot, jnp.int32(0))
-        return self._obs(state), state
+        return PendulumState(theta, theta_dot, jnp.int32(0))
 
-    def step_env(self, key, state: PendulumState, action: jax.Array, params: PendulumParams):
-        del key
-        p = params
+    def _dynamics(self, state: PendulumState, action: jax.Array, p: PendulumParams):
         u = jnp.clip(jnp.reshape(action, ()).astype(jnp.float32), -p.max_torque, p.max_torque)
         costs = _angle_normalize(state.theta) ** 2 + 0.1 * state.theta_dot**2 + 0.001 * u**2
         theta_dot = (
@@ -269,8 +291,7 @@ class Pendulum(Environment):
         )
         theta_dot = jnp.clip(theta_dot, -p.max_speed, p.max_speed)
         new = PendulumState(state.theta + theta_dot * p.dt, theta_dot, state.time + 1)
-        truncated = new.time >= p.max_steps
-        return self._obs(new), new, -costs.astype(jnp.float32), jnp.bool_(False), truncated, {}
+        return new, -costs, jnp.bool_(False)  # never terminates
 
     @staticmethod
     def _obs(state: PendulumState) -> jax.Array:
@@ -303,7 +324,7 @@ class AcrobotState(NamedTuple):
     time: jax.Array
 
 
-class Acrobot(Environment):
+class Acrobot(_BuiltIn):
     """Acrobot-v1: swing the tip of a two-link chain above a line; torque in {-1, 0, +1}.
 
     Reward -1 per step until the tip is one link length above the base (terminated, reward
@@ -314,14 +335,11 @@ class Acrobot(Environment):
     observation_size = 6
     num_actions = 3
     continuous = False
+    params_type = AcrobotParams
 
-    def default_params(self) -> AcrobotParams:
-        return AcrobotParams()
-
-    def reset(self, key: jax.Array, params: AcrobotParams):
+    def _initial_state(self, key: jax.Array, params: AcrobotParams) -> AcrobotState:
         s = jax.random.uniform(key, (4,), jnp.float32, -0.1, 0.1)
-        state = AcrobotState(s[0], s[1], s[2], s[3], jnp.int32(0))
-        return self._obs(state), state
+        return AcrobotState(s[0], s[1], s[2], s[3], jnp.int32(0))
 
     def _dsdt(self, s, torque, p: AcrobotParams):
         m1, m2, l1 = p.link_mass_1, p.link_mass_2, p.link_length_1
@@ -342,9 +360,7 @@ class Acrobot(Environment):
         ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
         return jnp.stack([dtheta1, dtheta2, ddtheta1, ddtheta2])
 
-    def step_env(self, key, state: AcrobotState, action: jax.Array, params: AcrobotParams):
-        del key
-        p = params
+    def _dynamics(self, state: AcrobotState, action: jax.Array, p: AcrobotParams):
         torque = jnp.asarray(action, jnp.float32) - 1.0
         s = jnp.stack([state.joint_angle1, state.joint_angle2, state.velocity_1, state.velocity_2])
         k1 = self._dsdt(s, torque, p)
@@ -360,9 +376,7 @@ class Acrobot(Environment):
             state.time + 1,
         )
         terminated = -jnp.cos(new.joint_angle1) - jnp.cos(new.joint_angle2 + new.joint_angle1) > 1.0
-        truncated = (new.time >= p.max_steps) & ~terminated
-        reward = jnp.where(terminated, 0.0, -1.0).astype(jnp.float32)
-        return self._obs(new), new, reward, terminated, truncated, {}
+        return new, jnp.where(terminated, 0.0, -1.0), terminated
 
     @staticmethod
     def _obs(state: AcrobotState) -> jax.Array:
@@ -399,7 +413,7 @@ class MountainCarState(NamedTuple):
     time: jax.Array
 
 
-class MountainCarContinuous(Environment):
+class MountainCarContinuous(_BuiltIn):
     """MountainCarContinuous-v0: drive an underpowered car up a hill; force in [-1, 1].
 
     Reward ``-0.1 a^2`` per step and +100 on reaching the flag (terminated); truncated after
@@ -410,18 +424,13 @@ class MountainCarContinuous(Environment):
     observation_size = 2
     action_size = 1
     continuous = True
+    params_type = MountainCarContinuousParams
 
-    def default_params(self) -> MountainCarContinuousParams:
-        return MountainCarContinuousParams()
-
-    def reset(self, key: jax.Array, params: MountainCarContinuousParams):
+    def _initial_state(self, key: jax.Array, params) -> MountainCarState:
         position = jax.random.uniform(key, (), jnp.float32, -0.6, -0.4)
-        state = MountainCarState(position, jnp.float32(0.0), jnp.int32(0))
-        return self._obs(state), state
+        return MountainCarState(position, jnp.float32(0.0), jnp.int32(0))
 
-    def step_env(self, key, state: MountainCarState, action, params: MountainCarContinuousParams):
-        del key
-        p = params
+    def _dynamics(self, state: MountainCarState, action, p: MountainCarContinuousParams):
         action = jnp.reshape(action, ()).astype(jnp.float32)
         force = jnp.clip(action, p.min_action, p.max_action)
         velocity = state.velocity + force * p.power - 0.0025 * jnp.cos(3 * state.position)
@@ -430,9 +439,7 @@ class MountainCarContinuous(Environment):
         velocity = jnp.where((position == p.min_position) & (velocity < 0), 0.0, velocity)
         terminated = (position >= p.goal_position) & (velocity >= p.goal_velocity)
         reward = jnp.where(terminated, 100.0, 0.0) - 0.1 * action**2
-        new = MountainCarState(position, velocity, state.time + 1)
-        truncated = (new.time >= p.max_steps) & ~terminated
-        return self._obs(new), new, reward.astype(jnp.float32), terminated, truncated, {}
+        return MountainCarState(position, velocity, state.time + 1), reward, terminated
 
     @staticmethod
     def _obs(state: MountainCarState) -> jax.Array:
@@ -451,7 +458,7 @@ class ProbeParams:
     max_steps: int = 1
 
 
-class Probe(Environment):
+class Probe(_BuiltIn):
     """rejax-style probe environments: tiny tasks whose exact values are known, so a
     value-function, advantage or policy-gradient bug shows up in seconds.
 
@@ -482,15 +489,14 @@ class Probe(Environment):
     def default_params(self) -> ProbeParams:
         return ProbeParams(max_steps=2 if self.kind == "discount" else 1)
 
-    def reset(self, key: jax.Array, params: ProbeParams):
+    def _initial_state(self, key: jax.Array, params: ProbeParams) -> ProbeState:
         if self.kind in ("observation", "observation_action"):
             obs = jnp.where(jax.random.bernoulli(key), 1.0, -1.0).astype(jnp.float32)[None]
         else:
             obs = jnp.zeros((1,), jnp.float32)
-        return obs, ProbeState(obs, jnp.int32(0))
+        return ProbeState(obs, jnp.int32(0))
 
-    def step_env(self, key, state: ProbeState, action: jax.Array, params: ProbeParams):
-        del key
+    def _dynamics(self, state: ProbeState, action: jax.Array, params: ProbeParams):
         time = state.time + 1
         obs = state.obs[0]
         if self.kind == "constant":
@@ -503,16 +509,12 @@ class Probe(Environment):
             reward = (jnp.asarray(action) == 1).astype(jnp.float32)
         else:
             reward = (action == ((obs + 1) / 2).astype(jnp.int32)).astype(jnp.float32)
-        terminated = time >= params.max_steps
         next_obs = time.astype(jnp.float32)[None] if self.kind == "discount" else state.obs
-        return (
-            next_obs,
-            ProbeState(next_obs, time),
-            reward.astype(jnp.float32),
-            terminated,
-            (jnp.bool_(False)),
-            {},
-        )
+        return ProbeState(next_obs, time), reward, time >= params.max_steps
+
+    @staticmethod
+    def _obs(state: ProbeState) -> jax.Array:
+        return state.obs
 
 
 ENVIRONMENTS = {

@@ -71,6 +71,14 @@ class RowNumbers:
         return f"{word} {shown}{more}{note}"
 
 
+def _note_first(first: list[int], number: int, limit: int) -> None:
+    """Append ``number`` to ``first`` unless it already holds ``limit`` numbers: the reports
+    (validation, tokenization, packing) name the first few rows of each kind beside a count
+    of them all."""
+    if len(first) < limit:
+        first.append(number)
+
+
 def _read_json_lines(path: Path) -> tuple[list[dict], list[int]]:
     """The rows and the 1-based line of each."""
     rows, lines = [], []

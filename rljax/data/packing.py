@@ -27,6 +27,8 @@ from typing import Literal, TypedDict
 
 import numpy as np
 
+from rljax.data.load import _note_first
+
 __all__ = ["PACKING_STRATEGIES", "PackedArrays", "PackingReport", "pack", "pack_arrays"]
 
 PACKING_STRATEGIES = ("bfd", "greedy")
@@ -139,13 +141,11 @@ def _fit(
                 )
             if overflow == "drop":
                 report.dropped += 1
-                if len(report.dropped_sequences) < _FIRST_FEW:
-                    report.dropped_sequences.append(i)
+                _note_first(report.dropped_sequences, i, _FIRST_FEW)
                 continue
             report.truncated += 1
             report.truncated_tokens += len(ids) - max_length
-            if len(report.truncated_sequences) < _FIRST_FEW:
-                report.truncated_sequences.append(i)
+            _note_first(report.truncated_sequences, i, _FIRST_FEW)
             ids, loss = ids[:max_length], loss[:max_length]
         kept_ids.append(ids)
         kept_masks.append(loss)

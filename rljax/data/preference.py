@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from rljax.data.load import RowNumbers
+from rljax.data.load import RowNumbers, _note_first
 
 __all__ = [
     "SKIP_REASONS",
@@ -74,9 +74,7 @@ class ValidationReport:
 
     def _skip(self, row: int, reason: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        rows = self.first_rows.setdefault(reason, [])
-        if len(rows) < _FIRST_ROWS:
-            rows.append(row)
+        _note_first(self.first_rows.setdefault(reason, []), row, _FIRST_ROWS)
         self.first_errors.setdefault(reason, message)
 
     def __str__(self) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
-from rljax.data.load import RowNumbers
+from rljax.data.load import RowNumbers, _note_first
 from rljax.data.preference import (
     _check_value,
     _RowError,
@@ -231,22 +231,20 @@ def _check_options(max_length, max_prompt_length, truncation_mode, overflow, pad
         )
 
 
+def _special_id(tokenizer, which: str, fix: str) -> int:
+    """The tokenizer's ``<which>_token_id`` (``pad``, ``eos``), or an error saying ``fix``."""
+    token_id = getattr(tokenizer, f"{which}_token_id")
+    if token_id is None:
+        raise ValueError(f"the tokenizer has no {which} token: {fix}")
+    return int(token_id)
+
+
 def _pad_id(tokenizer) -> int:
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError(
-            "the tokenizer has no pad token: set tokenizer.pad_token (e.g. to its eos_token)"
-        )
-    return int(pad_id)
+    return _special_id(tokenizer, "pad", "set tokenizer.pad_token (e.g. to its eos_token)")
 
 
 def _eos_id(tokenizer) -> int:
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise ValueError(
-            "the tokenizer has no eos token: set tokenizer.eos_token or pass add_eos=False"
-        )
-    return int(eos_id)
+    return _special_id(tokenizer, "eos", "set tokenizer.eos_token or pass add_eos=False")
 
 
 # ----------------------------------------------------------------------------- 3. pad
@@ -296,8 +294,7 @@ def _tokenize_rows(
         if unknown:
             report.unknown_tokens += unknown
             report.unknown_rows += 1
-            if len(report.unknown_first_rows) < _FIRST_ROWS:
-                report.unknown_first_rows.append(number)
+            _note_first(report.unknown_first_rows, number, _FIRST_ROWS)
         prompt_cut = len(prompt_ids) > prompt_limit
         prompt_ids = _cut(prompt_ids, prompt_limit, truncation_mode)
         budget = max_length - len(prompt_ids)
@@ -312,12 +309,10 @@ def _tokenize_rows(
         if prompt_cut or completion_cut:
             if overflow == "drop":
                 report.dropped += 1
-                if len(report.dropped_rows) < _FIRST_ROWS:
-                    report.dropped_rows.append(number)
+                _note_first(report.dropped_rows, number, _FIRST_ROWS)
                 continue
             report.truncated += 1
-            if len(report.truncated_rows) < _FIRST_ROWS:
-                report.truncated_rows.append(number)
+            _note_first(report.truncated_rows, number, _FIRST_ROWS)
         report.kept_rows.append(row)
         prompts.append(prompt_ids)
         for field, ids in completion_ids.items():

@@ -277,6 +277,42 @@ def _rope_fields(hf_config) -> dict[str, Any]:
     return dict(rope_theta=theta, rope_type=rope_type, rope_scaling=scaling)
 
 
+# TransformerConfig fields and their names in the families' ``transformers`` configs (None:
+# that family's config has no such field): config_from_hf reads through this table and
+# hf_config_from writes through it.
+_CONFIG_NAMES = (
+    # ours, GPT-2's, Llama's (and Qwen2's, Mistral's)
+    ("vocab_size", "vocab_size", "vocab_size"),
+    ("hidden_size", "n_embd", "hidden_size"),
+    ("num_layers", "n_layer", "num_hidden_layers"),
+    ("num_heads", "n_head", "num_attention_heads"),
+    ("num_kv_heads", None, "num_key_value_heads"),
+    ("head_dim", None, "head_dim"),
+    ("intermediate_size", "n_inner", "intermediate_size"),
+    ("max_position_embeddings", "n_positions", "max_position_embeddings"),
+    ("hidden_act", "activation_function", "hidden_act"),
+    ("norm_eps", "layer_norm_epsilon", "rms_norm_eps"),
+)
+# Fields whose value to save is the property that resolves their ``None`` default.
+_RESOLVED = {
+    "num_kv_heads": "kv_heads",
+    "head_dim": "dim_per_head",
+    "intermediate_size": "mlp_size",
+}
+
+
+def _config_names(family: str) -> dict[str, str]:
+    """Our field -> the ``transformers`` config's, for ``family`` (``"gpt2"`` or ``"llama"``)."""
+    column = 1 if family == "gpt2" else 2
+    return {row[0]: row[column] for row in _CONFIG_NAMES if row[column] is not None}
+
+
+def _read_names(hf, family: str) -> dict[str, Any]:
+    """The fields of :data:`_CONFIG_NAMES` read off a ``transformers`` config (None where it
+    lacks one)."""
+    return {ours: getattr(hf, theirs, None) for ours, theirs in _config_names(family).items()}
+
+
 def _gpt2_fields(hf) -> dict[str, Any]:
     unsupported = {
         "scale_attn_by_inverse_layer_idx": (True, "attention scaled by 1/(layer index + 1)"),
@@ -290,17 +326,12 @@ def _gpt2_fields(hf) -> dict[str, Any]:
                 f"GPT-2 option {name}={bad} ({what}) is not implemented; only the standard "
                 f"GPT-2 attention is"
             )
+    fields = _read_names(hf, "gpt2")
     return dict(
+        fields,
         family="gpt2",
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.n_embd,
-        num_layers=hf.n_layer,
-        num_heads=hf.n_head,
         num_kv_heads=None,
-        intermediate_size=hf.n_inner or 4 * hf.n_embd,
-        max_position_embeddings=hf.n_positions,
-        hidden_act=hf.activation_function,
-        norm_eps=hf.layer_norm_epsilon,
+        intermediate_size=fields["intermediate_size"] or 4 * fields["hidden_size"],
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
@@ -314,18 +345,12 @@ def _llama_fields(hf) -> dict[str, Any]:
     else:  # llama (attention_bias: all four projections), mistral (no biases)
         qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
         mlp_bias = bool(getattr(hf, "mlp_bias", False))
+    fields = _read_names(hf, "llama")
     return dict(
+        fields,
         family="llama",
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=hf.num_attention_heads,
-        num_kv_heads=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
-        intermediate_size=hf.intermediate_size,
-        max_position_embeddings=hf.max_position_embeddings,
-        hidden_act=hf.hidden_act,
-        norm_eps=hf.rms_norm_eps,
+        num_kv_heads=fields["num_kv_heads"] or fields["num_heads"],
+        head_dim=fields["head_dim"] or fields["hidden_size"] // fields["num_heads"],
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
@@ -670,6 +695,15 @@ def _parse_size(size: int | str) -> int:
     return int(number * base ** "BKMGT".index(unit[0]))
 
 
+def _written_names(c: TransformerConfig) -> dict[str, Any]:
+    """The fields of :data:`_CONFIG_NAMES` as ``c``'s family's ``transformers`` config names
+    them, ``None`` defaults resolved (``intermediate_size`` -> ``mlp_size``, ...)."""
+    return {
+        theirs: getattr(c, _RESOLVED.get(ours, ours))
+        for ours, theirs in _config_names(c.family).items()
+    }
+
+
 def _gpt2_hf_fields(c: TransformerConfig, model_type: str | None):
     """``(model_type, fields, config class)`` of a GPT-2 family config."""
     import transformers
@@ -682,17 +716,7 @@ def _gpt2_hf_fields(c: TransformerConfig, model_type: str | None):
         problems.append("GPT-2 has num_kv_heads == num_heads and head_dim * heads == width")
     if model_type != "gpt2" or problems:
         raise ValueError(f"cannot save as {model_type!r}: {'; '.join(problems)}")
-    fields = dict(
-        vocab_size=c.vocab_size,
-        n_positions=c.max_position_embeddings,
-        n_embd=c.hidden_size,
-        n_layer=c.num_layers,
-        n_head=c.num_heads,
-        n_inner=c.mlp_size,
-        activation_function=c.hidden_act,
-        layer_norm_epsilon=c.norm_eps,
-    )
-    return model_type, fields, transformers.GPT2Config
+    return model_type, _written_names(c), transformers.GPT2Config
 
 
 def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
@@ -713,19 +737,7 @@ def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
             f"mlp={c.mlp_bias} (llama: qkv == o, any mlp; qwen2: qkv only; mistral: none)"
         )
     rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
-    fields = dict(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.mlp_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.kv_heads,
-        head_dim=c.dim_per_head,
-        hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.norm_eps,
-        rope_parameters=rope,
-    )
+    fields = {**_written_names(c), "rope_parameters": rope}
     if model_type == "llama":
         fields.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
     elif model_type == "mistral":

@@ -236,50 +236,34 @@ class TransformerConfig:
         return cls(**{**defaults, **kwargs})
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+# The named model sizes, all in the Llama family: one row per preset, a column per
+# TransformerConfig field (None: the field's default), then any further fields.
+_PRESET_COLUMNS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+_PRESET_ROWS = {
+    # name: (vocab, width, layers, heads, kv heads, MLP width, positions), other fields
     # Test- and CPU-sized.
-    "tiny": dict(
-        family="llama",
-        vocab_size=256,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=512,
-    ),
-    "small": dict(
-        family="llama",
-        vocab_size=8192,
-        hidden_size=256,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
-        intermediate_size=704,
-        max_position_embeddings=2048,
-    ),
+    "tiny": ((256, 64, 2, 4, 2, 128, 512), {}),
+    "small": ((8192, 256, 4, 8, 4, 704, 2048), {}),
     # GPT-2 small's size (124M) in the Llama family.
-    "125m": dict(
-        family="llama",
-        vocab_size=50304,
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=2048,
-        max_position_embeddings=2048,
-    ),
+    "125m": ((50304, 768, 12, 12, None, 2048, 2048), {}),
     # Llama-3.2-1B's shape (1.24B, tied embeddings, GQA 32/8).
-    "1b": dict(
-        family="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=8192,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
+    "1b": ((128256, 2048, 16, 32, 8, 8192, 8192), {"rope_theta": 500000.0}),
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    name: {
+        "family": "llama",
+        **{k: v for k, v in zip(_PRESET_COLUMNS, row, strict=True) if v is not None},
+        **extra,
+    }
+    for name, (row, extra) in _PRESET_ROWS.items()
 }
 
 
@@ -306,6 +290,27 @@ class KVCache(NamedTuple):
     v: jax.Array
     mask: jax.Array
     index: jax.Array
+
+
+class _PassInputs(NamedTuple):
+    """What every layer of one forward pass reads besides its own parameters and cache
+    (:meth:`Transformer.decode` builds it once per call).
+
+    Attributes:
+      positions: ``int [B, T]`` position ids.
+      mask: ``bool [B, T]``, True at real tokens.
+      seq_lengths: ``int32 [B]``, real tokens per row (cuDNN's right-padded lengths).
+      segment_ids: ``int32 [B, T]`` of packed rows, or None.
+      cache_index: the first cache slot written (int32 scalar), or None without a cache.
+      cache_mask: ``bool [B, S]`` valid cache slots, these tokens' included, or None.
+    """
+
+    positions: jax.Array
+    mask: jax.Array
+    seq_lengths: jax.Array
+    segment_ids: jax.Array | None
+    cache_index: jax.Array | None
+    cache_mask: jax.Array | None
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -420,6 +425,17 @@ def _float64_attention(q, k, v, allowed):
     logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(q.dtype).min)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
+def _allowed_keys(k: jax.Array, inputs: _PassInputs, query_slots) -> jax.Array:
+    """``bool [B, T, S]``: which keys each query may attend to, segments aside. Without a cache
+    (``S == T``) the real keys at or before the query; with one, the valid cache slots not
+    after the query's slot (``query_slots [T]``)."""
+    slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+    if inputs.cache_mask is None:
+        causal = slots[None, :] <= slots[:, None]  # [T, S]
+        return inputs.mask.astype(bool)[:, None, :] & causal[None]
+    return inputs.cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
 
 
 def _dense(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
@@ -544,54 +560,43 @@ class Transformer(nnx.Module):
         rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
         return (x32 * cos + rotated * sin).astype(x.dtype)
 
-    def _attention(self, q, k, v, mask, cache_mask, query_slots, seq_lengths, segment_ids=None):
+    def _attention(self, q, k, v, inputs: _PassInputs, query_slots):
         """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding
         (+ same segment, with ``segment_ids``). With one: keys are cache slots, allowed where
-        valid and not after the query's slot."""
+        valid and not after the query's slot (``query_slots [T]``)."""
         impl = self.config.attention_impl
-        if segment_ids is not None:
-            return self._segment_attention(q, k, v, mask, segment_ids)
+        if inputs.segment_ids is not None:
+            return self._segment_attention(q, k, v, inputs)
         if q.dtype == jnp.float64:
             # jax.nn.dot_product_attention runs its softmax in float32 whatever the inputs;
             # a float64 model (the reference of the parity tests) must stay float64 throughout.
-            if cache_mask is None:
-                slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-                causal = slots[None, :] <= slots[:, None]  # [T, S]
-                allowed = mask.astype(bool)[:, None, :] & causal[None]
-            else:
-                slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-                allowed = cache_mask[:, None, :] & (
-                    slots[None, None, :] <= query_slots[None, :, None]
-                )
-            return _float64_attention(q, k, v, allowed)
-        if cache_mask is None:
+            return _float64_attention(q, k, v, _allowed_keys(k, inputs, query_slots))
+        if inputs.cache_mask is None:
             if impl == "cudnn":
                 return jax.nn.dot_product_attention(
                     q,
                     k,
                     v,
                     is_causal=True,
-                    query_seq_lengths=seq_lengths,
-                    key_value_seq_lengths=seq_lengths,
+                    query_seq_lengths=inputs.seq_lengths,
+                    key_value_seq_lengths=inputs.seq_lengths,
                     implementation="cudnn",
                 )
-            key_mask = mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
+            key_mask = inputs.mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
             return jax.nn.dot_product_attention(
                 q, k, v, mask=key_mask, is_causal=True, implementation=impl
             )
-        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-        allowed = cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+        allowed = _allowed_keys(k, inputs, query_slots)
         return jax.nn.dot_product_attention(
             q, k, v, mask=allowed[:, None, :, :], implementation="xla"
         )
 
-    def _segment_attention(self, q, k, v, mask, segment_ids):
+    def _segment_attention(self, q, k, v, inputs: _PassInputs):
         """Packed rows: a query attends to the keys of its own segment, causally (the key
         padding mask too). cuDNN's flash attention takes no such mask here: XLA runs it."""
-        slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-        causal = slots[None, :] <= slots[:, None]  # [T, S]
+        segment_ids = inputs.segment_ids
         same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, S]
-        allowed = same & causal[None] & mask.astype(bool)[:, None, :]
+        allowed = same & _allowed_keys(k, inputs, None)
         if q.dtype == jnp.float64:
             return _float64_attention(q, k, v, allowed)
         impl = "xla" if self.config.attention_impl == "cudnn" else self.config.attention_impl
@@ -599,18 +604,9 @@ class Transformer(nnx.Module):
             q, k, v, mask=allowed[:, None, :, :], implementation=impl
         )
 
-    def _layer(
-        self,
-        h,
-        p,
-        positions,
-        mask,
-        layer_cache,
-        cache_index,
-        cache_mask,
-        seq_lengths,
-        segment_ids=None,
-    ):
+    def _layer(self, h, p, layer_cache, inputs: _PassInputs):
+        """One decoder layer on the residual stream ``h [B, T, D]`` with its parameters ``p``
+        and its ``(k, v)`` cache slice (or None): the new ``h`` and the updated slice."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         p = jax.tree.map(lambda x: x.astype(dt), p)
@@ -626,17 +622,17 @@ class Transformer(nnx.Module):
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         if not gpt2:
-            q, k = self._rope(q, positions), self._rope(k, positions)
+            q, k = self._rope(q, inputs.positions), self._rope(k, inputs.positions)
         query_slots = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
             zero = jnp.zeros((), jnp.int32)
-            start = (zero, cache_index, zero, zero)
+            start = (zero, inputs.cache_index, zero, zero)
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             layer_cache = (k, v)
-            query_slots = cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
-        attn = self._attention(q, k, v, mask, cache_mask, query_slots, seq_lengths, segment_ids)
+            query_slots = inputs.cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
+        attn = self._attention(q, k, v, inputs, query_slots)
         out = _dense(attn.astype(dt), p["o"], in_axes=2)
         if c.o_bias:
             out = out + p["o_bias"]
@@ -734,7 +730,6 @@ class Transformer(nnx.Module):
             h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
 
         layer_params = {name: var[...] for name, var in self.layers.items()}
-        seq_lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
         if cache is None:
             cache_mask, cache_index, kv = None, None, None
         else:
@@ -746,19 +741,18 @@ class Transformer(nnx.Module):
             )
             kv = (cache.k, cache.v)
 
+        inputs = _PassInputs(
+            positions=positions,
+            mask=mask,
+            seq_lengths=jnp.sum(mask, axis=-1, dtype=jnp.int32),
+            segment_ids=segment_ids,
+            cache_index=cache_index,
+            cache_mask=cache_mask,
+        )
+
         def body(h, xs):
             p, layer_cache = xs
-            return self._layer(
-                h,
-                p,
-                positions,
-                mask,
-                layer_cache,
-                cache_index,
-                cache_mask,
-                seq_lengths,
-                segment_ids,
-            )
+            return self._layer(h, p, layer_cache, inputs)
 
         if c.remat:
             body = jax.checkpoint(body, prevent_cse=False)

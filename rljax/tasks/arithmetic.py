@@ -72,9 +72,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import string
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -85,10 +83,13 @@ from rljax.tasks.sorting import (
     EOS_TOKEN,
     SHIPPED_MODELS_DIR,
     SPECIAL_TOKENS,
-    _completion_loss_fn,
+    _build_once,
+    _finished,
     _rng,
     _text,
+    _tiny_llama_config,
     _tokenize_sft,
+    _warmup_trainer,
     _write_jsonl,
     char_tokenizer,
     sample_texts,
@@ -418,19 +419,10 @@ def base_model_config(vocab_size: int | None = None, **overrides):
     default format noise and an 800-step schedule (:class:`WarmupSettings`) the answer is right
     in either format on 0.61, 0.87, 0.98 and 0.99 of validation problems after 400..700 steps.
     """
-    from rljax.models.transformer import TransformerConfig
-
-    kwargs = dict(
-        vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS) if vocab_size is None else vocab_size,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=192,
-        max_position_embeddings=128,
-        initializer_range=0.05,
-    )
-    return TransformerConfig.llama(**{**kwargs, **overrides})
+    if vocab_size is None:
+        vocab_size = len(SPECIAL_TOKENS) + len(CHARACTERS)
+    heads = dict(num_heads=4, num_kv_heads=2, max_position_embeddings=128)
+    return _tiny_llama_config(vocab_size, {**heads, **overrides})
 
 
 def sample_completions(
@@ -591,21 +583,6 @@ class WarmupSettings:
     format_noise: tuple[tuple[str, float], ...] = DEFAULT_FORMAT_NOISE
 
 
-def _make_step(graphdef, optimizer):
-    import jax
-    import optax
-
-    loss_fn = _completion_loss_fn(graphdef)
-
-    @jax.jit
-    def step(params, opt_state, tokens, mask, loss_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask, loss_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return step
-
-
 def warmup_model(settings: WarmupSettings = WarmupSettings(), config=None, log=print):
     """Fit a fresh tiny transformer on (format-noisy) demonstrations.
 
@@ -622,26 +599,14 @@ def warmup_model(settings: WarmupSettings = WarmupSettings(), config=None, log=p
       validation history ``[(step, accuracy, loss, either_format_accuracy)]`` and the time.
     """
     import jax
-    import optax
     from flax import nnx
-
-    from rljax.models.transformer import Transformer
 
     s = settings
     _noise_rates(s.format_noise)  # fail fast on a bad item or rate
     tokenizer = build_tokenizer()
     config = base_model_config(len(tokenizer)) if config is None else config
     length = MAX_PROMPT_TOKENS + _NOISY_COMPLETION_TOKENS
-    model = Transformer(config, rngs=nnx.Rngs(s.seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, s.learning_rate, max(1, s.max_steps // 20), s.max_steps, s.learning_rate * 0.05
-    )
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)
-    )
-    opt_state = optimizer.init(params)
-    step = _make_step(graphdef, optimizer)
+    model, params, opt_state, step = _warmup_trainer(config, s.seed, s.learning_rate, s.max_steps)
     validation = problems(s.eval_problems, s.seed + 1, "heldout")
     rng, start, losses, history, steps = _rng(s.seed, 3), time.perf_counter(), [], [], 0
     while steps < s.max_steps:
@@ -750,22 +715,11 @@ def default_base_model(cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> str:
     """The folder of the task's base model: the shipped one (:data:`SHIPPED_MODEL`, built by
     :func:`warmup_base_model` with the default settings), or, when a source tree lacks it,
     ``cache_dir/arithmetic`` built once (in a temporary sibling, renamed into place)."""
-    if os.path.exists(os.path.join(SHIPPED_MODEL, "warmup.json")):
+    if _finished(SHIPPED_MODEL):
         return SHIPPED_MODEL
     folder = os.path.join(os.fspath(cache_dir), "arithmetic")
-    if os.path.exists(os.path.join(folder, "warmup.json")):
+    if _finished(folder):
         return folder
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".arithmetic-", dir=os.fspath(cache_dir))
-    try:
-        print(f"building the arithmetic base model in {folder} (once)", flush=True)
-        warmup_base_model(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not os.path.exists(os.path.join(folder, "warmup.json")):
-                raise
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return _build_once(
+        folder, warmup_base_model, f"building the arithmetic base model in {folder} (once)"
+    )

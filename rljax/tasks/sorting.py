@@ -53,7 +53,7 @@ import shutil
 import string
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -420,21 +420,20 @@ def base_model_config(vocab_size: int | None = None, **overrides):
     ~2.26: uniform over all letters) after ~200 steps, where 4/2 heads with std 0.02 were
     still near it after 500.
     """
-    from rljax.models.transformer import TransformerConfig
-
     if vocab_size is None:
         vocab_size = len(SPECIAL_TOKENS) + len(TASK_CHARACTERS)
-    kwargs = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=8,
-        num_kv_heads=4,
-        intermediate_size=192,
-        max_position_embeddings=64,
-        initializer_range=0.05,
-    )
-    return TransformerConfig.llama(**{**kwargs, **overrides})
+    heads = dict(num_heads=8, num_kv_heads=4, max_position_embeddings=64)
+    return _tiny_llama_config(vocab_size, {**heads, **overrides})
+
+
+def _tiny_llama_config(vocab_size: int, fields: dict[str, Any]):
+    """The built-in tasks' base-model shape, a Llama-family transformer of width 64 with 2
+    layers, MLP width 192 and initialiser std 0.05, with ``fields`` (heads, positions,
+    overrides) on top."""
+    from rljax.models.transformer import TransformerConfig
+
+    shape = dict(hidden_size=64, num_layers=2, intermediate_size=192, initializer_range=0.05)
+    return TransformerConfig.llama(vocab_size=vocab_size, **{**shape, **fields})
 
 
 def _tokenize_sft(tokenizer, rows, length: int):
@@ -479,6 +478,40 @@ def _completion_loss_fn(graphdef):
     return loss
 
 
+def _warmup_trainer(config, seed: int, learning_rate: float, steps: int):
+    """A fresh model and its supervised warm-up step, as both built-in tasks fit theirs.
+
+    Returns ``(model, params, opt_state, step)``: the model initialised from
+    ``nnx.Rngs(seed)``, its ``nnx.Param`` state, the optimiser state and the jitted
+    ``step(params, opt_state, tokens, mask, loss_mask) -> (params, opt_state, loss)`` (loss of
+    :func:`_completion_loss_fn`; AdamW with a 5% linear warm-up and cosine decay to 5% of
+    ``learning_rate`` over ``steps``, weight decay 0.01, gradient clipping at 1).
+    """
+    import jax
+    import optax
+    from flax import nnx
+
+    from rljax.models.transformer import Transformer
+
+    model = Transformer(config, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(1, steps // 20), max(steps, 1), learning_rate * 0.05
+    )
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)
+    )
+    loss_fn = _completion_loss_fn(graphdef)
+
+    @jax.jit
+    def step(params, opt_state, tokens, mask, loss_mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask, loss_mask)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return model, params, optimizer.init(params), step
+
+
 @dataclasses.dataclass(frozen=True)
 class _WarmupSettings:
     steps: int
@@ -520,10 +553,7 @@ def warmup_model(
       the last ``log_every`` steps and the training time in seconds (compilation included).
     """
     import jax
-    import optax
     from flax import nnx
-
-    from rljax.models.transformer import Transformer
 
     _check_range(min_letters, max_letters)
     tokenizer = build_tokenizer()
@@ -531,23 +561,7 @@ def warmup_model(
     if config.vocab_size < len(tokenizer):
         raise ValueError(f"config.vocab_size {config.vocab_size} < tokenizer size {len(tokenizer)}")
     length = max_prompt_tokens(max_letters) + max_completion_tokens(max_letters)
-    model = Transformer(config, rngs=nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(1, steps // 20), max(steps, 1), learning_rate * 0.05
-    )
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01)
-    )
-    opt_state = optimizer.init(params)
-    loss_fn = _completion_loss_fn(graphdef)
-
-    @jax.jit
-    def step(params, opt_state, tokens, mask, loss_mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, mask, loss_mask)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    model, params, opt_state, step = _warmup_trainer(config, seed, learning_rate, steps)
     rng = _rng(seed, 3)
     start = time.perf_counter()
     losses = []
@@ -763,20 +777,38 @@ def default_base_model(
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = os.path.join(os.fspath(cache_dir), f"sorting-{digest}")
-    if os.path.exists(os.path.join(folder, "warmup.json")):
+    if _finished(folder):
         return folder
     shipped = os.path.join(SHIPPED_MODELS_DIR, f"sorting-{digest}")
-    if os.path.exists(os.path.join(shipped, "warmup.json")):
+    if _finished(shipped):
         return shipped  # the default settings' model ships with the package (read it only)
-    os.makedirs(os.fspath(cache_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".sorting-{digest}-", dir=os.fspath(cache_dir))
+    return _build_once(
+        folder,
+        lambda tmp: warmup_base_model(tmp, steps=steps, seed=seed, config=config, **warmup_kwargs),
+        f"building the base model in {folder} (once per settings)",
+    )
+
+
+def _finished(folder: str) -> bool:
+    """Whether ``folder`` holds a finished base model (``warmup.json`` is written last)."""
+    return os.path.exists(os.path.join(folder, "warmup.json"))
+
+
+def _build_once(folder: str, build: Callable[[str], Any], message: str) -> str:
+    """Build a base-model folder: ``build(tmp)`` writes it in a temporary sibling, which is
+    then renamed to ``folder``, so an interrupted build leaves nothing that looks finished
+    (:func:`_finished`). A concurrent build that finished first wins. Prints ``message``
+    first; returns ``folder``."""
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
     try:
-        print(f"building the base model in {folder} (once per settings)", flush=True)
-        warmup_base_model(tmp, steps=steps, seed=seed, config=config, **warmup_kwargs)
+        print(message, flush=True)
+        build(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not os.path.exists(os.path.join(folder, "warmup.json")):
+            if not _finished(folder):
                 raise  # not a concurrent build that finished first
     finally:
         if os.path.exists(tmp):
