@@ -16,6 +16,10 @@ non-finite guard, and for language models the forward passes that turn tokens in
 * :mod:`.sft`: supervised fine-tuning on padded or packed rows.
 * :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
 * :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.
+* :mod:`.common`: what the updates share: the ``hyperparams`` overrides (validated and
+  merged once for DPO, PPO, TRPO and their language-model variants: the swept coefficients
+  are traced, so a sweep compiles once), the one-optax-step update of SFT / reward / DPO /
+  KTO (:class:`.common.OptaxState`), the batch-key check.
 
 Every public name of those modules is importable from here (``rljax.updates.PPOConfig``).
 """

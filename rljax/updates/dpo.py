@@ -20,7 +20,12 @@ from rljax.dpo import (
     _validate,
     dpo_loss,
 )
-from rljax.finite import guarded_step
+from rljax.updates.common import (
+    check_config,
+    check_hyperparams,
+    make_objective_eval,
+    make_optax_update,
+)
 from rljax.updates.lm import pair_sequence_logps
 
 __all__ = [
@@ -142,20 +147,15 @@ class DPOConfig:
         ``f_divergence_type`` and ``f_alpha_divergence_coef`` the loss types read, each taken
         from ``hyperparams`` where it has the key (traced values), else from the config."""
         types, weights = self.loss_types_and_weights()
-        hyperparams = dict(hyperparams or {})
         allowed = self.traced_coefficients()
-        unknown = sorted(set(hyperparams) - set(allowed))
-        if unknown:
-            reasons = {
-                "label_smoothing": f"none of the loss types {[_name(t) for t in types]} reads it",
-                "discopop_tau": "'discopop' is not a loss type",
-                "rpo_alpha": "RPO is off (DPOConfig.rpo_alpha=None; set it to 0.0 to sweep it)",
-            }
-            why = "; ".join(f"{k}: {reasons.get(k, 'not a coefficient')}" for k in unknown)
-            raise ValueError(
-                f"make_dpo_update: hyperparams has {unknown}, which this DPOConfig does not "
-                f"trace ({why}); valid keys: {list(allowed)}"
-            )
+        reasons = {
+            "label_smoothing": f"none of the loss types {[_name(t) for t in types]} reads it",
+            "discopop_tau": "'discopop' is not a loss type",
+            "rpo_alpha": "RPO is off (DPOConfig.rpo_alpha=None; set it to 0.0 to sweep it)",
+        }
+        hyperparams = check_hyperparams(
+            self, hyperparams, allowed, where="make_dpo_update", reasons=reasons
+        )
         kwargs: dict[str, Any] = {"beta": hyperparams.get("beta", self.beta)}
         if "loss_weights" in hyperparams:
             given = hyperparams["loss_weights"]
@@ -213,7 +213,8 @@ def init_dpo_state(params, optimizer, ref_params=None) -> DPOState:
 
 
 def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
-    """``reference(ref_params, batch)`` and ``objective(params, ref_logps, batch, hyperparams)
+    """``prepare(state, batch, hyperparams=None) -> (ref_logps, hyperparams)`` (the reference
+    log-probs, the overrides checked) and ``objective(params, (ref_logps, hyperparams), batch)
     -> (loss, metrics)`` of one preference batch."""
     needs_lengths = _needs_lengths(config.loss_types_and_weights()[0])
 
@@ -238,7 +239,8 @@ def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
         )
         return jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
 
-    def objective(params, ref_logps, batch, hyperparams):
+    def objective(params, context, batch):
+        ref_logps, hyperparams = context
         chosen, rejected, chosen_lengths, rejected_lengths = pair_sequence_logps(
             graphdef, params, batch, chunk_size=config.chunk_size
         )
@@ -252,16 +254,11 @@ def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
         )
         return loss, {"loss": loss, **metrics}
 
-    return reference, objective
+    def prepare(state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None):
+        config.loss_kwargs(hyperparams)  # raises for a key this config does not trace
+        return reference(state.ref_params, batch), hyperparams
 
-
-def _check_hyperparams(config: DPOConfig, hyperparams) -> None:
-    if hyperparams is not None and not isinstance(hyperparams, Mapping):
-        raise TypeError(
-            "make_dpo_update: hyperparams must be a dict of coefficients, e.g. {'beta': 0.2}; "
-            f"got {type(hyperparams).__name__}"
-        )
-    config.loss_kwargs(hyperparams)  # names a key this config does not trace
+    return prepare, objective
 
 
 def make_dpo_update(
@@ -320,25 +317,9 @@ def make_dpo_update(
     batch is one global array, so every mean in the loss (over pairs, and the RPO term's over
     chosen tokens) is the exact global-batch mean under data parallelism.
     """
-    if not isinstance(config, DPOConfig):
-        raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
-    reference, objective = _dpo_objective(graphdef, config)
-
-    def update(
-        state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
-    ) -> tuple[DPOState, dict[str, jax.Array]]:
-        _check_hyperparams(config, hyperparams)
-        ref_logps = reference(state.ref_params, batch)
-        grads, metrics = jax.grad(objective, has_aux=True)(
-            state.params, ref_logps, batch, hyperparams
-        )
-        params, opt_state, count, guard_metrics = guarded_step(
-            optimizer, grads, state, metrics["loss"]
-        )
-        metrics.update(guard_metrics)
-        return DPOState(params, opt_state, state.step + 1, state.ref_params, count), metrics
-
-    return update
+    check_config(config, DPOConfig, "make_dpo_update")
+    prepare, objective = _dpo_objective(graphdef, config)
+    return make_optax_update(objective, optimizer, prepare)
 
 
 def make_dpo_eval(graphdef, config: DPOConfig = DPOConfig()) -> Callable[..., dict[str, jax.Array]]:
@@ -346,16 +327,6 @@ def make_dpo_eval(graphdef, config: DPOConfig = DPOConfig()) -> Callable[..., di
     ``evaluate(state, batch, hyperparams=None) -> metrics`` (no ``grad_norm``; ``hyperparams``
     as for the update). Pure; jit it as the update (``in_shardings=(state_shardings,
     batch_sharding), out_shardings=replicated``)."""
-    if not isinstance(config, DPOConfig):
-        raise TypeError(f"config must be a DPOConfig, got {type(config).__name__}")
-    reference, objective = _dpo_objective(graphdef, config)
-
-    def evaluate(
-        state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
-    ) -> dict[str, jax.Array]:
-        _check_hyperparams(config, hyperparams)
-        ref_logps = reference(state.ref_params, batch)
-        _, metrics = objective(state.params, ref_logps, batch, hyperparams)
-        return metrics
-
-    return evaluate
+    check_config(config, DPOConfig, "make_dpo_eval")
+    prepare, objective = _dpo_objective(graphdef, config)
+    return make_objective_eval(objective, prepare)

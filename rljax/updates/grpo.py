@@ -23,7 +23,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from rljax import rlhf
-from rljax.updates.ppo import PPOState, epochs_step
+from rljax.updates.common import check_config, fields_of, require_keys
+from rljax.updates.ppo import PPOState, epochs_step, loop_settings
 from rljax.updates.rlhf import completion_outputs, init_rlhf_ppo_state
 
 __all__ = ["GRPOConfig", "init_grpo_state", "make_grpo_update"]
@@ -94,14 +95,11 @@ def init_grpo_state(policy_params, optimizer, key) -> PPOState:
 
 
 def _check_batch(batch: dict, config: GRPOConfig) -> None:
-    missing = [k for k in KEYS if k not in batch]
-    if config.beta > 0 and "ref_logps" not in batch:
-        missing.append("ref_logps")
-    if missing:
-        raise KeyError(
-            f"GRPO batch is missing {missing}; it has {sorted(batch)} (tokens/mask [B, P + N], "
-            "completion_mask/old_logps [B, N], advantages [B], ref_logps [B, N] when beta > 0)"
-        )
+    hint = (
+        "tokens/mask [B, P + N], completion_mask/old_logps [B, N], advantages [B], ref_logps "
+        "[B, N] when beta > 0"
+    )
+    require_keys(batch, KEYS + (("ref_logps",) if config.beta > 0 else ()), "GRPO", hint)
     if "ref_logps" in batch and config.beta == 0:
         raise ValueError("GRPO batch has ref_logps but beta is 0: the loss would not read them")
     b, n = batch["completion_mask"].shape
@@ -134,8 +132,7 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
     minibatch step had a NaN/inf loss, gradient or result: that step is skipped, parameters and
     optimizer state unchanged) and ``nonfinite_updates`` (the running count of such updates).
     """
-    if not isinstance(config, GRPOConfig):
-        raise TypeError(f"config must be a GRPOConfig, got {type(config).__name__}")
+    check_config(config, GRPOConfig, "make_grpo_update")
 
     def loss_fn(params, mb):
         mask = mb["completion_mask"]
@@ -151,13 +148,16 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
             mb["old_logps"],
             advantages,
             mask,
-            loss_type=config.loss_type,
-            importance_sampling_level=config.importance_sampling_level,
-            clip_eps=config.clip_eps,
-            clip_eps_high=config.clip_eps_high,
             ref_logps=mb.get("ref_logps"),
-            beta=config.beta,
             max_completion_len=n if config.loss_type == "dr_grpo" else None,
+            **fields_of(
+                config,
+                "loss_type",
+                "importance_sampling_level",
+                "clip_eps",
+                "clip_eps_high",
+                "beta",
+            ),
         )
         valid = mask.astype(out["entropy"].dtype)
         entropy = jnp.sum(out["entropy"] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
@@ -165,14 +165,7 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
 
     def update(state: PPOState, batch: dict):
         _check_batch(batch, config)
-        new_state, metrics = epochs_step(
-            loss_fn,
-            optimizer,
-            state,
-            batch,
-            num_epochs=config.num_epochs,
-            num_minibatches=config.num_minibatches,
-        )
+        new_state, metrics = epochs_step(loss_fn, optimizer, state, batch, **loop_settings(config))
         return new_state, {k: v for k, v in metrics.items() if k != "early_stopped"}
 
     return update

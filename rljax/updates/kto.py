@@ -17,7 +17,7 @@ import numpy as np
 
 from rljax import checks
 from rljax.dpo import KTO_LOSS_TYPES, kto_loss
-from rljax.finite import guarded_step
+from rljax.updates.common import check_config, fields_of, make_objective_eval, make_optax_update
 from rljax.updates.dpo import DPOState, init_dpo_state
 from rljax.updates.lm import reference_logps, sequence_logps
 
@@ -138,8 +138,8 @@ def _require(batch: Mapping[str, Any], keys, why: str) -> None:
 
 
 def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
-    """``reference(ref_params, batch) -> (ref_logps, ref_kl_logps)`` and ``objective(params,
-    ref, batch) -> (loss, metrics)``."""
+    """``reference(state, batch) -> (ref_logps, ref_kl_logps)`` and ``objective(params, ref,
+    batch) -> (loss, metrics)``."""
 
     def logps(params, batch, prefix=""):
         return sequence_logps(
@@ -151,7 +151,8 @@ def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
             chunk_size=config.chunk_size,
         )[0]
 
-    def reference(ref_params, batch):
+    def reference(state: DPOState, batch):
+        ref_params = state.ref_params
         _require(batch, KTO_BATCH_KEYS, "the unpaired rows")
         if config.uses_kl:
             _require(batch, KTO_KL_KEYS, "loss_type='kto' needs the KL batch: mismatched_pairs")
@@ -180,10 +181,7 @@ def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
             jnp.asarray(batch["desirable"]).astype(bool),
             kl_logps,
             ref_kl_logps,
-            beta=config.beta,
-            desirable_weight=config.desirable_weight,
-            undesirable_weight=config.undesirable_weight,
-            loss_type=config.loss_type,
+            **fields_of(config, "beta", "desirable_weight", "undesirable_weight", "loss_type"),
         )
         return loss, {"loss": loss, **metrics}
 
@@ -213,33 +211,17 @@ def make_kto_update(
     optimizer state stay unchanged). Not jitted: jit it with donated state, or use
     :func:`rljax.updates.lm.compile_update`.
     """
-    if not isinstance(config, KTOConfig):
-        raise TypeError(f"config must be a KTOConfig, got {type(config).__name__}")
+    check_config(config, KTOConfig, "make_kto_update")
     reference, objective = _kto_objective(graphdef, config)
-
-    def update(state: DPOState, batch: dict) -> tuple[DPOState, dict[str, jax.Array]]:
-        ref = reference(state.ref_params, batch)
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, ref, batch)
-        params, opt_state, count, guard_metrics = guarded_step(
-            optimizer, grads, state, metrics["loss"]
-        )
-        metrics.update(guard_metrics)
-        return DPOState(params, opt_state, state.step + 1, state.ref_params, count), metrics
-
-    return update
+    return make_optax_update(objective, optimizer, reference)
 
 
 def make_kto_eval(graphdef, config: KTOConfig = KTOConfig()) -> Callable[..., dict]:
     """The metrics of :func:`make_kto_update` without an update: ``evaluate(state, batch) ->
     metrics`` (no ``grad_norm``). Pure; jit it."""
-    if not isinstance(config, KTOConfig):
-        raise TypeError(f"config must be a KTOConfig, got {type(config).__name__}")
+    check_config(config, KTOConfig, "make_kto_eval")
     reference, objective = _kto_objective(graphdef, config)
-
-    def evaluate(state: DPOState, batch: dict) -> dict[str, jax.Array]:
-        return objective(state.params, reference(state.ref_params, batch), batch)[1]
-
-    return evaluate
+    return make_objective_eval(objective, reference)
 
 
 init_kto_state = init_dpo_state  # the same train state

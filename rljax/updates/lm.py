@@ -37,6 +37,7 @@ from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
 from rljax.models.transformer import KVCache, last_valid_index
 from rljax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
 from rljax.sharding import train_state_shardings as _train_state_shardings
+from rljax.updates.common import require_keys
 
 __all__ = [
     "PAIR_KEYS",
@@ -153,13 +154,11 @@ PAIR_KEYS = (
 
 
 def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(
-            f"preference batch is missing {missing}; it has {sorted(batch)} (see rljax.data: "
-            "chosen_/rejected_ tokens, mask, loss_mask, padded to the same length; or the "
-            "shared-prompt layout of rljax.data.share_prompts)"
-        )
+    hint = (
+        "see rljax.data: chosen_/rejected_ tokens, mask, loss_mask, padded to the same length; "
+        "or the shared-prompt layout of rljax.data.share_prompts"
+    )
+    require_keys(batch, keys, "preference", hint)
     if keys == SHARED_PROMPT_KEYS:
         shapes = {k: np.shape(batch[k]) for k in keys}
         rows = {s[0] if len(s) == 2 else None for s in shapes.values()}

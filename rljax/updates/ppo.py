@@ -7,7 +7,8 @@ and :func:`make_ppo_update` over pure ``policy_fn``/``value_fn``. The loss is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -23,6 +24,13 @@ from rljax.ppo import (
     _check_clip,
     ppo_loss,
 )
+from rljax.updates.common import (
+    check_config,
+    fields_of,
+    float_coefficients,
+    require_keys,
+    traced_config,
+)
 
 __all__ = [
     "PPOConfig",
@@ -36,7 +44,13 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """Static settings of :func:`make_ppo_update`.
+    """Settings of :func:`make_ppo_update` (and of :func:`rljax.updates.make_rlhf_ppo_update`).
+
+    The float coefficients (``clip_eps``, ``value_coef``, ``entropy_coef`` and, where set,
+    ``clip_eps_high``, ``dual_clip``, ``value_clip_eps``, ``target_kl``:
+    :meth:`traced_coefficients`) are compiled in as constants by a step called without
+    ``hyperparams``; pass ``hyperparams`` to the step to trace them instead, so a sweep
+    compiles once. The counts and switches are static.
 
     Attributes:
       clip_eps: clip range of the probability ratio.
@@ -79,6 +93,11 @@ class PPOConfig:
             library=True,
         )
         _check_clip(self.clip_eps, self.clip_eps_high, self.dual_clip)  # dual_clip > 1
+
+    def traced_coefficients(self) -> tuple[str, ...]:
+        """The keys the step's ``hyperparams`` may hold: the float coefficients, the optional
+        ones only where this config sets them (``None`` is off: no input in the program)."""
+        return float_coefficients(self)
 
 
 class PPOState(NamedTuple):
@@ -222,13 +241,58 @@ def epochs_step(
     return new_state, {**metrics, **guard_metrics}
 
 
+def loop_settings(config) -> dict[str, Any]:
+    """The settings of :func:`epochs_step` in a config: ``num_epochs``, ``num_minibatches`` and
+    ``target_kl`` (``None`` for a config without one, e.g. :class:`rljax.updates.GRPOConfig`)."""
+    return {
+        "num_epochs": config.num_epochs,
+        "num_minibatches": config.num_minibatches,
+        "target_kl": getattr(config, "target_kl", None),
+    }
+
+
+def config_ppo_loss(
+    config: PPOConfig, logps, entropy, values, minibatch: dict, mask, *, critic: bool = True
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`rljax.ppo.ppo_loss` of a minibatch with the coefficients of ``config``: the loss
+    of :func:`make_ppo_update` and :func:`rljax.updates.make_rlhf_ppo_update`.
+
+    ``minibatch`` holds ``old_logps``, ``advantages`` (whitened over ``mask`` when
+    ``config.normalize_advantages``) and, with ``critic``, ``returns`` and ``old_values``;
+    without a critic the value terms are zeros with weight 0 (``values`` is not read)."""
+    advantages = minibatch["advantages"]
+    if config.normalize_advantages:
+        advantages = whiten(advantages, mask)
+    if critic:
+        value_terms = (values, minibatch["old_values"], minibatch["returns"])
+        value_coef = config.value_coef
+    else:
+        value_terms = (jnp.zeros_like(logps),) * 3
+        value_coef = 0.0
+    return ppo_loss(
+        logps,
+        minibatch["old_logps"],
+        advantages,
+        *value_terms,
+        entropy,
+        mask,
+        value_coef=value_coef,
+        **fields_of(
+            config, "clip_eps", "clip_eps_high", "dual_clip", "value_clip_eps", "entropy_coef"
+        ),
+    )
+
+
+_PPO_BATCH_KEYS = ("inputs", "actions", "old_logps", "advantages", "returns", "old_values")
+
+
 def make_ppo_update(
     policy_fn: Callable,
     value_fn: Callable,
     optimizer,
     config: PPOConfig = PPOConfig(),
-) -> Callable[[PPOState, dict], tuple[PPOState, dict[str, jax.Array]]]:
-    """Build the pure PPO step ``update(state, batch) -> (state, metrics)``.
+) -> Callable[..., tuple[PPOState, dict[str, jax.Array]]]:
+    """Build the pure PPO step ``update(state, batch, hyperparams=None) -> (state, metrics)``.
 
     ``num_epochs`` passes over the batch in ``num_minibatches`` shuffled minibatches, each an
     optax step on :func:`ppo_loss` (Schulman et al., 2017, Algorithm 1). Gradient clipping and
@@ -246,53 +310,35 @@ def make_ppo_update(
     (all shaped like the log-probs, ``[rows]`` or ``[rows, time]``), optional ``mask`` and
     ``value_inputs`` (default ``inputs``).
 
+    ``hyperparams``: ``None`` (the config's coefficients, compiled in) or a dict with any of
+    ``config.traced_coefficients()`` (``clip_eps``, ``value_coef``, ``entropy_coef``, and
+    ``clip_eps_high``, ``dual_clip``, ``value_clip_eps``, ``target_kl`` where the config sets
+    them), traced under jit: ``step(state, batch, {"clip_eps": c})`` for a sweep of ``c``
+    compiles once (keep the keys and the Python/array types fixed) and equals the step built
+    with ``dataclasses.replace(config, clip_eps=c)``. Another key, or a ``None`` value (the
+    config fixes which optional terms exist), raises ``ValueError`` naming it.
+
     Metrics are means over the minibatch steps taken: those of :func:`ppo_loss`, plus
     ``updates`` (steps applied), ``early_stopped`` (target KL reached), ``nonfinite`` (1.0 if
     a minibatch step was skipped because its loss, gradients or result had a NaN or inf; its
     parameters and optimizer state stay unchanged) and ``nonfinite_updates`` (the running
     count of such updates, also ``state.nonfinite_updates``).
     """
-    if not isinstance(config, PPOConfig):
-        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
-    required = ("inputs", "actions", "old_logps", "advantages", "returns", "old_values")
+    check_config(config, PPOConfig, "make_ppo_update")
 
-    def loss_fn(params, minibatch):
+    def loss_fn(config: PPOConfig, params, minibatch):
         outputs = policy_fn(params["policy"], minibatch["inputs"])
         logps = log_prob(outputs, minibatch["actions"])
         values = value_fn(params["value"], minibatch.get("value_inputs", minibatch["inputs"]))
-        mask = minibatch.get("mask")
-        advantages = minibatch["advantages"]
-        if config.normalize_advantages:
-            advantages = whiten(advantages, mask)
-        return ppo_loss(
-            logps,
-            minibatch["old_logps"],
-            advantages,
-            values,
-            minibatch["old_values"],
-            minibatch["returns"],
-            distribution_entropy(outputs),
-            mask,
-            clip_eps=config.clip_eps,
-            clip_eps_high=config.clip_eps_high,
-            dual_clip=config.dual_clip,
-            value_clip_eps=config.value_clip_eps,
-            value_coef=config.value_coef,
-            entropy_coef=config.entropy_coef,
-        )
+        entropy = distribution_entropy(outputs)
+        return config_ppo_loss(config, logps, entropy, values, minibatch, minibatch.get("mask"))
 
-    def update(state: PPOState, batch: dict) -> tuple[PPOState, dict[str, jax.Array]]:
-        missing = [k for k in required if k not in batch]
-        if missing:
-            raise KeyError(f"PPO batch is missing {missing}; it has {sorted(batch)}")
-        return epochs_step(
-            loss_fn,
-            optimizer,
-            state,
-            batch,
-            num_epochs=config.num_epochs,
-            num_minibatches=config.num_minibatches,
-            target_kl=config.target_kl,
-        )
+    def update(
+        state: PPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
+    ) -> tuple[PPOState, dict[str, jax.Array]]:
+        require_keys(batch, _PPO_BATCH_KEYS, "PPO")
+        traced = traced_config(config, hyperparams, where="make_ppo_update")
+        loss = functools.partial(loss_fn, traced)
+        return epochs_step(loss, optimizer, state, batch, **loop_settings(traced))
 
     return update

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rljax import checks
-from rljax.finite import guarded_step
 from rljax.reward import (
     bradley_terry_loss,
+)
+from rljax.updates.common import (
+    OptaxState,
+    check_config,
+    init_optax_state,
+    make_objective_eval,
+    make_optax_update,
 )
 from rljax.updates.lm import pair_rewards
 
@@ -46,25 +50,20 @@ class RewardConfig:
         checks.check(self, {"center_rewards_coefficient": ">= 0"}, library=True)
 
 
-class RewardState(NamedTuple):
-    """Train state of :func:`make_reward_update` (a pytree): ``params``
-    (``nnx.split(model)[1]``), ``opt_state``, an int32 ``step`` and an int32
-    ``nonfinite_updates`` (updates skipped as non-finite, :func:`rljax.finite.step_if_finite`)."""
+class RewardState(OptaxState):
+    """Train state of :func:`make_reward_update`: a :class:`rljax.updates.common.OptaxState`
+    (``params``, ``opt_state``, ``step``, ``nonfinite_updates``; a pytree)."""
 
-    params: Any
-    opt_state: Any
-    step: jax.Array
-    nonfinite_updates: Any = np.int32(0)
+    __slots__ = ()
 
 
 def init_reward_state(params, optimizer) -> RewardState:
     """Initial :class:`RewardState`."""
-    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return RewardState(params, optimizer.init(params), step, skipped)
+    return init_optax_state(RewardState, params, optimizer)
 
 
 def _reward_objective(graphdef, config: RewardConfig) -> Callable:
-    def objective(params, batch):
+    def objective(params, _, batch):
         chosen, rejected = pair_rewards(graphdef, params, batch)  # [B] each
         margin = batch.get("margin") if config.use_margin else None
         loss, metrics = bradley_terry_loss(
@@ -112,19 +111,8 @@ def make_reward_update(
     :func:`rljax.dpo.make_dpo_update`). Not jitted; jit it as :func:`rljax.dpo.make_dpo_update`'s step (or with
     :func:`rljax.lm.compile_update`); means are over the global batch.
     """
-    if not isinstance(config, RewardConfig):
-        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
-    objective = _reward_objective(graphdef, config)
-
-    def update(state: RewardState, batch: dict) -> tuple[RewardState, dict[str, jax.Array]]:
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
-        params, opt_state, count, guard_metrics = guarded_step(
-            optimizer, grads, state, metrics["loss"]
-        )
-        metrics.update(guard_metrics)
-        return RewardState(params, opt_state, state.step + 1, count), metrics
-
-    return update
+    check_config(config, RewardConfig, "make_reward_update")
+    return make_optax_update(_reward_objective(graphdef, config), optimizer)
 
 
 def make_reward_eval(
@@ -132,11 +120,5 @@ def make_reward_eval(
 ) -> Callable[[RewardState, dict], dict[str, jax.Array]]:
     """The metrics of :func:`make_reward_update` on held-out pairs, without an update:
     ``evaluate(state, batch) -> metrics`` (no ``grad_norm``)."""
-    if not isinstance(config, RewardConfig):
-        raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
-    objective = _reward_objective(graphdef, config)
-
-    def evaluate(state: RewardState, batch: dict) -> dict[str, jax.Array]:
-        return objective(state.params, batch)[1]
-
-    return evaluate
+    check_config(config, RewardConfig, "make_reward_eval")
+    return make_objective_eval(_reward_objective(graphdef, config))

@@ -6,14 +6,13 @@ completion tokens' log-probs, entropies and values; :func:`make_rlhf_ppo_update`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from rljax import ppo
-from rljax.advantages import whiten
 from rljax.logprobs import (
     chunked_token_logprobs_and_entropy,
 )
@@ -21,8 +20,9 @@ from rljax.rlhf import (
     CRITICS,
 )
 from rljax.updates import lm
-from rljax.updates.ppo import PPOConfig, PPOState, epochs_step
-from rljax.updates.trpo import TRPOConfig, make_trpo_update
+from rljax.updates.common import check_config, require_keys, traced_config
+from rljax.updates.ppo import PPOConfig, PPOState, config_ppo_loss, epochs_step, loop_settings
+from rljax.updates.trpo import TRPOConfig, _trpo_update
 
 __all__ = [
     "ROLLOUT_KEYS",
@@ -69,12 +69,8 @@ ROLLOUT_KEYS = ("tokens", "mask", "completion_mask", "old_logps", "advantages")
 
 
 def _check_rollout(batch: dict, keys) -> int:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(
-            f"RLHF batch is missing {missing}; it has {sorted(batch)} (tokens/mask [B, P + N], "
-            "completion_mask and per-token arrays [B, N])"
-        )
+    hint = "tokens/mask [B, P + N], completion_mask and per-token arrays [B, N]"
+    require_keys(batch, keys, "RLHF", hint)
     b, n = batch["completion_mask"].shape
     if batch["tokens"].shape[0] != b or batch["tokens"].shape[1] <= n:
         raise ValueError(
@@ -85,6 +81,17 @@ def _check_rollout(batch: dict, keys) -> int:
         if batch[k].shape != (b, n):
             raise ValueError(f"RLHF batch {k!r} has shape {batch[k].shape}, expected {(b, n)}")
     return n
+
+
+def check_critic(critic: str, value_graphdef: Any, where: str) -> None:
+    """``ValueError`` (naming ``where``) unless ``critic`` is one of ``rljax.rlhf.CRITICS`` and
+    ``value_graphdef`` is given exactly for ``critic="separate"``."""
+    if critic not in CRITICS:
+        raise ValueError(f"{where}: critic must be one of {CRITICS}, got {critic!r}")
+    if (critic == "separate") != (value_graphdef is not None):
+        raise ValueError(
+            f"{where}: critic={critic!r}: pass value_graphdef exactly when critic='separate'"
+        )
 
 
 def init_rlhf_ppo_state(policy_params, optimizer, key: jax.Array, value_params=None):
@@ -106,7 +113,8 @@ def make_rlhf_ppo_update(
     critic: str = "head",
     chunk_size: int = 1024,
 ) -> Callable:
-    """Build the pure PPO step on a policy LM, ``update(state, batch) -> (state, metrics)``.
+    """Build the pure PPO step on a policy LM, ``update(state, batch, hyperparams=None) ->
+    (state, metrics)``.
 
     Epochs of shuffled minibatch steps (:func:`rljax.ppo.minibatch_epochs`) on the clipped
     surrogate (Schulman et al., 2017), the clipped value loss and an entropy bonus
@@ -135,38 +143,32 @@ def make_rlhf_ppo_update(
     with a critic ``loss/value_avg``, ``val/clipfrac_avg``, ``val/vpred``; plus ``updates``,
     ``nonfinite`` and ``nonfinite_updates`` (non-finite minibatch steps are skipped:
     :func:`rljax.ppo.minibatch_epochs`).
+
+    ``hyperparams``: coefficient overrides traced under jit, as for
+    :func:`rljax.updates.make_ppo_update` (``config.traced_coefficients()``; with
+    ``critic="none"`` not ``value_coef`` / ``value_clip_eps``, which no value loss reads).
     """
-    if not isinstance(config, PPOConfig):
-        raise TypeError(
-            f"make_rlhf_ppo_update: config must be a rljax.updates.PPOConfig, got "
-            f"{type(config).__name__}"
-        )
-    if critic not in CRITICS:
-        raise ValueError(f"make_rlhf_ppo_update: critic must be one of {CRITICS}, got {critic!r}")
-    if (critic == "separate") != (value_graphdef is not None):
-        raise ValueError(
-            f"make_rlhf_ppo_update: critic={critic!r}: pass value_graphdef exactly when "
-            "critic='separate'"
-        )
+    check_config(config, PPOConfig, "make_rlhf_ppo_update")
+    check_critic(critic, value_graphdef, "make_rlhf_ppo_update")
     if chunk_size < 1:
         raise ValueError(f"make_rlhf_ppo_update: chunk_size must be >= 1, got {chunk_size}")
     with_critic = critic != "none"
     keys = ROLLOUT_KEYS + (("returns", "old_values") if with_critic else ())
-    loss_fn = _ppo_token_loss(graphdef, value_graphdef, config, critic, chunk_size)
+    loss_fn = _ppo_token_loss(graphdef, value_graphdef, critic, chunk_size)
     names = {k: v for k, v in TRL_PPO_METRICS.items() if with_critic or v not in _CRITIC_METRICS}
+    allowed, reasons = config.traced_coefficients(), {}
+    if not with_critic:  # no value loss: its coefficients are not read
+        reasons = dict.fromkeys(_VALUE_COEFFICIENTS, "critic='none' has no value loss")
+        allowed = tuple(k for k in allowed if k not in _VALUE_COEFFICIENTS)
 
-    def update(state: PPOState, batch: dict):
+    def update(state: PPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None):
         _check_rollout(batch, keys)
         batch = {k: batch[k] for k in keys}
-        new_state, metrics = epochs_step(
-            loss_fn,
-            optimizer,
-            state,
-            batch,
-            num_epochs=config.num_epochs,
-            num_minibatches=config.num_minibatches,
-            target_kl=config.target_kl,
+        traced = traced_config(
+            config, hyperparams, where="make_rlhf_ppo_update", allowed=allowed, reasons=reasons
         )
+        loss = functools.partial(loss_fn, traced)
+        new_state, metrics = epochs_step(loss, optimizer, state, batch, **loop_settings(traced))
         return new_state, {names[k]: v for k, v in metrics.items() if k in names}
 
     return update
@@ -189,14 +191,16 @@ TRL_PPO_METRICS = {
     "nonfinite_updates": "nonfinite_updates",
 }
 _CRITIC_METRICS = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
+_VALUE_COEFFICIENTS = ("value_coef", "value_clip_eps")
 
 
-def _ppo_token_loss(graphdef, value_graphdef, config: PPOConfig, critic: str, chunk_size: int):
-    """``loss_fn(params, minibatch) -> (loss, metrics)``: :func:`rljax.ppo.ppo_loss` over the
-    completion tokens, with log-probs, entropies and (critic head or separate) values from one
-    forward pass of each model; critic none has a zero value loss (one code path)."""
+def _ppo_token_loss(graphdef, value_graphdef, critic: str, chunk_size: int):
+    """``loss_fn(config, params, minibatch) -> (loss, metrics)``: :func:`rljax.ppo.ppo_loss`
+    over the completion tokens (:func:`rljax.updates.ppo.config_ppo_loss`), with log-probs,
+    entropies and (critic head or separate) values from one forward pass of each model;
+    critic none has a zero value loss (one code path)."""
 
-    def loss_fn(params, mb):
+    def loss_fn(config: PPOConfig, params, mb):
         n = mb["completion_mask"].shape[1]
         out = completion_outputs(
             graphdef,
@@ -211,31 +215,14 @@ def _ppo_token_loss(graphdef, value_graphdef, config: PPOConfig, critic: str, ch
             model = lm.merge(value_graphdef, params["value"])
             hidden, _ = model.decode(mb["tokens"], mb["mask"])
             out["values"] = model.scores(hidden[:, -n - 1 : -1])
-        mask = mb["completion_mask"]
-        advantages = mb["advantages"]
-        if config.normalize_advantages:
-            advantages = whiten(advantages, mask)
-        if critic != "none":
-            values, old_values, returns = out["values"], mb["old_values"], mb["returns"]
-            value_coef = config.value_coef
-        else:
-            values = old_values = returns = jnp.zeros_like(out["logps"])
-            value_coef = 0.0
-        return ppo.ppo_loss(
+        return config_ppo_loss(
+            config,
             out["logps"],
-            mb["old_logps"],
-            advantages,
-            values,
-            old_values,
-            returns,
             out["entropy"],
-            mask,
-            clip_eps=config.clip_eps,
-            clip_eps_high=config.clip_eps_high,
-            dual_clip=config.dual_clip,
-            value_clip_eps=config.value_clip_eps,
-            value_coef=value_coef,
-            entropy_coef=config.entropy_coef,
+            out.get("values"),
+            mb,
+            mb["completion_mask"],
+            critic=critic != "none",
         )
 
     return loss_fn
@@ -250,7 +237,8 @@ def make_rlhf_trpo_update(
     config: TRPOConfig | None = None,
     value_graphdef: Any = None,
 ) -> Callable:
-    """Build the pure TRPO step on a policy LM, ``update(state, batch) -> (state, metrics)``.
+    """Build the pure TRPO step on a policy LM, ``update(state, batch, hyperparams=None) ->
+    (state, metrics)``.
 
     :func:`rljax.trpo.make_trpo_update` with the LM as the categorical policy over completion
     tokens: the natural direction by conjugate gradient on Gauss-Newton Fisher-vector products
@@ -264,8 +252,11 @@ def make_rlhf_trpo_update(
     :class:`rljax.updates.PPOState` (:func:`rljax.updates.init_trpo_state`; ``value_params={}``
     without a critic). The FVP works on the full ``[B, N, V]`` logits of the completion
     positions, fine for small vocabularies; subsample rows with ``config.fvp_subsample``.
+    ``hyperparams``: coefficient overrides (``max_kl``, ``cg_damping``, ``cg_tol``,
+    ``backtrack_coeff``) traced under jit, as for :func:`rljax.updates.make_trpo_update`.
     """
     config = TRPOConfig() if config is None else config
+    check_config(config, TRPOConfig, "make_rlhf_trpo_update")
     if value_graphdef is None and config.n_critic_updates:
         config = dataclasses.replace(config, n_critic_updates=0)
 
@@ -291,10 +282,12 @@ def make_rlhf_trpo_update(
         hidden, _ = model.decode(inputs["tokens"], inputs["mask"])
         return model.scores(hidden[:, -n - 1 : -1])
 
-    inner = make_trpo_update(policy_fn, value_fn, value_optimizer, config)
+    inner = _trpo_update(
+        policy_fn, value_fn, value_optimizer, config, where="make_rlhf_trpo_update"
+    )
     keys = ROLLOUT_KEYS + (("returns",) if value_graphdef is not None else ())
 
-    def update(state: PPOState, batch: dict):
+    def update(state: PPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None):
         _check_rollout(batch, keys)
         inputs = {k: batch[k] for k in ("tokens", "mask", "completion_mask")}
         mask = batch["completion_mask"]
@@ -309,6 +302,7 @@ def make_rlhf_trpo_update(
                 "mask": mask.astype(jnp.float32),
                 "old_logps": batch["old_logps"],
             },
+            hyperparams,
         )
 
     return update

@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rljax.finite import guarded_step
 from rljax.logprobs import chunked_token_logprobs, chunked_token_logprobs_and_entropy
 from rljax.sft import NORMALIZATIONS, sft_loss
+from rljax.updates.common import (
+    OptaxState,
+    check_config,
+    init_optax_state,
+    make_objective_eval,
+    make_optax_update,
+    require_keys,
+)
 from rljax.updates.lm import merge
 
 __all__ = [
@@ -56,31 +63,24 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.chunk_size: must be >= 1, got {self.chunk_size}")
 
 
-class SFTState(NamedTuple):
-    """Train state of :func:`make_sft_update` (a pytree): ``params``
-    (``nnx.split(model)[1]``), ``opt_state``, an int32 ``step`` and an int32
-    ``nonfinite_updates`` (updates skipped as non-finite, :func:`rljax.finite.step_if_finite`)."""
+class SFTState(OptaxState):
+    """Train state of :func:`make_sft_update`: a :class:`rljax.updates.common.OptaxState`
+    (``params``, ``opt_state``, ``step``, ``nonfinite_updates``; a pytree)."""
 
-    params: Any
-    opt_state: Any
-    step: jax.Array
-    nonfinite_updates: Any = np.int32(0)
+    __slots__ = ()
 
 
 def init_sft_state(params, optimizer) -> SFTState:
     """Initial :class:`SFTState`."""
-    step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return SFTState(params, optimizer.init(params), step, skipped)
+    return init_optax_state(SFTState, params, optimizer)
 
 
 def _check_batch(batch: Mapping[str, Any]) -> None:
-    missing = [k for k in SFT_BATCH_KEYS if k not in batch]
-    if missing:
-        raise KeyError(
-            f"SFT batch is missing {missing}; it has {sorted(batch)} (tokens, mask, loss_mask "
-            "[B, T]: rljax.data.tokenize_completions; packed rows add segment_ids and "
-            "positions: rljax.data.pack)"
-        )
+    hint = (
+        "tokens, mask, loss_mask [B, T]: rljax.data.tokenize_completions; packed rows add "
+        "segment_ids and positions: rljax.data.pack"
+    )
+    require_keys(batch, SFT_BATCH_KEYS, "SFT", hint)
     shape = np.shape(batch["tokens"])
     keys = (*SFT_BATCH_KEYS, "segment_ids", "positions")
     bad = {k: np.shape(batch[k]) for k in keys if k in batch and np.shape(batch[k]) != shape}
@@ -147,7 +147,7 @@ def sft_token_logps(
 
 
 def _sft_objective(graphdef, config: SFTConfig) -> Callable:
-    def objective(params, batch):
+    def objective(params, _, batch):
         out = sft_token_logps(graphdef, params, batch, config)
         return sft_loss(
             out["logps"],
@@ -176,19 +176,8 @@ def make_sft_update(
     ``nonfinite`` and ``nonfinite_updates``. Not jitted: jit it with
     :func:`rljax.lm.compile_update` (sharded, donated); means are over the global batch.
     """
-    if not isinstance(config, SFTConfig):
-        raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
-    objective = _sft_objective(graphdef, config)
-
-    def update(state: SFTState, batch: dict) -> tuple[SFTState, dict[str, jax.Array]]:
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, batch)
-        params, opt_state, count, guard_metrics = guarded_step(
-            optimizer, grads, state, metrics["loss"]
-        )
-        metrics.update(guard_metrics)
-        return SFTState(params, opt_state, state.step + 1, count), metrics
-
-    return update
+    check_config(config, SFTConfig, "make_sft_update")
+    return make_optax_update(_sft_objective(graphdef, config), optimizer)
 
 
 def make_sft_eval(
@@ -197,11 +186,5 @@ def make_sft_eval(
     """The metrics of :func:`make_sft_update` on held-out rows, without an update:
     ``evaluate(state, batch) -> metrics`` (no ``grad_norm``; ``nll_sum`` / ``num_tokens``
     add up over batches to the exact held-out token mean)."""
-    if not isinstance(config, SFTConfig):
-        raise TypeError(f"config must be an SFTConfig, got {type(config).__name__}")
-    objective = _sft_objective(graphdef, config)
-
-    def evaluate(state: SFTState, batch: dict) -> dict[str, jax.Array]:
-        return objective(state.params, batch)[1]
-
-    return evaluate
+    check_config(config, SFTConfig, "make_sft_eval")
+    return make_objective_eval(_sft_objective(graphdef, config))

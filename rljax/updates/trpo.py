@@ -6,7 +6,8 @@ products, conjugate gradient, KL line search).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import chex
 import jax
@@ -25,6 +26,7 @@ from rljax.trpo import (
     tree_vdot,
     trpo_objectives,
 )
+from rljax.updates.common import check_config, float_coefficients, require_keys, traced_config
 from rljax.updates.ppo import PPOState, minibatch_epochs
 
 __all__ = [
@@ -41,7 +43,13 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class TRPOConfig:
-    """Static settings of :func:`make_trpo_update` (defaults follow sb3-contrib's TRPO).
+    """Settings of :func:`make_trpo_update` (defaults follow sb3-contrib's TRPO).
+
+    The float coefficients ``max_kl``, ``cg_damping``, ``cg_tol`` and ``backtrack_coeff``
+    (:meth:`traced_coefficients`) are compiled in as constants by a step called without
+    ``hyperparams``; pass ``hyperparams`` to the step to trace them instead, so a sweep
+    compiles once. The counts (``cg_iters``, ``max_backtracks``, ``fvp_subsample``, the critic
+    passes and minibatches) and switches are static.
 
     Attributes:
       max_kl: trust-region radius :math:`\\delta` on the mean KL (sb3-contrib ``target_kl``).
@@ -96,6 +104,10 @@ class TRPOConfig:
             library=True,
         )
 
+    def traced_coefficients(self) -> tuple[str, ...]:
+        """The keys the step's ``hyperparams`` may hold (see :func:`make_trpo_update`)."""
+        return float_coefficients(self)
+
 
 def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array) -> PPOState:
     """Initial state of :func:`make_trpo_update`: the policy-gradient family's
@@ -116,8 +128,8 @@ def make_trpo_update(
     value_fn: Callable,
     value_optimizer,
     config: TRPOConfig = TRPOConfig(),
-) -> Callable[[PPOState, dict], tuple[PPOState, dict[str, jax.Array]]]:
-    """Build the pure TRPO step ``update(state, batch) -> (state, metrics)``.
+) -> Callable[..., tuple[PPOState, dict[str, jax.Array]]]:
+    """Build the pure TRPO step ``update(state, batch, hyperparams=None) -> (state, metrics)``.
 
     One call is one iteration of Schulman et al. (2015), "practical algorithm" (Sec. 6): the
     surrogate gradient :math:`g`, the natural direction :math:`s \\approx F^{-1} g` by conjugate
@@ -149,18 +161,30 @@ def make_trpo_update(
     (which of the two) and ``nonfinite_updates`` (the running count, also
     ``state.nonfinite_updates``). A non-finite critic makes the advantages of the next
     rollouts non-finite, so each later policy step is reported too, not silently rejected.
-    """
-    if not isinstance(config, TRPOConfig):
-        raise TypeError(f"config must be a TRPOConfig, got {type(config).__name__}")
 
-    def update(state: PPOState, batch: dict) -> tuple[PPOState, dict[str, jax.Array]]:
-        if "returns" not in batch:
-            raise KeyError(f"TRPO batch is missing ['returns']; it has {sorted(batch)}")
+    ``hyperparams``: ``None`` (the config's coefficients, compiled in) or a dict with any of
+    ``config.traced_coefficients()`` (``max_kl``, ``cg_damping``, ``cg_tol``,
+    ``backtrack_coeff``), traced under jit: a sweep compiles once and each call equals the
+    step built with ``dataclasses.replace(config, **hyperparams)``. Another key (a count such
+    as ``cg_iters``, a switch) or a ``None`` value raises ``ValueError`` naming it.
+    """
+    check_config(config, TRPOConfig, "make_trpo_update")
+    return _trpo_update(policy_fn, value_fn, value_optimizer, config, where="make_trpo_update")
+
+
+def _trpo_update(policy_fn, value_fn, value_optimizer, config: TRPOConfig, *, where: str):
+    """The step of :func:`make_trpo_update` (``where``: the builder its errors name)."""
+
+    def update(
+        state: PPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None
+    ) -> tuple[PPOState, dict[str, jax.Array]]:
+        require_keys(batch, ("returns",), "TRPO")
+        traced = traced_config(config, hyperparams, where=where)
         new_policy, policy_finite, policy_metrics = _policy_step(
-            policy_fn, config, state.params["policy"], batch
+            policy_fn, traced, state.params["policy"], batch
         )
         value_params, value_opt_state, key, value_metrics = _fit_critic(
-            value_fn, value_optimizer, config, state.params["value"], state.opt_state,
+            value_fn, value_optimizer, traced, state.params["value"], state.opt_state,
             state.key, batch,
         )  # fmt: skip
         critic_finite = value_metrics.pop("finite")
