@@ -21,10 +21,7 @@ from rljax import cli, experiment
 
 # The settings (flags: python experiments/dpo.py --help).
 Config = experiment.DPORunConfig
-
-
-def main(config: Config) -> dict:
-    return experiment.train_dpo(config)
+main = experiment.train_dpo  # main(config) -> the summary
 
 
 if __name__ == "__main__":

@@ -23,10 +23,7 @@ from rljax import cli, experiment
 
 # The settings (flags: python experiments/iterative_dpo.py --help).
 Config = experiment.IterativeDPORunConfig
-
-
-def main(config: Config) -> dict:
-    return experiment.train_iterative_dpo(config)
+main = experiment.train_iterative_dpo  # main(config) -> the summary
 
 
 if __name__ == "__main__":

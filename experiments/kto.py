@@ -7,9 +7,9 @@ the batch's other completions, as TRL's KTOTrainer builds them), and the held-ou
 reports TRL's KTO metrics and the oracle's win-rate of the policy's samples over the
 reference's. --data takes TRL's unpaired format (prompt, completion, label).
 
-Run: `python experiments/kto.py [--model DIR] [--data FILE] [--mesh SPEC] [--out DIR]`.
-Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png, DIR/policy (HF checkpoint) and,
-for the built-in task, DIR/samples.jsonl. The driver is rljax.experiment.train_kto.
+Run: `python experiments/kto.py [--model DIR] [--data FILE] [--mesh SPEC] [--out DIR]`; it
+writes what experiments/dpo.py writes (metrics, summary, plot, policy/ and, for the built-in
+task, samples). The driver is rljax.experiment.train_kto.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from rljax import cli, experiment
 
 # The settings (flags: python experiments/kto.py --help).
 Config = experiment.KTORunConfig
-
-
-def main(config: Config) -> dict:
-    return experiment.train_kto(config)
+main = experiment.train_kto  # main(config) -> the summary
 
 
 if __name__ == "__main__":

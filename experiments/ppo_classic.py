@@ -12,20 +12,11 @@ Writes DIR/metrics.jsonl, DIR/summary.json and DIR/learning_curve.png.
 
 from __future__ import annotations
 
-import dataclasses
-
 from rljax import classic
 
-
-@dataclasses.dataclass(frozen=True)
-class Config(classic.ExperimentSettings, classic.PPOClassicConfig):
-    """PPO on a classic-control environment (defaults: the --env's preset)."""
-
-    out: str = "runs/ppo_classic"
-
-
-def main(config: Config) -> dict:
-    return classic.main(config)
+# The settings: PPOClassicConfig with the ExperimentSettings, out runs/ppo_classic.
+Config = classic.script_config("ppo")
+main = classic.main  # main(config) -> the summary
 
 
 if __name__ == "__main__":

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from rljax import cli, rl
 
-
-def main(config: rl.rlhf.PPORunConfig) -> dict:
-    return rl.rlhf.run(config)
-
+# The settings (flags: python experiments/ppo_rlhf.py --help).
+Config = rl.rlhf.PPORunConfig
+main = rl.rlhf.run  # main(config) -> the summary
 
 if __name__ == "__main__":
-    main(cli.parse(rl.rlhf.PPORunConfig))
+    main(cli.parse(Config))

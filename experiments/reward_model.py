@@ -23,10 +23,7 @@ from rljax import cli, experiment
 
 # The settings (flags: python experiments/reward_model.py --help).
 Config = experiment.RewardModelRunConfig
-
-
-def main(config: Config) -> dict:
-    return experiment.train_reward_model(config)
+main = experiment.train_reward_model  # main(config) -> the summary
 
 
 if __name__ == "__main__":

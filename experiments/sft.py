@@ -21,10 +21,7 @@ from rljax import cli, experiment
 
 # The settings (flags: python experiments/sft.py --help).
 Config = experiment.SFTRunConfig
-
-
-def main(config: Config) -> dict:
-    return experiment.train_sft(config)
+main = experiment.train_sft  # main(config) -> the summary
 
 
 if __name__ == "__main__":

@@ -1,31 +1,19 @@
 """TRPO on classic control, the whole run compiled as one function and vmapped over seeds.
 
-Defaults solve CartPole-v1 in 100k environment steps per seed, 10 seeds at once. Other
-environments: `--env Acrobot-v1 | Pendulum-v1 | MountainCarContinuous-v0` (pure-JAX
-implementations in rljax.envs, gymnasium's constants; each gets its preset from
-rljax.classic.TRPO_PRESETS), `probe-*` for debugging, or `gymnax:<id>` with
-`pip install 'rljax[envs]'`. Settings may come from a file: `--config FILE` (YAML or JSON).
+The TRPO twin of experiments/ppo_classic.py: the same environments, flags (--config FILE, --log)
+and outputs, each environment's TRPO preset (rljax.classic.TRPO_PRESETS) as the defaults; with
+no flags it solves CartPole-v1 in 100k environment steps per seed, 10 seeds at once.
 
-Run: `python experiments/trpo_classic.py [--env ENV] [--total-steps N] [--seeds N] [--out DIR]`.
-Writes DIR/metrics.jsonl, DIR/summary.json and DIR/learning_curve.png.
+Run: `python experiments/trpo_classic.py [--env ENV] [--max-kl X] [--seeds N] [--out DIR]`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from rljax import classic
 
-
-@dataclasses.dataclass(frozen=True)
-class Config(classic.ExperimentSettings, classic.TRPOClassicConfig):
-    """TRPO on a classic-control environment (defaults: the --env's preset)."""
-
-    out: str = "runs/trpo_classic"
-
-
-def main(config: Config) -> dict:
-    return classic.main(config)
+# The settings: TRPOClassicConfig with the ExperimentSettings, out runs/trpo_classic.
+Config = classic.script_config("trpo")
+main = classic.main  # main(config) -> the summary
 
 
 if __name__ == "__main__":

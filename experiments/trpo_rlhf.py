@@ -8,18 +8,17 @@ reference) and token GAE, with a separate critic model fitted after each policy 
 --model, --reward-model, --prompts, --max-kl, --kl-target, --mesh, --out. Running again with
 the same --out resumes.
 
-Run: `python experiments/trpo_rlhf.py [--model DIR] [--reward-model DIR] [--mesh SPEC] [--out DIR]`.
-Writes DIR/metrics.jsonl, DIR/summary.json, DIR/training.png and DIR/policy (HF checkpoint).
+Run: `python experiments/trpo_rlhf.py [--model DIR] [--reward-model DIR] [--mesh SPEC] [--out DIR]`;
+it writes what experiments/ppo_rlhf.py writes (metrics, summary, plot and policy/).
 """
 
 from __future__ import annotations
 
 from rljax import cli, rl
 
-
-def main(config: rl.rlhf.TRPORunConfig) -> dict:
-    return rl.rlhf.run(config)
-
+# The settings (flags: python experiments/trpo_rlhf.py --help).
+Config = rl.rlhf.TRPORunConfig
+main = rl.rlhf.run  # main(config) -> the summary
 
 if __name__ == "__main__":
-    main(cli.parse(rl.rlhf.TRPORunConfig))
+    main(cli.parse(Config))

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import advantages, cli, envs, runs, trpo, updates
+from rljax import classic, cli, envs, runs, trpo, updates
 from rljax.models.mlp import Actor, Critic, pure
 
 
@@ -97,29 +97,12 @@ def main(config: Config) -> dict:
 
     @jax.jit
     def rollout(state, carry, key):
-        carry, traj = envs.collect(
-            env, env_params, policy_fn, state.params["policy"], carry, key, config.num_steps
-        )
-        rewards, dones = envs.bootstrapped_rewards(
-            traj, value_fn, state.params["value"], config.gamma
-        )
-        values = value_fn(state.params["value"], traj["obs"])
-        bootstrap = value_fn(state.params["value"], carry.obs)
-        values = jnp.concatenate([values, bootstrap[:, None]], axis=1)
-        adv, returns = advantages.gae(rewards, values, dones, config.gamma, config.lam)
-        batch = {
-            "inputs": traj["obs"],
-            "actions": traj["actions"],
-            "old_logps": traj["logps"],
-            "advantages": adv,
-            "returns": returns,
-        }
-        ended = traj["terminated"] | traj["truncated"]
-        finished = jnp.sum(ended)
-        mean_return = jnp.sum(jnp.where(ended, traj["episode_return"], 0.0)) / jnp.maximum(
-            finished, 1
-        )
-        return carry, batch, mean_return, finished
+        policy_params, value_params = state.params["policy"], state.params["value"]
+        carry, batch, stats = classic.rollout_batch(
+            config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry,
+            key, flatten=False,
+        )  # fmt: skip
+        return carry, batch, stats["episode_return"], stats["episodes"]
 
     carry = envs.init_carry(env, env_params, k_env, config.num_envs)
     print(f"TRPO on {env.name}: {config.num_envs} envs x {config.num_steps} steps per batch")

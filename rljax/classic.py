@@ -48,7 +48,9 @@ __all__ = [
     "make_networks",
     "parse",
     "preset",
+    "rollout_batch",
     "run_experiment",
+    "script_config",
     "train_ppo",
     "train_trpo",
 ]
@@ -309,10 +311,15 @@ def _apply_fns(obs_dim, action_dim, hidden, continuous, log_std_init):
     return pure(actor)[0], pure(critic)[0]
 
 
-def _rollout_batch(
-    config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, key
-):
-    """One iteration's on-policy batch (rows = env steps) and episode statistics."""
+def rollout_batch(
+    config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, key,
+    *, flatten: bool = True,
+):  # fmt: skip
+    """One iteration's on-policy batch: ``config.num_steps`` steps of each environment of
+    ``carry`` (:func:`rljax.envs.collect`), GAE advantages and returns (``config.gamma``,
+    ``config.lam``). Returns ``(carry, batch, stats)``: the batch's rows are the env steps
+    (``[envs * steps, ...]``; ``flatten=False`` keeps ``[envs, steps, ...]``), and ``stats``
+    the ``episodes`` that ended and their mean ``episode_return`` and ``episode_length``."""
     carry, traj = envs.collect(
         env, env_params, policy_fn, policy_params, carry, key, config.num_steps
     )
@@ -328,7 +335,8 @@ def _rollout_batch(
         "returns": returns,
         "old_values": values,
     }
-    batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # [envs * steps, ...]
+    if flatten:
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)  # [envs * steps, ...]
     ended = traj["terminated"] | traj["truncated"]
     episodes = jnp.sum(ended)
     stats = {
@@ -351,7 +359,7 @@ def _run(config, env, env_params, init_state, update, fns, key, progress=None):
         state, carry, key, last_return = loop
         key, k_roll = jax.random.split(key)
         policy_params, value_params = _policy_and_value(state)
-        carry, batch, stats = _rollout_batch(
+        carry, batch, stats = rollout_batch(
             config, env, env_params, policy_fn, value_fn, policy_params, value_params, carry, k_roll
         )
         state, metrics = update(state, batch)
@@ -760,6 +768,23 @@ class ExperimentSettings:
         validate = getattr(super(), "__post_init__", None)
         if validate is not None:  # a script's Config also inherits the algorithm's config
             validate()
+
+
+def script_config(algorithm: str) -> type:
+    """The settings of ``experiments/<algorithm>_classic.py`` (``"ppo"`` or ``"trpo"``): a
+    frozen dataclass ``Config`` of the algorithm's run configuration
+    (:class:`PPOClassicConfig` or :class:`TRPOClassicConfig`) and the
+    :class:`ExperimentSettings`, whose output folder is ``runs/<algorithm>_classic``."""
+    if algorithm not in _ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} unknown; valid choices: {list(_ALGORITHMS)}")
+    doc = f"{algorithm.upper()} on a classic-control environment (defaults: the --env's preset)."
+    return dataclasses.make_dataclass(
+        "Config",
+        [("out", str, dataclasses.field(default=f"runs/{algorithm}_classic"))],
+        bases=(ExperimentSettings, _ALGORITHMS[algorithm][0]),
+        frozen=True,
+        namespace={"__doc__": doc, "__module__": __name__},
+    )
 
 
 def parse(config_class, argv: list[str] | None = None):

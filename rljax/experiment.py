@@ -102,6 +102,7 @@ __all__ = [
     "sft_run",
     "sft_sequences",
     "train_and_export",
+    "train_and_report",
     "train_dpo",
     "train_iterative_dpo",
     "train_kto",
@@ -183,25 +184,32 @@ class PreferenceRunConfig:
     allow_config_change: bool = False
 
     def __post_init__(self):
-        checks.check(
-            self,
-            {
-                "seed": ">= 0",
-                "steps": ">= 1",
-                "batch_size": ">= 1",
-                "learning_rate": "> 0",
-                "max_length": ">= 2",  # one prompt and one completion token
-                "max_prompt_length": ">= 1",
-                "train_pairs": ">= 1",
-                "eval_pairs": ">= 1",
-                "log_every": ">= 1",
-                "eval_every": ">= 0",
-                "checkpoint_every": ">= 1",
-                "max_nonfinite_updates": ">= 1",
-            },
+        _check_run_settings(
+            self, {"max_prompt_length": ">= 1", "train_pairs": ">= 1", "eval_pairs": ">= 1"}
         )
-        checks.check_choice(self, "overflow", ("truncate", "drop"))
         runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
+
+
+def _check_run_settings(config, data_rules: Mapping[str, str]) -> None:
+    """The checks a preference or SFT run's settings share (:func:`rljax.checks.check`, the
+    first field out of range raises): the run's lengths and rates, ``data_rules`` (its data
+    sizes) among them, and ``overflow``."""
+    checks.check(
+        config,
+        {
+            "seed": ">= 0",
+            "steps": ">= 1",
+            "batch_size": ">= 1",
+            "learning_rate": "> 0",
+            "max_length": ">= 2",  # one prompt and one completion token
+            **data_rules,
+            "log_every": ">= 1",
+            "eval_every": ">= 0",
+            "checkpoint_every": ">= 1",
+            "max_nonfinite_updates": ">= 1",
+        },
+    )
+    checks.check_choice(config, "overflow", ("truncate", "drop"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,15 +329,18 @@ def builtin(config: PreferenceRunConfig) -> bool:
     return config.data is None
 
 
-def resolve_model(config: PreferenceRunConfig) -> str:
-    """The model folder: ``config.model``, or the cached built-in base model (in a
-    multi-process run process 0 builds it first and the others wait, then find it cached)."""
+def resolve_model(config: PreferenceRunConfig, base_model: Callable[[], str] | None = None) -> str:
+    """The model folder: ``config.model``, or the cached built-in base model,
+    ``base_model()`` (default: the sorting task's, :func:`rljax.tasks.sorting.default_base_model`;
+    in a multi-process run process 0 builds it first and the others wait, then find it
+    cached)."""
     if config.model is None:
+        base_model = sorting.default_base_model if base_model is None else base_model
         if jax.process_count() > 1:
             if sharding.is_primary():
-                sorting.default_base_model()
+                base_model()
             sharding.barrier("rljax.experiment.resolve_model")
-        return sorting.default_base_model()
+        return base_model()
     checks.require_folder("--model", config.model, "Hugging Face checkpoint folder")
     return config.model
 
@@ -404,6 +415,18 @@ def _rows(config: PreferenceRunConfig) -> tuple[_Split, _Split, str]:
     )
 
 
+def _lengths(config: PreferenceRunConfig) -> dict[str, Any]:
+    """The length settings of a preference run's tokenisation (``rljax.data.tokenize_*``):
+    rows of ``max_length`` tokens, padded to it, with the last ``max_prompt_length`` prompt
+    tokens; a longer row is cut or dropped as ``overflow`` says."""
+    return {
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "overflow": config.overflow,
+        "pad_to": config.max_length,
+    }
+
+
 def load_preference_arrays(
     config: PreferenceRunConfig, tokenizer
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
@@ -420,13 +443,7 @@ def load_preference_arrays(
             rows, skip_invalid=config.skip_invalid, numbering=numbering
         )
         tokens, tokenization = data.tokenize_preferences(
-            valid,
-            tokenizer,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            overflow=config.overflow,
-            pad_to=config.max_length,
-            numbering=numbering.take(validation.kept_rows),
+            valid, tokenizer, **_lengths(config), numbering=numbering.take(validation.kept_rows)
         )
         print(f"{name} data ({numbering.source}): {validation}; {tokenization}", flush=True)
         report[name] = {
@@ -468,11 +485,13 @@ def load_run(
     config: PreferenceRunConfig,
     load_model: Callable = hf.load_model,
     load_arrays: Callable | None = None,
+    base_model: Callable[[], str] | None = None,
 ) -> PreferenceSetup:
-    """Resolve the model folder (:func:`resolve_model`), load its tokenizer and
-    ``load_model(folder)``, load and tokenise the data with ``load_arrays(config, tokenizer)``
-    (default :func:`load_preference_arrays`) and build the mesh of ``config.mesh``."""
-    model_path = resolve_model(config)
+    """Resolve the model folder (:func:`resolve_model`, ``base_model`` the built-in one), load
+    its tokenizer and ``load_model(folder)``, load and tokenise the data with
+    ``load_arrays(config, tokenizer)`` (default :func:`load_preference_arrays`) and build the
+    mesh of ``config.mesh``."""
+    model_path = resolve_model(config, base_model)
     tokenizer = hf.load_tokenizer(model_path)
     graphdef, params = nnx.split(load_model(model_path))
     load_arrays = load_preference_arrays if load_arrays is None else load_arrays
@@ -521,15 +540,43 @@ def apply_layout(config: PreferenceRunConfig, *splits: dict[str, np.ndarray]) ->
         arrays.update(shared)
 
 
-def _compiled(update, initial_state, make_eval, train, held_out, config, mesh):
-    """``(state, step_fn, place, evaluate)`` of ``update``: the placed initial state, the
-    compiled donated step (:func:`rljax.updates.lm.compile_update`, shaped by ``train``'s first
-    batch), the batch placement and the mean of ``make_eval`` over ``held_out``."""
+class _Family(NamedTuple):
+    """An update family of :mod:`rljax.updates`: ``make_update(graphdef, optimizer,
+    settings)``, ``init_state(params, optimizer, *reference)``, ``make_eval(graphdef,
+    settings)``."""
+
+    make_update: Callable
+    init_state: Callable
+    make_eval: Callable
+
+
+_DPO = _Family(updates.make_dpo_update, updates.init_dpo_state, updates.make_dpo_eval)
+_KTO = _Family(updates.make_kto_update, updates.init_kto_state, updates.make_kto_eval)
+_REWARD = _Family(updates.make_reward_update, updates.init_reward_state, updates.make_reward_eval)
+_SFT = _Family(updates.make_sft_update, updates.init_sft_state, updates.make_sft_eval)
+
+
+def _compiled(
+    family: _Family, settings, graphdef, params, train, held_out, config, mesh, *reference,
+    held_out_mean: Callable | None = None,
+):  # fmt: skip
+    """``(state, step_fn, place, evaluate)`` of ``family``'s update with ``settings`` under
+    :func:`adamw`: the placed initial state (``params``, then ``reference``), the compiled
+    donated step (:func:`rljax.updates.lm.compile_update`, shaped by ``train``'s first batch),
+    the batch placement and ``held_out_mean`` (default :func:`mean_metrics`) of the family's
+    evaluation over ``held_out``."""
+    optimizer = adamw(config)
     example = {k: v[: config.batch_size] for k, v in train.items()}
-    state, step_fn, batch_shardings = lm.compile_update(update, initial_state, example, mesh)
+    state, step_fn, batch_shardings = lm.compile_update(
+        family.make_update(graphdef, optimizer, settings),
+        family.init_state(params, optimizer, *reference),
+        example,
+        mesh,
+    )
     place = placer(mesh, batch_shardings)
-    eval_fn = jax.jit(make_eval)
-    evaluate = lambda s: mean_metrics(eval_fn, s, held_out, place, config.batch_size)
+    eval_fn = jax.jit(family.make_eval(graphdef, settings))
+    held_out_mean = mean_metrics if held_out_mean is None else held_out_mean
+    evaluate = lambda s: held_out_mean(eval_fn, s, held_out, place, config.batch_size)
     return state, step_fn, place, evaluate
 
 
@@ -547,33 +594,28 @@ def dpo_run(graphdef, params, train, held_out, config: DPORunConfig, mesh, refer
     dpo_config = config.dpo_config()
     reference_params = params if reference_params is None else reference_params
     apply_layout(config, train, held_out)
-    ref_params = _reference(
-        config, reference_params, train, held_out,
-        lambda arrays: lm.reference_logps(
-            graphdef, reference_params, arrays, chunk_size=config.chunk_size
-        ),
+    return _with_reference(
+        _DPO, dpo_config, lm.reference_logps, reference_params, graphdef, params, train,
+        held_out, config, mesh,
     )  # fmt: skip
-    optimizer = adamw(config)
-    return _compiled(
-        updates.make_dpo_update(graphdef, optimizer, dpo_config),
-        updates.init_dpo_state(params, optimizer, ref_params),
-        updates.make_dpo_eval(graphdef, dpo_config),
-        train,
-        held_out,
-        config,
-        mesh,
-    )
 
 
-def _reference(config, reference_params, train, held_out, reference_logps: Callable):
-    """The reference of a DPO-family run: with ``reference="precomputed"`` its log-probs,
-    ``reference_logps(arrays)``, are added to both splits (and ``None`` returned); with
-    ``"model"`` a copy of ``reference_params`` (kept apart from the donated train state) is
-    returned; with ``"none"``, ``None``."""
+def _with_reference(
+    family, settings, reference_logps, reference_params, graphdef, params, train, held_out,
+    config, mesh,
+):  # fmt: skip
+    """:func:`_compiled` of a DPO-family update whose reference policy is
+    ``reference_params``: with ``reference="precomputed"`` its log-probs,
+    ``reference_logps(graphdef, reference_params, arrays, chunk_size=...)``, are added to both
+    splits; with ``"model"`` a copy of it (kept apart from the donated train state) goes into
+    the state; with ``"none"`` there is none."""
     if config.reference == "precomputed":
         for arrays in (train, held_out):
-            arrays.update(reference_logps(arrays))
-    return jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
+            arrays.update(
+                reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
+            )
+    ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
+    return _compiled(family, settings, graphdef, params, train, held_out, config, mesh, ref_params)
 
 
 def reward_run(graphdef, params, train, held_out, config: RewardModelRunConfig, mesh):
@@ -582,16 +624,7 @@ def reward_run(graphdef, params, train, held_out, config: RewardModelRunConfig, 
     shared-prompt layout with ``config.share_prompt``."""
     reward_config = config.reward_config()
     apply_layout(config, train, held_out)
-    optimizer = adamw(config)
-    return _compiled(
-        updates.make_reward_update(graphdef, optimizer, reward_config),
-        updates.init_reward_state(params, optimizer),
-        updates.make_reward_eval(graphdef, reward_config),
-        train,
-        held_out,
-        config,
-        mesh,
-    )
+    return _compiled(_REWARD, reward_config, graphdef, params, train, held_out, config, mesh)
 
 
 # ---------------------------------------------------------------------------- training loop
@@ -813,6 +846,50 @@ def train_and_export(
     return model, summary, log
 
 
+def train_and_report(
+    config: PreferenceRunConfig,
+    setup: PreferenceSetup,
+    make_run: Callable,
+    *,
+    started: float,
+    label: str,
+    keys: tuple[str, ...],
+    folder: str,
+    oracle: Callable[[Any], tuple[dict, Sequence[Mapping[str, Any]]]],
+    title: str,
+    headline: Mapping[str, str],
+    shuffle: bool = True,
+) -> dict[str, Any]:
+    """The rest of a preference run from its :func:`load_run` ``setup``: train
+    ``make_run(graphdef, params, train, held_out, config, mesh)`` (:func:`dpo_run`,
+    :func:`reward_run`, ...) and export the model to ``out/folder`` (:func:`train_and_export`,
+    progress ``keys``); then, on process 0, the built-in task's verdict on the model,
+    ``oracle(model) -> (verdict, samples)`` (the summary's ``oracle``; the samples are logged,
+    :func:`log_final_samples`), and :func:`write_outputs`. Returns the summary."""
+    run = make_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
+    model, summary, log = train_and_export(
+        config, setup, run, label=label, progress_keys=keys, folder=folder, started=started,
+        shuffle=shuffle,
+    )  # fmt: skip
+    with log:
+        if not sharding.is_primary():
+            return summary  # process 0 judges the model, writes the summary and plots
+        if builtin(config):
+            summary["oracle"], samples = oracle(model)
+            log_final_samples(log, config.steps, samples)
+        write_outputs(
+            config,
+            summary,
+            log.rows(),
+            label=label,
+            title=title,
+            plot_keys=keys,
+            headline=headline,
+            folder=folder,
+        )
+    return summary
+
+
 def write_outputs(
     config: PreferenceRunConfig,
     summary: Mapping[str, Any],
@@ -889,48 +966,29 @@ def train_dpo(config: DPORunConfig) -> dict[str, Any]:
     ``out/summary.json``, ``out/training.png`` and ``out/policy`` (a Hugging Face folder); on
     the built-in task the summary adds the oracle's win-rate (:func:`dpo_oracle`), whose first
     completions are logged as samples. Returns the summary."""
+    headline = {"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"}
+    return _train_policy(config, dpo_run, label="DPO", keys=DPO_KEYS, headline=headline)
+
+
+def _train_policy(config, make_run, *, label, keys, headline, load_arrays=None, shuffle=True):
+    """A DPO-family run (``make_run``: :func:`dpo_run` or :func:`kto_run`, the initial model
+    as the reference) from :func:`load_run` (``load_arrays``) to :func:`train_and_report`, the
+    oracle's verdict being its win-rate of the policy over the reference (:func:`dpo_oracle`).
+    Returns the summary."""
     started = time.perf_counter()
-    setup = load_run(config)
-    return _train_policy(
-        config,
-        setup,
-        dpo_run,
-        started=started,
-        label="DPO",
-        keys=DPO_KEYS,
-        headline={"reward accuracy": "rewards/accuracies", "margin": "rewards/margins"},
-    )
-
-
-def _train_policy(config, setup, make_run, *, started, label, keys, headline, shuffle=True):
-    """Train and export the policy of a DPO-family run (``make_run``: :func:`dpo_run` or
-    :func:`kto_run`, the initial model as the reference), then on process 0 the oracle's
-    win-rate over the reference on the built-in task (its first completions logged as
-    samples), ``summary.json`` and the plot. Returns the summary."""
+    setup = load_run(config, load_arrays=load_arrays)
     reference = jax.device_get(setup.params)  # kept apart from the donated train state
-    run = make_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
-    policy, summary, log = train_and_export(
-        config, setup, run, label=label, progress_keys=keys, folder="policy", started=started,
-        shuffle=shuffle,
+
+    def oracle(policy):
+        base = lm.merge(setup.graphdef, reference)
+        verdict = dpo_oracle(config, policy, base, setup.tokenizer, label=label)
+        return verdict, verdict["examples"]
+
+    return train_and_report(
+        config, setup, make_run, started=started, label=label, keys=keys, folder="policy",
+        oracle=oracle, title=f"{label} ({config.loss_type}, beta {config.beta})",
+        headline=headline, shuffle=shuffle,
     )  # fmt: skip
-    with log:
-        if not sharding.is_primary():
-            return summary  # process 0 samples, writes the summary and plots
-        if builtin(config):
-            base = lm.merge(setup.graphdef, reference)
-            summary["oracle"] = dpo_oracle(config, policy, base, setup.tokenizer, label=label)
-            log_final_samples(log, config.steps, summary["oracle"]["examples"])
-        write_outputs(
-            config,
-            summary,
-            log.rows(),
-            label=label,
-            title=f"{label} ({config.loss_type}, beta {config.beta})",
-            plot_keys=keys,
-            headline=headline,
-            folder="policy",
-        )
-    return summary
 
 
 # ---------------------------------------------------------------------------- KTO
@@ -1055,13 +1113,7 @@ def load_kto_arrays(
     for name, (rows, numbering) in (("train", train_split), ("eval", eval_split)):
         valid, numbering, validation = validate_unpaired(rows, numbering, config.skip_invalid)
         tokens, tokenization = data.tokenize_completions(
-            valid,
-            tokenizer,
-            max_length=config.max_length,
-            max_prompt_length=config.max_prompt_length,
-            overflow=config.overflow,
-            pad_to=config.max_length,
-            numbering=numbering,
+            valid, tokenizer, **_lengths(config), numbering=numbering
         )
         print(f"{name} data ({numbering.source}): {validation['validation']}; {tokenization}")
         split = {k: np.asarray(v) for k, v in dict(tokens).items()}
@@ -1093,23 +1145,10 @@ def kto_run(graphdef, params, train, held_out, config: KTORunConfig, mesh):
     """What :func:`dpo_run` gives, for KTO: reference log-probs added to ``train`` and
     ``held_out`` (``reference="precomputed"``; the initial policy is the reference), then
     ``(state, step_fn, place, evaluate)``."""
-    kto_config = config.kto_config()
-    ref_params = _reference(
-        config, params, train, held_out,
-        lambda arrays: updates.kto_reference_logps(
-            graphdef, params, arrays, chunk_size=config.chunk_size
-        ),
+    return _with_reference(
+        _KTO, config.kto_config(), updates.kto_reference_logps, params, graphdef, params, train,
+        held_out, config, mesh,
     )  # fmt: skip
-    optimizer = adamw(config)
-    return _compiled(
-        updates.make_kto_update(graphdef, optimizer, kto_config),
-        updates.init_kto_state(params, optimizer, ref_params),
-        updates.make_kto_eval(graphdef, kto_config),
-        train,
-        held_out,
-        config,
-        mesh,
-    )
 
 
 @in_run_folder  # one run per --out; a resume must keep the stored settings
@@ -1118,18 +1157,12 @@ def train_kto(config: KTORunConfig) -> dict[str, Any]:
     initial model as the reference; the outputs of :func:`train_dpo` (on the built-in task
     with the oracle's win-rate of the policy over the reference, :func:`dpo_oracle`). Returns
     the summary."""
-    started = time.perf_counter()
-    setup = load_run(config, load_arrays=load_kto_arrays)
+    headline = {"reward margin": "rewards/margins", "kl": "kl"}
     return _train_policy(
-        config,
-        setup,
-        kto_run,
-        started=started,
-        label="KTO",
-        keys=KTO_KEYS,
-        headline={"reward margin": "rewards/margins", "kl": "kl"},
+        config, kto_run, label="KTO", keys=KTO_KEYS, headline=headline,
+        load_arrays=load_kto_arrays,
         shuffle=False,  # each batch's KL rows are its own completions rotated (TRL's order)
-    )
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- reward model
@@ -1191,39 +1224,18 @@ def train_reward_model(config: RewardModelRunConfig) -> dict[str, Any]:
     logged as samples. Returns the summary."""
     started = time.perf_counter()
     setup = load_run(config, functools.partial(load_reward_model, seed=config.seed))
-    run = reward_run(setup.graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
-    model, summary, log = train_and_export(
-        config,
-        setup,
-        run,
-        label="reward model",
-        progress_keys=REWARD_KEYS,
-        folder="reward_model",
-        started=started,
-    )
-    with log:
-        if not sharding.is_primary():
-            return summary  # process 0 scores the oracle agreement, writes the summary and plots
-        if builtin(config):
-            rows = data.load_rows(str(pathlib.Path(config.out) / "data" / "test.jsonl"))
-            summary["oracle"], samples = oracle_agreement(
-                model, setup.tokenizer, rows, config.max_length
-            )
-            print(
-                f"[reward model] rank correlation with the oracle: {summary['oracle']['spearman']:.3f}"
-            )
-            log_final_samples(log, config.steps, samples)
-        write_outputs(
-            config,
-            summary,
-            log.rows(),
-            label="reward model",
-            title="Reward model",
-            plot_keys=REWARD_KEYS,
-            headline={"accuracy": "accuracy", "margin": "margin"},
-            folder="reward_model",
-        )
-    return summary
+
+    def oracle(model):
+        rows = data.load_rows(str(pathlib.Path(config.out) / "data" / "test.jsonl"))
+        agreement, samples = oracle_agreement(model, setup.tokenizer, rows, config.max_length)
+        print(f"[reward model] rank correlation with the oracle: {agreement['spearman']:.3f}")
+        return agreement, samples
+
+    return train_and_report(
+        config, setup, reward_run, started=started, label="reward model", keys=REWARD_KEYS,
+        folder="reward_model", oracle=oracle, title="Reward model",
+        headline={"accuracy": "accuracy", "margin": "margin"},
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- iterative DPO
@@ -1672,23 +1684,7 @@ class SFTRunConfig:
     sft: updates.SFTConfig = dataclasses.field(default_factory=updates.SFTConfig)
 
     def __post_init__(self):
-        checks.check(
-            self,
-            {
-                "seed": ">= 0",
-                "steps": ">= 1",
-                "batch_size": ">= 1",
-                "learning_rate": "> 0",
-                "max_length": ">= 2",
-                "train_examples": ">= 1",
-                "eval_examples": ">= 1",
-                "log_every": ">= 1",
-                "eval_every": ">= 0",
-                "checkpoint_every": ">= 1",
-                "max_nonfinite_updates": ">= 1",
-            },
-        )
-        checks.check_choice(self, "overflow", ("truncate", "drop"))
+        _check_run_settings(self, {"train_examples": ">= 1", "eval_examples": ">= 1"})
         checks.check_choice(self, "packing_strategy", data.PACKING_STRATEGIES)
         runs.parse_sinks(self.log)
 
@@ -1870,18 +1866,10 @@ def sft_run(graphdef, params, train, held_out, config: SFTRunConfig, mesh):
     """``(state, step_fn, place, evaluate)`` of supervised fine-tuning: the placed initial
     state, the compiled donated step (:func:`rljax.updates.lm.compile_update`), the batch
     placement and the exact held-out evaluation (:func:`sft_held_out`)."""
-    optimizer = adamw(config)
-    example = {k: v[: config.batch_size] for k, v in train.items()}
-    state, step_fn, batch_shardings = lm.compile_update(
-        updates.make_sft_update(graphdef, optimizer, config.sft),
-        updates.init_sft_state(params, optimizer),
-        example,
-        mesh,
-    )
-    place = placer(mesh, batch_shardings)
-    eval_fn = jax.jit(updates.make_sft_eval(graphdef, config.sft))
-    evaluate = lambda s: sft_held_out(eval_fn, s, held_out, place, config.batch_size)
-    return state, step_fn, place, evaluate
+    return _compiled(
+        _SFT, config.sft, graphdef, params, train, held_out, config, mesh,
+        held_out_mean=sft_held_out,
+    )  # fmt: skip
 
 
 def _greedy_accuracy(model, tokenizer, config: SFTRunConfig) -> dict[str, float]:
@@ -1903,21 +1891,12 @@ def train_sft(config: SFTRunConfig) -> dict[str, Any]:
 
     Returns the summary."""
     started = time.perf_counter()
-    model_path = config.model
-    if model_path is None:
-        model_path = arithmetic.default_base_model()
-    else:
-        checks.require_folder("--model", model_path, "Hugging Face checkpoint folder")
-    tokenizer = hf.load_tokenizer(model_path)
-    base = hf.load_model(model_path)
-    graphdef, params = nnx.split(base)
-    train, held_out, data_report = load_sft_data(config, tokenizer)
-    mesh = build_mesh(config.mesh)
-    setup = PreferenceSetup(
-        model_path, tokenizer, graphdef, params, train, held_out, data_report, mesh
-    )
-    before = _greedy_accuracy(base, tokenizer, config) if config.data is None else None
-    run = sft_run(graphdef, params, train, held_out, config, mesh)
+    setup = load_run(config, load_arrays=load_sft_data, base_model=arithmetic.default_base_model)
+    graphdef, tokenizer = setup.graphdef, setup.tokenizer
+    before = None
+    if config.data is None:
+        before = _greedy_accuracy(lm.merge(graphdef, setup.params), tokenizer, config)
+    run = sft_run(graphdef, setup.params, setup.train, setup.held_out, config, setup.mesh)
     eval_before = run[3](run[0])  # the base model's held-out metrics
     model, summary, log = train_and_export(
         config, setup, run, label="sft", progress_keys=SFT_KEYS, folder="model", started=started

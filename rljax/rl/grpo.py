@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,8 +36,13 @@ from flax import nnx
 
 from rljax import advantages, checks, data, experiment, rewards, runs, sharding, updates
 from rljax.models import hf
-from rljax.rl.loop import export_policy, finish, train_loop
-from rljax.rl.rollout import decode_completions, make_rollout_fn, sampling_config
+from rljax.rl.loop import finish, start_run, train_loop
+from rljax.rl.rollout import (
+    decode_completions,
+    example_batch,
+    make_rollout_fn,
+    sampling_config,
+)
 from rljax.tasks import arithmetic
 from rljax.updates import lm
 
@@ -540,27 +543,16 @@ def evaluate(
 # ---------------------------------------------------------------------------- the run
 
 
-def _resolve_model(config: GRPORunConfig) -> str:
-    if config.model is None:
-        return arithmetic.default_base_model()
-    return experiment.resolve_model(config)
-
-
 def _example_batch(config: GRPORunConfig, max_new: int) -> dict[str, np.ndarray]:
-    rows, width = config.rows, config.prompt_width + max_new
-    per_token = np.zeros((rows, max_new), np.float32)
-    batch = {
-        "tokens": np.zeros((rows, width), np.int32),
-        "mask": np.zeros((rows, width), bool),
-        "completion_mask": np.zeros((rows, max_new), bool),
-        "old_logps": per_token,
-        "advantages": np.zeros((rows,), np.float32),
-    }
+    """Shapes of a shaped batch (for the update's batch shardings)."""
+    per_token = []
     if config.grpo.beta > 0:
-        batch["ref_logps"] = per_token
+        per_token.append("ref_logps")
     if config.tis_cap is not None:
-        batch["is_weights"] = per_token
-    return batch
+        per_token.append("is_weights")
+    return example_batch(
+        config.rows, config.prompt_width, max_new, token_advantages=False, per_token=per_token
+    )
 
 
 @experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
@@ -570,17 +562,13 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     the final policy as a Hugging Face folder ``out/policy``; returns the summary."""
     if jax.process_count() > 1:
         raise ValueError("grpo.py runs in one process (any number of local devices via --mesh)")
-    runs.use_compilation_cache(config.compilation_cache)
-    start_time = time.perf_counter()
-    out = pathlib.Path(config.out)
-    model_path = _resolve_model(config)
-    tokenizer = hf.load_tokenizer(model_path)
+    started = start_run(config, label, arithmetic.default_base_model)
+    tokenizer = started.tokenizer
     max_new = config.completion_width
     train, held_out, source = load_prompts(config, tokenizer)
     reward = reward_set(config)
 
-    base = hf.load_model(model_path)
-    graphdef, params = nnx.split(base)
+    graphdef, params = nnx.split(hf.load_model(started.model_path))
     params = jax.tree.map(np.array, jax.device_get(params))
     mesh = experiment.build_mesh(config.mesh)
     key = jax.random.key(config.seed)
@@ -623,21 +611,14 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
             f"{mesh.size} device(s)"
         ),
     )
-    state, history = result.state, result.history
-
-    export_policy(label, out, lm.merge(graphdef, jax.device_get(state.params["policy"])), tokenizer)
-    summary = _summary(config, model_path, source, reward, history)
+    policy = lm.merge(graphdef, jax.device_get(result.state.params["policy"]))
+    summary = _summary(config, started.model_path, source, reward, result.history)
     return finish(
-        config,
-        label=label,
-        result=result,
-        summary=summary,
+        config, started, result, policy, devices=mesh.size, summary=summary,
         plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
         title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
         message=_message(summary),
-        start_time=start_time,
-        devices=mesh.size,
-    )
+    )  # fmt: skip
 
 
 def _summary(config: GRPORunConfig, model_path: str, source: str, reward, history) -> dict:

@@ -1,5 +1,7 @@
 """The iteration loop every RL driver shares: resume, the per-iteration stage, logging,
-evaluation, checkpoints and the non-finite stop.
+evaluation, checkpoints and the non-finite stop; and the first and last stages of a run
+(:func:`start_run`: compilation cache, model folder, tokenizer; :func:`finish`: the exported
+policy, ``summary.json``, the plot and the closing line).
 
 An algorithm's driver (:mod:`rljax.rl.grpo`, :mod:`rljax.rl.rlhf`) builds its stages and
 hands one function per iteration to :func:`train_loop`::
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +29,27 @@ from flax import nnx
 from rljax import checkpoint, experiment, finite, runs
 from rljax.models import hf
 
-__all__ = ["LoopResult", "export_policy", "finish", "train_loop"]
+__all__ = ["LoopResult", "RunStart", "export_policy", "finish", "start_run", "train_loop"]
+
+
+class RunStart(NamedTuple):
+    """What a driver's run starts from (:func:`start_run`)."""
+
+    label: str  # the run's name in its progress lines
+    model_path: str  # the policy's Hugging Face folder (--model, or the built-in base model)
+    tokenizer: Any
+    time: float  # time.perf_counter() at the start
+
+
+def start_run(config, label: str, base_model: Callable[[], str] | None = None) -> RunStart:
+    """The first stage of a run of ``config``: JAX's persistent compilation cache turned on
+    (``config.compilation_cache``), the time noted, the model folder resolved
+    (:func:`rljax.experiment.resolve_model`, ``base_model`` the built-in one) and its tokenizer
+    loaded."""
+    runs.use_compilation_cache(config.compilation_cache)
+    started = time.perf_counter()
+    model_path = experiment.resolve_model(config, base_model)
+    return RunStart(label, model_path, hf.load_tokenizer(model_path), started)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,31 +178,33 @@ def export_policy(label: str, out: pathlib.Path, model, tokenizer) -> None:
 
 def finish(
     config,
-    *,
-    label: str,
+    run: RunStart,
     result: LoopResult,
+    policy,
+    *,
+    devices: int,
     summary: Mapping[str, Any],
     plot_keys: list[str],
     title: str,
     message: str,
-    start_time: float,
-    devices: int,
 ) -> dict[str, Any]:
-    """Write ``out/summary.json`` (``summary`` plus the run record: settings, wall time,
-    devices, resume point) and ``out/training.png`` (``plot_keys`` over the iterations), print
-    ``message`` with what was written, and return the summary."""
+    """The last stage of a run: save the trained ``policy`` model (:func:`export_policy`),
+    write ``out/summary.json`` (``summary`` plus the run record: settings, wall time,
+    ``devices``, resume point) and ``out/training.png`` (``plot_keys`` over the iterations),
+    print ``message`` with what was written, and return the summary."""
     out = pathlib.Path(config.out)
+    export_policy(run.label, out, policy, run.tokenizer)
     summary = {
         **summary,
         **runs.run_record(
-            config, out, resumed_from=result.resumed_from, start_time=start_time, devices=devices
+            config, out, resumed_from=result.resumed_from, start_time=run.time, devices=devices
         ),
     }
     runs.write_summary(out, summary)
     runs.plot_metrics(result.history, plot_keys, out / "training.png", title=title)
     print(
-        f"[{label}] {message}; wrote {out}/metrics.jsonl, summary.json, training.png, policy/ "
-        f"({summary['wall_seconds']:.0f}s)",
+        f"[{run.label}] {message}; wrote {out}/metrics.jsonl, summary.json, training.png, "
+        f"policy/ ({summary['wall_seconds']:.0f}s)",
         flush=True,
     )
     return summary

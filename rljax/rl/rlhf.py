@@ -27,8 +27,6 @@ reward-vs-KL frontier (Rafailov et al., 2023, Fig. 2).
 from __future__ import annotations
 
 import dataclasses
-import pathlib
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -43,8 +41,13 @@ from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
 from rljax.models import hf
 from rljax.models.transformer import with_head
-from rljax.rl.loop import export_policy, finish, train_loop
-from rljax.rl.rollout import decode_completions, make_rollout_fn, sampling_config
+from rljax.rl.loop import finish, start_run, train_loop
+from rljax.rl.rollout import (
+    decode_completions,
+    example_batch,
+    make_rollout_fn,
+    sampling_config,
+)
 from rljax.tasks import sorting
 from rljax.updates import lm
 
@@ -551,6 +554,19 @@ def load_models(config: RLHFRunConfig, model_path: str) -> Models:
     )
 
 
+def _make_rollout_fn(config: RLHFRunConfig, models: Models, tokenizer, max_new: int) -> Callable:
+    """The run's compiled rollout of ``models`` (:func:`rljax.rl.rollout.make_rollout_fn`):
+    ``max_new`` tokens sampled, the reference's and the critic's passes after."""
+    return make_rollout_fn(
+        models.policy_graphdef,
+        sampling_config(tokenizer, max_new, config.temperature),
+        ref_graphdef=models.ref_graphdef,
+        critic=config.critic,
+        value_graphdef=models.value_graphdef,
+        chunk_size=config.chunk_size,
+    )
+
+
 def _adam(learning_rate: float) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate, eps=1e-5))
 
@@ -566,18 +582,15 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
     Hugging Face folder ``out/policy``, and returns the summary."""
     algorithm = _check_run(config)
     label = label or f"{algorithm.upper()}-RLHF"
-    runs.use_compilation_cache(config.compilation_cache)
-    start_time = time.perf_counter()
-    out = pathlib.Path(config.out)
-    model_path = experiment.resolve_model(config)
-    tokenizer = hf.load_tokenizer(model_path)
+    started = start_run(config, label)
+    tokenizer = started.tokenizer
     builtin = config.prompts is None and config.reward_model is None
     max_new = config.max_new_tokens or (sorting.max_completion_tokens() if builtin else 32)
     train_prompts, held_out, source = _prompt_texts(config)
     train_tokens, train_mask = _tokenize(train_prompts, tokenizer, config.max_prompt_length)
     scorer = Scorer(tokenizer, config.reward_model)
 
-    models = load_models(config, model_path)
+    models = load_models(config, started.model_path)
     mesh = experiment.build_mesh(config.mesh)
     key = jax.random.key(config.seed)
     k, rows = config.samples_per_prompt, config.rows
@@ -586,14 +599,7 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
         algo.update, algo.state, _example_batch(config, rows, max_new), mesh
     )
     ref_params = sharding.shard_params(models.ref_params, mesh)
-    rollout_fn = make_rollout_fn(
-        models.policy_graphdef,
-        sampling_config(tokenizer, max_new, config.temperature),
-        ref_graphdef=models.ref_graphdef,
-        critic=config.critic,
-        value_graphdef=models.value_graphdef,
-        chunk_size=config.chunk_size,
-    )
+    rollout_fn = _make_rollout_fn(config, models, tokenizer, max_new)
     shape_fn = make_shaping_fn(config)
     controller = config.kl_controller()
 
@@ -642,21 +648,20 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
     )
     policy_params, _ = algo.params(result.state)
     policy = lm.merge(models.policy_graphdef, jax.device_get(policy_params))
-    export_policy(label, out, _without_value_head(policy, config), tokenizer)
-    return _summarize(
-        config, label, result, algorithm=algorithm, model_path=model_path, source=source,
-        start_time=start_time, devices=mesh.size,
-    )  # fmt: skip
+    return _finish(
+        config, started, result, _without_value_head(policy, config), algorithm, source, mesh.size
+    )
 
 
-def _summarize(config, label: str, result, *, algorithm, model_path, source, start_time, devices):
-    """``summary.json`` of a finished run (held-out score and KL before and after, the final KL
-    coefficient), the training plot and the closing line."""
+def _finish(config, started, result, policy, algorithm: str, source: str, devices: int) -> dict:
+    """The end of a run (:func:`rljax.rl.loop.finish`): the policy exported, ``summary.json``
+    (held-out score and KL before and after, the final KL coefficient), the training plot and
+    the closing line."""
     evals = [r for r in result.history if "eval/score" in r]
     final, start_eval = experiment.final_eval(evals), experiment.final_eval(evals[:1])
     summary = {
         "algorithm": algorithm,
-        "model": model_path,
+        "model": started.model_path,
         "reward": config.reward_model or "oracle (built-in task)",
         "prompts": source,
         "iterations": config.iterations,
@@ -664,20 +669,16 @@ def _summarize(config, label: str, result, *, algorithm, model_path, source, sta
         "final_eval": final,
         "final_kl_coef": float(result.carry["kl_coef"]),
     }
-    return finish(
-        config,
-        label=label,
-        result=result,
-        summary=summary,
-        plot_keys=["objective/scores", "objective/kl", "eval/score", "eval/kl"],
-        title=f"{label} (critic {config.critic}, KL coef {config.kl_coef})",
-        message=(
-            f"held-out score {start_eval['score']:.3f} -> {final['score']:.3f}, "
-            f"KL to the reference {final['kl']:.3f} nats"
-        ),
-        start_time=start_time,
-        devices=devices,
+    message = (
+        f"held-out score {start_eval['score']:.3f} -> {final['score']:.3f}, "
+        f"KL to the reference {final['kl']:.3f} nats"
     )
+    return finish(
+        config, started, result, policy, devices=devices, summary=summary,
+        plot_keys=["objective/scores", "objective/kl", "eval/score", "eval/kl"],
+        title=f"{started.label} (critic {config.critic}, KL coef {config.kl_coef})",
+        message=message,
+    )  # fmt: skip
 
 
 def _check_run(config) -> str:
@@ -707,15 +708,7 @@ def _without_value_head(model, config):
 
 def _example_batch(config: RLHFRunConfig, rows: int, max_new: int) -> dict[str, np.ndarray]:
     """Shapes of a shaped rollout batch (for the update's batch shardings)."""
-    width = config.max_prompt_length + max_new
-    per_token = np.zeros((rows, max_new), np.float32)
-    batch = {
-        "tokens": np.zeros((rows, width), np.int32),
-        "mask": np.zeros((rows, width), bool),
-        "completion_mask": np.zeros((rows, max_new), bool),
-        "old_logps": per_token,
-        "advantages": per_token,
-    }
-    if config.critic != "none":
-        batch.update(returns=per_token, old_values=per_token)
-    return batch
+    per_token = ("returns", "old_values") if config.critic != "none" else ()
+    return example_batch(
+        rows, config.max_prompt_length, max_new, token_advantages=True, per_token=per_token
+    )

@@ -19,7 +19,7 @@ from rljax import rlhf, updates
 from rljax.models import generate
 from rljax.updates import lm
 
-__all__ = ["CRITICS", "decode_completions", "make_rollout_fn", "sampling_config"]
+__all__ = ["CRITICS", "decode_completions", "example_batch", "make_rollout_fn", "sampling_config"]
 
 CRITICS = rlhf.CRITICS  # "head", "separate", "none"
 
@@ -112,3 +112,23 @@ def sampling_config(tokenizer, max_new_tokens: int, temperature: float) -> gener
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def example_batch(
+    rows: int, prompt_width: int, max_new: int, *, token_advantages: bool, per_token=()
+) -> dict[str, np.ndarray]:
+    """Zeros shaped as an update's batch of ``rows`` rollout rows (for
+    :func:`rljax.updates.lm.compile_update`'s batch shardings): ``tokens`` and ``mask`` of
+    prompt + completion, ``completion_mask``, ``old_logps``, ``advantages`` (per token with
+    ``token_advantages``, else per row) and the per-token float arrays named in
+    ``per_token``."""
+    width = prompt_width + max_new
+    token_floats = np.zeros((rows, max_new), np.float32)
+    batch = {
+        "tokens": np.zeros((rows, width), np.int32),
+        "mask": np.zeros((rows, width), bool),
+        "completion_mask": np.zeros((rows, max_new), bool),
+        "old_logps": token_floats,
+        "advantages": token_floats if token_advantages else np.zeros((rows,), np.float32),
+    }
+    return batch | {name: token_floats for name in per_token}
