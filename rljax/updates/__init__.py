@@ -12,7 +12,8 @@ non-finite guard, and for language models the forward passes that turn tokens in
   minibatch/epoch loop), :func:`make_ppo_update` over pure policy/value functions.
 * :mod:`.trpo`: :class:`TRPOConfig`, :func:`make_trpo_update` (its state is a
   :class:`PPOState` too; the critic is fitted by :func:`minibatch_epochs`).
-* :mod:`.dpo`, :mod:`.kto`, :mod:`.reward`: the preference updates on a language model.
+* :mod:`.dpo`, :mod:`.kto`, :mod:`.reference_free` (ORPO, CPO, SimPO), :mod:`.reward`: the
+  preference updates on a language model.
 * :mod:`.sft`: supervised fine-tuning on padded or packed rows.
 * :mod:`.rlhf`, :mod:`.grpo`: PPO, TRPO and the GRPO family on a policy language model.
 * :mod:`.lm`: log-probs of token sequences, the reference pass, ``compile_update``.
@@ -34,6 +35,8 @@ from rljax.updates.kto import *  # noqa: F403
 from rljax.updates.kto import __all__ as _kto
 from rljax.updates.ppo import *  # noqa: F403
 from rljax.updates.ppo import __all__ as _ppo
+from rljax.updates.reference_free import *  # noqa: F403
+from rljax.updates.reference_free import __all__ as _reference_free
 from rljax.updates.reward import *  # noqa: F403
 from rljax.updates.reward import __all__ as _reward
 from rljax.updates.rlhf import *  # noqa: F403
@@ -43,4 +46,4 @@ from rljax.updates.sft import __all__ as _sft
 from rljax.updates.trpo import *  # noqa: F403
 from rljax.updates.trpo import __all__ as _trpo
 
-__all__ = [*_dpo, *_grpo, *_kto, *_ppo, *_reward, *_rlhf, *_sft, *_trpo]
+__all__ = [*_dpo, *_grpo, *_kto, *_ppo, *_reference_free, *_reward, *_rlhf, *_sft, *_trpo]

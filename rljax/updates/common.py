@@ -59,11 +59,13 @@ def float_coefficients(config: Any) -> tuple[str, ...]:
     return tuple(name for name in _float_fields(type(config)) if getattr(config, name) is not None)
 
 
-def check_config(config: Any, cls: type, where: str) -> None:
-    """``TypeError`` unless ``config`` is a ``cls`` (``where``: the builder's name)."""
+def check_config(config: Any, cls: type | tuple[type, ...], where: str) -> None:
+    """``TypeError`` unless ``config`` is a ``cls`` (or one of a tuple of classes; ``where``:
+    the builder's name)."""
     if not isinstance(config, cls):
+        names = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
         raise TypeError(
-            f"{where}: config must be an instance of {cls.__name__}, got {type(config).__name__}"
+            f"{where}: config must be an instance of {names}, got {type(config).__name__}"
         )
 
 
