@@ -42,6 +42,7 @@ import pathlib
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -1012,6 +1013,10 @@ class KTORunConfig(PreferenceRunConfig):
       reference: precomputed (reference log-probs computed once over the data) or model (a
         frozen reference forward pass per batch).
       chunk_size: token rows per chunk of the log-prob computation.
+      nll_alpha: weight of an NLL term on the desirable completions (as --rpo-alpha for DPO;
+        not in TRL's KTO); none = off. The default 0.5 keeps the desirable completions likely:
+        without it the built-in task's oracle win-rate is 0.43 instead of 0.69
+        (benchmarks/RESULTS.md).
       win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
       out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
     """
@@ -1022,6 +1027,7 @@ class KTORunConfig(PreferenceRunConfig):
     loss_type: str = "kto"
     reference: str = "precomputed"
     chunk_size: int = 1024
+    nll_alpha: float | None = 0.5
     win_rate_prompts: int = 512
     out: str = "runs/kto"
 
@@ -1042,6 +1048,7 @@ class KTORunConfig(PreferenceRunConfig):
             loss_type=self.loss_type,
             chunk_size=self.chunk_size,
             reference=self.reference,
+            nll_alpha=self.nll_alpha,
         )
 
 
@@ -1162,6 +1169,110 @@ def train_kto(config: KTORunConfig) -> dict[str, Any]:
         config, kto_run, label="KTO", keys=KTO_KEYS, headline=headline,
         load_arrays=load_kto_arrays,
         shuffle=False,  # each batch's KL rows are its own completions rotated (TRL's order)
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- ORPO, CPO, SimPO
+
+#: Per method: the CPO loss type it fixes (None for ORPO, which has its own loss) and the
+#: defaults of its unset settings (SimPO's beta 2.0 and gamma 1.0 lie in the ranges Meng et al.,
+#: 2024 tune over; cpo_alpha 0 makes it SimPO proper).
+REFERENCE_FREE_METHODS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
+    {
+        "orpo": {"beta": 0.1},
+        "cpo": {"beta": 0.1, "loss_type": "sigmoid", "cpo_alpha": 1.0},
+        "simpo": {"beta": 2.0, "loss_type": "simpo", "simpo_gamma": 1.0, "cpo_alpha": 0.0},
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceFreeRunConfig(PreferenceRunConfig):
+    """ORPO (Hong et al., 2024), CPO (Xu et al., 2024) or SimPO (Meng et al., 2024): preference
+    optimization without a reference model (TRL's ORPOTrainer / CPOTrainer), on preference
+    pairs in TRL's formats.
+
+    Attributes:
+      method: orpo (NLL plus the log odds ratio), cpo (a pairwise loss on summed log-probs plus
+        NLL) or simpo (length-normalised margin with a target gamma, no NLL by default).
+      beta: ORPO's lambda, CPO's and SimPO's beta; none = 0.1 (orpo, cpo) or 2.0 (simpo).
+      loss_type: CPO's pairwise loss: sigmoid, hinge or ipo (cpo only; none = sigmoid).
+      label_smoothing: conservative label smoothing (cpo with sigmoid, simpo); none = 0.
+      simpo_gamma: SimPO's target reward margin (simpo only); none = 1.0.
+      cpo_alpha: weight of the NLL term on the chosen completions (cpo, simpo); none = 1.0
+        (cpo) or 0 (simpo).
+      chunk_size: token rows per chunk of the log-prob computation.
+      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
+    """
+
+    method: str = "orpo"
+    beta: float | None = None
+    loss_type: str | None = None
+    label_smoothing: float | None = None
+    simpo_gamma: float | None = None
+    cpo_alpha: float | None = None
+    chunk_size: int = 1024
+    win_rate_prompts: int = 512
+    out: str = "runs/orpo"
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"win_rate_prompts": ">= 1"})
+        checks.check_choice(self, "method", tuple(REFERENCE_FREE_METHODS))
+        self.update_config()  # ORPOConfig / CPOConfig check the values
+
+    def update_config(self) -> updates.ORPOConfig | updates.CPOConfig:
+        """The step's settings: the method's defaults for what is unset; a setting the method
+        does not read raises ``ValueError`` naming its flag."""
+        readers = {
+            "loss_type": ("cpo",),
+            "label_smoothing": ("cpo", "simpo"),
+            "simpo_gamma": ("simpo",),
+            "cpo_alpha": ("cpo", "simpo"),
+        }
+        for field, methods in readers.items():
+            if getattr(self, field) is not None and self.method not in methods:
+                flag = "--" + field.replace("_", "-")
+                raise ValueError(
+                    f"{flag} is not read by --method {self.method} (read by {', '.join(methods)})"
+                )
+        if self.method == "cpo" and self.loss_type == "simpo":
+            raise ValueError("--loss-type simpo: use --method simpo (SimPO's own defaults)")
+        given = {k: getattr(self, k) for k in ("beta", *readers) if getattr(self, k) is not None}
+        settings = {**REFERENCE_FREE_METHODS[self.method], **given, "chunk_size": self.chunk_size}
+        if self.method == "orpo":
+            return updates.ORPOConfig(**settings)
+        return updates.CPOConfig(**settings)
+
+
+REFERENCE_FREE_KEYS = ("loss", "nll_loss", "rewards/margins", "eval/rewards/accuracies")
+_REFERENCE_FREE = _Family(
+    updates.make_reference_free_update,
+    updates.init_reference_free_state,
+    updates.make_reference_free_eval,
+)
+
+
+def reference_free_run(graphdef, params, train, held_out, config: ReferenceFreeRunConfig, mesh):
+    """What :func:`dpo_run` gives, for ORPO / CPO / SimPO (no reference model):
+    ``(state, step_fn, place, evaluate)``, the arrays first rewritten into the shared-prompt
+    layout with ``config.share_prompt``."""
+    apply_layout(config, train, held_out)
+    settings = config.update_config()
+    return _compiled(_REFERENCE_FREE, settings, graphdef, params, train, held_out, config, mesh)
+
+
+@in_run_folder  # one run per --out; a resume must keep the stored settings
+def train_reference_free(config: ReferenceFreeRunConfig) -> dict[str, Any]:
+    """ORPO, CPO or SimPO (``config.method``) of ``config.model`` (or the built-in base model)
+    on preference pairs; the outputs of :func:`train_dpo` (on the built-in task with the
+    oracle's win-rate of the policy over the initial model, :func:`dpo_oracle`). Returns the
+    summary."""
+    headline = {"reward accuracy": "rewards/accuracies", "nll": "nll_loss"}
+    return _train_policy(
+        config, reference_free_run, label=config.method.upper(), keys=REFERENCE_FREE_KEYS,
+        headline=headline,
     )  # fmt: skip
 
 

@@ -205,3 +205,29 @@ def test_kto_experiment_ci_sized_run(tmp_path):
             assert math.isfinite(row[key]), (key, row)
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
         assert math.isfinite(summary["eval"][key]), key
+
+
+def test_nll_alpha_adds_the_desirable_rows_token_nll():
+    graphdef, params, ref = models()
+    batch = unpaired_batch(3)
+    config = KTOConfig(beta=0.5, reference="model", nll_alpha=0.7)
+    optimizer = optax.sgd(1.0)
+    state = init_kto_state(params, optimizer, ref)
+    new, metrics = jax.jit(make_kto_update(graphdef, optimizer, config))(state, batch)
+
+    def loss_fn(p):
+        kto, _ = reference_loss(p, ref, batch, 0.5, 1.0, 1.0, graphdef)
+        logps = full_logps(graphdef, p, batch["tokens"], batch["mask"], batch["loss_mask"])
+        tokens = (batch["loss_mask"][:, 1:] & batch["mask"][:, 1:]).sum(-1)
+        d = batch["desirable"]
+        nll = -jnp.sum(jnp.where(d, logps, 0.0)) / tokens[d].sum()
+        return kto + 0.7 * nll, nll
+
+    (loss, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=1e-9)
+    np.testing.assert_allclose(float(metrics["nll_loss"]), float(nll), rtol=1e-9)
+    step = jax.tree.map(lambda a, b: a - b, params, new.params)
+    for got, want in zip(jax.tree.leaves(step), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-7, atol=1e-12)
+    with pytest.raises(ValueError, match="nll_alpha"):
+        KTOConfig(nll_alpha=-1.0)

@@ -9,6 +9,8 @@ uses ``optax.sgd(1.0)``, so its gradient is ``params - new_params``."""
 from __future__ import annotations
 
 import functools
+import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +18,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TINY, count_traces, preference_batch, tiny_llama
+from helpers import TINY, count_traces, load_experiment, preference_batch, tiny_llama
 
+from rljax import cli, experiment
 from rljax.data import share_prompts
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer
+from rljax.tasks import sorting
 from rljax.updates import (
     CPOConfig,
     ORPOConfig,
@@ -150,3 +154,44 @@ def test_bad_hyperparams_and_config_type_raise():
         update(state, batch(), {"simpo_gamma": 0.3})
     with pytest.raises(TypeError, match="ORPOConfig or CPOConfig"):
         make_reference_free_update(graphdef, optimizer, {"beta": 0.1})
+
+
+def test_run_config_reads_only_what_the_method_uses():
+    config = experiment.ReferenceFreeRunConfig
+    assert config(method="simpo").update_config() == CPOConfig(
+        beta=2.0, loss_type="simpo", simpo_gamma=1.0, cpo_alpha=0.0
+    )
+    assert config(method="cpo", loss_type="hinge").update_config().loss_type == "hinge"
+    assert config().update_config() == ORPOConfig(beta=0.1)
+    with pytest.raises(ValueError, match="--loss-type is not read by --method orpo"):
+        config(loss_type="hinge")
+    with pytest.raises(ValueError, match="--simpo-gamma is not read by --method cpo"):
+        config(method="cpo", simpo_gamma=0.5)
+    with pytest.raises(ValueError, match="use --method simpo"):
+        config(method="cpo", loss_type="simpo")
+    with pytest.raises(ValueError, match="--method must be one of"):
+        config(method="dpo")
+
+
+def test_experiment_ci_sized_run(tmp_path):
+    model = tmp_path / "base"
+    sorting.warmup_base_model(str(model), steps=20, seed=0, eval_prompts=0)
+    script = load_experiment("orpo")
+    flags = [
+        "--model", str(model), "--method", "cpo",
+        "--steps", "3", "--batch-size", "8", "--train-pairs", "32", "--eval-pairs", "8",
+        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
+        "--win-rate-prompts", "4", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    summary = script.main(cli.parse(script.Config, flags))
+    out = tmp_path / "run"
+    for name in ("metrics.jsonl", "summary.json", "training.png", "policy/config.json"):
+        assert (out / name).exists(), name
+    assert summary["oracle"]["prompts"] == 4 and 0.0 <= summary["oracle"]["win_rate"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for row in steps:
+        for key in ("loss", "nll_loss", "rewards/margins", "grad_norm"):
+            assert math.isfinite(row[key]), (key, row)
+    assert math.isfinite(summary["eval"]["nll_loss"])

@@ -53,6 +53,9 @@ class KTOConfig:
       reference: ``"precomputed"`` (the batch's ``ref_logps`` and, for ``"kto"``,
         ``ref_kl_logps``: :func:`kto_reference_logps`) or ``"model"`` (a forward pass of the
         frozen ``state.ref_params`` in every step).
+      nll_alpha: weight of an NLL term on the desirable completions (the mean token NLL over
+        all desirable tokens of the batch, as RPO adds to DPO: Pang et al., 2024); ``None`` =
+        off, TRL's KTO. Not in TRL's ``KTOTrainer``: an rljax option.
     """
 
     beta: float = 0.1
@@ -61,6 +64,7 @@ class KTOConfig:
     loss_type: str = "kto"
     chunk_size: int = 1024
     reference: str = "precomputed"
+    nll_alpha: float | None = None
 
     def __post_init__(self):
         checks.check_choice(self, "loss_type", KTO_LOSS_TYPES, library=True)
@@ -69,7 +73,12 @@ class KTOConfig:
             raise ValueError(f"KTOConfig.chunk_size must be a positive int, got {self.chunk_size}")
         checks.check(
             self,
-            {"beta": "> 0", "desirable_weight": ">= 0", "undesirable_weight": ">= 0"},
+            {
+                "beta": "> 0",
+                "desirable_weight": ">= 0",
+                "undesirable_weight": ">= 0",
+                "nll_alpha": ">= 0",
+            },
             library=True,
         )
 
@@ -137,11 +146,17 @@ def _require(batch: Mapping[str, Any], keys, why: str) -> None:
         raise KeyError(f"make_kto_update: the batch lacks {missing} ({why})")
 
 
+def _desirable_nll(logps: jax.Array, counts: jax.Array, desirable: jax.Array) -> jax.Array:
+    """Mean token NLL over the desirable rows' completion tokens (0 if the batch has none)."""
+    total = jnp.sum(jnp.where(desirable, logps, 0.0))
+    return -total / jnp.maximum(jnp.sum(jnp.where(desirable, counts, 0.0)), 1.0)
+
+
 def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
     """``reference(state, batch) -> (ref_logps, ref_kl_logps)`` and ``objective(params, ref,
     batch) -> (loss, metrics)``."""
 
-    def logps(params, batch, prefix=""):
+    def logps_and_counts(params, batch, prefix=""):
         return sequence_logps(
             graphdef,
             params,
@@ -149,7 +164,10 @@ def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
             jnp.asarray(batch[f"{prefix}mask"]),
             jnp.asarray(batch[f"{prefix}loss_mask"]),
             chunk_size=config.chunk_size,
-        )[0]
+        )
+
+    def logps(params, batch, prefix=""):
+        return logps_and_counts(params, batch, prefix)[0]
 
     def reference(state: DPOState, batch):
         ref_params = state.ref_params
@@ -175,14 +193,20 @@ def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
         kl_logps = None
         if config.uses_kl:  # TRL computes the KL log-probs without gradient
             kl_logps = logps(jax.lax.stop_gradient(params), batch, "kl_")
+        policy_logps, counts = logps_and_counts(params, batch)
+        desirable = jnp.asarray(batch["desirable"]).astype(bool)
         loss, metrics = kto_loss(
-            logps(params, batch),
+            policy_logps,
             ref_logps,
-            jnp.asarray(batch["desirable"]).astype(bool),
+            desirable,
             kl_logps,
             ref_kl_logps,
             **fields_of(config, "beta", "desirable_weight", "undesirable_weight", "loss_type"),
         )
+        if config.nll_alpha is not None:
+            nll = _desirable_nll(policy_logps, counts, desirable)
+            loss = loss + config.nll_alpha * nll
+            metrics["nll_loss"] = jax.lax.stop_gradient(nll)
         return loss, {"loss": loss, **metrics}
 
     return reference, objective
@@ -206,7 +230,7 @@ def make_kto_update(
 
     Metrics (TRL's names, scalars): ``loss``, ``kl``, ``rewards/{chosen,rejected}``,
     ``rewards/margins``, ``logps/{chosen,rejected}``, ``count/{chosen,rejected}`` (desirable /
-    undesirable rows), ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``
+    undesirable rows), ``nll_loss`` (with ``config.nll_alpha``), ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``
     (:func:`rljax.finite.step_if_finite`: a non-finite update is skipped, the parameters and
     optimizer state stay unchanged). Not jitted: jit it with donated state, or use
     :func:`rljax.updates.lm.compile_update`.
