@@ -1,13 +1,15 @@
 """rljax.models.hf against transformers' PyTorch models: tiny random checkpoints of every
 supported family, saved with save_pretrained and loaded by rljax, must give the same logits
 (no padding, right padding, left padding); rljax's save_model must load back into transformers
-with no missing or unexpected keys; sharded and bfloat16 checkpoints; the reward head; errors."""
+with no missing or unexpected keys; sharded and bfloat16 checkpoints; the reward head; Qwen3's
+per-head query/key norms (tied and untied, with and without biases, cached decoding); errors."""
 
 import copy
 import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -54,6 +56,26 @@ def _causal_lm(family, kv_heads, rope, **settings):
     return getattr(transformers, f"{family}ForCausalLM")(config)
 
 
+# Qwen3: odd sizes, multi-query, head_dim 24 != hidden 48 / 3 heads (q/k/v/o follow head_dim).
+QWEN3_SHAPE = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=1,
+    head_dim=24,
+    max_position_embeddings=64,
+    rope_parameters=dict(rope_type="default", rope_theta=1e6),
+    attn_implementation="eager",
+)
+
+
+def _qwen3(**settings):
+    """transformers' ``Qwen3ForCausalLM`` of :data:`QWEN3_SHAPE`."""
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**QWEN3_SHAPE, **settings))
+
+
 def _scaled_rope(rope_type, **factors):
     """RoPE scaling ``rope_type`` (theta 1e4) from an original context of 16 positions."""
     return dict(
@@ -95,6 +117,9 @@ FAMILIES = {
         head_dim=16,
         sliding_window=None,
     ),
+    # Per-head q/k RMSNorm, head_dim != hidden_size / heads, tied embeddings, no biases (the
+    # released models' settings).
+    "qwen3": lambda: _qwen3(tie_word_embeddings=True),
 }
 
 
@@ -162,6 +187,17 @@ def test_config_mapping(checkpoints):
     assert qwen.rope_type == "yarn" and dict(qwen.rope_scaling)["factor"] == 4.0
     mistral = checkpoints["mistral"][2].config
     assert (mistral.num_kv_heads, mistral.head_dim, mistral.rope_theta) == (1, 16, 1e6)
+    assert not (mistral.qk_norm or qwen.qk_norm or llama.qk_norm)
+    qwen3 = checkpoints["qwen3"][2].config
+    assert qwen3.qk_norm and qwen3.tie_word_embeddings and qwen3.family == "llama"
+    assert (qwen3.num_heads, qwen3.num_kv_heads, qwen3.head_dim, qwen3.hidden_size) == (
+        3,
+        1,
+        24,
+        48,
+    )
+    assert not (qwen3.qkv_bias or qwen3.o_bias or qwen3.mlp_bias) and qwen3.rope_theta == 1e6
+    assert checkpoints["qwen3"][2].layers["q_norm_scale"][...].shape == (2, 24)
     gpt2 = checkpoints["gpt2"][2].config
     assert gpt2.family == "gpt2" and gpt2.max_position_embeddings == 32
     assert checkpoints["gpt2"][2].lm_head is None and checkpoints["llama"][2].lm_head is not None
@@ -300,6 +336,12 @@ def test_save_model_choices_and_value_head_warning(checkpoints, tmp_path):
     assert hf.hf_config_from(configs["llama"]).model_type == "llama"
     assert hf.hf_config_from(configs["mistral"]).model_type == "llama"  # the same network
     assert hf.hf_config_from(configs["mistral"], model_type="mistral").sliding_window is None
+    assert hf.hf_config_from(configs["qwen3"]).model_type == "qwen3"  # qk_norm
+    for other in ("llama", "qwen2", "mistral"):  # none of them has per-head q/k norms
+        with pytest.raises(ValueError, match=rf"cannot save as '{other}'.*qk_norm=True"):
+            hf.hf_config_from(configs["qwen3"], model_type=other)
+    with pytest.raises(ValueError, match=r"cannot save as 'qwen3'.*qk_norm=False"):
+        hf.hf_config_from(configs["mistral"], model_type="qwen3")
     with pytest.raises(ValueError, match="cannot save as 'qwen2'"):
         hf.hf_config_from(configs["llama"], model_type="qwen2")  # o_proj has a bias
     critic = hf.load_model(checkpoints["gpt2"][1], head="value")
@@ -326,6 +368,121 @@ def test_gpt2_base_model_without_prefix_and_ignorable_buffers(checkpoints, tmp_p
     save_file(tensors, file)
     with pytest.raises(ValueError, match=r"tie_word_embeddings=true but .* differs"):
         hf.load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------- Qwen3
+
+
+def _max_relative_difference(got, want):
+    """``max |got - want| / max |want|``: the logits' error relative to their scale."""
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _odd_batch(seed=0, vocab=97):
+    """Left-padded rows of unequal lengths over the whole of Qwen3's odd vocabulary."""
+    tokens, mask = _batch("left", seed)
+    tokens = np.random.default_rng(seed).integers(1, vocab, tokens.shape)
+    return np.where(mask, tokens, 0), mask
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen3_matches_transformers_and_round_trips(tied, tmp_path):
+    """Untied with biases on q/k/v/o (attention_bias=True) or tied without: the logits, and
+    save_model's folder back in transformers as a Qwen3ForCausalLM with no missing keys."""
+    torch.manual_seed(11)
+    hf_model = _randomize(_qwen3(tie_word_embeddings=tied, attention_bias=not tied), seed=11)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = hf.load_model(tmp_path / "hf")
+    c = ours.config
+    assert c.qk_norm and c.tie_word_embeddings == tied and (ours.lm_head is None) == tied
+    assert c.qkv_bias == c.o_bias == (not tied) and not c.mlp_bias
+    assert ours.layers["q"][...].shape == (2, 48, 3, 24)
+    assert ours.layers["o"][...].shape == (2, 3, 24, 48)
+    assert c.num_params == sum(p.numel() for p in hf_model.parameters())  # q_norm/k_norm counted
+    tokens, mask = _odd_batch()
+    want = _hf_logits(hf_model, tokens, mask)[mask]
+    got = _ours(ours, tokens, mask)[mask]
+    assert np.abs(want).max() > 0.5
+    assert _max_relative_difference(got, want) < 1e-4
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    hf.save_model(ours, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "qwen3" and saved["architectures"] == ["Qwen3ForCausalLM"]
+    assert saved["head_dim"] == 24 and saved["attention_bias"] == (not tied)
+    assert saved["use_sliding_window"] is False and saved["tie_word_embeddings"] == tied
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ours", output_loading_info=True, attn_implementation="eager"
+    )
+    assert type(back) is transformers.Qwen3ForCausalLM
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    again = _hf_logits(back.eval(), tokens, mask)[mask]
+    assert _max_relative_difference(again, want) < 1e-6  # the same float32 weights
+    assert hf.load_model(tmp_path / "ours").config == c
+
+
+def test_qwen3_cached_decoding_equals_the_full_forward(checkpoints):
+    """Prompt then one token at a time through the KV cache (the keys stored after k_norm and
+    RoPE) gives the full forward pass's logits; greedy generation matches transformers'."""
+    from rljax.models.generate import SamplingConfig, generate
+
+    hf_model, _, ours = checkpoints["qwen3"]
+    tokens, mask = _odd_batch(seed=5)
+    prompt, steps = 7, TIME - 7
+    full = _ours(ours, tokens, mask)
+    cache = ours.init_cache(batch_size=BATCH, max_length=TIME)
+    hidden, cache = ours.decode(
+        jnp.asarray(tokens[:, :prompt], jnp.int32), jnp.asarray(mask[:, :prompt]), cache=cache
+    )
+    pieces = [np.asarray(ours.logits(hidden))]
+    for j in range(prompt, TIME):
+        hidden, cache = ours.decode(
+            jnp.asarray(tokens[:, j : j + 1], jnp.int32),
+            jnp.asarray(mask[:, j : j + 1]),
+            cache=cache,
+        )
+        pieces.append(np.asarray(ours.logits(hidden)))
+    cached = np.concatenate(pieces, axis=1)
+    assert cached.shape == full.shape and steps > 1
+    np.testing.assert_allclose(cached[mask], full[mask], atol=2e-5 * np.abs(full).max(), rtol=0)
+
+    new = 6
+    out = generate(
+        ours,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=new, temperature=0.0),
+    )
+    with torch.no_grad():
+        want = hf_model.generate(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, TIME:].numpy()
+    np.testing.assert_array_equal(np.asarray(out.completions), want)
+
+
+def test_qwen3_sliding_window_refused():
+    config = transformers.Qwen3Config(
+        **QWEN3_SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1
+    )
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    with pytest.raises(
+        ValueError, match=r"use_sliding_window=True from layer 1 on, sliding_window=16 < max_pos"
+    ):
+        hf.config_from_hf(config)
+    capped = hf.config_from_hf(config, max_position_embeddings=16)  # exact up to the window
+    assert capped.qk_norm and capped.max_position_embeddings == 16
+    # The released models' settings: use_sliding_window false (sliding_window, if any, unused).
+    off = dict(QWEN3_SHAPE, use_sliding_window=False, sliding_window=16, max_window_layers=0)
+    assert hf.config_from_hf(transformers.Qwen3Config(**off)).max_position_embeddings == 64
+    raw = {k: v for k, v in off.items() if k not in ("attn_implementation", "rope_parameters")}
+    as_json = hf.config_from_hf(dict(raw, model_type="qwen3", rope_theta=1e6))  # a config.json
+    assert (as_json.head_dim, as_json.qk_norm, as_json.rope_theta) == (24, True, 1e6)
 
 
 # ---------------------------------------------------------------------------- errors

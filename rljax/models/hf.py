@@ -1,10 +1,10 @@
 """Load and save Hugging Face checkpoint folders (``config.json`` + safetensors) as
 :class:`~rljax.models.transformer.Transformer` models.
 
-Supported ``model_type``\\ s: ``gpt2``, ``llama``, ``mistral`` and ``qwen2`` (causal LMs, and
-their ``*ForSequenceClassification`` reward models with one label). Weights are read with the
-``safetensors`` package's numpy API (bfloat16 through ``ml_dtypes``; no torch needed); pickle
-files (``pytorch_model.bin``, ``*.pt``) are never opened.
+Supported ``model_type``\\ s: ``gpt2``, ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` (causal
+LMs, and their ``*ForSequenceClassification`` reward models with one label). Weights are read
+with the ``safetensors`` package's numpy API (bfloat16 through ``ml_dtypes``; no torch needed);
+pickle files (``pytorch_model.bin``, ``*.pt``) are never opened.
 
 How names map: each family has a table of :class:`TensorMap` rows, *our parameter <- HF tensor,
 layout*. A layout is an einops-style pattern from the HF tensor's axes to ours, e.g.
@@ -57,7 +57,7 @@ __all__ = [
     "save_model",
 ]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never opened
@@ -109,6 +109,12 @@ LLAMA_TABLE = (
     T("layers.gate_bias", _LLAMA_LAYER + "mlp.gate_proj.bias", "F -> F"),
     T("layers.up_bias", _LLAMA_LAYER + "mlp.up_proj.bias", "F -> F"),
     T("layers.down_bias", _LLAMA_LAYER + "mlp.down_proj.bias", "D -> D"),
+)
+# Qwen3: Llama's tensors plus an RMSNorm scale on each head's queries and keys.
+QWEN3_TABLE = (
+    *LLAMA_TABLE,
+    T("layers.q_norm_scale", _LLAMA_LAYER + "self_attn.q_norm.weight", "H -> H"),
+    T("layers.k_norm_scale", _LLAMA_LAYER + "self_attn.k_norm.weight", "H -> H"),
 )
 _GPT2_LAYER = "{base}h.{i}."
 GPT2_TABLE = (
@@ -165,6 +171,13 @@ _FAMILIES = {
         )
         for model_type, name in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
     },
+    "qwen3": _Family(
+        QWEN3_TABLE,
+        "model.",
+        re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+        "Qwen3ForCausalLM",
+        "Qwen3ForSequenceClassification",
+    ),
 }
 
 
@@ -281,7 +294,7 @@ def _rope_fields(hf_config) -> dict[str, Any]:
 # that family's config has no such field): config_from_hf reads through this table and
 # hf_config_from writes through it.
 _CONFIG_NAMES = (
-    # ours, GPT-2's, Llama's (and Qwen2's, Mistral's)
+    # ours, GPT-2's, Llama's (and Qwen2's, Qwen3's, Mistral's)
     ("vocab_size", "vocab_size", "vocab_size"),
     ("hidden_size", "n_embd", "hidden_size"),
     ("num_layers", "n_layer", "num_hidden_layers"),
@@ -342,9 +355,9 @@ def _gpt2_fields(hf) -> dict[str, Any]:
 def _llama_fields(hf) -> dict[str, Any]:
     if hf.model_type == "qwen2":
         qkv_bias, o_bias, mlp_bias = True, False, False
-    else:  # llama (attention_bias: all four projections), mistral (no biases)
+    else:  # llama, qwen3 (attention_bias: all four projections), mistral (no biases)
         qkv_bias = o_bias = bool(getattr(hf, "attention_bias", False))
-        mlp_bias = bool(getattr(hf, "mlp_bias", False))
+        mlp_bias = bool(getattr(hf, "mlp_bias", False))  # Qwen3's config has no mlp_bias
     fields = _read_names(hf, "llama")
     return dict(
         fields,
@@ -354,6 +367,7 @@ def _llama_fields(hf) -> dict[str, Any]:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
+        qk_norm=hf.model_type == "qwen3",
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **_rope_fields(hf),
     )
@@ -363,13 +377,18 @@ def _check_sliding_window(hf, config: TransformerConfig) -> None:
     window = getattr(hf, "sliding_window", None)
     if window is None:
         return
-    if hf.model_type == "qwen2":
+    setting = f"sliding_window={window}"
+    if hf.model_type in ("qwen2", "qwen3"):
+        # The window applies only where use_sliding_window is set, to the layers that
+        # layer_types marks (by default those from max_window_layers on).
         layer_types = getattr(hf, "layer_types", None) or []
         if not getattr(hf, "use_sliding_window", False) or "sliding_attention" not in layer_types:
             return
+        first = layer_types.index("sliding_attention")
+        setting = f"use_sliding_window=True from layer {first} on, {setting}"
     if int(window) < config.max_position_embeddings:
         raise ValueError(
-            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"sliding-window attention ({setting} < max_position_embeddings="
             f"{config.max_position_embeddings}) is not implemented: sequences longer than "
             f"{window} tokens would be attended differently. Pass max_position_embeddings="
             f"{window} to cap the context at the window (exact up to that length), or use a "
@@ -720,31 +739,46 @@ def _gpt2_hf_fields(c: TransformerConfig, model_type: str | None):
 
 
 def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
-    """``(model_type, fields, config class)`` of a Llama family config (``llama``, ``qwen2``
-    or ``mistral``, as its biases allow)."""
+    """``(model_type, fields, config class)`` of a Llama family config (``llama``, ``qwen2``,
+    ``qwen3`` or ``mistral``, as its biases and ``qk_norm`` allow)."""
     import transformers
 
     if model_type is None:
-        model_type = "qwen2" if c.qkv_bias and not (c.o_bias or c.mlp_bias) else "llama"
+        if c.qk_norm:
+            model_type = "qwen3"
+        elif c.qkv_bias and not (c.o_bias or c.mlp_bias):
+            model_type = "qwen2"
+        else:
+            model_type = "llama"
     allowed = {
-        "llama": c.qkv_bias == c.o_bias,
-        "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
-        "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias),
+        "llama": c.qkv_bias == c.o_bias and not c.qk_norm,
+        "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias and not c.qk_norm,
+        "qwen3": c.qkv_bias == c.o_bias and not c.mlp_bias and c.qk_norm,
+        "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias or c.qk_norm),
     }
     if not allowed.get(model_type, False):
         raise ValueError(
             f"cannot save as {model_type!r}: biases qkv={c.qkv_bias}, o={c.o_bias}, "
-            f"mlp={c.mlp_bias} (llama: qkv == o, any mlp; qwen2: qkv only; mistral: none)"
+            f"mlp={c.mlp_bias}, qk_norm={c.qk_norm} (llama: qkv == o, any mlp; qwen2: qkv "
+            f"only; qwen3: qkv == o, no mlp, qk_norm; mistral: none; only qwen3 has qk_norm)"
         )
     rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
     fields = {**_written_names(c), "rope_parameters": rope}
     if model_type == "llama":
         fields.update(attention_bias=c.qkv_bias, mlp_bias=c.mlp_bias)
+    elif model_type == "qwen3":
+        fields.update(
+            attention_bias=c.qkv_bias,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=c.num_layers,
+        )
     elif model_type == "mistral":
         fields.update(sliding_window=None)
     cls = {
         "llama": transformers.LlamaConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
         "mistral": transformers.MistralConfig,
     }[model_type]
     return model_type, fields, cls
@@ -755,8 +789,9 @@ def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, 
 
     Args:
       config: our config.
-      model_type: ``"gpt2"`` for the GPT-2 family; ``"llama"`` (default unless only the q/k/v
-        projections have biases), ``"qwen2"`` or ``"mistral"`` for the Llama family.
+      model_type: ``"gpt2"`` for the GPT-2 family; for the Llama family ``"qwen3"`` (the
+        default, and the only choice, with ``qk_norm``), ``"qwen2"`` (the default when only the
+        q/k/v projections have biases), ``"llama"`` (the default otherwise) or ``"mistral"``.
       **hf_kwargs: extra fields (``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ...).
     """
     c = config

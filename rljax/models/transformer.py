@@ -4,8 +4,9 @@ One module, :class:`Transformer`, covers
 
 - the **GPT-2** family (Radford et al., 2019): learned absolute positions, LayerNorm, GELU MLP,
   biases everywhere, tied input/output embeddings;
-- the **Llama** family (Touvron et al., 2023) and its relatives **Qwen2** (q/k/v biases) and
-  **Mistral**: rotary position embeddings (Su et al., 2021, RoFormer) with ``rope_theta`` and the
+- the **Llama** family (Touvron et al., 2023) and its relatives **Qwen2** (q/k/v biases),
+  **Qwen3** (RMSNorm on each head's queries and keys, ``qk_norm``) and **Mistral**: rotary
+  position embeddings (Su et al., 2021, RoFormer) with ``rope_theta`` and the
   ``linear``, ``llama3`` and ``yarn`` scalings, grouped-query / multi-query attention
   (Ainslie et al., 2023), RMSNorm (Zhang & Sennrich, 2019), SwiGLU MLP (Shazeer, 2020), tied or
   untied embeddings.
@@ -100,6 +101,8 @@ class TransformerConfig:
       hidden_act: MLP activation (``gelu_new``, ``gelu``, ``gelu_pytorch_tanh``, ``silu``,
         ``relu``).
       qkv_bias: biases on the query, key and value projections (GPT-2, Qwen2).
+      qk_norm: RMSNorm (``norm_eps``, a learned scale of ``head_dim``) on each head's queries
+        and keys, before RoPE (Qwen3); Llama family only.
       o_bias: bias on the attention output projection (GPT-2).
       mlp_bias: biases in the MLP (GPT-2).
       tie_word_embeddings: output projection is the transposed token embedding.
@@ -134,6 +137,7 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     hidden_act: str = "silu"
     qkv_bias: bool = False
+    qk_norm: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = True
@@ -171,6 +175,11 @@ class TransformerConfig:
             fail("num_kv_heads", f"{self.kv_heads} does not divide num_heads {self.num_heads}")
         if self.family == "llama" and self.dim_per_head % 2:
             fail("head_dim", f"RoPE needs an even head_dim, got {self.dim_per_head}")
+        if self.qk_norm and self.family != "llama":
+            fail(
+                "qk_norm",
+                f"per-head query/key RMSNorm is a Llama-family option, not {self.family!r}",
+            )
         if not self.lm_head and self.head is None:
             fail("lm_head", "a model without an LM head needs head='value' or 'reward'")
         for field in ("param_dtype", "dtype"):
@@ -206,6 +215,7 @@ class TransformerConfig:
         per_layer = d * h * (n + 2 * k) + n * h * d + (3 if self.family == "llama" else 2) * d * f
         per_layer += (2 if self.family == "llama" else 4) * d  # norm scales (and biases)
         per_layer += self.qkv_bias * h * (n + 2 * k) + self.o_bias * d
+        per_layer += self.qk_norm * 2 * h  # per-head query and key norm scales
         per_layer += self.mlp_bias * (f * (2 if self.family == "llama" else 1) + d)
         total = self.num_layers * per_layer + self.vocab_size * d
         total += d * (1 if self.family == "llama" else 2)  # final norm
@@ -231,7 +241,8 @@ class TransformerConfig:
 
     @classmethod
     def llama(cls, **kwargs) -> TransformerConfig:
-        """A Llama-family config (RMSNorm, RoPE, SwiGLU; Qwen2 adds ``qkv_bias=True``)."""
+        """A Llama-family config (RMSNorm, RoPE, SwiGLU; Qwen2 adds ``qkv_bias=True``, Qwen3
+        ``qk_norm=True`` and an explicit ``head_dim``)."""
         defaults = dict(family="llama", hidden_act="silu", norm_eps=1e-6)
         return cls(**{**defaults, **kwargs})
 
@@ -460,7 +471,8 @@ class Transformer(nnx.Module):
       ``lm_head [D, V]`` (untied), ``score [D]`` and ``score_bias []`` (value/reward head);
     - ``layers``: ``attn_norm_scale [L, D]``, ``q [L, D, N, H]``, ``k``/``v [L, D, K, H]``,
       ``o [L, N, H, D]``, ``mlp_norm_scale [L, D]``, ``gate``/``up [L, D, F]``,
-      ``down [L, F, D]``, and the biases the config asks for (``q_bias [L, N, H]``, ...).
+      ``down [L, F, D]``, the biases the config asks for (``q_bias [L, N, H]``, ...), and with
+      ``qk_norm`` the per-head norm scales ``q_norm_scale``/``k_norm_scale [L, H]``.
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -520,6 +532,9 @@ class Transformer(nnx.Module):
             layers["q_bias"] = param((L, N, H), ("layers", "heads", "head_dim"), "zeros")
             layers["k_bias"] = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
             layers["v_bias"] = param((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        if c.qk_norm:
+            layers["q_norm_scale"] = param((L, H), ("layers", "norm"), "ones")
+            layers["k_norm_scale"] = param((L, H), ("layers", "norm"), "ones")
         if c.o_bias:
             layers["o_bias"] = param((L, D), ("layers", "embed"), "zeros")
         if c.mlp_bias:
@@ -621,6 +636,9 @@ class Transformer(nnx.Module):
         v = _dense(x, p["v"])
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's width, before RoPE
+            q = self._norm(q, p["q_norm_scale"], None)
+            k = self._norm(k, p["k_norm_scale"], None)
         if not gpt2:
             q, k = self._rope(q, inputs.positions), self._rope(k, inputs.positions)
         query_slots = None
