@@ -741,6 +741,19 @@ def evaluate_policy(
 
 
 _CACHE_VERSION = 1
+#: TransformerConfig fields added after the cache key was fixed, with their defaults: left out
+#: of the key at these values, so a new field does not change the key of the model that ships
+#: with the package (which would rebuild it, 1000 warm-up steps, on every fresh machine).
+_KEY_FIELDS_ADDED_LATER = {"qk_norm": False}
+
+
+def _config_key(config) -> dict[str, Any]:
+    """``dataclasses.asdict(config)`` without the later fields at their defaults."""
+    fields = dataclasses.asdict(config)
+    for name, default in _KEY_FIELDS_ADDED_LATER.items():
+        if fields.get(name) == default:
+            del fields[name]
+    return fields
 
 
 def default_base_model(
@@ -768,7 +781,7 @@ def default_base_model(
             "version": _CACHE_VERSION,
             "steps": steps,
             "seed": seed,
-            "config": dataclasses.asdict(config),
+            "config": _config_key(config),
             "vocab": tokenizer_vocab,
             "warmup": warmup_kwargs,
         },
