@@ -130,7 +130,7 @@ class PreferenceRunConfig:
     """Settings shared by the preference experiments.
 
     Attributes:
-      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2); none = the built-in
+      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2, qwen3); none = the built-in
         task's tiny base model (warmed up once and cached under runs/builtin).
       data: preference pairs (JSONL, JSON, parquet or a saved datasets folder, TRL's standard or
         conversational format); none = the built-in task's generated pairs.
@@ -214,38 +214,28 @@ def _check_run_settings(config, data_rules: Mapping[str, str]) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPORunConfig(PreferenceRunConfig):
-    """Direct Preference Optimization (Rafailov et al., 2023).
+class DPOLossSettings:
+    """The DPO loss's settings as flags (those of :class:`rljax.updates.DPOConfig`, the loss
+    types as text), shared by the offline and online DPO runs.
 
     Attributes:
       beta: DPO's beta (strength of the KL regularisation to the reference).
       loss_type: a TRL loss type, or several separated by commas (sigmoid,ipo,...).
       loss_weights: comma-separated weights, one per loss type (empty = 1 each).
       rpo_alpha: weight of the chosen NLL term (RPO, Pang et al., 2024); none = off. The default
-        0.5 keeps the chosen completions likely: with plain DPO on the built-in task both
-        log-probs fall and the policy's samples stop being valid permutations (oracle win-rate
-        0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
-      reference: precomputed (reference log-probs computed once over the data), model (a frozen
-        reference forward pass per batch) or none (reference-free).
-      chunk_size: token rows per chunk of the log-prob computation.
-      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
-      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
+        0.5 keeps the chosen completions likely: with plain DPO on the built-in sorting task
+        both log-probs fall and the policy's samples stop being valid permutations (oracle
+        win-rate 0.17 against 0.70 with 0.5, 300 steps; benchmarks/RESULTS.md).
     """
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
     loss_weights: str = ""
     rpo_alpha: float | None = 0.5
-    reference: str = "precomputed"
-    chunk_size: int = 1024
-    win_rate_prompts: int = 512
 
-    def __post_init__(self):
-        super().__post_init__()
-        checks.check(self, {"win_rate_prompts": ">= 1"})
-        self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
-
-    def dpo_config(self) -> updates.DPOConfig:
+    def dpo_config(self, **settings) -> updates.DPOConfig:
+        """The :class:`rljax.updates.DPOConfig` of these flags and ``settings`` (its other
+        fields: ``reference``, ``chunk_size``)."""
         types = tuple(t.strip() for t in self.loss_type.split(",") if t.strip())
         try:
             weights = tuple(float(w) for w in self.loss_weights.split(",") if w.strip()) or None
@@ -259,9 +249,34 @@ class DPORunConfig(PreferenceRunConfig):
             loss_type=types[0] if len(types) == 1 else types,
             loss_weights=weights,
             rpo_alpha=self.rpo_alpha,
-            reference=self.reference,
-            chunk_size=self.chunk_size,
+            **settings,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class DPORunConfig(DPOLossSettings, PreferenceRunConfig):
+    """Direct Preference Optimization (Rafailov et al., 2023).
+
+    Attributes:
+      reference: precomputed (reference log-probs computed once over the data), model (a frozen
+        reference forward pass per batch) or none (reference-free).
+      chunk_size: token rows per chunk of the log-prob computation.
+      win_rate_prompts: held-out prompts sampled for the oracle win-rate (built-in task).
+      out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, policy/).
+    """
+
+    reference: str = "precomputed"
+    chunk_size: int = 1024
+    win_rate_prompts: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"win_rate_prompts": ">= 1"})
+        self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
+
+    def dpo_config(self) -> updates.DPOConfig:
+        """The update's :class:`rljax.updates.DPOConfig`."""
+        return super().dpo_config(reference=self.reference, chunk_size=self.chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1739,9 +1754,10 @@ class SFTRunConfig:
       model: a Hugging Face checkpoint folder; none = the built-in arithmetic task's base model
         (rljax.tasks.arithmetic, warmed up on demonstrations with format noise).
       data: demonstrations (JSONL, JSON, parquet or a saved datasets folder) in one of TRL's SFT
-        formats: text, prompt/completion (plain or conversational), or messages (the last
-        message is the assistant's reply that is trained on); none = the built-in task's clean
-        demonstrations.
+        formats: text, prompt/completion (plain or conversational), or messages (a whole
+        conversation, rendered with the chat template, ending with an assistant reply: every
+        assistant turn is trained on, the other turns are context); none = the built-in
+        task's clean demonstrations.
       eval_data: held-out demonstrations; none = the built-in held-out split, or 10% of --data.
       mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
       out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, model/).
@@ -1754,8 +1770,9 @@ class SFTRunConfig:
       packing: pack several demonstrations per row (rljax.data.pack, segment ids: no compute
         on padding; the loss is the unpacked one).
       packing_strategy: bfd (best-fit decreasing) or greedy (in order).
-      completion_only_loss: train on the completion tokens only (prompt/completion data);
-        off = on the whole sequence. Text rows always train on every token.
+      completion_only_loss: train on the completion tokens only (prompt/completion data), or
+        the assistant turns only (messages data); off = on the whole sequence. Text rows
+        always train on every token.
       overflow: truncate or drop demonstrations longer than max_length (counted and reported).
       skip_invalid: skip and count invalid rows instead of failing on the first.
       train_examples: built-in demonstrations to train on.
@@ -1816,40 +1833,18 @@ def _sft_format(row: Any, where: str) -> str:
     )
 
 
-def _messages_to_completion(rows: Sequence[dict], numbering: data.RowNumbers) -> list[dict]:
-    """Conversational ``messages`` rows as prompt (every message but the last) and completion
-    (the last, the assistant's reply). Earlier assistant turns are context, not trained on:
-    TRL's ``assistant_only_loss`` over every turn needs the chat template's generation markers,
-    which a template need not have."""
-    out = []
-    for i, row in enumerate(rows):
-        messages = row["messages"]
-        where = f"row {numbering.label(i)}"
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise ValueError(f"{where}: field 'messages' needs at least two messages")
-        last = messages[-1]
-        if not isinstance(last, dict) or last.get("role") != "assistant":
-            raise ValueError(
-                f"{where}: the last message must be the assistant's reply (the trained span); "
-                f"got role {last.get('role') if isinstance(last, dict) else last!r}. Multi-turn "
-                "rows train on the final reply only; split them into one row per reply"
-            )
-        out.append({"prompt": messages[:-1], "completion": [last]})
-    return out
-
-
 def _text_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report: dict):
     """Token ids (EOS appended) of plain ``text`` rows, all tokens counted; cut or dropped at
     ``max_length`` (counted in ``report``)."""
     eos = tokenizer.eos_token_id
     sequences = []
     for i, row in enumerate(rows):
-        text = row["text"]
+        text = row.get("text") if isinstance(row, dict) else None
         if not isinstance(text, str) or not text:
             if config.skip_invalid:
                 report["skipped"] = report.get("skipped", 0) + 1
                 continue
-            raise ValueError(f"row {numbering.label(i)}: field 'text' must be a non-empty string")
+            raise ValueError(f"{numbering.label(i)}: field 'text' must be a non-empty string")
         ids = list(tokenizer(text)["input_ids"])
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(int(eos))
@@ -1863,6 +1858,33 @@ def _text_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report: di
     return sequences, [np.ones(len(s), bool) for s in sequences]
 
 
+def _messages_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report: dict):
+    """Conversational ``messages`` rows (:func:`rljax.data.tokenize_conversations`): each
+    conversation rendered once with the chat template, every assistant turn counted (the
+    other turns and the template's headers not), or every token without
+    ``completion_only_loss``; cut or dropped at ``max_length``, counted in ``report``."""
+    valid, validation = data.validate_conversations(
+        rows, skip_invalid=config.skip_invalid, numbering=numbering
+    )
+    sequences, masks, tokenization = data.tokenize_conversations(
+        valid,
+        tokenizer,
+        max_length=config.max_length,
+        overflow=config.overflow,
+        numbering=numbering.take(validation.kept_rows),
+    )
+    if not config.completion_only_loss:
+        masks = [np.ones(len(s), bool) for s in sequences]
+    report.update(
+        examples=len(sequences),
+        skipped=dict(validation.skipped),
+        truncated=tokenization.truncated,
+        dropped=tokenization.dropped,
+        unknown_tokens=tokenization.unknown_tokens,
+    )
+    return sequences, masks, report
+
+
 def sft_sequences(rows, numbering, tokenizer, config: SFTRunConfig) -> tuple[list, list, dict]:
     """``(token ids, loss masks, report)`` of SFT rows in any of TRL's formats (the format of
     the first row; a row of another format fails validation)."""
@@ -1873,7 +1895,7 @@ def sft_sequences(rows, numbering, tokenizer, config: SFTRunConfig) -> tuple[lis
         report["examples"] = len(sequences)
         return sequences, losses, report
     if kind == "messages":
-        rows = _messages_to_completion(rows, numbering)
+        return _messages_sequences(rows, numbering, tokenizer, config, report)
     valid, validation = data.validate_completions(
         rows, skip_invalid=config.skip_invalid, numbering=numbering
     )

@@ -359,9 +359,10 @@ def test_sft_experiment_on_a_file(rows, tmp_path):
     assert np.isfinite(summary["eval"]["loss"]) and "greedy" not in summary
 
 
-def test_messages_must_end_with_the_assistant(tmp_path):
+def test_messages_need_an_assistant_reply(tmp_path):
+    """(Multi-turn rows, every assistant turn trained on: tests/test_sft_messages.py.)"""
     from rljax import data, experiment
 
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]
-    with pytest.raises(ValueError, match="row 0: the last message must be the assistant"):
+    with pytest.raises(ValueError, match="row 0: field 'messages' has no assistant message"):
         experiment.sft_sequences(rows, data.RowNumbers.of(1), None, experiment.SFTRunConfig())

@@ -7,6 +7,9 @@
   conversational formats, errors naming row and field, or skip-and-count;
 - :func:`tokenize_preferences` / :func:`tokenize_completions` / :func:`tokenize_prompts`:
   padded numpy arrays (the batch contract of :mod:`rljax.dpo` and :mod:`rljax.updates.lm`);
+- :func:`validate_conversations` / :func:`tokenize_conversations` / :func:`render_conversation`
+  (:mod:`rljax.data.chat`): TRL's conversational ``messages`` SFT rows rendered with the chat
+  template, every assistant turn trained on (assistant spans found from the template);
 - :func:`share_prompts`: the shared-prompt layout (each pair's prompt stored and run once);
 - :func:`pack` / :func:`pack_arrays`: several sequences per row with segment ids (no padding
   compute; supervised fine-tuning, :mod:`rljax.sft`), :class:`PackingReport`;
@@ -16,6 +19,11 @@ numpy only; ``pyarrow`` / ``datasets`` are imported when a parquet file / datase
 """
 
 from rljax.data.batching import Batches
+from rljax.data.chat import (
+    render_conversation,
+    tokenize_conversations,
+    validate_conversations,
+)
 from rljax.data.load import RowNumbers, load_numbered_rows, load_rows
 from rljax.data.packing import (
     PACKING_STRATEGIES,
@@ -58,10 +66,13 @@ __all__ = [
     "load_rows",
     "pack",
     "pack_arrays",
+    "render_conversation",
     "share_prompts",
     "tokenize_completions",
+    "tokenize_conversations",
     "tokenize_preferences",
     "tokenize_prompts",
     "validate_completions",
+    "validate_conversations",
     "validate_preferences",
 ]
