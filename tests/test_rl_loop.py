@@ -167,6 +167,7 @@ def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
     )  # nothing informative: 3 rounds, then the batch is filled with masked-out rows
     assert metrics["sampling/rounds"] == 3 and metrics["sampling/masked_groups"] == 2
     assert not valid.any() and not out["completion_mask"].any() and cursor == 6
+    assert out["tokens"].shape == (B, P + N) and scores.shape == valid.shape == (B,)
     batch, _ = rl.grpo.shape(out, scores, valid, c)
     assert not batch["completion_mask"].any() and not batch["advantages"].any()
 

@@ -27,6 +27,7 @@ EXPECTED = {
     "cispo": lambda c: c.grpo.loss_type == "cispo" and c.grpo.clip_eps_high is not None,
     "rloo": lambda c: c.estimator == "rloo",
     "reinforce_pp": lambda c: c.estimator == "reinforce_pp",
+    "online_dpo": lambda c: c.dpo_config().reference == "precomputed" and c.group_size >= 2,
 }
 
 

@@ -7,6 +7,8 @@
 * :mod:`rljax.rl.grpo`: the GRPO family on reward functions (verifiable rewards): collect
   (with DAPO dynamic sampling), shape (group advantages, overlong handling, truncated
   importance sampling), the GRPO-family update.
+* :mod:`rljax.rl.online_dpo`: online DPO on the same collect stage: each group's best and
+  worst completion by reward make a DPO pair.
 * :mod:`rljax.rl.rlhf`: PPO and TRPO with KL-penalised rewards from the built-in oracle or a
   reward model, with a value head, a separate critic or group baselines.
 
@@ -27,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from rljax import cli
-from rljax.rl import grpo, rlhf
+from rljax.rl import grpo, online_dpo, rlhf
 
 __all__ = ["ALGORITHMS", "Algorithm", "config", "train"]
 
@@ -115,6 +117,13 @@ ALGORITHMS: dict[str, Algorithm] = {
         {"estimator": "reinforce_pp"},
         grpo.run,
         "REINFORCE++: batch-normalised advantages (Hu, 2025)",
+    ),
+    "online_dpo": Algorithm(
+        online_dpo.OnlineDPORunConfig,
+        {},
+        online_dpo.run,
+        "Online DPO: best vs worst of the policy's samples ranked by the reward functions, one "
+        "DPO step per batch (Guo et al., 2024)",
     ),
 }
 

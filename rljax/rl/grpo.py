@@ -49,6 +49,7 @@ from rljax.updates import lm
 __all__ = [
     "GRPORunConfig",
     "Prompts",
+    "SampledRunConfig",
     "collect",
     "evaluate",
     "load_prompts",
@@ -64,8 +65,9 @@ SAMPLES_LOGGED = 8  # greedy held-out completions logged at each evaluation (out
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPORunConfig:
-    """GRPO-family RL with reward functions (the loss settings are GRPOConfig's).
+class SampledRunConfig:
+    """Settings of an RL run that samples groups of completions from the policy and scores them
+    with reward functions (the GRPO family, online DPO).
 
     Attributes:
       model: the policy's Hugging Face checkpoint folder (also the reference); none = the
@@ -83,21 +85,8 @@ class GRPORunConfig:
       iterations: sample + update iterations.
       batch_size: prompts per update (rows = batch_size * group_size).
       group_size: completions sampled per prompt (TRL's num_generations).
-      estimator: group advantages: grpo (group mean/std), grpo_batch_std, dr_grpo (mean
-        only), rloo (leave-one-out), reinforce_pp (batch-normalised) or
-        reinforce_pp_baseline.
-      dynamic_sampling: DAPO: leave out groups whose rewards are all equal and sample more
-        prompts until the batch is full (or max_sampling_rounds is reached; the rest of the
-        batch is then masked out and counted).
-      max_sampling_rounds: sampling rounds per iteration with dynamic_sampling.
-      overlong: completions that hit max_new_tokens without EOS: none (kept), mask (left out
-        of the loss, TRL's mask_truncated_completions) or soft (DAPO's soft overlong penalty
-        added to the reward).
-      overlong_buffer: soft penalty ramp length in tokens (DAPO's L_cache).
-      overlong_penalty: soft penalty at max_new_tokens (DAPO's penalty factor).
-      tis_cap: truncated importance sampling cap on exp(trainer - sampler log-probs) per token
-        (the sampler is the KV-cache decode, the trainer the full forward); none = off (the
-        mismatch is logged either way).
+      max_sampling_rounds: sampling rounds per iteration when groups are filtered (dynamic
+        sampling).
       max_prompt_length: prompt tokens kept (left-padded to this width); none = the built-in
         task's longest prompt, or 256.
       max_new_tokens: completion tokens sampled; none = the built-in task's longest answer,
@@ -117,7 +106,6 @@ class GRPORunConfig:
         is skipped: parameters unchanged); the error names the last good checkpoint.
       allow_config_change: resume a run folder whose stored settings differ from these (the
         summary records both); without it such a resume is refused, naming each change.
-      grpo: the update's settings.
     """
 
     model: str | None = None
@@ -129,13 +117,7 @@ class GRPORunConfig:
     iterations: int = 30
     batch_size: int = 16
     group_size: int = 8
-    estimator: str = "grpo"
-    dynamic_sampling: bool = False
     max_sampling_rounds: int = 3
-    overlong: str = "none"
-    overlong_buffer: int = 4
-    overlong_penalty: float = 1.0
-    tis_cap: float | None = None
     max_prompt_length: int | None = None
     max_new_tokens: int | None = None
     temperature: float = 1.0
@@ -149,14 +131,8 @@ class GRPORunConfig:
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
     max_nonfinite_updates: int = 3
     allow_config_change: bool = False
-    grpo: updates.GRPOConfig = dataclasses.field(
-        default_factory=lambda: updates.GRPOConfig(loss_type="dapo", num_minibatches=2)
-    )
 
     def __post_init__(self):
-        def fail(field, problem):
-            raise ValueError(f"--{field.replace('_', '-')}: {problem}")
-
         positive = (
             "iterations",
             "batch_size",
@@ -168,45 +144,27 @@ class GRPORunConfig:
         )
         for field in positive:
             if getattr(self, field) < 1:
-                fail(field, f"must be >= 1, got {getattr(self, field)}")
+                _fail(field, f"must be >= 1, got {getattr(self, field)}")
         checks.check(self, {"seed": ">= 0"})  # numpy's generators take no negative seed
         runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
         if self.group_size < 2:
-            fail(
+            _fail(
                 "group_size",
                 f"group advantages need >= 2 samples per prompt, got {self.group_size}",
             )
         if self.eval_every < 0:
-            fail("eval_every", f"must be >= 0, got {self.eval_every}")
-        if self.estimator not in ESTIMATORS:
-            fail("estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.overlong not in OVERLONG:
-            fail("overlong", f"must be one of {OVERLONG}, got {self.overlong!r}")
-        if self.overlong == "soft":
-            if self.overlong_buffer < 1:
-                fail("overlong_buffer", f"must be >= 1, got {self.overlong_buffer}")
-            if self.overlong_penalty < 0:
-                fail("overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
+            _fail("eval_every", f"must be >= 0, got {self.eval_every}")
         if self.on_reward_error not in ("raise", "mask"):
-            fail("on_reward_error", f"must be raise or mask, got {self.on_reward_error!r}")
-        if self.tis_cap is not None and not self.tis_cap > 0:
-            fail("tis_cap", f"must be > 0 or none, got {self.tis_cap}")
+            _fail("on_reward_error", f"must be raise or mask, got {self.on_reward_error!r}")
         for field in ("max_new_tokens", "max_prompt_length"):
             if getattr(self, field) is not None and getattr(self, field) < 1:
-                fail(field, f"must be >= 1 or none, got {getattr(self, field)}")
+                _fail(field, f"must be >= 1 or none, got {getattr(self, field)}")
         if not self.temperature > 0:
-            fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
+            _fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
         if not self.learning_rate > 0:
-            fail("learning_rate", f"must be > 0, got {self.learning_rate}")
+            _fail("learning_rate", f"must be > 0, got {self.learning_rate}")
         if self.data is not None and not self.reward:
-            fail("reward", "a data set of your own needs --reward MODULE:FUNCTION")
-        rows = self.batch_size * self.group_size
-        if rows % self.grpo.num_minibatches:
-            fail(
-                "num_minibatches",
-                f"{self.grpo.num_minibatches} must divide the batch's {rows} rows "
-                f"(--batch-size {self.batch_size} x --group-size {self.group_size})",
-            )
+            _fail("reward", "a data set of your own needs --reward MODULE:FUNCTION")
 
     @property
     def rows(self) -> int:
@@ -223,6 +181,64 @@ class GRPORunConfig:
         if self.max_new_tokens is not None:
             return self.max_new_tokens
         return arithmetic.MAX_COMPLETION_TOKENS if self.data is None else 64
+
+
+def _fail(field: str, problem: str):
+    raise ValueError(f"--{field.replace('_', '-')}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPORunConfig(SampledRunConfig):
+    """GRPO-family RL with reward functions (the loss settings are GRPOConfig's).
+
+    Attributes:
+      estimator: group advantages: grpo (group mean/std), grpo_batch_std, dr_grpo (mean
+        only), rloo (leave-one-out), reinforce_pp (batch-normalised) or
+        reinforce_pp_baseline.
+      dynamic_sampling: DAPO: leave out groups whose rewards are all equal and sample more
+        prompts until the batch is full (or max_sampling_rounds is reached; the rest of the
+        batch is then masked out and counted).
+      overlong: completions that hit max_new_tokens without EOS: none (kept), mask (left out
+        of the loss, TRL's mask_truncated_completions) or soft (DAPO's soft overlong penalty
+        added to the reward).
+      overlong_buffer: soft penalty ramp length in tokens (DAPO's L_cache).
+      overlong_penalty: soft penalty at max_new_tokens (DAPO's penalty factor).
+      tis_cap: truncated importance sampling cap on exp(trainer - sampler log-probs) per token
+        (the sampler is the KV-cache decode, the trainer the full forward); none = off (the
+        mismatch is logged either way).
+      grpo: the update's settings.
+    """
+
+    estimator: str = "grpo"
+    dynamic_sampling: bool = False
+    overlong: str = "none"
+    overlong_buffer: int = 4
+    overlong_penalty: float = 1.0
+    tis_cap: float | None = None
+    grpo: updates.GRPOConfig = dataclasses.field(
+        default_factory=lambda: updates.GRPOConfig(loss_type="dapo", num_minibatches=2)
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.estimator not in ESTIMATORS:
+            _fail("estimator", f"must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.overlong not in OVERLONG:
+            _fail("overlong", f"must be one of {OVERLONG}, got {self.overlong!r}")
+        if self.overlong == "soft":
+            if self.overlong_buffer < 1:
+                _fail("overlong_buffer", f"must be >= 1, got {self.overlong_buffer}")
+            if self.overlong_penalty < 0:
+                _fail("overlong_penalty", f"must be >= 0, got {self.overlong_penalty}")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            _fail("tis_cap", f"must be > 0 or none, got {self.tis_cap}")
+        rows = self.batch_size * self.group_size
+        if rows % self.grpo.num_minibatches:
+            _fail(
+                "num_minibatches",
+                f"{self.grpo.num_minibatches} must divide the batch's {rows} rows "
+                f"(--batch-size {self.batch_size} x --group-size {self.group_size})",
+            )
 
 
 # ---------------------------------------------------------------------------- data and rewards
@@ -324,14 +340,15 @@ def reward_set(config: GRPORunConfig) -> rewards.RewardSet:
 # ---------------------------------------------------------------------------- stages
 
 
-def _fill_masked(rollout, scores, valid, rows: int):
+def _fill_masked(rollout, scores, valid, rows: int, sampled):
     """``rollout``, ``scores`` and ``valid`` with ``rows`` masked-out rows appended (the first
-    row's prompt, no completion, score 0, not valid)."""
+    sampled row's tokens, from ``sampled``, the last round's rollout, as ``rollout`` may have
+    no rows; no completion, score 0, not valid)."""
     fill = {
         name: np.zeros((rows, *value.shape[1:]), value.dtype) for name, value in rollout.items()
     }
-    fill["tokens"] = np.repeat(rollout["tokens"][:1], rows, axis=0)
-    fill["mask"] = np.repeat(rollout["mask"][:1], rows, axis=0)
+    fill["tokens"] = np.repeat(sampled["tokens"][:1], rows, axis=0)
+    fill["mask"] = np.repeat(sampled["mask"][:1], rows, axis=0)
     rollout = {name: np.concatenate([rollout[name], fill[name]]) for name in rollout}
     scores = np.concatenate([scores, np.zeros(rows, np.float32)])
     valid = np.concatenate([valid, np.zeros(rows, bool)])
@@ -410,7 +427,7 @@ def collect(
     valid = np.concatenate(kept_valid)
     missing = want - have
     if missing:  # dynamic sampling ran out of rounds: masked rows fill the fixed shape
-        rollout, scores, valid = _fill_masked(rollout, scores, valid, missing * k)
+        rollout, scores, valid = _fill_masked(rollout, scores, valid, missing * k, out)
     metrics = _mean_over_rounds(reward_metrics)
     metrics.update(
         {
@@ -612,7 +629,8 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
         ),
     )
     policy = lm.merge(graphdef, jax.device_get(result.state.params["policy"]))
-    summary = _summary(config, started.model_path, source, reward, result.history)
+    algorithm = f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)"
+    summary = _summary(config, started.model_path, source, reward, result.history, algorithm)
     return finish(
         config, started, result, policy, devices=mesh.size, summary=summary,
         plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
@@ -621,12 +639,14 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _summary(config: GRPORunConfig, model_path: str, source: str, reward, history) -> dict:
+def _summary(
+    config: SampledRunConfig, model_path: str, source: str, reward, history, algorithm: str
+) -> dict:
     """The run's ``summary.json``: settings and the first and last held-out evaluations."""
     evals = [r for r in history if "eval/kl" in r]
     before, after = evals[0], evals[-1]
     return {
-        "algorithm": f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)",
+        "algorithm": algorithm,
         "model": model_path,
         "data": source,
         "rewards": dict(zip(reward.names, map(float, reward.weights), strict=True)),
