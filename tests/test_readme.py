@@ -111,6 +111,37 @@ def test_quick_start_2_dpo_on_your_data_and_model(tmp_path, monkeypatch):
     assert (out / "policy" / "config.json").exists() and (out / "training.png").exists()
 
 
+PIPELINE_SHRINK = {  # flags appended to each stage only to shrink it (argparse keeps the last)
+    "experiments/sft.py": "--steps 2 --batch-size 4 --train-examples 16 --eval-examples 8 "
+    "--eval-every 0 --log-every 1",
+    "experiments/online_dpo.py": "--iterations 1 --batch-size 2 --group-size 2 "
+    "--eval-prompts 4 --max-new-tokens 12 --log-every 1 --compilation-cache none",
+    "experiments/grpo.py": "--iterations 1 --batch-size 2 --group-size 2 --eval-prompts 4 "
+    "--max-new-tokens 12 --num-minibatches 1 --log-every 1 --compilation-cache none",
+}
+
+
+def test_quick_start_4_the_pipeline_chains_its_stages(tmp_path, monkeypatch):
+    """The README's SFT -> online DPO -> GRPO commands, each stage reading the folder the
+    previous one wrote (shrunk by PIPELINE_SHRINK)."""
+    lines = [line for line in readme_block("pipeline-quickstart").splitlines() if line.strip()]
+    assert [shlex.split(line)[1] for line in lines] == list(PIPELINE_SHRINK)
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        argv = command_argv(line)
+        monkeypatch.setattr(sys, "argv", [argv[1], *argv[2:], *PIPELINE_SHRINK[argv[1]].split()])
+        runpy.run_path(str(ROOT / argv[1]), run_name="__main__")
+        out = tmp_path / argv[argv.index("--out") + 1]
+        assert json.loads((out / "summary.json").read_text())["model"], out
+    summaries = [
+        json.loads((tmp_path / "runs" / "pipeline" / stage / "summary.json").read_text())
+        for stage in ("online_dpo", "grpo")
+    ]
+    assert summaries[0]["model"] == "runs/pipeline/sft/model"
+    assert summaries[1]["model"] == "runs/pipeline/online_dpo/policy"
+    assert (tmp_path / "runs" / "pipeline" / "grpo" / "policy" / "config.json").exists()
+
+
 def slug(heading: str) -> str:
     """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
