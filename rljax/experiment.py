@@ -126,79 +126,78 @@ EXAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
-class PreferenceRunConfig:
-    """Settings shared by the preference experiments.
+class TrainRunConfig(runs.RunSettings):
+    """Settings shared by the offline training runs (preference pairs, demonstrations).
 
     Attributes:
-      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2, qwen3); none = the built-in
-        task's tiny base model (warmed up once and cached under runs/builtin).
-      data: preference pairs (JSONL, JSON, parquet or a saved datasets folder, TRL's standard or
-        conversational format); none = the built-in task's generated pairs.
-      eval_data: held-out pairs; none = the built-in test split, or 10% of --data.
-      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
+      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2, qwen3); none =
+        the built-in task's tiny base model (warmed up once and cached under runs/builtin).
+      data: the training examples (JSONL, JSON, parquet or a saved datasets folder) in one of
+        TRL's formats; none = the built-in task's.
+      eval_data: held-out examples; none = the built-in test split, or 10% of --data.
       out: output folder (checkpoints, metrics.jsonl, summary.json, plots, the final model).
-      seed: data order and sampling seed.
       steps: optimizer steps.
-      batch_size: pairs per step.
+      batch_size: examples per step.
       learning_rate: AdamW peak learning rate (linear warm-up over 10% of the steps).
       max_length: tokens per sequence (prompt + completion).
-      max_prompt_length: prompt tokens kept (its end).
-      overflow: truncate or drop pairs longer than max_length.
+      overflow: truncate or drop examples longer than max_length (counted and reported).
       skip_invalid: skip and count invalid rows instead of failing on the first.
-      train_pairs: generated training pairs (built-in task only).
-      eval_pairs: generated held-out pairs (built-in task only).
       log_every: steps between progress lines.
       eval_every: steps between held-out evaluations (0 = only at the end).
-      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
-        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
-        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       checkpoint_every: steps between checkpoints (the last step is always saved).
-      share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
-        fewer FLOPs: both completions attend to one prompt key/value cache).
-      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf in
-        the loss, gradients or new parameters (each is skipped, parameters unchanged).
-      allow_config_change: resume even though the settings differ from those stored in
-        out/config.json (summary.json then records both); without it such a resume is refused.
     """
 
     model: str | None = None
     data: str | None = None
     eval_data: str | None = None
-    mesh: str = ""
     out: str = "runs/dpo"
-    seed: int = 0
     steps: int = 300
     batch_size: int = 32
     learning_rate: float = 1e-3
     max_length: int = 32
-    max_prompt_length: int = 16
     overflow: str = "truncate"
     skip_invalid: bool = False
-    train_pairs: int = 4096
-    eval_pairs: int = 512
     log_every: int = 25
     eval_every: int = 100
-    log: str = "jsonl"
     checkpoint_every: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceRunConfig(TrainRunConfig):
+    """Settings shared by the preference experiments.
+
+    Attributes:
+      data: preference pairs (JSONL, JSON, parquet or a saved datasets folder, TRL's standard or
+        conversational format); none = the built-in task's generated pairs.
+      eval_data: held-out pairs; none = the built-in test split, or 10% of --data.
+      batch_size: pairs per step.
+      max_prompt_length: prompt tokens kept (its end).
+      overflow: truncate or drop pairs longer than max_length.
+      train_pairs: generated training pairs (built-in task only).
+      eval_pairs: generated held-out pairs (built-in task only).
+      share_prompt: run each pair's prompt once (rljax.data.share_prompts; same losses,
+        fewer FLOPs: both completions attend to one prompt key/value cache).
+    """
+
+    max_prompt_length: int = 16
+    train_pairs: int = 4096
+    eval_pairs: int = 512
     share_prompt: bool = False
-    max_nonfinite_updates: int = 3
-    allow_config_change: bool = False
 
     def __post_init__(self):
         _check_run_settings(
             self, {"max_prompt_length": ">= 1", "train_pairs": ">= 1", "eval_pairs": ">= 1"}
         )
-        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
 
 
 def _check_run_settings(config, data_rules: Mapping[str, str]) -> None:
     """The checks a preference or SFT run's settings share (:func:`rljax.checks.check`, the
     first field out of range raises): the run's lengths and rates, ``data_rules`` (its data
     sizes) among them, and ``overflow``."""
+    runs.RunSettings.__post_init__(config)
     checks.check(
         config,
         {
-            "seed": ">= 0",
             "steps": ">= 1",
             "batch_size": ">= 1",
             "learning_rate": "> 0",
@@ -207,7 +206,6 @@ def _check_run_settings(config, data_rules: Mapping[str, str]) -> None:
             "log_every": ">= 1",
             "eval_every": ">= 0",
             "checkpoint_every": ">= 1",
-            "max_nonfinite_updates": ">= 1",
         },
     )
     checks.check_choice(config, "overflow", ("truncate", "drop"))
@@ -1056,15 +1054,10 @@ class KTORunConfig(PreferenceRunConfig):
             )
 
     def kto_config(self) -> updates.KTOConfig:
-        return updates.KTOConfig(
-            beta=self.beta,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-            loss_type=self.loss_type,
-            chunk_size=self.chunk_size,
-            reference=self.reference,
-            nll_alpha=self.nll_alpha,
-        )
+        """The update's :class:`rljax.updates.KTOConfig`: each of its fields is the flag of
+        the same name."""
+        fields = dataclasses.fields(updates.KTOConfig)
+        return updates.KTOConfig(**{f.name: getattr(self, f.name) for f in fields})
 
 
 KTO_KEYS = ("loss", "kl", "rewards/margins", "eval/rewards/margins")
@@ -1747,7 +1740,7 @@ def train_iterative_dpo(config: IterativeDPORunConfig) -> dict[str, Any]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTRunConfig:
+class SFTRunConfig(TrainRunConfig):
     """Supervised fine-tuning (TRL's SFTTrainer) on demonstrations, packed or padded.
 
     Attributes:
@@ -1758,13 +1751,8 @@ class SFTRunConfig:
         conversation, rendered with the chat template, ending with an assistant reply: every
         assistant turn is trained on, the other turns are context); none = the built-in
         task's clean demonstrations.
-      eval_data: held-out demonstrations; none = the built-in held-out split, or 10% of --data.
-      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
       out: output folder (checkpoints, metrics.jsonl, summary.json, training.png, model/).
-      seed: data order seed.
-      steps: optimizer steps.
       batch_size: rows per step (with --packing a row holds several demonstrations).
-      learning_rate: AdamW peak learning rate (linear warm-up over 10% of the steps).
       max_length: tokens per packed row, and per demonstration (longer ones are cut or
         dropped); without packing rows are padded to the longest demonstration.
       packing: pack several demonstrations per row (rljax.data.pack, segment ids: no compute
@@ -1773,48 +1761,27 @@ class SFTRunConfig:
       completion_only_loss: train on the completion tokens only (prompt/completion data), or
         the assistant turns only (messages data); off = on the whole sequence. Text rows
         always train on every token.
-      overflow: truncate or drop demonstrations longer than max_length (counted and reported).
-      skip_invalid: skip and count invalid rows instead of failing on the first.
       train_examples: built-in demonstrations to train on.
       eval_examples: built-in held-out demonstrations (and problems for the greedy accuracy).
-      log_every: steps between progress lines.
-      eval_every: steps between held-out evaluations (0 = only at the end).
-      log: metrics sinks, comma-separated: jsonl, tensorboard, wandb.
-      checkpoint_every: steps between checkpoints (the last step is always saved).
-      max_nonfinite_updates: stop after this many consecutive non-finite updates.
-      allow_config_change: resume even though the settings differ from out/config.json.
       sft: the update's settings (loss normalisation, metrics, chunking).
     """
 
-    model: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    mesh: str = ""
     out: str = "runs/sft"
-    seed: int = 0
     steps: int = 150
     batch_size: int = 16
-    learning_rate: float = 1e-3
     max_length: int = 256
+    eval_every: int = 50
+    checkpoint_every: int = 50
     packing: bool = True
     packing_strategy: str = "bfd"
     completion_only_loss: bool = True
-    overflow: str = "truncate"
-    skip_invalid: bool = False
     train_examples: int = 4096
     eval_examples: int = 256
-    log_every: int = 25
-    eval_every: int = 50
-    log: str = "jsonl"
-    checkpoint_every: int = 50
-    max_nonfinite_updates: int = 3
-    allow_config_change: bool = False
     sft: updates.SFTConfig = dataclasses.field(default_factory=updates.SFTConfig)
 
     def __post_init__(self):
         _check_run_settings(self, {"train_examples": ">= 1", "eval_examples": ">= 1"})
         checks.check_choice(self, "packing_strategy", data.PACKING_STRATEGIES)
-        runs.parse_sinks(self.log)
 
 
 def _sft_format(row: Any, where: str) -> str:
@@ -1875,6 +1842,13 @@ def _messages_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report
     )
     if not config.completion_only_loss:
         masks = [np.ones(len(s), bool) for s in sequences]
+    _count_examples(report, sequences, validation, tokenization)
+    return sequences, masks, report
+
+
+def _count_examples(report: dict, sequences: list, validation, tokenization) -> None:
+    """Add what validation skipped and tokenization cut, dropped or did not know to an SFT
+    data ``report``."""
     report.update(
         examples=len(sequences),
         skipped=dict(validation.skipped),
@@ -1882,7 +1856,6 @@ def _messages_sequences(rows, numbering, tokenizer, config: SFTRunConfig, report
         dropped=tokenization.dropped,
         unknown_tokens=tokenization.unknown_tokens,
     )
-    return sequences, masks, report
 
 
 def sft_sequences(rows, numbering, tokenizer, config: SFTRunConfig) -> tuple[list, list, dict]:
@@ -1910,13 +1883,7 @@ def sft_sequences(rows, numbering, tokenizer, config: SFTRunConfig) -> tuple[lis
     counted = arrays["loss_mask"] if config.completion_only_loss else arrays["mask"]
     sequences = [row[k] for row, k in zip(arrays["tokens"], keep, strict=True)]
     losses = [np.asarray(row, bool)[k] for row, k in zip(counted, keep, strict=True)]
-    report.update(
-        examples=len(sequences),
-        skipped=dict(validation.skipped),
-        truncated=tokenization.truncated,
-        dropped=tokenization.dropped,
-        unknown_tokens=tokenization.unknown_tokens,
-    )
+    _count_examples(report, sequences, validation, tokenization)
     return sequences, losses, report
 
 

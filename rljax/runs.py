@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from rljax import checks
+
 __all__ = [
     "DEFAULT_COMPILATION_CACHE",
     "SAFE_TO_CHANGE",
@@ -44,6 +46,7 @@ __all__ = [
     "RunFolder",
     "RunFolderBusyError",
     "RunLock",
+    "RunSettings",
     "config_changes",
     "config_record",
     "format_duration",
@@ -60,6 +63,38 @@ __all__ = [
 
 
 DEFAULT_COMPILATION_CACHE = "~/.cache/rljax/jax-compilation"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The settings every training run has beside its own (the preference, SFT and RL run
+    configurations subclass it): the device mesh, the seed, the metrics sinks, the
+    non-finite stop and the resume rule. Checked at construction.
+
+    Attributes:
+      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
+      seed: data order, sampling and initialisation seed.
+      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
+        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
+        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
+      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf in
+        the loss, gradients or new parameters (each is skipped, parameters unchanged); the
+        error names the last good checkpoint.
+      allow_config_change: resume even though the settings differ from those stored in
+        out/config.json (summary.json then records both); without it such a resume is
+        refused, naming each change.
+    """
+
+    mesh: str = ""
+    seed: int = 0
+    log: str = "jsonl"
+    max_nonfinite_updates: int = 3
+    allow_config_change: bool = False
+
+    def __post_init__(self):
+        # numpy's generators take no negative seed
+        checks.check(self, {"seed": ">= 0", "max_nonfinite_updates": ">= 1"})
+        parse_sinks(self.log)  # an unknown sink fails here, before the run
 
 
 def use_compilation_cache(folder: str | None) -> str | None:

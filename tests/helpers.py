@@ -44,6 +44,50 @@ def load_experiment(name):
     return load_script(f"experiments/{name}.py")
 
 
+def run_preference_script(name, tmp_path, model, *extra, steps=4):
+    """Run ``experiments/<name>.py`` at CI size on the base model folder ``model`` (the
+    built-in sorting task: 32 training pairs, batches of 8, 4 win-rate prompts); check the
+    files every preference run writes and the oracle summary, and return ``(summary,
+    per-step metric rows)`` with one row for each of the ``steps`` steps."""
+    import json
+
+    from rljax import cli
+
+    script = load_experiment(name)
+    out = tmp_path / "run"
+    flags = [
+        "--model", str(model), *extra,
+        "--steps", str(steps), "--batch-size", "8", "--train-pairs", "32", "--eval-pairs", "8",
+        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
+        "--win-rate-prompts", "4", "--out", str(out),
+    ]  # fmt: skip
+    summary = script.main(cli.parse(script.Config, flags))
+    for file in ("metrics.jsonl", "summary.json", "training.png", "policy/config.json"):
+        assert (out / file).exists(), file
+    assert summary["oracle"]["prompts"] == 4 and 0.0 <= summary["oracle"]["win_rate"] <= 1.0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    return summary, rows
+
+
+def reward_module_that_dies(tmp_path, monkeypatch, score_expression):
+    """A reward-function spec (``MODULE:score``) whose function returns
+    ``score_expression`` (over ``c``, each completion) and raises once the returned path
+    exists: a test creates the file to kill a run mid-iteration."""
+    module = tmp_path / "dies.py"
+    module.write_text(
+        "import os\n"
+        "def score(prompts, completions, **columns):\n"
+        "    if os.path.exists(os.environ['RLJAX_TEST_DIE']):\n"
+        "        raise RuntimeError('killed')\n"
+        f"    return [{score_expression} for c in completions]\n"
+    )
+    die = tmp_path / "die"
+    monkeypatch.setenv("RLJAX_TEST_DIE", str(die))
+    return f"{module}:score", die
+
+
 # ---------------------------------------------------------------------------------------------
 # eager and jit, tolerances, hypothesis strategies
 # ---------------------------------------------------------------------------------------------

@@ -58,16 +58,14 @@ def _causal_lm(family, kv_heads, rope, **settings):
 
 # Qwen3: odd sizes, multi-query, head_dim 24 != hidden 48 / 3 heads (q/k/v/o follow head_dim).
 QWEN3_SHAPE = dict(
+    LLAMA_SHAPE,  # two layers, 64 positions, eager attention
     vocab_size=97,
     hidden_size=48,
     intermediate_size=80,
-    num_hidden_layers=2,
     num_attention_heads=3,
     num_key_value_heads=1,
     head_dim=24,
-    max_position_embeddings=64,
     rope_parameters=dict(rope_type="default", rope_theta=1e6),
-    attn_implementation="eager",
 )
 
 

@@ -9,7 +9,6 @@ in float64; the update uses ``optax.sgd(1.0)``, so its gradient is ``params - ne
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import jax
@@ -18,9 +17,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TINY, load_experiment, preference_batch, tiny_llama
+from helpers import TINY, preference_batch, run_preference_script, tiny_llama
 
-from rljax import cli, data, experiment
+from rljax import data, experiment
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer
 from rljax.tasks import sorting
@@ -185,21 +184,7 @@ def test_unpaired_rows_and_validation():
 def test_kto_experiment_ci_sized_run(tmp_path):
     model = tmp_path / "base"
     sorting.warmup_base_model(str(model), steps=20, seed=0, eval_prompts=0)
-    kto = load_experiment("kto")
-    flags = [
-        "--model", str(model),
-        "--steps", "4", "--batch-size", "8", "--train-pairs", "32", "--eval-pairs", "8",
-        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
-        "--win-rate-prompts", "4", "--out", str(tmp_path / "run"),
-    ]  # fmt: skip
-    summary = kto.main(cli.parse(kto.Config, flags))
-    out = tmp_path / "run"
-    for name in ("metrics.jsonl", "summary.json", "training.png", "policy/config.json"):
-        assert (out / name).exists(), name
-    assert summary["oracle"]["prompts"] == 4 and 0.0 <= summary["oracle"]["win_rate"] <= 1.0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    summary, steps = run_preference_script("kto", tmp_path, model)
     for row in steps:
         for key in ("loss", "kl", "rewards/margins", "grad_norm"):
             assert math.isfinite(row[key]), (key, row)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import reward_module_that_dies
 
 from rljax import rewards, rl
 from rljax.models.generate import SamplingConfig
@@ -93,18 +94,9 @@ def test_run_config_errors_name_the_flag():
 
 
 def test_a_killed_run_resumes_with_its_refreshed_reference(tmp_path, monkeypatch):
-    module = tmp_path / "judge.py"
-    module.write_text(
-        "import os\n"
-        "def score(prompts, completions, **columns):\n"
-        "    if os.path.exists(os.environ['RLJAX_TEST_DIE']):\n"
-        "        raise RuntimeError('killed')\n"
-        "    return [float(sum(map(ord, c)) % 7) for c in completions]\n"
-    )
-    die = tmp_path / "die"
-    monkeypatch.setenv("RLJAX_TEST_DIE", str(die))
+    spec, die = reward_module_that_dies(tmp_path, monkeypatch, "float(sum(map(ord, c)) % 7)")
     settings = rl.online_dpo.OnlineDPORunConfig(
-        reward=(f"{module}:score",), out=str(tmp_path / "run"), iterations=4, batch_size=2,
+        reward=(spec,), out=str(tmp_path / "run"), iterations=4, batch_size=2,
         group_size=4, eval_prompts=4, max_new_tokens=8, log_every=1, eval_every=0,
         checkpoint_every=1, ref_update_every=2, compilation_cache=None, temperature=4.0,
     )  # fmt: skip

@@ -9,7 +9,6 @@ uses ``optax.sgd(1.0)``, so its gradient is ``params - new_params``."""
 from __future__ import annotations
 
 import functools
-import json
 import math
 
 import jax
@@ -18,9 +17,15 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import TINY, count_traces, load_experiment, preference_batch, tiny_llama
+from helpers import (
+    TINY,
+    count_traces,
+    preference_batch,
+    run_preference_script,
+    tiny_llama,
+)
 
-from rljax import cli, experiment
+from rljax import experiment
 from rljax.data import share_prompts
 from rljax.logprobs import token_logprobs
 from rljax.models.transformer import Transformer
@@ -176,21 +181,7 @@ def test_run_config_reads_only_what_the_method_uses():
 def test_experiment_ci_sized_run(tmp_path):
     model = tmp_path / "base"
     sorting.warmup_base_model(str(model), steps=20, seed=0, eval_prompts=0)
-    script = load_experiment("orpo")
-    flags = [
-        "--model", str(model), "--method", "cpo",
-        "--steps", "3", "--batch-size", "8", "--train-pairs", "32", "--eval-pairs", "8",
-        "--log-every", "1", "--eval-every", "2", "--checkpoint-every", "2",
-        "--win-rate-prompts", "4", "--out", str(tmp_path / "run"),
-    ]  # fmt: skip
-    summary = script.main(cli.parse(script.Config, flags))
-    out = tmp_path / "run"
-    for name in ("metrics.jsonl", "summary.json", "training.png", "policy/config.json"):
-        assert (out / name).exists(), name
-    assert summary["oracle"]["prompts"] == 4 and 0.0 <= summary["oracle"]["win_rate"] <= 1.0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
+    summary, steps = run_preference_script("orpo", tmp_path, model, "--method", "cpo", steps=3)
     for row in steps:
         for key in ("loss", "nll_loss", "rewards/margins", "grad_norm"):
             assert math.isfinite(row[key]), (key, row)

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import reward_module_that_dies
 
 from rljax import advantages, rewards, rl, rlhf, updates
 from rljax.models.transformer import Transformer, TransformerConfig
@@ -326,18 +327,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
     """The first run dies in iteration 3 (its reward function raises once the test says so);
     the same command resumes from the iteration-2 checkpoint and finishes, with one log line
     per step."""
-    module = tmp_path / "flaky.py"
-    module.write_text(
-        "import os\n"
-        "def score(prompts, completions, **columns):\n"
-        "    if os.path.exists(os.environ['RLJAX_TEST_DIE']):\n"
-        "        raise RuntimeError('killed')\n"
-        "    return [float(len(c) % 3) for c in completions]\n"
-    )
-    die = tmp_path / "die"
-    monkeypatch.setenv("RLJAX_TEST_DIE", str(die))
+    spec, die = reward_module_that_dies(tmp_path, monkeypatch, "float(len(c) % 3)")
     settings = rl.grpo.GRPORunConfig(
-        reward=(f"{module}:score",), out=str(tmp_path / "run"), iterations=3, batch_size=2,
+        reward=(spec,), out=str(tmp_path / "run"), iterations=3, batch_size=2,
         group_size=4, eval_prompts=4, max_new_tokens=8, log_every=1, eval_every=0,
         checkpoint_every=1, mesh="data=2,fsdp=2,tensor=2", compilation_cache=None,
         grpo=updates.GRPOConfig(num_minibatches=1), log="jsonl,tensorboard",

@@ -40,7 +40,13 @@ from typing import Any
 import numpy as np
 
 from rljax.data.load import RowNumbers, _note_first
-from rljax.data.preference import ValidationReport, _check_messages, _numbering, _RowError
+from rljax.data.preference import (
+    ValidationReport,
+    _check_messages,
+    _numbering,
+    _RowError,
+    _validate_each,
+)
 from rljax.data.tokenize import (
     _FIRST_ROWS,
     Overflow,
@@ -50,6 +56,7 @@ from rljax.data.tokenize import (
     _cut,
     _encode,
     _eos_id,
+    _fits,
     _unknown,
 )
 
@@ -115,25 +122,12 @@ def validate_conversations(
 
     Returns ``(valid_rows, report)``.
     """
-    numbering = _numbering(rows, numbering)
-    report = ValidationReport(total=len(rows), numbering=numbering)
-    valid = []
-    for row, example in enumerate(rows):
-        try:
-            _check_conversation(row, example)
-        except _RowError as error:
-            message = f"{numbering.label(row)}: {error.detail}"
-            if not skip_invalid:
-                raise ValueError(
-                    f"{message} (pass skip_invalid=True, --skip-invalid in the scripts, to skip "
-                    "and count such rows)"
-                ) from None
-            report._skip(numbering.numbers[row], error.reason, message)
-            continue
-        valid.append(example)
-        report.kept_rows.append(row)
-    report.kept = len(valid)
-    return valid, report
+
+    def check(row: int, example: Any) -> Any:
+        _check_conversation(row, example)
+        return example
+
+    return _validate_each(rows, check, skip_invalid=skip_invalid, numbering=numbering)
 
 
 def _render(where: str, tokenizer, messages: list, k: int, generation_prompt: bool) -> str:
@@ -288,16 +282,8 @@ def tokenize_conversations(
         prompt = _cut(prompt, max_length - 1, "keep_end")
         budget = max_length - len(prompt)
         completion_cut = len(rest) > budget
-        report.prompt_truncated += prompt_cut
-        report.completion_truncated += completion_cut
-        if prompt_cut or completion_cut:
-            if overflow == "drop":
-                report.dropped += 1
-                _note_first(report.dropped_rows, number, _FIRST_ROWS)
-                continue
-            report.truncated += 1
-            _note_first(report.truncated_rows, number, _FIRST_ROWS)
-        report.kept_rows.append(row)
+        if not _fits(report, row, number, prompt_cut, completion_cut, overflow):
+            continue
         sequences.append(np.asarray(prompt + rest[:budget], np.int32))
         masks.append(np.asarray([False] * len(prompt) + rest_mask[:budget], bool))
     report.kept = len(sequences)

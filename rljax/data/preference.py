@@ -249,18 +249,31 @@ def _validate(
     skip_invalid: bool,
     numbering: RowNumbers | None,
 ) -> tuple[list[dict], ValidationReport]:
+    def check(row: int, example: Any) -> Any:
+        if pair and isinstance(example, dict) and "prompt" not in example:
+            example = _split_implicit_prompt(row, example)
+        _check_fields(row, example, fields)
+        if pair and example["chosen"] == example["rejected"]:
+            raise _RowError(
+                row, "identical_completions", "fields 'chosen' and 'rejected' are identical"
+            )
+        return example
+
+    return _validate_each(rows, check, skip_invalid=skip_invalid, numbering=numbering)
+
+
+def _validate_each(
+    rows: Sequence[Any], check, *, skip_invalid: bool, numbering: RowNumbers | None
+) -> tuple[list[Any], ValidationReport]:
+    """The rows ``check(row_index, example)`` accepts (it returns the example, possibly
+    normalised, or raises :class:`_RowError`), and the report: the first rejected row raises
+    ``ValueError`` naming it, or with ``skip_invalid`` every rejected row is counted."""
     numbering = _numbering(rows, numbering)
     report = ValidationReport(total=len(rows), numbering=numbering)
     valid = []
     for row, example in enumerate(rows):
         try:
-            if pair and isinstance(example, dict) and "prompt" not in example:
-                example = _split_implicit_prompt(row, example)
-            _check_fields(row, example, fields)
-            if pair and example["chosen"] == example["rejected"]:
-                raise _RowError(
-                    row, "identical_completions", "fields 'chosen' and 'rejected' are identical"
-                )
+            example = check(row, example)
         except _RowError as error:
             message = f"{numbering.label(row)}: {error.detail}"
             if not skip_invalid:

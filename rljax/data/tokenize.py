@@ -260,6 +260,23 @@ def _pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int, *, left: 
     return tokens, mask
 
 
+def _fits(report, row: int, number: int, prompt_cut: bool, completion_cut: bool, overflow) -> bool:
+    """Count a row whose prompt or completion did not fit (truncated, or dropped with
+    ``overflow="drop"``) in ``report``; False when the row is dropped. A kept row's index
+    goes into ``report.kept_rows``."""
+    report.prompt_truncated += prompt_cut
+    report.completion_truncated += completion_cut
+    if prompt_cut or completion_cut:
+        if overflow == "drop":
+            report.dropped += 1
+            _note_first(report.dropped_rows, number, _FIRST_ROWS)
+            return False
+        report.truncated += 1
+        _note_first(report.truncated_rows, number, _FIRST_ROWS)
+    report.kept_rows.append(row)
+    return True
+
+
 def _tokenize_rows(
     rows: Sequence[dict],
     tokenizer,
@@ -304,16 +321,8 @@ def _tokenize_rows(
                 ids = [*ids, eos_id]
             completion_cut |= len(ids) > budget
             completion_ids[field] = ids[:budget]
-        report.prompt_truncated += prompt_cut
-        report.completion_truncated += completion_cut
-        if prompt_cut or completion_cut:
-            if overflow == "drop":
-                report.dropped += 1
-                _note_first(report.dropped_rows, number, _FIRST_ROWS)
-                continue
-            report.truncated += 1
-            _note_first(report.truncated_rows, number, _FIRST_ROWS)
-        report.kept_rows.append(row)
+        if not _fits(report, row, number, prompt_cut, completion_cut, overflow):
+            continue
         prompts.append(prompt_ids)
         for field, ids in completion_ids.items():
             completions[field].append(ids)

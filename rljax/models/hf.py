@@ -219,16 +219,20 @@ def _to_hf(arrays: Sequence[np.ndarray], entries: Sequence[TensorMap], sizes) ->
     return np.ascontiguousarray(x.reshape(_hf_shape(groups, sizes)))
 
 
+# The letters of the weight-shape specs and the TransformerConfig fields they stand for.
+_SIZE_FIELDS = {
+    "V": "vocab_size",
+    "P": "max_position_embeddings",
+    "D": "hidden_size",
+    "N": "num_heads",
+    "K": "kv_heads",
+    "H": "dim_per_head",
+    "F": "mlp_size",
+}
+
+
 def _sizes(config: TransformerConfig) -> dict[str, int]:
-    return dict(
-        V=config.vocab_size,
-        P=config.max_position_embeddings,
-        D=config.hidden_size,
-        N=config.num_heads,
-        K=config.kv_heads,
-        H=config.dim_per_head,
-        F=config.mlp_size,
-    )
+    return {letter: getattr(config, field) for letter, field in _SIZE_FIELDS.items()}
 
 
 # ---------------------------------------------------------------------------- config.json

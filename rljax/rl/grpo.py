@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rljax import advantages, checks, data, experiment, rewards, runs, sharding, updates
+from rljax import advantages, data, experiment, rewards, runs, sharding, updates
 from rljax.models import hf
 from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import (
@@ -49,14 +49,17 @@ from rljax.updates import lm
 __all__ = [
     "GRPORunConfig",
     "Prompts",
+    "SampledRun",
     "SampledRunConfig",
     "collect",
     "evaluate",
+    "finish_sampled_run",
     "load_prompts",
     "make_rollout_fn",
     "reward_set",
     "run",
     "shape",
+    "start_sampled_run",
 ]
 
 ESTIMATORS = tuple(advantages.OUTCOME_ESTIMATORS)
@@ -65,7 +68,7 @@ SAMPLES_LOGGED = 8  # greedy held-out completions logged at each evaluation (out
 
 
 @dataclasses.dataclass(frozen=True)
-class SampledRunConfig:
+class SampledRunConfig(runs.RunSettings):
     """Settings of an RL run that samples groups of completions from the policy and scores them
     with reward functions (the GRPO family, online DPO).
 
@@ -96,16 +99,8 @@ class SampledRunConfig:
       eval_prompts: held-out prompts evaluated (greedy accuracy, sampled KL).
       eval_every: iterations between evaluations (0 = only before and after).
       log_every: iterations between progress lines.
-      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
-        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
-        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       checkpoint_every: iterations between checkpoints (the last is always saved).
-      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
       compilation_cache: folder of JAX's persistent compilation cache; none = off.
-      max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf (each
-        is skipped: parameters unchanged); the error names the last good checkpoint.
-      allow_config_change: resume a run folder whose stored settings differ from these (the
-        summary records both); without it such a resume is refused, naming each change.
     """
 
     model: str | None = None
@@ -113,7 +108,6 @@ class SampledRunConfig:
     reward: tuple[str, ...] = ()
     on_reward_error: str = "raise"
     out: str = "runs/grpo"
-    seed: int = 0
     iterations: int = 30
     batch_size: int = 16
     group_size: int = 8
@@ -125,14 +119,11 @@ class SampledRunConfig:
     eval_prompts: int = 256
     eval_every: int = 10
     log_every: int = 5
-    log: str = "jsonl"
     checkpoint_every: int = 10
-    mesh: str = ""
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
-    max_nonfinite_updates: int = 3
-    allow_config_change: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
         positive = (
             "iterations",
             "batch_size",
@@ -140,13 +131,10 @@ class SampledRunConfig:
             "eval_prompts",
             "log_every",
             "checkpoint_every",
-            "max_nonfinite_updates",
         )
         for field in positive:
             if getattr(self, field) < 1:
                 _fail(field, f"must be >= 1, got {getattr(self, field)}")
-        checks.check(self, {"seed": ">= 0"})  # numpy's generators take no negative seed
-        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
         if self.group_size < 2:
             _fail(
                 "group_size",
@@ -572,70 +560,123 @@ def _example_batch(config: GRPORunConfig, max_new: int) -> dict[str, np.ndarray]
     )
 
 
-@experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
-def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
-    """Train; writes ``out/metrics.jsonl``, ``out/summary.json`` (with
-    ``heldout_accuracy_before``/``_after`` and ``kl_to_reference``), ``out/training.png`` and
-    the final policy as a Hugging Face folder ``out/policy``; returns the summary."""
+class SampledRun(NamedTuple):
+    """What a sampled run (:func:`run`, :func:`rljax.rl.online_dpo.run`) starts from: the
+    started run folder, its prompts and reward functions, the split policy, the mesh, the
+    run's key and optimizer."""
+
+    started: Any
+    train: Prompts
+    held_out: Prompts
+    source: str
+    reward: rewards.RewardSet
+    graphdef: Any
+    params: Any
+    mesh: jax.sharding.Mesh
+    key: jax.Array
+    optimizer: optax.GradientTransformation
+
+
+def start_sampled_run(config: SampledRunConfig, label: str, what: str) -> SampledRun:
+    """Start (or resume) ``config``'s run: load the base model (the built-in task's when
+    ``--model`` is empty), the prompts and the reward functions; build the mesh and the
+    optimizer (Adam, global gradient norm clipped at 1)."""
     if jax.process_count() > 1:
-        raise ValueError("grpo.py runs in one process (any number of local devices via --mesh)")
+        raise ValueError(f"{what} runs in one process (any number of local devices via --mesh)")
     started = start_run(config, label, arithmetic.default_base_model)
-    tokenizer = started.tokenizer
-    max_new = config.completion_width
-    train, held_out, source = load_prompts(config, tokenizer)
-    reward = reward_set(config)
-
+    train, held_out, source = load_prompts(config, started.tokenizer)
     graphdef, params = nnx.split(hf.load_model(started.model_path))
-    params = jax.tree.map(np.array, jax.device_get(params))
-    mesh = experiment.build_mesh(config.mesh)
-    key = jax.random.key(config.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
-    update = updates.make_grpo_update(graphdef, optimizer, config.grpo)
-    init = updates.init_grpo_state(params, optimizer, jax.random.fold_in(key, 2**31))
-    state, step, batch_shardings = lm.compile_update(
-        update, init, _example_batch(config, max_new), mesh
+    return SampledRun(
+        started=started,
+        train=train,
+        held_out=held_out,
+        source=source,
+        reward=reward_set(config),
+        graphdef=graphdef,
+        params=jax.tree.map(np.array, jax.device_get(params)),
+        mesh=experiment.build_mesh(config.mesh),
+        key=jax.random.key(config.seed),
+        optimizer=optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate)),
     )
-    ref_params = sharding.shard_params(params, mesh)
-    sampling = sampling_config(tokenizer, max_new, config.temperature)
-    rollout_fn = make_rollout_fn(graphdef, sampling, chunk_size=config.grpo.chunk_size)
 
-    def held_out_eval(s):
-        return evaluate(
-            rollout_fn, s.params["policy"], ref_params, tokenizer, held_out, reward, config
-        )
 
-    def iterate(it, state, carry):
-        rollout, scores, valid, collected, cursor = collect(
-            rollout_fn, state.params["policy"], ref_params, train, carry["cursor"],
-            jax.random.fold_in(key, it), reward, tokenizer, config,
-        )  # fmt: skip
-        batch, shaped = shape(rollout, scores, valid, config)
-        state, metrics = step(state, jax.device_put(batch, batch_shardings))
-        return state, metrics, {**collected, **shaped}, {"cursor": cursor}
-
+def finish_sampled_run(
+    config: SampledRunConfig,
+    run: SampledRun,
+    *,
+    label: str,
+    state: Any,
+    iterate,
+    evaluate,
+    policy_params,
+    log_keys: Sequence[str],
+    plot_keys: Sequence[str],
+    describe: str,
+    algorithm: str,
+    title: str,
+) -> dict[str, Any]:
+    """Run the iteration loop from ``state`` (the prompt cursor in its carry), then write the
+    final policy (``policy_params(state)``), ``summary.json`` and the plot."""
     result = train_loop(
         config,
         label=label,
         state=state,
         carry={"cursor": 0},
         iterate=iterate,
-        evaluate=held_out_eval,
-        log_keys=("reward", "objective/kl", "eval/accuracy", "eval/kl"),
-        describe=(
-            f"{source}; {config.iterations} iterations x {config.rows} samples "
-            f"({config.batch_size} prompts x {config.group_size}), loss {config.grpo.loss_type}, "
-            f"advantages {config.estimator}, rewards {', '.join(reward.names)}, "
-            f"{mesh.size} device(s)"
-        ),
+        evaluate=evaluate,
+        log_keys=tuple(log_keys),
+        describe=f"{run.source}; {describe}, rewards {', '.join(run.reward.names)}, "
+        f"{run.mesh.size} device(s)",
     )
-    policy = lm.merge(graphdef, jax.device_get(result.state.params["policy"]))
-    algorithm = f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)"
-    summary = _summary(config, started.model_path, source, reward, result.history, algorithm)
+    policy = lm.merge(run.graphdef, jax.device_get(policy_params(result.state)))
+    summary = _summary(
+        config, run.started.model_path, run.source, run.reward, result.history, algorithm
+    )
     return finish(
-        config, started, result, policy, devices=mesh.size, summary=summary,
-        plot_keys=["reward", "objective/kl", "eval/accuracy", "eval/kl"],
+        config, run.started, result, policy, devices=run.mesh.size, summary=summary,
+        plot_keys=list(plot_keys), title=title, message=_message(summary),
+    )  # fmt: skip
+
+
+@experiment.in_run_folder(length_field="iterations")  # one run per --out; a resume keeps settings
+def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
+    """Train; writes ``out/metrics.jsonl``, ``out/summary.json`` (with
+    ``heldout_accuracy_before``/``_after`` and ``kl_to_reference``), ``out/training.png`` and
+    the final policy as a Hugging Face folder ``out/policy``; returns the summary."""
+    r = start_sampled_run(config, label, "grpo.py")
+    tokenizer, max_new = r.started.tokenizer, config.completion_width
+    update = updates.make_grpo_update(r.graphdef, r.optimizer, config.grpo)
+    init = updates.init_grpo_state(r.params, r.optimizer, jax.random.fold_in(r.key, 2**31))
+    state, step, batch_shardings = lm.compile_update(
+        update, init, _example_batch(config, max_new), r.mesh
+    )
+    ref_params = sharding.shard_params(r.params, r.mesh)
+    sampling = sampling_config(tokenizer, max_new, config.temperature)
+    rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.grpo.chunk_size)
+
+    def held_out_eval(s):
+        return evaluate(
+            rollout_fn, s.params["policy"], ref_params, tokenizer, r.held_out, r.reward, config
+        )
+
+    def iterate(it, state, carry):
+        rollout, scores, valid, collected, cursor = collect(
+            rollout_fn, state.params["policy"], ref_params, r.train, carry["cursor"],
+            jax.random.fold_in(r.key, it), r.reward, tokenizer, config,
+        )  # fmt: skip
+        batch, shaped = shape(rollout, scores, valid, config)
+        state, metrics = step(state, jax.device_put(batch, batch_shardings))
+        return state, metrics, {**collected, **shaped}, {"cursor": cursor}
+
+    keys = ("reward", "objective/kl", "eval/accuracy", "eval/kl")
+    return finish_sampled_run(
+        config, r, label=label, state=state, iterate=iterate, evaluate=held_out_eval,
+        policy_params=lambda s: s.params["policy"], log_keys=keys, plot_keys=keys,
+        describe=f"{config.iterations} iterations x {config.rows} samples "
+        f"({config.batch_size} prompts x {config.group_size}), loss {config.grpo.loss_type}, "
+        f"advantages {config.estimator}",
+        algorithm=f"grpo family ({config.grpo.loss_type}, {config.estimator} advantages)",
         title=f"{label} ({config.grpo.loss_type}, group {config.group_size})",
-        message=_message(summary),
     )  # fmt: skip
 
 

@@ -23,24 +23,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from rljax import experiment, updates
-from rljax.models import hf
 from rljax.rl.grpo import (
     SampledRunConfig,
     _fail,
-    _message,
-    _summary,
     collect,
     evaluate,
-    load_prompts,
-    reward_set,
+    finish_sampled_run,
+    start_sampled_run,
 )
-from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import make_rollout_fn, sampling_config
-from rljax.tasks import arithmetic
 from rljax.updates import lm
 
 __all__ = ["OnlineDPORunConfig", "pairs", "run"]
@@ -143,64 +136,38 @@ def run(config: OnlineDPORunConfig, *, label: str = "online DPO") -> dict[str, A
     """Train; writes what :func:`rljax.rl.grpo.run` writes (``out/metrics.jsonl``,
     ``summary.json`` with the held-out accuracy and reward before and after and the KL to the
     reference, ``training.png``, ``policy/``); returns the summary."""
-    if jax.process_count() > 1:
-        raise ValueError("online DPO runs in one process (any number of local devices via --mesh)")
-    started = start_run(config, label, arithmetic.default_base_model)
-    tokenizer = started.tokenizer
-    train, held_out, source = load_prompts(config, tokenizer)
-    reward = reward_set(config)
-    graphdef, params = nnx.split(hf.load_model(started.model_path))
-    params = jax.tree.map(np.array, jax.device_get(params))
-    mesh = experiment.build_mesh(config.mesh)
-    key = jax.random.key(config.seed)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
-    update = updates.make_dpo_update(graphdef, optimizer, config.dpo_config())
-    init = updates.init_dpo_state(params, optimizer, ref_params=jax.tree.map(np.copy, params))
-    state, step, batch_shardings = lm.compile_update(update, init, _example_batch(config), mesh)
+    r = start_sampled_run(config, label, "online DPO")
+    tokenizer = r.started.tokenizer
+    update = updates.make_dpo_update(r.graphdef, r.optimizer, config.dpo_config())
+    init = updates.init_dpo_state(r.params, r.optimizer, ref_params=jax.tree.map(np.copy, r.params))
+    state, step, batch_shardings = lm.compile_update(update, init, _example_batch(config), r.mesh)
     sampling = sampling_config(tokenizer, config.completion_width, config.temperature)
-    rollout_fn = make_rollout_fn(graphdef, sampling, chunk_size=config.chunk_size)
+    rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.chunk_size)
 
     def held_out_eval(s):
-        return evaluate(rollout_fn, s.params, s.ref_params, tokenizer, held_out, reward, config)
+        return evaluate(rollout_fn, s.params, s.ref_params, tokenizer, r.held_out, r.reward, config)
 
     def iterate(it, state, carry):
         done = it - 1  # iterations are numbered from 1: `done` updates so far
         if config.ref_update_every and done and done % config.ref_update_every == 0:
             state = state._replace(ref_params=jax.tree.map(jnp.copy, state.params))
         rollout, scores, valid, collected, cursor = collect(
-            rollout_fn, state.params, state.ref_params, train, carry["cursor"],
-            jax.random.fold_in(key, it), reward, tokenizer, config,
+            rollout_fn, state.params, state.ref_params, r.train, carry["cursor"],
+            jax.random.fold_in(r.key, it), r.reward, tokenizer, config,
         )  # fmt: skip
         batch, paired = pairs(rollout, scores, valid, config.group_size)
         state, metrics = step(state, jax.device_put(batch, batch_shardings))
         return state, metrics, {**collected, **paired}, {"cursor": cursor}
 
-    reference = (
-        f"refreshed every {config.ref_update_every} iterations"
-        if config.ref_update_every
-        else "fixed"
-    )
-    result = train_loop(
-        config,
-        label=label,
-        state=state,
-        carry={"cursor": 0},
-        iterate=iterate,
-        evaluate=held_out_eval,
+    every = config.ref_update_every
+    reference = f"refreshed every {every} iterations" if every else "fixed"
+    return finish_sampled_run(
+        config, r, label=label, state=state, iterate=iterate, evaluate=held_out_eval,
+        policy_params=lambda s: s.params,
         log_keys=("reward", "pairs/reward_margin", "rewards/accuracies", "eval/accuracy"),
-        describe=(
-            f"{source}; {config.iterations} iterations x {config.batch_size} pairs (best vs "
-            f"worst of {config.group_size} samples), rewards {', '.join(reward.names)}, "
-            f"reference {reference}, "
-            f"{mesh.size} device(s)"
-        ),
-    )
-    policy = lm.merge(graphdef, jax.device_get(result.state.params))
-    algorithm = f"online dpo ({config.loss_type}, best vs worst of {config.group_size})"
-    summary = _summary(config, started.model_path, source, reward, result.history, algorithm)
-    return finish(
-        config, started, result, policy, devices=mesh.size, summary=summary,
-        plot_keys=["reward", "pairs/reward_margin", "eval/accuracy", "eval/kl"],
+        plot_keys=("reward", "pairs/reward_margin", "eval/accuracy", "eval/kl"),
+        describe=f"{config.iterations} iterations x {config.batch_size} pairs (best vs worst "
+        f"of {config.group_size} samples), reference {reference}",
+        algorithm=f"online dpo ({config.loss_type}, best vs worst of {config.group_size})",
         title=f"{label} (best vs worst of {config.group_size})",
-        message=_message(summary),
     )  # fmt: skip

@@ -66,7 +66,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class RLHFRunConfig:
+class RLHFRunConfig(runs.RunSettings):
     """Settings shared by the RLHF experiments.
 
     Attributes:
@@ -77,7 +77,6 @@ class RLHFRunConfig:
         task's oracle.
       prompts: a prompt file (JSONL, JSON, parquet or a datasets folder with a prompt field;
         needs --reward-model); none = the built-in task's generated prompts.
-      mesh: device mesh such as data=2,fsdp=2,tensor=2; empty = one device.
       out: output folder (checkpoints, metrics.jsonl, summary.json, plots, the final policy).
       seed: prompt order, sampling and initialisation seed.
       iterations: rollout + update iterations.
@@ -102,9 +101,6 @@ class RLHFRunConfig:
       scale: group advantage scaling without a critic: std (GRPO) or none (RLOO, Dr. GRPO).
       chunk_size: token rows per chunk of the log-prob computation.
       log_every: iterations between progress lines.
-      log: metrics sinks, comma-separated: jsonl (out/metrics.jsonl, always written),
-        tensorboard (out/tensorboard; pip install 'rljax[tensorboard]'), wandb (Weights &
-        Biases; pip install 'rljax[wandb]', WANDB_MODE=offline for local files).
       eval_every: iterations between held-out evaluations (0 = only at the end).
       eval_prompts: held-out prompts sampled per evaluation.
       checkpoint_every: iterations between checkpoints (the last is always saved).
@@ -112,16 +108,12 @@ class RLHFRunConfig:
         same shapes loads the compiled programs instead of compiling them); none = off.
       max_nonfinite_updates: stop after this many consecutive updates with a NaN or inf (in
         the loss, gradients, new parameters, or the critic's fit; each is skipped).
-      allow_config_change: resume even though the settings differ from those stored in
-        out/config.json (summary.json then records both); without it such a resume is refused.
     """
 
     model: str | None = None
     reward_model: str | None = None
     prompts: str | None = None
-    mesh: str = ""
     out: str = "runs/rlhf"
-    seed: int = 0
     iterations: int = 100
     batch_size: int = 64
     samples_per_prompt: int = 1
@@ -142,22 +134,20 @@ class RLHFRunConfig:
     scale: str = "std"
     chunk_size: int = 1024
     log_every: int = 10
-    log: str = "jsonl"
     eval_every: int = 25
     eval_prompts: int = 256
     checkpoint_every: int = 25
     compilation_cache: str | None = runs.DEFAULT_COMPILATION_CACHE
-    max_nonfinite_updates: int = 3
-    allow_config_change: bool = False
 
     def __post_init__(self):
+        super().__post_init__()
+
         def fail(field, problem):
             raise ValueError(f"--{field.replace('_', '-')}: {problem}")
 
         checks.check(
             self,
             {
-                "seed": ">= 0",
                 "iterations": ">= 1",
                 "batch_size": ">= 1",
                 "samples_per_prompt": ">= 1",
@@ -176,10 +166,8 @@ class RLHFRunConfig:
                 "eval_every": ">= 0",
                 "eval_prompts": ">= 1",
                 "checkpoint_every": ">= 1",
-                "max_nonfinite_updates": ">= 1",
             },
         )
-        runs.parse_sinks(self.log)  # an unknown sink fails here, before the run
         if self.critic not in rlhf.CRITICS:
             fail("critic", f"must be one of {rlhf.CRITICS}, got {self.critic!r}")
         if self.critic == "none" and self.samples_per_prompt < 2:
