@@ -79,3 +79,20 @@ def test_dpo_speed_quick_smoke(tmp_path):
     assert chunked["calls"] == 3 and "median_s" not in full  # full logits: compiled, not timed
     assert full["temp_bytes"] is None or full["temp_bytes"] > 0
     assert json.loads(out.read_text())["args"]["quick"] is True
+
+
+def test_generate_speed_quick_smoke(tmp_path):
+    """The side-by-side generation benchmark runs both samplers on the same weights and
+    writes one row per case and side (the speed figures themselves are benchmarks, not
+    asserted here)."""
+    generate_speed = load_script("benchmarks/generate_speed.py")
+    out = tmp_path / "generate.json"
+    record = generate_speed.main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text())["results"] == record["results"]
+    sides = {(r["case"], r["side"]) for r in record["results"]}
+    assert sides == {
+        ("greedy", "hf"), ("greedy", "rljax"),
+        ("groups", "hf"), ("groups", "rljax"), ("groups", "rljax_repeated"),
+    }  # fmt: skip
+    for row in record["results"]:
+        assert row["tokens_per_s"] > 0 and len(row["times_s"]) == 2

@@ -232,6 +232,28 @@ def test_top_k_one_equals_greedy_through_pure_generate():
 # ---------------------------------------------------------------------------- sampling
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_group_sampling_shares_the_prefill_and_equals_repeated_prompts(temperature):
+    """``group_size=G`` prefills each prompt once and copies its cache to G rows: the same
+    tokens and log-probs as the prompts repeated G times (same key), and one compile per G."""
+    family, group = "llama", 4
+    graphdef, _ = nnx.split(tiny_model(family))
+    config = SamplingConfig(max_new_tokens=6, temperature=temperature, eos_token_id=7)
+    fn = make_generate_fn(graphdef, config)
+    tokens, mask = left_pad(PROMPTS)
+    grouped = run(fn, family, tokens, mask, seed=3, group_size=group)
+    repeated = run(fn, family, np.repeat(tokens, group, 0), np.repeat(mask, group, 0), seed=3)
+    assert grouped.tokens.shape == (len(PROMPTS) * group, tokens.shape[1] + 6)
+    np.testing.assert_array_equal(grouped.tokens, repeated.tokens)
+    np.testing.assert_array_equal(grouped.mask, repeated.mask)
+    np.testing.assert_allclose(grouped.policy_logprobs, repeated.policy_logprobs, atol=1e-6)
+    np.testing.assert_allclose(grouped.logprobs, repeated.logprobs, atol=1e-6)
+    if temperature:  # a group's samples differ from one another
+        assert len({tuple(r) for r in grouped.completions[:group]}) > 1
+    with pytest.raises(ValueError, match="group_size must be an int >= 1, got 0"):
+        run(fn, family, tokens, mask, group_size=0)
+
+
 def check_samples(family, out, temperature, top_k, top_p, prompt_len):
     """Every sampled token is allowed by the numpy-filtered distribution of a full forward
     pass, and the returned log-probs are its log-softmax (and the raw policy's)."""

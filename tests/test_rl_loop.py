@@ -135,10 +135,11 @@ def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
         mask=np.ones((6, P), bool),
     )
 
-    def fake_rollout(policy, ref, value, tokens, mask, key, temperature):
-        rows = tokens.shape[0]
+    def fake_rollout(policy, ref, value, tokens, mask, key, temperature, group_size):
+        assert group_size == K  # one prompt per group: prefilled once, sampled K times
+        rows = tokens.shape[0] * K
         out = rollout(0, rows)
-        out["tokens"][:, :P] = tokens  # rows keep their prompt
+        out["tokens"][:, :P] = np.repeat(tokens, K, axis=0)  # rows keep their prompt
         out["tokens"][:, P:] = np.arange(rows)[:, None] % K  # sample i of a group
         out["completion_mask"][:] = True
         return out
@@ -305,7 +306,7 @@ def test_a_raising_reward_function_stops_the_loop_naming_it(tmp_path):
     module = tmp_path / "bad_rewards.py"
     module.write_text("def broken(prompts, completions, **columns):\n    return 1 / 0\n")
     prompts = rl.grpo.Prompts(["p"] * 2, {}, np.ones((2, P), np.int32), np.ones((2, P), bool))
-    fake_rollout = lambda *args: rollout(0, B)
+    fake_rollout = lambda *args, group_size: rollout(0, B)
     reward_set = rewards.RewardSet.from_specs([f"{module}:broken"])
     with pytest.raises(rewards.RewardError, match="broken"):
         rl.grpo.collect(
@@ -362,10 +363,10 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
     monkeypatch.setattr(rl.grpo.lm, "compile_update", capture("step", rl.grpo.lm.compile_update))
     summary = rl.grpo.run(settings)
     assert summary["resumed_from"] == 2 and summary["devices"] == 8
-    # One program each, whatever the iteration: sampling at the training temperature, greedy
-    # and sampled evaluation share the rollout's (temperature is traced), and no iteration
-    # recompiles the update.
-    assert compiled["rollout"]._cache_size() == 1 and compiled["step"]._cache_size() == 1
+    # Whatever the iteration: two rollout programs, the training one (B prompts, each
+    # prefilled once for its G samples) and the evaluation's (B * G single prompts; greedy and
+    # sampled evaluation share it: temperature is traced), and one update program.
+    assert compiled["rollout"]._cache_size() == 2 and compiled["step"]._cache_size() == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 3]
     # The evaluations' sample completions (before the first iteration and after the last),

@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -273,15 +274,20 @@ def _as_model(model_or_split) -> Transformer:
     if isinstance(model_or_split, nnx.Module):
         return model_or_split
     if isinstance(model_or_split, tuple | list) and len(model_or_split) >= 2:
-        return nnx.merge(*model_or_split)
+        graphdef, *states = model_or_split
+        # A tuple of states among them (LoRA's (trainable, frozen)) is unpacked.
+        flat = [s for x in states for s in (x if isinstance(x, tuple) else (x,))]
+        return nnx.merge(graphdef, *flat)
     raise TypeError(
         "generate: pass a Transformer or a (graphdef, params, ...) tuple from nnx.split(model), "
         f"got {type(model_or_split).__name__}"
     )
 
 
-def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p):
+def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size=1):
     c = model.config
+    if not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"generate: group_size must be an int >= 1, got {group_size!r}")
     if prompt_tokens.ndim != 2:
         raise ValueError(f"prompt_tokens must be [batch, prompt_len], got {prompt_tokens.shape}")
     if prompt_mask.shape != prompt_tokens.shape:
@@ -314,6 +320,11 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
     hidden, cache = model.decode(prompt_tokens, prompt_mask, cache=cache)
     last = last_valid_index(prompt_mask)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    if group_size > 1:  # prefix sharing: each prompt's cache and first logits, G times
+        rep = lambda x, axis=0: jnp.repeat(x, group_size, axis=axis)
+        cache = cache._replace(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask))
+        logits, prompt_tokens, prompt_mask = rep(logits), rep(prompt_tokens), rep(prompt_mask)
+        b *= group_size
 
     def emit(step, logits, done, buffers):
         step_key = None if temperature is None else jax.random.fold_in(key, step)
@@ -371,6 +382,7 @@ def generate(
     *,
     temperature: float | jax.Array | None = None,
     top_p: float | jax.Array | None = None,
+    group_size: int = 1,
 ) -> GenerationOutput:
     """Sample ``config.max_new_tokens`` tokens after each prompt (pure; not jitted here).
 
@@ -384,6 +396,10 @@ def generate(
       temperature, top_p: override ``config.temperature`` / ``config.top_p``; either may be
         traced. A traced temperature compiles sampling in (greedy where it is 0); a ``top_p``
         given here applies the nucleus filter even when ``config.top_p == 1``.
+      group_size: completions per prompt, ``G`` (static). Each prompt is prefilled once and
+        its KV cache copied to its ``G`` rows (prefix sharing: the prefill costs ``B`` rows,
+        not ``B * G``); the output has ``B * G`` rows, prompt ``i``'s samples at rows
+        ``i * G .. i * G + G - 1``: what each prompt repeated ``G`` times would give.
 
     Returns:
       A :class:`GenerationOutput`. Use :func:`make_generate_fn` for the compiled version.
@@ -395,15 +411,17 @@ def generate(
         top_p = config.top_p
     model = _as_model(model_or_graphdef_and_params)
     return _generate(
-        model, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key, config, temperature, top_p
-    )
+        model, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key, config, temperature,
+        top_p, group_size,
+    )  # fmt: skip
 
 
 def make_generate_fn(
     graphdef: nnx.GraphDef, config: SamplingConfig
 ) -> Callable[..., GenerationOutput]:
     """The compiled entry point: ``generate_fn(params, prompt_tokens, prompt_mask, key, *,
-    temperature=None, top_p=None) -> GenerationOutput``.
+    temperature=None, top_p=None, group_size=1) -> GenerationOutput`` (``group_size`` is
+    static: see :func:`generate`).
 
     ``graphdef`` and ``params`` come from ``nnx.split(model)`` (``params`` may also be a tuple
     of states, as from ``nnx.split(model, nnx.Param, ...)``). One ``jax.jit`` over the whole
@@ -420,11 +438,13 @@ def make_generate_fn(
     sampling = config.temperature > 0
     nucleus = sampling and config.top_p < 1
 
-    @jax.jit
-    def compiled(params, prompt_tokens, prompt_mask, key, temperature, top_p):
+    @functools.partial(jax.jit, static_argnames="group_size")
+    def compiled(params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=1):
         states = params if isinstance(params, tuple) else (params,)
         model = nnx.merge(graphdef, *states)
-        return _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p)
+        return _generate(
+            model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size
+        )
 
     def generate_fn(
         params: Any,
@@ -434,6 +454,7 @@ def make_generate_fn(
         *,
         temperature: float | jax.Array | None = None,
         top_p: float | jax.Array | None = None,
+        group_size: int = 1,
     ) -> GenerationOutput:
         if temperature is not None and not sampling:
             raise ValueError(
@@ -452,7 +473,9 @@ def make_generate_fn(
         top_p = (
             jnp.asarray(config.top_p if top_p is None else top_p, jnp.float32) if nucleus else None
         )
-        return compiled(params, prompt_tokens, prompt_mask, key, temperature, top_p)
+        return compiled(
+            params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=group_size
+        )
 
     generate_fn.jitted = compiled
     return generate_fn

@@ -386,15 +386,10 @@ def collect(
         texts, columns, tokens, mask = prompts.take(np.repeat(index, k))
         out = jax.device_get(
             rollout_fn(
-                policy_params,
-                ref_params,
-                None,
-                tokens,
-                mask,
-                jax.random.fold_in(key, rounds),
-                config.temperature,
-            )
-        )
+                policy_params, ref_params, None, tokens[::k], mask[::k],
+                jax.random.fold_in(key, rounds), config.temperature, group_size=k,
+            )  # each prompt prefilled once for its group
+        )  # fmt: skip
         rounds += 1
         scored = reward.score(
             texts, decode_completions(tokenizer, out), columns, on_error=config.on_reward_error

@@ -612,9 +612,15 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
         prompts = [train_prompts[i] for i in index]
         policy_params, value_params = algo.params(state)
         rollout = rollout_fn(
-            policy_params, ref_params, value_params, train_tokens[index], train_mask[index],
-            jax.random.fold_in(key, it), config.temperature,
-        )  # fmt: skip
+            policy_params,
+            ref_params,
+            value_params,
+            train_tokens[index[::k]],
+            train_mask[index[::k]],
+            jax.random.fold_in(key, it),
+            config.temperature,
+            group_size=k,
+        )
         scores = jnp.asarray(scorer(prompts, rollout))
         batch, rollout_metrics, seq_kl = shape_fn(rollout, scores, carry["kl_coef"])
         state, update_metrics = step_fn(state, jax.device_put(batch, batch_shardings))

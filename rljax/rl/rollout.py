@@ -9,6 +9,7 @@ columns (the logits at position ``t`` predict token ``t + 1``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -34,7 +35,11 @@ def make_rollout_fn(
     chunk_size: int = 1024,
 ) -> Callable:
     """The jitted rollout ``(policy_params, ref_params, value_params, prompt_tokens,
-    prompt_mask, key, temperature) -> dict``.
+    prompt_mask, key, temperature, group_size=1) -> dict``.
+
+    ``group_size`` (static) samples ``G`` completions per prompt with the prompt prefilled
+    once (:func:`rljax.models.generate.generate`): ``B`` prompts give ``B * G`` rows, each
+    prompt's group contiguous.
 
     ``temperature`` is traced: one compiled program serves training, greedy evaluation at 0
     and sampled evaluation at 1. ``ref_graphdef`` defaults to ``graphdef`` (the reference is
@@ -57,10 +62,18 @@ def make_rollout_fn(
         )
     ref_graphdef = graphdef if ref_graphdef is None else ref_graphdef
 
-    @jax.jit
-    def rollout(policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key, temp):
+    @functools.partial(jax.jit, static_argnames="group_size")
+    def rollout(
+        policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key, temp, group_size=1
+    ):
         gen = generate.generate(
-            (graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling, temperature=temp
+            (graphdef, policy_params),
+            prompt_tokens,
+            prompt_mask,
+            key,
+            sampling,
+            temperature=temp,
+            group_size=group_size,
         )
         n = gen.completion_mask.shape[1]
         cmask = gen.completion_mask
