@@ -40,10 +40,9 @@ class Config:
       num_envs: environments stepped in parallel.
       num_steps: steps per environment per batch.
       warmup_iterations: TRPO iterations before the batch that is drawn.
-      max_kl: trust-region radius delta.
-      cg_iters: conjugate-gradient iterations.
-      cg_damping: damping added to the Fisher.
-      fvp_method: gauss_newton or hessian.
+      trpo: the TRPO update's settings (rljax.updates.TRPOConfig: max_kl, the trust-region
+        radius delta; cg_iters and cg_damping of the conjugate gradient; fvp_method,
+        gauss_newton or hessian; the critic fit: 5 updates of 4 minibatches).
       gamma: discount.
       lam: GAE lambda.
       max_scale: right end of the x axis, in units of the full TRPO step.
@@ -57,10 +56,9 @@ class Config:
     num_envs: int = 16
     num_steps: int = 128
     warmup_iterations: int = 8
-    max_kl: float = 0.01
-    cg_iters: int = 10
-    cg_damping: float = 0.1
-    fvp_method: str = "gauss_newton"
+    trpo: updates.TRPOConfig = dataclasses.field(
+        default_factory=lambda: updates.TRPOConfig(critic_minibatches=4, n_critic_updates=5)
+    )
     gamma: float = 0.99
     lam: float = 0.97
     max_scale: float = 3.0
@@ -83,14 +81,7 @@ def main(config: Config) -> dict:
         Actor(env.observation_size, env.num_actions, rngs=nnx.Rngs(k_actor))
     )
     value_fn, value_params = pure(Critic(env.observation_size, rngs=nnx.Rngs(k_critic)))
-    trpo_config = updates.TRPOConfig(
-        max_kl=config.max_kl,
-        cg_iters=config.cg_iters,
-        cg_damping=config.cg_damping,
-        fvp_method=config.fvp_method,
-        critic_minibatches=4,
-        n_critic_updates=5,
-    )
+    trpo_config = config.trpo
     value_optimizer = optax.adam(1e-3)
     update = jax.jit(updates.make_trpo_update(policy_fn, value_fn, value_optimizer, trpo_config))
     state = updates.init_trpo_state(policy_params, value_params, value_optimizer, k_state)
@@ -146,13 +137,15 @@ def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: u
     surrogate_fn, surrogate_and_kl = trpo.trpo_objectives(policy_fn, params, batch)
     surrogate, grad = jax.value_and_grad(surrogate_fn)(params)
     fvp = trpo.make_fisher_vector_product(
-        policy_fn, params, batch["inputs"], method=config.fvp_method
+        policy_fn, params, batch["inputs"], method=config.trpo.fvp_method
     )
-    natural, info = trpo.natural_step(grad, fvp, config.max_kl, config.cg_iters, config.cg_damping)
-    grad_curvature = trpo.tree_vdot(grad, fvp(grad)) + config.cg_damping * trpo.tree_vdot(
+    natural, info = trpo.natural_step(
+        grad, fvp, config.trpo.max_kl, config.trpo.cg_iters, config.trpo.cg_damping
+    )
+    grad_curvature = trpo.tree_vdot(grad, fvp(grad)) + config.trpo.cg_damping * trpo.tree_vdot(
         grad, grad
     )
-    plain_scale = jnp.sqrt(2.0 * config.max_kl / grad_curvature)
+    plain_scale = jnp.sqrt(2.0 * config.trpo.max_kl / grad_curvature)
     plain = jax.tree.map(lambda g: plain_scale * g, grad)
     scales = jnp.linspace(0.0, config.max_scale, config.num_points)
 
@@ -170,7 +163,7 @@ def trust_region_curves(policy_fn, params, batch, config: Config, trpo_config: u
         params,
         natural,
         surrogate,
-        config.max_kl,
+        config.trpo.max_kl,
         trpo_config.backtrack_coeff,
         trpo_config.max_backtracks,
     )
@@ -200,7 +193,7 @@ def plot(curves: dict, config: Config, path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     x = curves["scale"]
-    inside = x[curves["natural_kl"] <= config.max_kl]
+    inside = x[curves["natural_kl"] <= config.trpo.max_kl]
     edge = float(inside.max()) if inside.size else 0.0
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7.5), sharex=True)
     for ax in (top, bottom):
@@ -225,12 +218,14 @@ def plot(curves: dict, config: Config, path: pathlib.Path) -> None:
         label="quadratic model ½ t² ΔᵀFΔ",
     )
     bottom.plot(x, curves["plain_kl"], color="tab:orange", label="KL, plain gradient")
-    bottom.axhline(config.max_kl, color="tab:red", ls=":", label=f"KL bound δ = {config.max_kl}")
+    bottom.axhline(
+        config.trpo.max_kl, color="tab:red", ls=":", label=f"KL bound δ = {config.trpo.max_kl}"
+    )
     bottom.set_ylabel("mean KL(π_old ‖ π_new)")
     bottom.set_xlabel(
         "t (multiples of the full TRPO step: its damped quadratic KL model equals δ at t = 1)"
     )
-    bottom.set_ylim(0, 4 * config.max_kl)
+    bottom.set_ylim(0, 4 * config.trpo.max_kl)
     if bool(curves["accepted"]):
         t = float(curves["accepted_scale"])
         top.plot([t], [float(curves["accepted_gain"])], "k*", ms=14, label="line search accepted")
@@ -244,12 +239,12 @@ def plot(curves: dict, config: Config, path: pathlib.Path) -> None:
 
 
 def summarise(curves: dict, config: Config, seconds: float) -> dict:
-    kl_inside = curves["natural_kl"] <= config.max_kl
+    kl_inside = curves["natural_kl"] <= config.trpo.max_kl
     natural_best = float(np.max(np.where(kl_inside, curves["natural_gain"], -np.inf)))
-    plain_inside = curves["plain_kl"] <= config.max_kl
+    plain_inside = curves["plain_kl"] <= config.trpo.max_kl
     plain_best = float(np.max(np.where(plain_inside, curves["plain_gain"], -np.inf)))
     return {
-        "max_kl": config.max_kl,
+        "max_kl": config.trpo.max_kl,
         "line_search_accepted": bool(curves["accepted"]),
         "accepted_step_fraction": float(curves["accepted_scale"]),
         "accepted_kl": float(curves["accepted_kl"]),

@@ -148,7 +148,7 @@ def transformer_flops_per_token(config, seq_len: int, *, backward: bool = True) 
     al., 2022), causal masking not discounted."""
     c = config
     d, n, k, h, f = c.hidden_size, c.num_heads, c.kv_heads, c.dim_per_head, c.mlp_size
-    per_layer = d * h * (n + 2 * k) + n * h * d + (3 if c.family == "llama" else 2) * d * f
+    per_layer = d * h * (n + 2 * k) + n * h * d + (2 if c.family == "gpt2" else 3) * d * f
     matmul_params = c.num_layers * per_layer + (d * c.vocab_size if c.lm_head else d)
     attention = 2 * 2 * c.num_layers * seq_len * n * h
     factor = 3 if backward else 1

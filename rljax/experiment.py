@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 
 from rljax import checkpoint, checks, data, finite, runs, sharding, updates
-from rljax.models import hf
+from rljax.models import hf, lora
 from rljax.models.generate import SamplingConfig, make_generate_fn
 from rljax.models.transformer import with_head
 from rljax.tasks import arithmetic, sorting
@@ -126,11 +126,117 @@ EXAMPLES = 5
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainRunConfig(runs.RunSettings):
+class LoRARunSettings(runs.RunSettings):
+    """The run settings of every language-model run (preference, SFT and RL), LoRA's among
+    them (Hu et al., 2021, arXiv:2106.09685; :mod:`rljax.models.lora`).
+
+    Attributes:
+      lora_rank: rank of LoRA adapters on the model's projections, the base weights frozen
+        (0 = full fine-tuning). The final model is saved merged (a plain Hugging Face folder)
+        and, for causal LMs of the Llama family, as a peft adapter folder beside it.
+      lora_alpha: LoRA's alpha (the update is scaled by alpha / rank); none = the rank.
+      lora_dropout: dropout rate on the adapters' inputs in the training passes (not with
+        TRPO's natural step).
+      lora_targets: comma-separated projections to adapt (q,k,v,o,gate,up,down, or peft's
+        q_proj, ...); none = every projection.
+      lora_base_dtype: store the frozen base weights in this dtype (bfloat16: QLoRA-style
+        memory, the adapters float32); none = as loaded.
+    """
+
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None
+    lora_base_dtype: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks.check(self, {"lora_rank": ">= 0", "lora_alpha": "> 0", "lora_dropout": "in [0, 1)"})
+        unread = {"lora_alpha": None, "lora_dropout": 0.0, "lora_targets": None,
+                  "lora_base_dtype": None}  # fmt: skip
+        if self.lora_rank == 0:
+            for field, default in unread.items():
+                if getattr(self, field) != default:
+                    raise ValueError(
+                        f"{checks.flag(field)}: set to {getattr(self, field)!r}, but --lora-rank "
+                        "is 0 (full fine-tuning), which does not read it; set --lora-rank or "
+                        f"drop {checks.flag(field)}"
+                    )
+            return
+        if self.lora_base_dtype is not None:
+            checks.check_choice(self, "lora_base_dtype", ("bfloat16", "float16", "float32"))
+        try:
+            lora.parse_targets(self.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--lora-targets: {e}") from None
+
+    def with_lora(self, model, label: str):
+        """``model`` with LoRA adapters of these settings (:func:`rljax.models.lora.apply`;
+        ``model`` itself for ``lora_rank`` 0), the trainable and total parameter counts
+        printed."""
+        if self.lora_rank:
+            try:
+                lora.apply(
+                    model,
+                    self.lora_rank,
+                    alpha=self.lora_alpha,
+                    dropout=self.lora_dropout,
+                    targets=self.lora_targets,
+                    rngs=nnx.Rngs(self.seed + 7),
+                    base_dtype=self.lora_base_dtype,
+                )
+            except ValueError as e:  # e.g. a target this model lacks (gate on GPT-2)
+                flag = "--lora-targets" if "targets" in str(e) else "--lora-rank"
+                raise ValueError(f"{flag}: {e}") from None
+        counts = parameter_counts(model)
+        what = (
+            f"LoRA rank {self.lora_rank} on {','.join(model.lora.targets)}"
+            if model.lora
+            else "full fine-tuning"
+        )
+        print(
+            f"[{label}] {what}: {counts['trainable']:,} trainable of {counts['total']:,} "
+            f"parameters ({100 * counts['trainable'] / counts['total']:.2f}%)",
+            flush=True,
+        )
+        return model
+
+
+def parameter_counts(model) -> dict[str, Any]:
+    """``{"trainable", "total", "lora"}`` of ``model`` for a run's summary: the parameter counts
+    (:func:`rljax.models.lora.trainable_count`, :func:`rljax.models.lora.total_count`) and the
+    adapters' settings (rank, alpha, targets, rsLoRA, dropout; None without adapters)."""
+    settings = getattr(model, "lora", None)
+    return {
+        "trainable": lora.trainable_count(model),
+        "total": lora.total_count(model),
+        "lora": None if settings is None else runs.to_json(dataclasses.asdict(settings)),
+    }
+
+
+def export_model(model, folder: pathlib.Path, tokenizer):
+    """Save ``model`` as a Hugging Face folder ``folder``; a model with LoRA adapters is saved
+    merged (:func:`rljax.models.lora.merge`), and, for a Llama-family model without a reward
+    head, its adapters as a peft folder ``<folder>_adapter`` too (GPT-2's peft adapters are
+    fused, a reward model's head is no causal-LM adapter: these are saved merged only). A value
+    head is dropped (training machinery). Returns the saved (merged) model."""
+    if getattr(model, "lora", None) is not None:
+        if model.config.family != "gpt2" and model.config.head != "reward":
+            lora.save_peft(model, folder.parent / f"{folder.name}_adapter")
+        model = lora.merge(model)
+    if model.config.head == "value":
+        model = with_head(model, None, rngs=nnx.Rngs(0), lm_head=True)
+    hf.save_model(model, folder, tokenizer=tokenizer)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRunConfig(LoRARunSettings):
     """Settings shared by the offline training runs (preference pairs, demonstrations).
 
     Attributes:
-      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2, qwen3); none =
+      model: a Hugging Face checkpoint folder (gpt2, llama, mistral, qwen2, qwen3, gemma2,
+        gemma3_text, ...: rljax.models.hf.SUPPORTED_MODEL_TYPES); none =
         the built-in task's tiny base model (warmed up once and cached under runs/builtin).
       data: the training examples (JSONL, JSON, parquet or a saved datasets folder) in one of
         TRL's formats; none = the built-in task's.
@@ -193,8 +299,8 @@ class PreferenceRunConfig(TrainRunConfig):
 def _check_run_settings(config, data_rules: Mapping[str, str]) -> None:
     """The checks a preference or SFT run's settings share (:func:`rljax.checks.check`, the
     first field out of range raises): the run's lengths and rates, ``data_rules`` (its data
-    sizes) among them, and ``overflow``."""
-    runs.RunSettings.__post_init__(config)
+    sizes) among them, and ``overflow``; the LoRA settings."""
+    LoRARunSettings.__post_init__(config)
     checks.check(
         config,
         {
@@ -500,14 +606,17 @@ def load_run(
     load_model: Callable = hf.load_model,
     load_arrays: Callable | None = None,
     base_model: Callable[[], str] | None = None,
+    *,
+    label: str = "run",
 ) -> PreferenceSetup:
     """Resolve the model folder (:func:`resolve_model`, ``base_model`` the built-in one), load
     its tokenizer and ``load_model(folder)``, load and tokenise the data with
     ``load_arrays(config, tokenizer)`` (default :func:`load_preference_arrays`) and build the
-    mesh of ``config.mesh``."""
+    mesh of ``config.mesh``. With ``--lora-rank`` the model gets LoRA adapters
+    (:meth:`LoRARunSettings.with_lora`) and ``params`` are :func:`rljax.models.lora.split`'s."""
     model_path = resolve_model(config, base_model)
     tokenizer = hf.load_tokenizer(model_path)
-    graphdef, params = nnx.split(load_model(model_path))
+    graphdef, params = lora.split(config.with_lora(load_model(model_path), label))
     load_arrays = load_preference_arrays if load_arrays is None else load_arrays
     train, held_out, data_report = load_arrays(config, tokenizer)
     mesh = build_mesh(config.mesh)
@@ -629,6 +738,8 @@ def _with_reference(
                 reference_logps(graphdef, reference_params, arrays, chunk_size=config.chunk_size)
             )
     ref_params = jax.tree.map(jnp.copy, reference_params) if config.reference == "model" else None
+    if ref_params is not None and lora.has_lora(params) and reference_params is params:
+        ref_params = None  # the base with the adapters off (init_dpo_state): no second copy
     return _compiled(family, settings, graphdef, params, train, held_out, config, mesh, ref_params)
 
 
@@ -797,7 +908,8 @@ def finish_run(
     folder: str,
 ):
     """Save the trained model (``params`` of ``setup.graphdef``) as a Hugging Face folder
-    ``out/folder`` and build the common part of ``summary.json`` (the run took since
+    ``out/folder`` (:func:`export_model`: with LoRA merged, the peft adapters in
+    ``out/<folder>_adapter``) and build the common part of ``summary.json`` (the run took since
     ``started``, a ``time.perf_counter()``). Returns ``(model, summary)``.
 
     Multi-process: every process calls it (the parameters are gathered to every host, a
@@ -806,9 +918,10 @@ def finish_run(
     finite.require_finite(params, f"not exporting the model to {out / folder}")
     model = lm.merge(setup.graphdef, sharding.to_host(params))
     if sharding.is_primary():
-        hf.save_model(model, out / folder, tokenizer=setup.tokenizer)
+        export_model(model, out / folder, setup.tokenizer)
     summary = {
         "model": setup.model_path,
+        "parameters": parameter_counts(model),
         "steps": config.steps,
         "eval": final_eval(log.rows()),
         "data": dict(setup.data_report),
@@ -990,7 +1103,7 @@ def _train_policy(config, make_run, *, label, keys, headline, load_arrays=None, 
     oracle's verdict being its win-rate of the policy over the reference (:func:`dpo_oracle`).
     Returns the summary."""
     started = time.perf_counter()
-    setup = load_run(config, load_arrays=load_arrays)
+    setup = load_run(config, load_arrays=load_arrays, label=label)
     reference = jax.device_get(setup.params)  # kept apart from the donated train state
 
     def oracle(policy):
@@ -1342,7 +1455,9 @@ def train_reward_model(config: RewardModelRunConfig) -> dict[str, Any]:
     oracle's on the held-out completions (:func:`oracle_agreement`), the first of which are
     logged as samples. Returns the summary."""
     started = time.perf_counter()
-    setup = load_run(config, functools.partial(load_reward_model, seed=config.seed))
+    setup = load_run(
+        config, functools.partial(load_reward_model, seed=config.seed), label="reward model"
+    )
 
     def oracle(model):
         rows = data.load_rows(str(pathlib.Path(config.out) / "data" / "test.jsonl"))
@@ -1669,6 +1784,11 @@ def saved_rounds(out: pathlib.Path) -> int | None:
 
 
 def _check_iterative(config: IterativeDPORunConfig) -> None:
+    if config.lora_rank:
+        raise ValueError(
+            "--lora-rank: iterative DPO trains full models (each round's policy is a Hugging "
+            "Face folder that the next round loads); LoRA is not supported here, use 0"
+        )
     if config.reference_policy not in ("previous", "initial"):
         raise ValueError(
             f"--reference-policy must be previous or initial, got {config.reference_policy!r}"
@@ -1991,7 +2111,9 @@ def train_sft(config: SFTRunConfig) -> dict[str, Any]:
 
     Returns the summary."""
     started = time.perf_counter()
-    setup = load_run(config, load_arrays=load_sft_data, base_model=arithmetic.default_base_model)
+    setup = load_run(
+        config, load_arrays=load_sft_data, base_model=arithmetic.default_base_model, label="sft"
+    )
     graphdef, tokenizer = setup.graphdef, setup.tokenizer
     before = None
     if config.data is None:

@@ -63,14 +63,18 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _chunk_logits(h: jax.Array, w: jax.Array) -> jax.Array:
-    """``[c, D] @ [D, V]`` in the input dtype, accumulated (and returned) in at least float32."""
-    return jnp.dot(h, w, preferred_element_type=_float_dtype(h))
+def _chunk_logits(h: jax.Array, w: jax.Array, softcap: float | None = None) -> jax.Array:
+    """``[c, D] @ [D, V]`` in the input dtype, accumulated (and returned) in at least float32;
+    with ``softcap``, then ``softcap * tanh(z / softcap)``."""
+    z = jnp.dot(h, w, preferred_element_type=_float_dtype(h))
+    if softcap is not None:
+        z = softcap * jnp.tanh(z / softcap)
+    return z
 
 
-def _chunk_forward(h, w, y, with_entropy):
+def _chunk_forward(h, w, y, with_entropy, softcap=None):
     """Log-probs, logsumexp and (optionally) ``E_pi[z]`` of one chunk ``h: [c, D], y: [c]``."""
-    z = _chunk_logits(h, w)  # [c, V], the only vocabulary-sized array
+    z = _chunk_logits(h, w, softcap)  # [c, V], the only vocabulary-sized array
     m = jnp.max(z, axis=-1, keepdims=True)
     e = jnp.exp(z - m)
     s = jnp.sum(e, axis=-1)
@@ -80,17 +84,17 @@ def _chunk_forward(h, w, y, with_entropy):
     return picked - lse, lse, mean_z
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_core(with_entropy, h, w, y):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _chunked_core(with_entropy, softcap, h, w, y):
     """``h: [n, c, D], w: [D, V], y: [n, c]`` -> log-probs ``[n, c]`` (and entropies ``[n, c]``)."""
-    out, _ = _chunked_core_fwd(with_entropy, h, w, y)
+    out, _ = _chunked_core_fwd(with_entropy, softcap, h, w, y)
     return out
 
 
-def _chunked_core_fwd(with_entropy, h, w, y):
+def _chunked_core_fwd(with_entropy, softcap, h, w, y):
     def body(xs):
         h_c, y_c = xs
-        logp, lse, mean_z = _chunk_forward(h_c, w, y_c, with_entropy)
+        logp, lse, mean_z = _chunk_forward(h_c, w, y_c, with_entropy, softcap)
         return (logp, lse) if mean_z is None else (logp, lse, mean_z)
 
     outs = jax.lax.map(body, (h, y))
@@ -101,7 +105,7 @@ def _chunked_core_fwd(with_entropy, h, w, y):
     return logp, (h, w, y, lse, None)
 
 
-def _chunked_core_bwd(with_entropy, res, g):
+def _chunked_core_bwd(with_entropy, softcap, res, g):
     h, w, y, lse, mean_z = res
     g_logp, g_ent = g if with_entropy else (g, None)
     acc = _float_dtype(h)
@@ -109,7 +113,7 @@ def _chunked_core_bwd(with_entropy, res, g):
 
     def body(dw, xs):
         h_c, y_c, lse_c, g_c = xs[:4]
-        z = _chunk_logits(h_c, w)  # recomputed, [c, V]
+        z = _chunk_logits(h_c, w, softcap)  # recomputed, [c, V]
         p = jnp.exp(z - lse_c[:, None])
         onehot = (jnp.arange(vocab, dtype=y_c.dtype)[None, :] == y_c[:, None]).astype(acc)
         # d log pi(y) / dz = onehot - p;  dH / dz = -p (z - E_pi[z])
@@ -117,6 +121,8 @@ def _chunked_core_bwd(with_entropy, res, g):
         if with_entropy:
             mz_c, ge_c = xs[4:]
             dz = dz - ge_c[:, None].astype(acc) * p * (z - mz_c[:, None])
+        if softcap is not None:  # d(cap tanh(u / cap)) / du = 1 - tanh^2
+            dz = dz * (1 - jnp.square(z / softcap))
         dz_in = dz.astype(h_c.dtype)
         dh_c = jnp.dot(dz_in, w.T, preferred_element_type=acc).astype(h_c.dtype)
         dw = dw + jnp.dot(h_c.T, dz_in, preferred_element_type=acc)
@@ -130,9 +136,13 @@ def _chunked_core_bwd(with_entropy, res, g):
 _chunked_core.defvjp(_chunked_core_fwd, _chunked_core_bwd)
 
 
-def _chunked(hidden, unembedding, targets, chunk_size, with_entropy):
+def _chunked(hidden, unembedding, targets, chunk_size, with_entropy, softcap=None):
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, int | float) or softcap <= 0:
+            raise ValueError(f"softcap must be a float > 0 or None, got {softcap!r}")
+        softcap = float(softcap)
     chex.assert_rank(unembedding, 2)
     chex.assert_rank(targets, hidden.ndim - 1)
     chex.assert_equal_shape_prefix([hidden, targets], targets.ndim)
@@ -157,13 +167,18 @@ def _chunked(hidden, unembedding, targets, chunk_size, with_entropy):
     pad = num_chunks * chunk - n
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(num_chunks, chunk, d)
     y = jnp.pad(targets.reshape(n).astype(jnp.int32), (0, pad)).reshape(num_chunks, chunk)
-    out = _chunked_core(with_entropy, h, unembedding, y)
+    out = _chunked_core(with_entropy, softcap, h, unembedding, y)
     unpad = lambda x: x.reshape(num_chunks * chunk)[:n].reshape(lead)
     return tuple(unpad(x) for x in out) if with_entropy else unpad(out)
 
 
 def chunked_token_logprobs(
-    hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *, chunk_size: int = 1024
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> jax.Array:
     r"""``token_logprobs(hidden @ unembedding, targets)`` without building the full logits.
 
@@ -190,6 +205,8 @@ def chunked_token_logprobs(
       targets: ``[...]`` integer token ids in ``[0, V)``, same leading shape as ``hidden``.
       chunk_size: rows of the flattened ``[prod(...), D]`` hidden states per chunk; peak extra
         memory is a few ``[chunk_size, V]`` float32 arrays. Clamped to the number of tokens.
+      softcap: soft-cap the logits to ``softcap * tanh(z / softcap)`` first (Gemma 2's final
+        logits: ``model.config.final_logit_softcap``); ``None``: off. Static.
 
     Returns:
       ``[...]`` log-probabilities (float32, or float64 for float64 inputs).
@@ -198,11 +215,16 @@ def chunked_token_logprobs(
       ValueError: ``chunk_size`` is not a positive int, or ``D`` does not match.
       AssertionError: (chex) ranks / leading shapes mismatch or ``targets`` is not integer.
     """
-    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=False)
+    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=False, softcap=softcap)
 
 
 def chunked_token_logprobs_and_entropy(
-    hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *, chunk_size: int = 1024
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    targets: jax.Array,
+    *,
+    chunk_size: int = 1024,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r""":func:`chunked_token_logprobs` plus the entropy of each position's distribution.
 
@@ -210,12 +232,12 @@ def chunked_token_logprobs_and_entropy(
               \quad z_t = h_t W
 
     Same chunking and memory as :func:`chunked_token_logprobs`; the entropy's gradient
-    ``dH/dz = -softmax(z) (z - E[z])`` is recomputed per chunk as well.
+    ``dH/dz = -softmax(z) (z - E[z])`` is recomputed per chunk as well; ``softcap`` as there.
 
     Returns:
       ``(logps, entropy)``, both ``[...]`` float32 (float64 for float64 inputs).
     """
-    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=True)
+    return _chunked(hidden, unembedding, targets, chunk_size, with_entropy=True, softcap=softcap)
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

@@ -55,7 +55,9 @@ process-local rows with :func:`make_array_from_process_local`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -273,14 +275,20 @@ _REPLICATED_PARAMS = {
     "mlp": None,
     "vocab": None,
     "norm": None,
+    "experts": None,
 }
 _ACTIVATIONS = {"batch": ("data", "fsdp"), "time": None}
 
 #: FSDP over ``fsdp`` along ``embed`` plus Megatron tensor parallelism over ``tensor``.
+#: Mixture-of-experts weights ``[layers, experts, embed, mlp]`` are split over ``fsdp`` along
+#: ``experts`` (whole experts per device, the layout expert parallelism wants; ``embed`` takes
+#: ``fsdp`` instead where the expert count does not divide it): the same bytes per device as
+#: FSDP along ``embed``, gathered per use like any FSDP weight.
 DEFAULT_RULES = ShardingRules.from_dict(
     {
         **_ACTIVATIONS,
         **_REPLICATED_PARAMS,
+        "experts": "fsdp",
         "embed": "fsdp",
         "heads": "tensor",
         "kv_heads": "tensor",
@@ -289,9 +297,11 @@ DEFAULT_RULES = ShardingRules.from_dict(
     }
 )
 #: Parameters split along ``embed`` over ``fsdp`` only.
-FSDP_RULES = ShardingRules.from_dict({**_ACTIVATIONS, **_REPLICATED_PARAMS, "embed": "fsdp"})
+FSDP_RULES = ShardingRules.from_dict(
+    {**_ACTIVATIONS, **_REPLICATED_PARAMS, "experts": "fsdp", "embed": "fsdp"}
+)
 #: Tensor parallelism only: heads, MLP width and vocabulary over ``tensor``.
-TENSOR_RULES = DEFAULT_RULES.override(embed=None)
+TENSOR_RULES = DEFAULT_RULES.override(embed=None, experts=None)
 #: Plain data parallelism: every parameter replicated, the batch split over ``data`` x ``fsdp``.
 DATA_PARALLEL_RULES = ShardingRules.from_dict({**_ACTIVATIONS, **_REPLICATED_PARAMS})
 
@@ -431,22 +441,35 @@ def _params_of(train_state: Any) -> Any:
     )
 
 
-def _map_param_like(tree: Any, params: Any, param_value: Any, leaf_fn: Callable) -> Any:
-    """Replace every subtree of ``tree`` shaped like ``params`` (same tree structure and leaf
-    shapes) by ``param_value``; map every other leaf through ``leaf_fn``."""
-    treedef = jax.tree.structure(params)
-    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+def _map_param_like(
+    tree: Any, params: Any, param_value: Any, leaf_fn: Callable, more: Sequence = ()
+) -> Any:
+    """Replace every subtree of ``tree`` shaped like ``params`` (same type, tree structure and
+    leaf shapes) by ``param_value``, and then of each ``(like, value)`` pair of ``more``;
+    map every other leaf through ``leaf_fn``."""
 
-    def like_params(node):
-        return (
-            type(node) is type(params)
+    def shaped_like(like):
+        treedef = jax.tree.structure(like)
+        shapes = [np.shape(x) for x in jax.tree.leaves(like)]
+        return lambda node: (
+            type(node) is type(like)
             and jax.tree.structure(node) == treedef
             and [np.shape(x) for x in jax.tree.leaves(node)] == shapes
         )
 
+    matchers = [(shaped_like(like), value) for like, value in ((params, param_value), *more)]
+
+    def matched(node):
+        return next((value for like, value in matchers if like(node)), _UNMATCHED)
+
     return jax.tree.map(
-        lambda node: param_value if like_params(node) else leaf_fn(node), tree, is_leaf=like_params
+        lambda node: leaf_fn(node) if (v := matched(node)) is _UNMATCHED else v,
+        tree,
+        is_leaf=lambda node: matched(node) is not _UNMATCHED,
     )
+
+
+_UNMATCHED = object()
 
 
 def train_state_shardings(
@@ -461,15 +484,20 @@ def train_state_shardings(
 
     The params get :func:`param_shardings`; so does every subtree of the state with the params'
     tree structure and leaf shapes, which covers optax states (Adam's ``mu`` and ``nu`` mirror
-    the params); every other leaf (step counters, Adam's ``count``, RNG keys) is replicated.
-    ``params`` defaults to ``train_state.params``, ``train_state["params"]`` or
+    the params); when the params are a tuple of states (LoRA's ``(trainable, frozen)``,
+    :func:`rljax.models.lora.split`), so does every subtree shaped like one of them (Adam's
+    moments of the trainable part); every other leaf (step counters, Adam's ``count``, RNG
+    keys) is replicated. ``params`` defaults to ``train_state.params``, ``train_state["params"]`` or
     ``train_state[0]``.
 
     Returns a pytree prefix of ``train_state`` for ``jax.device_put`` and ``jax.jit``.
     """
     params = _params_of(train_state) if params is None else params
     shardings = param_shardings(params, mesh, rules, allow_missing=allow_missing)
-    return _map_param_like(train_state, params, shardings, lambda _: replicated(mesh))
+    # A tuple of states (LoRA's (trainable, frozen)): a subtree shaped like one part (the
+    # optimizer state of the trainable part) gets that part's shardings too.
+    parts = tuple(zip(params, shardings, strict=True)) if isinstance(params, tuple) else ()
+    return _map_param_like(train_state, params, shardings, lambda _: replicated(mesh), parts)
 
 
 def shard_train_state(
@@ -500,6 +528,49 @@ def batch_sharding(mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> NamedSha
     by default), other axes replicated; valid for arrays of any rank >= 1."""
     axes = rules.mesh_axes("batch")
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+# The batch axes of the mesh that :func:`on_mesh` traces under (None outside it).
+_TRACING_MESH: contextvars.ContextVar = contextvars.ContextVar("rljax_tracing_mesh", default=None)
+
+
+def on_mesh(fn: Callable, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Callable:
+    """``fn`` traced with ``mesh`` as the ambient (abstract) mesh, so the model's activation
+    constraints (:func:`constrain_batch`) take effect: wrap an update before ``jax.jit``
+    (:func:`rljax.updates.lm.compile_update` does).
+
+    Without them XLA's sharding propagation is free to all-gather the batch to match
+    FSDP-sharded weights, and then runs every layer on the global batch on every device
+    (measured by ``benchmarks/memory_plan.py``: 508 GB of temporaries per device for a
+    Llama-3.1-8B DPO step on fsdp=8, 8 pairs x 2048 tokens, instead of a per-device share).
+    """
+    axes = rules.mesh_axes("batch")
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args, **kwargs):
+        token = _TRACING_MESH.set((mesh.abstract_mesh, axes))
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        finally:
+            _TRACING_MESH.reset(token)
+
+    return traced_on_mesh
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """``x`` with its leading (batch) axis split over the batch axes of the mesh being traced
+    under (:func:`on_mesh`), other axes replicated; ``x`` itself outside :func:`on_mesh`, on a
+    mesh whose batch axes have one device, or when they do not divide the leading size (a
+    constraint is a layout, never a change of values)."""
+    traced = _TRACING_MESH.get()
+    if traced is None or not np.ndim(x):
+        return x
+    abstract, axes = traced
+    shards = math.prod(abstract.shape[a] for a in axes)
+    if shards <= 1 or x.shape[0] % shards:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: ShardingRules = DEFAULT_RULES) -> Any:

@@ -88,6 +88,65 @@ def reward_module_that_dies(tmp_path, monkeypatch, score_expression):
     return f"{module}:score", die
 
 
+def assert_greedy_matches_transformers(ours, hf_model, tokens, mask, new_tokens):
+    """Greedy generation of ``new_tokens`` tokens after ``(tokens, mask)`` gives the same
+    tokens in rljax (``ours``, a Transformer) as in transformers' ``generate``
+    (``hf_model``)."""
+    import jax.numpy as jnp
+    import torch
+
+    from rljax.models.generate import SamplingConfig, generate
+
+    out = generate(
+        ours,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask),
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=new_tokens, temperature=0.0),
+    )
+    with torch.no_grad():
+        want = hf_model.generate(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, tokens.shape[1] :].numpy()
+    np.testing.assert_array_equal(np.asarray(out.completions), want)
+
+
+def rl_update_batch(rng, prompt_mask, completion_mask, vocab, *, critic, old_logp_mean):
+    """An RL update's batch around the given masks (``[B, P]`` prompt, ``[B, N]``
+    completion): random tokens, old log-probs about ``old_logp_mean``, per-token advantages,
+    and with ``critic`` returns and old values (0 at padding, float32). Draws from ``rng`` in
+    this order: tokens, old log-probs, advantages, returns, old values."""
+    rows, n = completion_mask.shape
+    tokens = rng.integers(0, vocab, (rows, prompt_mask.shape[1] + n)).astype(np.int32)
+    per_token = lambda mean=0.0, scale=1.0: np.where(
+        completion_mask, rng.normal(mean, scale, (rows, n)), 0
+    ).astype(np.float32)
+    batch = {
+        "tokens": tokens,
+        "mask": np.concatenate([prompt_mask, completion_mask], axis=1),
+        "completion_mask": completion_mask,
+        "old_logps": per_token(old_logp_mean, 0.3),
+        "advantages": per_token(),
+    }
+    if critic:
+        batch["returns"] = per_token()
+        batch["old_values"] = per_token()
+    return batch
+
+
+#: A tiny transformers Llama-family config (two layers, 64 positions, eager attention, the
+#: attention the parity tests compare against): ``dict(HF_TINY_LLAMA, vocab_size=...)``.
+HF_TINY_LLAMA = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, attn_implementation="eager",
+)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # eager and jit, tolerances, hypothesis strategies
 # ---------------------------------------------------------------------------------------------

@@ -260,6 +260,66 @@ def test_matches_model_logits():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_softcap_values_and_grads_match_capped_logits(chunk_size):
+    """``softcap=c``: log-probs, entropies and both gradients of ``c tanh(h W / c)`` (Gemma 2's
+    final logits), against the unchunked computation on the capped logits."""
+    cap = 3.0
+    h, w, y = make_inputs(6, scale=2.0)
+    g_logp, g_ent = np.random.default_rng(6).normal(size=(2, B, T))
+    hj, wj, yj = jnp.asarray(h), jnp.asarray(w), jnp.asarray(y)
+    assert np.abs(np_logits(h, w)).max() > 3 * cap  # the cap binds
+
+    def chunked(a, b):
+        logps, ent = chunked_token_logprobs_and_entropy(
+            a, b, yj, chunk_size=chunk_size, softcap=cap
+        )
+        alone = chunked_token_logprobs(a, b, yj, chunk_size=chunk_size, softcap=cap)
+        return jnp.sum(g_logp * (logps + alone) + g_ent * ent)
+
+    def capped(a, b):
+        z = cap * jnp.tanh(a @ b / cap)
+        return jnp.sum(2 * g_logp * token_logprobs(z, yj) + g_ent * entropy_from_logits(z))
+
+    val, grads = jax.value_and_grad(chunked, (0, 1))(hj, wj)
+    val_ref, grads_ref = jax.value_and_grad(capped, (0, 1))(hj, wj)
+    assert_close(val, val_ref, np.float64, atol=1e-12)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert_close(got, want, np.float64, atol=1e-12 * float(np.abs(want).max()))
+    uncapped = chunked_token_logprobs(hj, wj, yj, chunk_size=chunk_size)
+    assert (
+        np.abs(
+            np.asarray(uncapped) - np.asarray(token_logprobs(cap * jnp.tanh(hj @ wj / cap), yj))
+        ).max()
+        > 0.1
+    )
+    with pytest.raises(ValueError, match="softcap"):
+        chunked_token_logprobs(hj, wj, yj, softcap=0.0)
+
+
+def test_update_log_probs_of_a_soft_capped_model_match_its_logits():
+    """The updates' chunked log-probs (rljax.updates.lm.token_logps) of a Gemma 2 model with a
+    final logit soft-cap are those of its capped logits."""
+    from rljax.updates.lm import token_logps
+
+    cfg = TransformerConfig.gemma(
+        vocab_size=61, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=48,
+        sliding_window=4, final_logit_softcap=2.0, initializer_range=0.5,
+    )  # fmt: skip
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(9).integers(0, 61, (2, 9)), jnp.int32)
+    mask = jnp.ones(tokens.shape, bool)
+    graphdef, params = nnx.split(model)
+
+    def both(params):
+        return token_logps(graphdef, params, tokens, mask), nnx.merge(graphdef, params)(tokens)
+
+    got, logits = jax.jit(both)(params)
+    assert np.abs(np.asarray(logits)).max() > 1.5  # near the cap of 2
+    want = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
     h, w, y = jnp.zeros((2, 3, D)), jnp.zeros((D, V)), jnp.zeros((2, 3), jnp.int32)
     for bad in (0, -1, 1.5, True, None):

@@ -44,7 +44,7 @@ def test_trust_region_experiment_writes_figure_and_respects_kl(tmp_path):
     assert len(curves["scale"]) == 9 and curves["natural_kl"][0] == pytest.approx(0.0, abs=1e-7)
     assert summary == json.loads((tmp_path / "summary.json").read_text())
     if summary["line_search_accepted"]:
-        assert summary["accepted_kl"] <= config.max_kl
+        assert summary["accepted_kl"] <= config.trpo.max_kl
         assert summary["accepted_surrogate_gain"] > 0
 
 
@@ -56,7 +56,8 @@ def test_cli_rejects_bad_values(capsys):
         cli.parse(trust_region.Config, ["--num-envs", "four"])
     assert "invalid int value" in capsys.readouterr().err
     config = cli.parse(trust_region.Config, ["--max-kl", "0.02", "--fvp-method", "hessian"])
-    assert config.max_kl == 0.02 and config.fvp_method == "hessian"
+    assert config.trpo.max_kl == 0.02 and config.trpo.fvp_method == "hessian"
+    assert config.trpo.n_critic_updates == 5  # the figure's critic fit, kept
 
 
 def test_fvp_benchmark_quick(tmp_path):

@@ -90,6 +90,8 @@ def np_filtered(logits, temperature, top_k, top_p):
         ("eos_token_id", ()),
         ("eos_token_id", "2"),
         ("pad_token_id", None),
+        ("cache_dtype", "int32"),
+        ("cache_dtype", "no_such_dtype"),
     ],
 )
 def test_config_validation_names_the_field(field, value):
@@ -254,6 +256,31 @@ def test_group_sampling_shares_the_prefill_and_equals_repeated_prompts(temperatu
         run(fn, family, tokens, mask, group_size=0)
 
 
+def test_bfloat16_kv_cache_decodes_what_the_float32_cache_does(monkeypatch):
+    """``cache_dtype="bfloat16"`` stores keys and values in bfloat16 (the cache the model is
+    given says so) and changes the log-probs by bfloat16 rounding only."""
+    family = "llama"
+    model = tiny_model(family)
+    graphdef, _ = nnx.split(model)
+    dtypes = []
+    original = Transformer.init_cache
+    monkeypatch.setattr(
+        Transformer,
+        "init_cache",
+        lambda self, *a, **kw: dtypes.append(kw.get("dtype")) or original(self, *a, **kw),
+    )
+    tokens, mask = left_pad(PROMPTS)
+    outs = {}
+    for dtype in (None, "bfloat16"):
+        config = SamplingConfig(max_new_tokens=6, temperature=0.0, cache_dtype=dtype)
+        outs[dtype] = run(make_generate_fn(graphdef, config), family, tokens, mask)
+    assert dtypes == [None, "bfloat16"]
+    np.testing.assert_array_equal(outs["bfloat16"].completions[:, 0], outs[None].completions[:, 0])
+    np.testing.assert_allclose(
+        outs["bfloat16"].policy_logprobs[:, 0], outs[None].policy_logprobs[:, 0], atol=0.05
+    )
+
+
 def check_samples(family, out, temperature, top_k, top_p, prompt_len):
     """Every sampled token is allowed by the numpy-filtered distribution of a full forward
     pass, and the returned log-probs are its log-softmax (and the raw policy's)."""
@@ -370,3 +397,36 @@ def test_greedy_equals_transformers_generate(family, tmp_path):
     hit = want == eos
     assert hit[0].any()
     np.testing.assert_array_equal(out.lengths, np.where(hit.any(1), hit.argmax(1) + 1, steps))
+
+
+def test_stop_strings_end_each_row_at_the_first_stop():
+    """Against a linear scan: the mask keeps the tokens up to the first one whose prefix text
+    holds a stop string; rows without one, and the padding, are unchanged."""
+    rng = np.random.default_rng(0)
+    alphabet = "ab\n#"
+    decode = lambda ids: "".join(alphabet[i] if i < 4 else "<x>" for i in ids)
+    tokens = rng.integers(0, 5, (64, 12))
+    lengths = rng.integers(1, 13, 64)
+    mask = np.arange(12)[None] < lengths[:, None]
+    stops = ["\n#", "bbb", "<x>a"]
+    new_mask, stopped = gen.stop_at_strings(tokens, mask, decode, stops)
+    for row in range(64):
+        cut = next(
+            (
+                k
+                for k in range(1, lengths[row] + 1)
+                if any(s in decode(tokens[row, :k]) for s in stops)
+            ),
+            None,
+        )
+        want = mask[row].copy() if cut is None else np.arange(12) < cut
+        np.testing.assert_array_equal(new_mask[row], want, err_msg=str(row))
+        assert stopped[row] == (cut is not None)
+    assert 0 < stopped.sum() < 64  # the draw has rows of both kinds
+    same, none = gen.stop_at_strings(tokens, mask, decode, [])
+    np.testing.assert_array_equal(same, mask)
+    assert not none.any()
+    with pytest.raises(ValueError, match="non-empty strings"):
+        gen.stop_at_strings(tokens, mask, decode, ["ok", ""])
+    with pytest.raises(ValueError, match="must both be"):
+        gen.stop_at_strings(tokens[:, :3], mask, decode, ["a"])

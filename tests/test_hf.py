@@ -2,20 +2,21 @@
 supported family, saved with save_pretrained and loaded by rljax, must give the same logits
 (no padding, right padding, left padding); rljax's save_model must load back into transformers
 with no missing or unexpected keys; sharded and bfloat16 checkpoints; the reward head; Qwen3's
-per-head query/key norms (tied and untied, with and without biases, cached decoding); errors."""
+per-head query/key norms (tied and untied, with and without biases, cached decoding); sliding
+windows (Mistral, Qwen2, Qwen3) and Gemma 2 / Gemma 3 on rows longer than the window; errors."""
 
 import copy
 import json
 import os
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from helpers import HF_TINY_LLAMA, assert_greedy_matches_transformers  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from rljax.models import hf  # noqa: E402
@@ -36,15 +37,7 @@ def _randomize(model, seed):
     return model.eval()
 
 
-LLAMA_SHAPE = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=64,
-    attn_implementation="eager",
-)
+LLAMA_SHAPE = dict(HF_TINY_LLAMA, vocab_size=VOCAB)
 
 
 def _causal_lm(family, kv_heads, rope, **settings):
@@ -376,9 +369,10 @@ def _max_relative_difference(got, want):
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def _odd_batch(seed=0, vocab=97):
-    """Left-padded rows of unequal lengths over the whole of Qwen3's odd vocabulary."""
-    tokens, mask = _batch("left", seed)
+def _odd_batch(seed=0, vocab=97, padding="left"):
+    """Left-padded (or ``padding``) rows of unequal lengths over the whole of Qwen3's odd
+    vocabulary."""
+    tokens, mask = _batch(padding, seed)
     tokens = np.random.default_rng(seed).integers(1, vocab, tokens.shape)
     return np.where(mask, tokens, 0), mask
 
@@ -422,7 +416,6 @@ def test_qwen3_matches_transformers_and_round_trips(tied, tmp_path):
 def test_qwen3_cached_decoding_equals_the_full_forward(checkpoints):
     """Prompt then one token at a time through the KV cache (the keys stored after k_norm and
     RoPE) gives the full forward pass's logits; greedy generation matches transformers'."""
-    from rljax.models.generate import SamplingConfig, generate
 
     hf_model, _, ours = checkpoints["qwen3"]
     tokens, mask = _odd_batch(seed=5)
@@ -444,43 +437,181 @@ def test_qwen3_cached_decoding_equals_the_full_forward(checkpoints):
     assert cached.shape == full.shape and steps > 1
     np.testing.assert_allclose(cached[mask], full[mask], atol=2e-5 * np.abs(full).max(), rtol=0)
 
-    new = 6
-    out = generate(
-        ours,
-        jnp.asarray(tokens, jnp.int32),
-        jnp.asarray(mask),
-        jax.random.key(0),
-        SamplingConfig(max_new_tokens=new, temperature=0.0),
-    )
-    with torch.no_grad():
-        want = hf_model.generate(
-            input_ids=torch.tensor(tokens),
-            attention_mask=torch.tensor(mask.astype(np.int64)),
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-        )[:, TIME:].numpy()
-    np.testing.assert_array_equal(np.asarray(out.completions), want)
+    assert_greedy_matches_transformers(ours, hf_model, tokens, mask, 6)
 
 
-def test_qwen3_sliding_window_refused():
+def test_qwen3_sliding_window_config():
     config = transformers.Qwen3Config(
         **QWEN3_SHAPE, use_sliding_window=True, sliding_window=16, max_window_layers=1
     )
     assert config.layer_types == ["full_attention", "sliding_attention"]
-    with pytest.raises(
-        ValueError, match=r"use_sliding_window=True from layer 1 on, sliding_window=16 < max_pos"
-    ):
-        hf.config_from_hf(config)
-    capped = hf.config_from_hf(config, max_position_embeddings=16)  # exact up to the window
-    assert capped.qk_norm and capped.max_position_embeddings == 16
+    ours = hf.config_from_hf(config)
+    assert ours.qk_norm and ours.sliding_window == 16 and ours.max_position_embeddings == 64
+    assert ours.layer_windows == (2**30, 16)  # layer 0 global, layer 1 slides
     # The released models' settings: use_sliding_window false (sliding_window, if any, unused).
     off = dict(QWEN3_SHAPE, use_sliding_window=False, sliding_window=16, max_window_layers=0)
     assert hf.config_from_hf(transformers.Qwen3Config(**off)).max_position_embeddings == 64
     raw = {k: v for k, v in off.items() if k not in ("attn_implementation", "rope_parameters")}
     as_json = hf.config_from_hf(dict(raw, model_type="qwen3", rope_theta=1e6))  # a config.json
     assert (as_json.head_dim, as_json.qk_norm, as_json.rope_theta) == (24, True, 1e6)
+
+
+# ---------------------------------------------------------------------------- windows, Gemma
+
+WINDOW = 5  # shorter than the 12-token rows of _odd_batch
+
+
+def _gemma3_rope(sliding_type="default"):
+    """Gemma 3's two RoPEs: a local base of 10 on the sliding layers, a global base of 1e4
+    with linear scaling (factor 2) on the others."""
+    local = dict(rope_type=sliding_type, rope_theta=10.0)
+    if sliding_type != "default":
+        local["factor"] = 2.0
+    return dict(
+        sliding_attention=local,
+        full_attention=dict(rope_type="linear", factor=2.0, rope_theta=1e4),
+    )
+
+
+# Odd sizes (QWEN3_SHAPE: hidden 48, 3 query heads sharing 1 key/value head of width 24,
+# vocabulary 97, two layers) with windows of 5 tokens.
+WINDOWED = {
+    # Every layer slides; untied embeddings.
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**QWEN3_SHAPE, sliding_window=WINDOW)
+    ),
+    # Layer 1 slides (max_window_layers=1), layer 0 global; q/k/v biases; tied embeddings.
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            **QWEN3_SHAPE,
+            use_sliding_window=True,
+            sliding_window=WINDOW,
+            max_window_layers=1,
+            tie_word_embeddings=True,
+        )
+    ),
+    # Layer 0 slides, layer 1 global (explicit layer_types); q/k norms.
+    "qwen3": lambda: _qwen3(
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
+    # Gemma 2: sliding then global layers, attention and final soft-caps that bind, attention
+    # scale 20 ** -0.5 (not head_dim's), tied embeddings.
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(
+            **QWEN3_SHAPE,
+            sliding_window=WINDOW,
+            query_pre_attn_scalar=20,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+        )
+    ),
+    # Gemma 3: q/k norms, local and global RoPE, final soft-cap, biases, untied embeddings.
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(
+            **{**QWEN3_SHAPE, "rope_parameters": _gemma3_rope()},
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            query_pre_attn_scalar=20,
+            final_logit_softcapping=3.0,
+            attention_bias=True,
+            tie_word_embeddings=False,
+        )
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """family -> (HF model, its save_pretrained folder, the rljax model loaded from it)."""
+    out = {}
+    for k, (family, build) in enumerate(WINDOWED.items()):
+        torch.manual_seed(20 + k)
+        model = _randomize(build(), seed=20 + k)
+        folder = str(tmp_path_factory.mktemp(family))
+        model.save_pretrained(folder)
+        out[family] = (model, folder, hf.load_model(folder))
+    return out
+
+
+@pytest.mark.parametrize("family", list(WINDOWED))
+def test_windowed_families_match_transformers_and_round_trip(windowed, family, tmp_path):
+    """Rows longer than the window (left-padded): the logits, within 1e-4 of their scale;
+    with the window switched off they differ (the window binds). save_model's folder loads
+    back into transformers as the same class with no missing keys and the same logits."""
+    hf_model, folder, ours = windowed[family]
+    c = ours.config
+    assert c.sliding_window == WINDOW and any(c.sliding_layers)
+    assert c.num_params == sum(p.numel() for p in hf_model.parameters())
+    tokens, mask = _odd_batch(seed=2)
+    want = _hf_logits(hf_model, tokens, mask)[mask]
+    got = _ours(ours, tokens, mask)[mask]
+    assert np.abs(want).max() > 0.5
+    assert _max_relative_difference(got, want) < 1e-4
+    unwindowed = _ours(hf.load_model(folder, sliding_window=10**6), tokens, mask)[mask]
+    assert _max_relative_difference(unwindowed, want) > 1e-2
+    for padding in ("none", "right"):
+        other_tokens, other_mask = _odd_batch(seed=3, padding=padding)
+        other = _hf_logits(hf_model, other_tokens, other_mask)[other_mask]
+        got = _ours(ours, other_tokens, other_mask)[other_mask]
+        assert _max_relative_difference(got, other) < 1e-4, padding
+
+    hf.save_model(ours, tmp_path)  # the model type is inferred from the config
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert type(back) is type(hf_model)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert back.config.sliding_window == WINDOW
+    if family != "mistral":  # Mistral has no layer_types: every layer slides
+        assert back.config.layer_types == hf_model.config.layer_types
+    again = _hf_logits(back.eval(), tokens, mask)[mask]
+    assert _max_relative_difference(again, want) < 1e-6  # the same float32 weights
+    assert hf.load_model(tmp_path).config == c
+
+
+def test_gemma_config_mapping(windowed):
+    gemma2, gemma3 = windowed["gemma2"][2].config, windowed["gemma3"][2].config
+    assert gemma2.family == gemma3.family == "gemma"
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (2.0, 3.0)
+    assert gemma2.query_pre_attn_scalar == 20.0 and gemma2.hidden_act == "gelu_pytorch_tanh"
+    assert gemma2.layer_types == ("sliding_attention", "full_attention")
+    assert gemma2.tie_word_embeddings and not gemma2.qk_norm and gemma2.rope_local_theta is None
+    assert gemma3.qk_norm and gemma3.qkv_bias and gemma3.o_bias and not gemma3.tie_word_embeddings
+    assert gemma3.attn_logit_softcap is None and gemma3.final_logit_softcap == 3.0
+    assert (gemma3.rope_local_theta, gemma3.rope_theta, gemma3.rope_type) == (10.0, 1e4, "linear")
+    norms = ("attn_norm_scale", "post_attn_norm_scale", "mlp_norm_scale", "post_mlp_norm_scale")
+    for name in norms:
+        assert windowed["gemma3"][2].layers[name][...].shape == (2, 48)
+
+
+def test_windowed_generation_matches_transformers(windowed):
+    """Gemma 3's greedy generation after prompts longer than the window (prefill, then one
+    token at a time through the KV cache) gives transformers' tokens, whose sliding layers
+    keep only the window in their cache. (Cached decoding == the full forward for every
+    windowed config: tests/test_transformer.py.)"""
+
+    hf_model, _, ours = windowed["gemma3"]
+    tokens, mask = _odd_batch(seed=7)
+    assert_greedy_matches_transformers(ours, hf_model, tokens, mask, 6)
+
+
+def test_gemma_options_refused_or_ignored():
+    shape = dict(QWEN3_SHAPE, sliding_window=WINDOW)
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        hf.config_from_hf(transformers.Gemma3TextConfig(**shape, use_bidirectional_attention=True))
+    local = {**shape, "rope_parameters": _gemma3_rope("linear")}
+    with pytest.raises(ValueError, match=r"rope_parameters\['sliding_attention'\]"):
+        hf.config_from_hf(transformers.Gemma3TextConfig(**local))
+    with pytest.warns(UserWarning, match=r"attn_logit_softcapping=5\.0 is ignored"):
+        ours = hf.config_from_hf(transformers.Gemma3TextConfig(**shape, attn_logit_softcapping=5.0))
+    assert ours.attn_logit_softcap is None  # transformers' Gemma 3 never applies it
+    gemma2 = hf.config_from_hf(transformers.Gemma2Config(**shape))
+    with pytest.raises(ValueError, match=r"cannot save as 'gemma3_text': Gemma 3 has q/k norms"):
+        hf.hf_config_from(gemma2, model_type="gemma3_text")
+    with pytest.raises(ValueError, match=r"cannot save as 'qwen2'"):
+        hf.hf_config_from(gemma2, model_type="qwen2")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -559,15 +690,15 @@ def test_error_unsupported_configs():
             hf.config_from_hf(config)
 
     window = transformers.MistralConfig(**LLAMA_SHAPE, num_key_value_heads=2, sliding_window=16)
-    with pytest.raises(ValueError, match=r"sliding-window.*max_position_embeddings=16"):
-        hf.config_from_hf(window)
-    assert hf.config_from_hf(window, max_position_embeddings=16).max_position_embeddings == 16
+    assert hf.config_from_hf(window).layer_windows == (16, 16)  # Mistral: every layer slides
     kv = dict(num_key_value_heads=2)
     qwen = transformers.Qwen2Config(**LLAMA_SHAPE, **kv, use_sliding_window=True, sliding_window=8)
     qwen.layer_types = ["full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="sliding-window"):
-        hf.config_from_hf(qwen)
-    assert hf.config_from_hf(transformers.Qwen2Config(**LLAMA_SHAPE, **kv)).qkv_bias  # no window
+    assert hf.config_from_hf(qwen).layer_windows == (2**30, 8)
+    plain = hf.config_from_hf(transformers.Qwen2Config(**LLAMA_SHAPE, **kv))  # no window
+    assert plain.qkv_bias and plain.sliding_window is None and plain.layer_windows is None
+    with pytest.raises(ValueError, match=r"cannot save as 'llama': sliding_window=16"):
+        hf.hf_config_from(hf.config_from_hf(window), model_type="llama")
 
     for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         gpt2 = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, **{option: True})

@@ -35,7 +35,7 @@ LAYERS = {
         "launch",
         "bench",
     },
-    "models and data": {"models", "data", "envs", "tasks", "rewards"},
+    "models and data": {"models", "lora", "data", "envs", "tasks", "rewards"},
     "updates": {"updates"},
     "drivers": {"experiment", "classic", "rl"},
 }

@@ -127,6 +127,29 @@ class CharTokenizer:
         return "".join(chr(ord("a") + int(i) % 26) for i in ids)
 
 
+def test_stop_strings_end_completions_in_every_per_token_array():
+    out = rollout(2)
+    tok = CharTokenizer()
+    stop = ("a", "cd")
+    got = rl.grpo.apply_stop_strings(out, tok, stop)
+    cmask = got["completion_mask"]
+    assert cmask.sum() < out["completion_mask"].sum()  # some rows were cut
+    for row in range(B):
+        valid = out["tokens"][row, -N:][out["completion_mask"][row]]
+        text = tok.decode(valid)
+        ends = [text.find(s) + len(s) for s in stop if s in text]
+        keep = min(ends) if ends else len(valid)
+        assert cmask[row].sum() == keep and cmask[row, :keep].all(), row
+        assert got["finished"][row] == (out["finished"][row] or bool(ends))
+    np.testing.assert_array_equal(got["mask"][:, -N:], cmask)
+    np.testing.assert_array_equal(got["mask"][:, :-N], out["mask"][:, :-N])
+    for name in ("old_logps", "ref_logps", "sampler_logps"):
+        np.testing.assert_array_equal(got[name], np.where(cmask, out[name], 0.0))
+    assert rl.grpo.apply_stop_strings(out, tok, ()) is out
+    with pytest.raises(ValueError, match="--stop: stop strings must be non-empty"):
+        config(stop=("",))
+
+
 def test_collect_dynamic_sampling_drops_uninformative_groups_and_counts_them():
     prompts = rl.grpo.Prompts(
         texts=[f"p{i}" for i in range(6)],

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import one_layer_llama
+from helpers import one_layer_llama, rl_update_batch
 
 from rljax import rlhf, updates
 from rljax.models.transformer import Transformer, with_head
@@ -184,18 +184,7 @@ def rollout_batch(seed, critic=True):
     prompt_len = rng.integers(1, P + 1, B)
     prompt_mask = np.arange(P)[None, :] >= (P - prompt_len)[:, None]  # left-padded
     cmask = random_mask(rng, allow_empty=False)
-    tokens = rng.integers(0, V, (B, P + N)).astype(np.int32)
-    batch = {
-        "tokens": tokens,
-        "mask": np.concatenate([prompt_mask, cmask], axis=1),
-        "completion_mask": cmask,
-        "old_logps": np.where(cmask, rng.normal(-3, 0.3, (B, N)), 0).astype(np.float32),
-        "advantages": np.where(cmask, rng.normal(size=(B, N)), 0).astype(np.float32),
-    }
-    if critic:
-        batch["returns"] = np.where(cmask, rng.normal(size=(B, N)), 0).astype(np.float32)
-        batch["old_values"] = np.where(cmask, rng.normal(size=(B, N)), 0).astype(np.float32)
-    return batch
+    return rl_update_batch(rng, prompt_mask, cmask, V, critic=critic, old_logp_mean=-3)
 
 
 def full_logits_outputs(model, batch):

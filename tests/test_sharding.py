@@ -130,8 +130,9 @@ def test_rules_are_small_frozen_data():
     assert hash(rules) == hash(sharding.ShardingRules(rules.rules))
     assert rules.override(vocab=None).mesh_axes("vocab") == ()
     assert rules.mesh_axes("vocab") == ("tensor",)  # the original is unchanged
-    with pytest.raises(ValueError, match=r"no sharding rule for logical axis 'experts'"):
-        rules.mesh_axes("experts")
+    assert rules.mesh_axes("experts") == ("fsdp",)  # mixture-of-experts weights
+    with pytest.raises(ValueError, match=r"no sharding rule for logical axis 'channels'"):
+        rules.mesh_axes("channels")
     with pytest.raises(ValueError, match=r"'embed' has two rules"):
         sharding.ShardingRules((("embed", "fsdp"), ("embed", None)))
 
@@ -326,8 +327,8 @@ def test_sharded_forward_backward_equals_one_device(name, mesh_spec):
     params = sharding.shard_params(params, mesh)
     tokens, mask = sharding.shard_batch((tokens, mask), mesh)
     assert_sharded_as(params, shardings)
-    fn = jax.jit(
-        jax.value_and_grad(make_loss(graphdef, rest)),
+    fn = jax.jit(  # traced on the mesh: the activations' batch constraints in force
+        sharding.on_mesh(jax.value_and_grad(make_loss(graphdef, rest)), mesh),
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.batch_sharding(mesh)),
         out_shardings=(sharding.replicated(mesh), shardings),
     )
@@ -340,6 +341,26 @@ def test_sharded_forward_backward_equals_one_device(name, mesh_spec):
         np.testing.assert_allclose(
             np.asarray(g), r, rtol=1e-5, atol=1e-5, err_msg=sharding._path_str(path)
         )
+
+
+def test_activations_keep_the_batch_split_only_when_traced_on_a_mesh():
+    """:func:`rljax.sharding.on_mesh` makes the model constrain its residual stream to the
+    batch axes (data x fsdp) at every layer; outside it, or on a mesh whose batch axes have one
+    device, the program has no such constraint."""
+    graphdef, params, rest = split("llama8")
+    tokens, mask = make_batch(CONFIGS["llama8"])
+    loss = make_loss(graphdef, rest)
+
+    def constraints(fn):
+        text = jax.jit(fn).lower(params, tokens, mask).as_text()
+        return text.count("sharding_constraint"), '{"data", "fsdp"}' in text
+
+    assert constraints(loss) == (0, False)
+    count, batch_axes = constraints(sharding.on_mesh(loss, sharding.make_mesh("data=2,fsdp=4")))
+    assert count >= 2 and batch_axes  # in and out of the scanned layer
+    assert constraints(sharding.on_mesh(loss, sharding.make_mesh("tensor=8")))[0] == 0
+    x = jnp.ones((3, 4))  # a leading size the batch axes do not divide: left as it is
+    assert sharding.constrain_batch(x) is x
 
 
 def test_sharded_adam_step_equals_unsharded():

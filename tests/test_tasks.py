@@ -1,6 +1,7 @@
 """The built-in sorting task: oracle against brute force, tokenizer, generated data, warm-up."""
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -333,3 +334,23 @@ def test_default_settings_model_ships_with_the_package(tmp_path, monkeypatch):
     assert info["config"]["vocab_size"] == len(sorting.build_tokenizer().get_vocab())
     model = hf.load_model(folder)
     assert model.config.num_params == sorting.base_model_config().num_params
+
+
+def test_the_default_base_model_is_the_shipped_one_whatever_fields_the_config_gains(
+    tmp_path, monkeypatch
+):
+    """With an empty cache the default settings find the model that ships with the package,
+    never a rebuild: TransformerConfig fields added after the key was fixed (Qwen3's q/k
+    norms, windows, Gemma's options, experts, ...) stay out of the key at their defaults, and
+    a non-default value of one changes the key."""
+    monkeypatch.setattr(
+        sorting, "_build_once", lambda *a: pytest.fail("the shipped base model was not found")
+    )
+    folder = sorting.default_base_model(cache_dir=tmp_path)
+    assert os.path.dirname(folder) == os.fspath(sorting.SHIPPED_MODELS_DIR)
+    config = sorting.base_model_config(len(sorting.build_tokenizer().get_vocab()))
+    later = [f.name for f in dataclasses.fields(config) if f.name not in sorting._KEY_FIELDS]
+    assert "qk_norm" in later
+    key = sorting._config_key(config)
+    assert set(key) == set(sorting._KEY_FIELDS)
+    assert "qk_norm" in sorting._config_key(dataclasses.replace(config, qk_norm=True))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import tiny_gpt2, tiny_llama
+from helpers import TINY, tiny_gpt2, tiny_llama
 
 from rljax.models.transformer import (
     Transformer,
@@ -37,11 +37,29 @@ def gpt2_config(**kw):
     return tiny_gpt2(**{**SETTINGS, "max_position_embeddings": 24, **kw})
 
 
+def gemma_config(generation=2, **kw):
+    """A two-layer Gemma (sliding window of 3 on layer 0, global layer 1; Gemma 2 soft-caps
+    or Gemma 3's q/k norms and local RoPE)."""
+    settings = dict(num_kv_heads=2, intermediate_size=48, sliding_window=3)
+    if generation == 2:
+        settings.update(attn_logit_softcap=2.0, final_logit_softcap=5.0)
+    layer_types = ("sliding_attention", "full_attention")
+    return TransformerConfig.gemma(
+        generation=generation, **{**TINY, **SETTINGS, **settings, "layer_types": layer_types, **kw}
+    )
+
+
 CONFIGS = {
     "llama": llama_config,
     "gpt2": gpt2_config,
     "qwen2": lambda **kw: llama_config(qkv_bias=True, **kw),
     "mqa": lambda **kw: llama_config(num_kv_heads=1, **kw),
+    # Sliding windows of 3 on layer 1 only (Qwen2/Qwen3's max_window_layers=1).
+    "window": lambda **kw: llama_config(
+        sliding_window=3, layer_types=("full_attention", "sliding_attention"), **kw
+    ),
+    "gemma2": gemma_config,
+    "gemma3": lambda **kw: gemma_config(generation=3, **kw),
 }
 
 
@@ -97,7 +115,7 @@ def test_causality(name):
     assert np.abs(np.asarray(a[:, 5:] - b[:, 5:])).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "mqa"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mqa", "window", "gemma2", "gemma3"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_cached_decoding_equals_full_forward(name, jit):
     """Prefill 4 tokens, then 1, then 4 more through the cache = one full forward pass."""
@@ -257,6 +275,13 @@ def test_rope_scalings():
         (dict(lm_head=False), "lm_head"),
         (dict(dtype="float33"), "dtype"),
         (dict(num_layers=0), "num_layers"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(sliding_window=4, layer_types=("sliding_attention",)), "layer_types"),
+        (dict(sliding_window=4, layer_types=("sliding_attention", "local")), "layer_types"),
+        (dict(layer_types=("sliding_attention", "full_attention")), "layer_types"),
+        (dict(rope_local_theta=1e4), "rope_local_theta"),
+        (dict(attn_logit_softcap=0.0), "attn_logit_softcap"),
+        (dict(query_pre_attn_scalar=-1.0), "query_pre_attn_scalar"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -282,6 +307,17 @@ def test_presets():
     assert model.config.num_layers == 1
     with pytest.raises(ValueError, match="unknown preset"):
         preset("7b")
+    gemma2, gemma3 = preset("gemma2-tiny"), preset("gemma3-tiny")
+    assert gemma2.family == gemma3.family == "gemma" and gemma3.qk_norm and not gemma2.qk_norm
+    assert gemma2.layer_windows == (64, 2**30, 64, 2**30)
+    assert gemma3.layer_windows == (64,) * 5 + (2**30,) and gemma3.rope_local_theta == 1e4
+    assert preset("gemma3-tiny", num_layers=2).layer_windows == (64, 64)  # the pattern, cut
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0)
+    assert Transformer(gemma3, rngs=nnx.Rngs(0)).layers["q_norm_scale"][...].shape == (6, 16)
+    with pytest.raises(ValueError, match="generation"):
+        TransformerConfig.gemma(
+            vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, generation=1
+        )
 
 
 def test_with_head_copies_the_backbone():
@@ -296,3 +332,93 @@ def test_with_head_copies_the_backbone():
     assert critic.values(tokens, mask).shape == tokens.shape
     critic.layers["q"][...] = critic.layers["q"][...] + 1.0  # a copy, not shared
     assert not np.allclose(critic.layers["q"][...], make("gpt2").layers["q"][...])
+
+
+# ---------------------------------------------------------------------------- sliding windows
+
+
+def _window_model(layer_types=None, window=3, num_layers=1, **kw):
+    config = llama_config(
+        num_layers=num_layers, sliding_window=window, layer_types=layer_types, **kw
+    )
+    return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def _changed_outputs(model, time=10, query=8):
+    """For each earlier position j, whether changing token j changes the logits at ``query``."""
+    row = np.random.default_rng(3).integers(0, V, time)
+    rows = np.repeat(row[None], query + 2, axis=0)  # row 0 as is, row 1 + j with j changed
+    rows[1 + np.arange(query + 1), np.arange(query + 1)] += 1
+    logits = np.asarray(model(jnp.asarray(rows % V, jnp.int32)))[:, query]
+    return [bool(x) for x in np.abs(logits[1:] - logits[0]).max(axis=-1) > 1e-6]
+
+
+def test_sliding_window_sees_exactly_the_last_window_keys():
+    """Hugging Face's sliding_window_causal mask: a query at i sees keys i - W < j <= i. One
+    sliding layer, W = 3: the logits at 8 depend on tokens 6, 7, 8 only; two sliding layers
+    reach 2 (W - 1) back; a global layer under a sliding one (the per-layer window in the
+    layer scan) reaches everything."""
+    assert _changed_outputs(_window_model()) == [False] * 6 + [True] * 3
+    two = _window_model(num_layers=2)
+    assert _changed_outputs(two) == [False] * 4 + [True] * 5
+    mixed = _window_model(("full_attention", "sliding_attention"), num_layers=2)
+    assert mixed.config.layer_windows == (2**30, 3)
+    assert _changed_outputs(mixed) == [True] * 9
+
+
+def test_window_longer_than_the_sequence_is_plain_causal_attention():
+    tokens, mask = tokens_and_mask()
+    plain = make("llama")
+    state = nnx.state(plain)
+    wide = nnx.merge(nnx.graphdef(make("llama", sliding_window=9)), state)
+    narrow = nnx.merge(nnx.graphdef(make("llama", sliding_window=2)), state)
+    valid = np.asarray(mask)
+    want = np.asarray(plain(tokens, mask))[valid]
+    np.testing.assert_allclose(np.asarray(wide(tokens, mask))[valid], want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(narrow(tokens, mask))[valid] - want).max() > 1e-3
+    # A window takes the explicit-mask XLA path whatever attention_impl says (cuDNN's flash
+    # attention, unavailable here, is not called).
+    cudnn = nnx.merge(nnx.graphdef(make("llama", sliding_window=2, attention_impl="cudnn")), state)
+    np.testing.assert_array_equal(np.asarray(cudnn(tokens, mask)), np.asarray(narrow(tokens, mask)))
+
+
+@pytest.mark.parametrize("name", ["window", "gemma2", "gemma3"])
+def test_packed_rows_with_windows_equal_each_sequence_alone(name):
+    """Two sequences (6 and 5 tokens, longer than the window of 3) packed in one row with
+    segment ids: each one's logits are those it has alone."""
+    model = make(name)
+    rng = np.random.default_rng(4)
+    first, second = rng.integers(0, V, 6), rng.integers(0, V, 5)
+    row = jnp.asarray(np.concatenate([first, second, [0]])[None], jnp.int32)
+    segment_ids = jnp.asarray([[1] * 6 + [2] * 5 + [0]], jnp.int32)
+    packed = np.asarray(model(row, segment_ids=segment_ids))[0]
+    for seq, lo in ((first, 0), (second, 6)):
+        alone = np.asarray(model(jnp.asarray(seq[None], jnp.int32)))[0]
+        np.testing.assert_allclose(packed[lo : lo + len(seq)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma_layers_norms_and_caps():
+    """Gemma's four norms per layer (scales stored as w of 1 + w, so they start at 0), the
+    soft-capped logits, the sqrt(D)-scaled embedding and Gemma 3's two RoPE tables."""
+    model = make("gemma2")
+    for name in (
+        "attn_norm_scale",
+        "post_attn_norm_scale",
+        "mlp_norm_scale",
+        "post_mlp_norm_scale",
+    ):
+        assert model.layers[name][...].shape == (2, 32)
+        assert not np.asarray(model.layers[name][...]).any()
+    assert "gate" in model.layers and "q_norm_scale" not in model.layers
+    tokens, mask = tokens_and_mask()
+    hidden, _ = model.decode(tokens, mask)
+    raw = np.asarray(hidden @ model.unembedding())
+    capped = np.asarray(model.logits(hidden))
+    assert np.abs(raw).max() > 5.0 and np.abs(capped).max() < 5.0
+    np.testing.assert_allclose(capped, 5.0 * np.tanh(raw / 5.0), rtol=1e-5, atol=1e-5)
+    gemma3 = make("gemma3")
+    statics = gemma3._layer_statics()
+    local, global_ = np.asarray(statics.inv_freq)
+    np.testing.assert_allclose(local[1], 1e4 ** (-2 / 8), rtol=1e-6)  # head_dim 8
+    np.testing.assert_allclose(global_[1], 1e6 ** (-2 / 8), rtol=1e-6)
+    assert np.asarray(statics.window).tolist() == [3, 2**30]

@@ -52,6 +52,7 @@ __all__ = [
     "generate",
     "left_pad",
     "make_generate_fn",
+    "stop_at_strings",
     "to_left_padded",
 ]
 
@@ -77,6 +78,9 @@ class SamplingConfig:
       eos_token_id: an id, a tuple of ids, or ``None`` (never stop early). A row stops after
         emitting any of them; the EOS token itself is part of the completion.
       pad_token_id: id written after a row has finished.
+      cache_dtype: dtype of the KV cache (e.g. ``"bfloat16"``: half the cache memory and
+        the bytes each decode step reads, at bfloat16 rounding of keys and values); ``None``
+        = the model's compute dtype.
     """
 
     max_new_tokens: int = 32
@@ -85,6 +89,7 @@ class SamplingConfig:
     top_p: float = 1.0
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int = 0
+    cache_dtype: str | None = None
 
     def __post_init__(self):
         def fail(field, problem):
@@ -117,6 +122,14 @@ class SamplingConfig:
             object.__setattr__(self, "eos_token_id", tuple(int(i) for i in ids))
         if not _is_int(self.pad_token_id) or self.pad_token_id < 0:
             fail("pad_token_id", f"must be an int >= 0, got {self.pad_token_id!r}")
+        if self.cache_dtype is not None:
+            try:
+                kind = jnp.dtype(self.cache_dtype)
+            except TypeError:
+                kind = None
+            if kind is None or not jnp.issubdtype(kind, jnp.floating):
+                fail("cache_dtype", f"must be a float dtype name or None, got {self.cache_dtype!r}")
+            object.__setattr__(self, "cache_dtype", kind.name)
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
 
@@ -316,7 +329,7 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
 
     # Prefill: the whole prompt in one call; the last token of the completion never enters
     # the cache, hence P + N - 1 slots.
-    cache = model.init_cache(b, p + n - 1)
+    cache = model.init_cache(b, p + n - 1, dtype=config.cache_dtype)
     hidden, cache = model.decode(prompt_tokens, prompt_mask, cache=cache)
     last = last_valid_index(prompt_mask)
     logits = model.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
@@ -479,3 +492,60 @@ def make_generate_fn(
 
     generate_fn.jitted = compiled
     return generate_fn
+
+
+def stop_at_strings(
+    completions: np.ndarray,
+    completion_mask: np.ndarray,
+    decode: Callable[[list[int]], str],
+    stop_strings: Sequence[str],
+) -> tuple[np.ndarray, np.ndarray]:
+    """End each completion at the first of ``stop_strings`` (host side, after sampling).
+
+    A row's completion is cut after the first token at which its decoded text contains a
+    stop string (the tokens that complete it are kept, as Hugging Face ``generate``'s
+    ``stop_strings`` keeps them); later tokens leave the mask, so rewards, log-probs and losses
+    never see them. The search is a bisection over the row's prefixes (``decode`` of a longer
+    prefix contains the text of a shorter one), so a row costs about ``log2(N)`` decodes.
+
+    Args:
+      completions: ``int [B, N]`` sampled tokens (:attr:`GenerationOutput.completions`).
+      completion_mask: ``bool [B, N]``, the valid tokens (a prefix of each row).
+      decode: token ids -> text (e.g. ``lambda ids: tokenizer.decode(ids)``).
+      stop_strings: non-empty strings.
+
+    Returns:
+      ``(completion_mask, stopped)``: the new mask and ``bool [B]``, True where a stop
+      string ended the row.
+    """
+    if isinstance(stop_strings, str) or not all(isinstance(x, str) and x for x in stop_strings):
+        raise ValueError(
+            f"stop_at_strings: stop_strings must be a sequence of non-empty strings, got "
+            f"{stop_strings!r}"
+        )
+    completions = np.asarray(completions)
+    mask = np.array(completion_mask, dtype=bool)
+    if completions.shape != mask.shape or completions.ndim != 2:
+        raise ValueError(
+            f"stop_at_strings: completions {completions.shape} and completion_mask "
+            f"{mask.shape} must both be [B, N]"
+        )
+    stopped = np.zeros(len(mask), bool)
+    if not stop_strings:
+        return mask, stopped
+
+    def has_stop(row: int, length: int) -> bool:
+        text = decode([int(t) for t in completions[row, :length]])
+        return any(stop in text for stop in stop_strings)
+
+    for row in range(len(mask)):
+        length = int(mask[row].sum())
+        if not has_stop(row, length):
+            continue
+        lo, hi = 1, length  # the shortest prefix with a stop string lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if has_stop(row, mid) else (mid + 1, hi)
+        mask[row, lo:] = False
+        stopped[row] = True
+    return mask, stopped

@@ -1,8 +1,10 @@
 """Load and save Hugging Face checkpoint folders (``config.json`` + safetensors) as
 :class:`~rljax.models.transformer.Transformer` models.
 
-Supported ``model_type``\\ s: ``gpt2``, ``llama``, ``mistral``, ``qwen2`` and ``qwen3`` (causal
-LMs, and their ``*ForSequenceClassification`` reward models with one label). Weights are read
+Supported ``model_type``\\ s: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, the
+mixtures of experts ``qwen3_moe`` and ``mixtral``, and ``gemma2`` and ``gemma3_text`` (Gemma 3's
+text model, ``Gemma3ForCausalLM``); sliding windows included (causal LMs, and their
+``*ForSequenceClassification`` reward models with one label). Weights are read
 with the ``safetensors`` package's numpy API (bfloat16 through ``ml_dtypes``; no torch needed);
 pickle files (``pytorch_model.bin``, ``*.pt``) are never opened.
 
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import re
+import types
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -57,7 +60,17 @@ __all__ = [
     "save_model",
 ]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "qwen3_moe",
+    "mixtral",
+    "gemma2",
+    "gemma3_text",
+)
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # never opened
@@ -115,6 +128,40 @@ QWEN3_TABLE = (
     *LLAMA_TABLE,
     T("layers.q_norm_scale", _LLAMA_LAYER + "self_attn.q_norm.weight", "H -> H"),
     T("layers.k_norm_scale", _LLAMA_LAYER + "self_attn.k_norm.weight", "H -> H"),
+)
+# Gemma 2: Llama's tensors, but four norms per layer: input_layernorm before attention,
+# post_attention_layernorm on its output (not before the MLP, as in Llama),
+# pre_feedforward_layernorm before the MLP and post_feedforward_layernorm on its output.
+# Gemma 3 (text) adds Qwen3's per-head query/key norms.
+GEMMA2_TABLE = (
+    *(e for e in LLAMA_TABLE if e.ours != "layers.mlp_norm_scale"),
+    T("layers.post_attn_norm_scale", _LLAMA_LAYER + "post_attention_layernorm.weight", "D -> D"),
+    T("layers.mlp_norm_scale", _LLAMA_LAYER + "pre_feedforward_layernorm.weight", "D -> D"),
+    T("layers.post_mlp_norm_scale", _LLAMA_LAYER + "post_feedforward_layernorm.weight", "D -> D"),
+)
+GEMMA3_TABLE = (
+    *GEMMA2_TABLE,
+    T("layers.q_norm_scale", _LLAMA_LAYER + "self_attn.q_norm.weight", "H -> H"),
+    T("layers.k_norm_scale", _LLAMA_LAYER + "self_attn.k_norm.weight", "H -> H"),
+)
+# Mixtures of experts: the attention of Qwen3 (Qwen3-MoE) or Llama (Mixtral), and per layer a
+# router and E SwiGLU experts, one tensor per (layer, expert) ({e}: the expert index), as
+# transformers' save_pretrained writes them (its in-memory experts.gate_up_proj is fused).
+_QWEN3_MOE_MLP = _LLAMA_LAYER + "mlp."
+QWEN3_MOE_TABLE = (
+    *QWEN3_TABLE,
+    T("layers.router", _QWEN3_MOE_MLP + "gate.weight", "E D -> D E"),
+    T("layers.expert_gate", _QWEN3_MOE_MLP + "experts.{e}.gate_proj.weight", "F D -> D F"),
+    T("layers.expert_up", _QWEN3_MOE_MLP + "experts.{e}.up_proj.weight", "F D -> D F"),
+    T("layers.expert_down", _QWEN3_MOE_MLP + "experts.{e}.down_proj.weight", "D F -> F D"),
+)
+_MIXTRAL_MLP = _LLAMA_LAYER + "block_sparse_moe."
+MIXTRAL_TABLE = (
+    *LLAMA_TABLE,
+    T("layers.router", _MIXTRAL_MLP + "gate.weight", "E D -> D E"),
+    T("layers.expert_gate", _MIXTRAL_MLP + "experts.{e}.w1.weight", "F D -> D F"),
+    T("layers.expert_up", _MIXTRAL_MLP + "experts.{e}.w3.weight", "F D -> D F"),
+    T("layers.expert_down", _MIXTRAL_MLP + "experts.{e}.w2.weight", "D F -> F D"),
 )
 _GPT2_LAYER = "{base}h.{i}."
 GPT2_TABLE = (
@@ -178,6 +225,34 @@ _FAMILIES = {
         "Qwen3ForCausalLM",
         "Qwen3ForSequenceClassification",
     ),
+    "gemma2": _Family(
+        GEMMA2_TABLE,
+        "model.",
+        re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$"),
+        "Gemma2ForCausalLM",
+        "Gemma2ForSequenceClassification",
+    ),
+    "gemma3_text": _Family(
+        GEMMA3_TABLE,
+        "model.",
+        re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$"),
+        "Gemma3ForCausalLM",
+        "Gemma3TextForSequenceClassification",
+    ),
+    "qwen3_moe": _Family(
+        QWEN3_MOE_TABLE,
+        "model.",
+        re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeForSequenceClassification",
+    ),
+    "mixtral": _Family(
+        MIXTRAL_TABLE,
+        "model.",
+        re.compile(r"(^|\.)rotary_emb\.inv_freq$"),
+        "MixtralForCausalLM",
+        "MixtralForSequenceClassification",
+    ),
 }
 
 
@@ -228,6 +303,7 @@ _SIZE_FIELDS = {
     "K": "kv_heads",
     "H": "dim_per_head",
     "F": "mlp_size",
+    "E": "num_experts",
 }
 
 
@@ -319,9 +395,13 @@ _RESOLVED = {
 
 
 def _config_names(family: str) -> dict[str, str]:
-    """Our field -> the ``transformers`` config's, for ``family`` (``"gpt2"`` or ``"llama"``)."""
+    """Our field -> the ``transformers`` config's, for ``family`` (``"gpt2"``, ``"llama"`` or
+    ``"gemma"``)."""
     column = 1 if family == "gpt2" else 2
-    return {row[0]: row[column] for row in _CONFIG_NAMES if row[column] is not None}
+    names = {row[0]: row[column] for row in _CONFIG_NAMES if row[column] is not None}
+    if family == "gemma":  # Gemma's configs name the activation hidden_activation
+        names["hidden_act"] = "hidden_activation"
+    return names
 
 
 def _read_names(hf, family: str) -> dict[str, Any]:
@@ -371,33 +451,134 @@ def _llama_fields(hf) -> dict[str, Any]:
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
-        qk_norm=hf.model_type == "qwen3",
+        qk_norm=hf.model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         **_rope_fields(hf),
     )
 
 
-def _check_sliding_window(hf, config: TransformerConfig) -> None:
+def _moe_fields(hf) -> dict[str, Any]:
+    """The mixture-of-experts fields of a ``qwen3_moe`` or ``mixtral`` config (``{}`` for
+    others, and for a Qwen3-MoE config with ``num_experts=0``: every layer dense); raises
+    ``ValueError`` naming an option that is not implemented."""
+    if hf.model_type == "mixtral":
+        jitter = float(getattr(hf, "router_jitter_noise", 0.0) or 0.0)
+        if jitter:
+            raise ValueError(
+                f"router_jitter_noise={jitter} is not supported (transformers multiplies the "
+                f"router's input by uniform noise while training); set it to 0.0"
+            )
+        experts, width, normalize = hf.num_local_experts, hf.intermediate_size, True
+    elif hf.model_type == "qwen3_moe" and hf.num_experts:
+        step, dense = hf.decoder_sparse_step, list(hf.mlp_only_layers or [])
+        if step != 1:
+            raise ValueError(
+                f"decoder_sparse_step={step} is not supported: every layer must be sparse "
+                f"(mixing dense and expert layers breaks the stacked layer scan)"
+            )
+        if dense:
+            raise ValueError(
+                f"mlp_only_layers={dense} is not supported: every layer must be sparse "
+                f"(mixing dense and expert layers breaks the stacked layer scan)"
+            )
+        experts, width, normalize = hf.num_experts, hf.moe_intermediate_size, hf.norm_topk_prob
+    else:
+        return {}
+    return dict(
+        num_experts=int(experts),
+        num_experts_per_tok=int(hf.num_experts_per_tok),
+        norm_topk_prob=bool(normalize),
+        intermediate_size=int(width),
+        router_aux_loss_coef=float(hf.router_aux_loss_coef),
+    )
+
+
+def _window_fields(hf) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_types`` of a Llama-family config (Jiang et al., 2023,
+    Mistral). Mistral, Mixtral and Qwen3-MoE slide every layer when ``sliding_window`` is set
+    (Qwen3-MoE's config clears it unless ``use_sliding_window``); Qwen2 and Qwen3 only with
+    ``use_sliding_window``, on the layers ``layer_types`` marks (by default those from
+    ``max_window_layers`` on). Llama has no window."""
     window = getattr(hf, "sliding_window", None)
     if window is None:
-        return
-    setting = f"sliding_window={window}"
+        return {}
     if hf.model_type in ("qwen2", "qwen3"):
-        # The window applies only where use_sliding_window is set, to the layers that
-        # layer_types marks (by default those from max_window_layers on).
-        layer_types = getattr(hf, "layer_types", None) or []
+        layer_types = tuple(getattr(hf, "layer_types", None) or ())
         if not getattr(hf, "use_sliding_window", False) or "sliding_attention" not in layer_types:
-            return
-        first = layer_types.index("sliding_attention")
-        setting = f"use_sliding_window=True from layer {first} on, {setting}"
-    if int(window) < config.max_position_embeddings:
+            return {}
+        return dict(sliding_window=int(window), layer_types=layer_types)
+    return dict(sliding_window=int(window))
+
+
+_GEMMA_TYPES = ("gemma2", "gemma3_text")
+
+
+def _gemma_rope_fields(hf) -> dict[str, Any]:
+    """Gemma 3's two RoPEs: ``rope_parameters["full_attention"]`` (any supported scaling) for
+    the global layers and ``["sliding_attention"]`` (Gemma 3's ``rope_local_base_freq``,
+    unscaled) for the sliding ones; Gemma 2 has one."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    if hf.model_type == "gemma2" or "full_attention" not in params:
+        return _rope_fields(hf)
+    fields = _rope_fields(types.SimpleNamespace(rope_parameters=params["full_attention"]))
+    local = dict(params.get("sliding_attention") or {"rope_theta": fields["rope_theta"]})
+    kind = local.pop("rope_type", None) or local.pop("type", None) or "default"
+    local.pop("type", None)
+    theta = local.pop("rope_theta", None)
+    partial = local.pop("partial_rotary_factor", None)
+    if kind != "default" or (partial is not None and float(partial) != 1.0):
         raise ValueError(
-            f"sliding-window attention ({setting} < max_position_embeddings="
-            f"{config.max_position_embeddings}) is not implemented: sequences longer than "
-            f"{window} tokens would be attended differently. Pass max_position_embeddings="
-            f"{window} to cap the context at the window (exact up to that length), or use a "
-            f"checkpoint without a window"
+            f"rope_parameters['sliding_attention'] = {params['sliding_attention']} is not "
+            f"supported: the sliding layers' RoPE must be rope_type 'default' over the whole head"
         )
+    sliding = "sliding_attention" in (getattr(hf, "layer_types", None) or ())
+    if sliding and getattr(hf, "sliding_window", None) is not None:
+        fields["rope_local_theta"] = float(fields["rope_theta"] if theta is None else theta)
+    return fields
+
+
+def _gemma_fields(hf) -> dict[str, Any]:
+    """Gemma 2 (Gemma Team, 2024, arXiv:2408.00118) and Gemma 3 text (Gemma Team, 2025,
+    arXiv:2503.19786) configs: sliding and global layers, soft-caps, ``query_pre_attn_scalar``,
+    Gemma 3's q/k norms and local RoPE."""
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError(
+            "use_bidirectional_attention=True (non-causal attention, as in embedding models) is "
+            "not supported: rljax's transformers are causal language models"
+        )
+    gemma3 = hf.model_type == "gemma3_text"
+    window = getattr(hf, "sliding_window", None)
+    layer_types = tuple(getattr(hf, "layer_types", None) or ())
+    if window is None and "sliding_attention" in layer_types:
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+    attn_cap = getattr(hf, "attn_logit_softcapping", None)
+    if gemma3 and attn_cap is not None:
+        warnings.warn(
+            f"attn_logit_softcapping={attn_cap} is ignored: transformers' Gemma 3 attention "
+            f"does not apply it (the released Gemma 3 configs set it to null)",
+            stacklevel=3,
+        )
+        attn_cap = None
+    final_cap = getattr(hf, "final_logit_softcapping", None)
+    fields = _read_names(hf, "gemma")
+    bias = bool(getattr(hf, "attention_bias", False))
+    return dict(
+        fields,
+        family="gemma",
+        num_kv_heads=fields["num_kv_heads"] or fields["num_heads"],
+        head_dim=fields["head_dim"] or fields["hidden_size"] // fields["num_heads"],
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=False,
+        qk_norm=gemma3,
+        tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
+        sliding_window=None if window is None else int(window),
+        layer_types=(layer_types or None) if window is not None else None,
+        query_pre_attn_scalar=float(hf.query_pre_attn_scalar),
+        attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+        final_logit_softcap=None if final_cap is None else float(final_cap),
+        **_gemma_rope_fields(hf),
+    )
 
 
 def config_from_hf(hf_config, **overrides) -> TransformerConfig:
@@ -411,8 +592,8 @@ def config_from_hf(hf_config, **overrides) -> TransformerConfig:
         ``head="reward"`` also sets ``lm_head=False`` unless given.
 
     Raises:
-      ValueError: unsupported ``model_type``, RoPE type, GPT-2 option, activation, sliding
-        window in use, or an unknown override.
+      ValueError: unsupported ``model_type``, RoPE type, GPT-2 or Gemma option, activation,
+        or an unknown override.
     """
     if isinstance(hf_config, Mapping):
         import transformers
@@ -421,7 +602,13 @@ def config_from_hf(hf_config, **overrides) -> TransformerConfig:
         model_type = _check_model_type(kwargs.pop("model_type", None))
         hf_config = transformers.AutoConfig.for_model(model_type, **kwargs)
     model_type = _check_model_type(getattr(hf_config, "model_type", None))
-    fields = _gpt2_fields(hf_config) if model_type == "gpt2" else _llama_fields(hf_config)
+    if model_type == "gpt2":
+        fields = _gpt2_fields(hf_config)
+    elif model_type in _GEMMA_TYPES:
+        fields = _gemma_fields(hf_config)
+    else:
+        fields = {**_llama_fields(hf_config), **_window_fields(hf_config)}
+    fields.update(_moe_fields(hf_config))
     if fields["hidden_act"] not in ACTIVATIONS:
         raise ValueError(
             f"activation {fields['hidden_act']!r} is not supported; supported: "
@@ -441,9 +628,7 @@ def config_from_hf(hf_config, **overrides) -> TransformerConfig:
                 f"head='reward' needs a one-label *ForSequenceClassification checkpoint; this "
                 f"one has num_labels={labels}"
             )
-    config = TransformerConfig(**{**fields, **overrides})
-    _check_sliding_window(hf_config, config)
-    return config
+    return TransformerConfig(**{**fields, **overrides})
 
 
 # ---------------------------------------------------------------------------- safetensors
@@ -517,11 +702,25 @@ def _layout_rows(family: _Family, params: Mapping[str, Any], fresh: set[str]):
     return rows
 
 
-def _hf_names(entry: TensorMap, base: str, num_layers: int) -> list[str]:
-    """The HF tensor names of a table row: one per layer for a per-layer parameter."""
-    if entry.ours.startswith("layers."):
-        return [entry.hf.format(base=base, i=i) for i in range(num_layers)]
-    return [entry.hf.format(base=base)]
+def _hf_slots(
+    entry: TensorMap, base: str, num_layers: int, num_experts: int = 0
+) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF tensors of a table row and the index of each in our parameter: ``()`` for a
+    top-level one, ``(i,)`` per layer, ``(i, e)`` per layer and expert (an ``{e}`` row)."""
+    if not entry.ours.startswith("layers."):
+        return [(entry.hf.format(base=base), ())]
+    if "{e}" in entry.hf:
+        return [
+            (entry.hf.format(base=base, i=i, e=e), (i, e))
+            for i in range(num_layers)
+            for e in range(num_experts)
+        ]
+    return [(entry.hf.format(base=base, i=i), (i,)) for i in range(num_layers)]
+
+
+def _hf_names(entry: TensorMap, base: str, num_layers: int, num_experts: int = 0) -> list[str]:
+    """The HF tensor names of a table row: one per layer (and expert) for a per-layer one."""
+    return [name for name, _ in _hf_slots(entry, base, num_layers, num_experts)]
 
 
 def _by_hf(rows: Sequence[TensorMap]) -> dict[str, list[TensorMap]]:
@@ -567,14 +766,15 @@ def _read_tensors(
     checkpoint: _Checkpoint, rows: Sequence[TensorMap], base: str, config: TransformerConfig
 ) -> dict[str, np.ndarray]:
     """Our parameters by table name, read through the rows' layouts and cast to
-    ``param_dtype`` on the host (per-layer ones stacked on a leading axis)."""
+    ``param_dtype`` on the host (per-layer ones stacked on a leading axis, per-expert ones on
+    a second)."""
     sizes, layers = _sizes(config), config.num_layers
     np_dtype = jnp.dtype(config.param_dtype)
     values: dict[str, np.ndarray] = {}
     for entries in _by_hf(rows).values():
         groups, _ = _parse_layout(entries[0].layout)
         expected = _hf_shape(groups, sizes)
-        for i, name in enumerate(_hf_names(entries[0], base, layers)):
+        for name, index in _hf_slots(entries[0], base, layers, config.num_experts):
             array = checkpoint.get(name)
             if tuple(array.shape) != expected:
                 raise ValueError(
@@ -583,10 +783,11 @@ def _read_tensors(
                 )
             for entry in entries:
                 ours = _from_hf(array, entry, sizes).astype(np_dtype)
-                if entry.ours.startswith("layers."):
+                if index:
                     if entry.ours not in values:
-                        values[entry.ours] = np.empty((layers, *ours.shape), np_dtype)
-                    values[entry.ours][i] = ours
+                        stacked = (layers, config.num_experts)[: len(index)]
+                        values[entry.ours] = np.empty((*stacked, *ours.shape), np_dtype)
+                    values[entry.ours][index] = ours
                 else:
                     values[entry.ours] = ours
     return values
@@ -629,7 +830,7 @@ def _read_weights(
     base = family.base_prefix
     if not any(n.startswith(base) for n in checkpoint.names()):
         base = ""  # a bare base model (GPT2Model, LlamaModel) or an old GPT-2 file
-    wanted = [n for e in rows for n in _hf_names(e, base, config.num_layers)]
+    wanted = [n for e in rows for n in _hf_names(e, base, config.num_layers, config.num_experts)]
     _check_present(checkpoint, config, head, wanted)
     values = _read_tensors(checkpoint, rows, base, config)
     _check_unused(checkpoint, model_type, config, head, wanted, values)
@@ -752,6 +953,8 @@ def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
             model_type = "qwen3"
         elif c.qkv_bias and not (c.o_bias or c.mlp_bias):
             model_type = "qwen2"
+        elif c.layer_windows is not None:  # Llama has no window: Mistral (every layer) or Qwen2
+            model_type = "mistral" if all(c.sliding_layers) else "qwen2"
         else:
             model_type = "llama"
     allowed = {
@@ -788,6 +991,115 @@ def _llama_hf_fields(c: TransformerConfig, model_type: str | None):
     return model_type, fields, cls
 
 
+def _moe_hf_fields(c: TransformerConfig, model_type: str | None):
+    """``(model_type, fields, config class)`` of a mixture-of-experts config: ``qwen3_moe``
+    (the default, and the only choice, with ``qk_norm``) or ``mixtral`` (no biases, no
+    ``qk_norm``, top-k probabilities renormalised)."""
+    import transformers
+
+    model_type = model_type or ("qwen3_moe" if c.qk_norm else "mixtral")
+    allowed = {
+        "qwen3_moe": c.qkv_bias == c.o_bias and c.qk_norm,
+        "mixtral": not (c.qkv_bias or c.o_bias or c.qk_norm) and c.norm_topk_prob,
+    }
+    if not allowed.get(model_type, False):
+        raise ValueError(
+            f"cannot save a mixture-of-experts model as {model_type!r}: biases "
+            f"qkv={c.qkv_bias}, o={c.o_bias}, qk_norm={c.qk_norm}, norm_topk_prob="
+            f"{c.norm_topk_prob} (qwen3_moe: qkv == o, qk_norm; mixtral: no biases, no qk_norm, "
+            f"norm_topk_prob=True)"
+        )
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+    fields = {**_written_names(c), "rope_parameters": rope}
+    shared = dict(
+        num_experts_per_tok=c.num_experts_per_tok, router_aux_loss_coef=c.router_aux_loss_coef
+    )
+    if model_type == "qwen3_moe":
+        fields.update(
+            shared,
+            num_experts=c.num_experts,
+            moe_intermediate_size=c.mlp_size,  # intermediate_size (dense layers') is unused
+            norm_topk_prob=c.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            attention_bias=c.qkv_bias,
+            use_sliding_window=False,
+            sliding_window=None,
+        )
+        return model_type, fields, transformers.Qwen3MoeConfig
+    fields.update(shared, num_local_experts=c.num_experts, router_jitter_noise=0.0)
+    fields.update(sliding_window=None)
+    return model_type, fields, transformers.MixtralConfig
+
+
+def _window_hf_fields(c: TransformerConfig, model_type: str) -> dict[str, Any]:
+    """The sliding-window fields of a Llama-family ``config.json`` (``{}`` without windows):
+    Qwen2/Qwen3 name each layer's kind, Mistral, Mixtral and Qwen3-MoE slide every layer."""
+    if c.layer_windows is None:
+        return {}
+    every = all(c.sliding_layers)
+    if model_type in ("qwen2", "qwen3"):
+        kinds = ["sliding_attention" if s else "full_attention" for s in c.sliding_layers]
+        return dict(
+            use_sliding_window=True,
+            sliding_window=int(c.sliding_window),
+            layer_types=kinds,
+            max_window_layers=kinds.index("sliding_attention"),
+        )
+    if model_type in ("mistral", "mixtral", "qwen3_moe") and every:
+        fields = dict(sliding_window=int(c.sliding_window))
+        if model_type == "qwen3_moe":
+            fields["use_sliding_window"] = True
+        return fields
+    raise ValueError(
+        f"cannot save as {model_type!r}: sliding_window={c.sliding_window} with layer_types="
+        f"{c.layer_types} has no place in its config (qwen2/qwen3: windows on any layers; "
+        f"mistral, mixtral, qwen3_moe: on every layer; llama: none)"
+    )
+
+
+def _gemma_hf_fields(c: TransformerConfig, model_type: str | None):
+    """``(model_type, fields, config class)`` of a Gemma family config: ``gemma3_text`` (the
+    default with ``qk_norm``) or ``gemma2``."""
+    import transformers
+
+    model_type = model_type or ("gemma3_text" if c.qk_norm else "gemma2")
+    problems = []
+    if c.mlp_bias or c.qkv_bias != c.o_bias:
+        problems.append("Gemma has no MLP biases and attention_bias on q, k, v and o together")
+    if model_type == "gemma2" and (c.qk_norm or c.rope_local_theta is not None):
+        problems.append("Gemma 2 has no q/k norms (qk_norm) and one RoPE (rope_local_theta)")
+    if model_type == "gemma3_text" and not c.qk_norm:
+        problems.append("Gemma 3 has q/k norms (qk_norm=True)")
+    if model_type == "gemma3_text" and c.attn_logit_softcap is not None:
+        problems.append("transformers' Gemma 3 ignores attn_logit_softcapping")
+    if model_type not in _GEMMA_TYPES or problems:
+        raise ValueError(f"cannot save as {model_type!r}: {'; '.join(problems) or 'not Gemma'}")
+    rope = {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **dict(c.rope_scaling)}
+    if model_type == "gemma3_text":
+        local = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+        rope = {
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(local)},
+        }
+    scalar = c.dim_per_head if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+    fields = {
+        **_written_names(c),
+        "rope_parameters": rope,
+        "attention_bias": c.qkv_bias,
+        "query_pre_attn_scalar": int(scalar) if float(scalar).is_integer() else float(scalar),
+        # transformers' Gemma always builds a sliding mask: a window no sequence exceeds when
+        # no layer slides.
+        "sliding_window": int(c.sliding_window or c.max_position_embeddings),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in c.sliding_layers],
+        "attn_logit_softcapping": c.attn_logit_softcap,
+        "final_logit_softcapping": c.final_logit_softcap,
+        "use_bidirectional_attention": False,
+    }
+    cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
+    return model_type, fields, cls[model_type]
+
+
 def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, **hf_kwargs):
     """The ``transformers`` config of the same architecture as ``config``.
 
@@ -795,13 +1107,23 @@ def hf_config_from(config: TransformerConfig, *, model_type: str | None = None, 
       config: our config.
       model_type: ``"gpt2"`` for the GPT-2 family; for the Llama family ``"qwen3"`` (the
         default, and the only choice, with ``qk_norm``), ``"qwen2"`` (the default when only the
-        q/k/v projections have biases), ``"llama"`` (the default otherwise) or ``"mistral"``.
+        q/k/v projections have biases), ``"llama"`` (the default otherwise) or ``"mistral"``;
+        for a mixture of experts ``"qwen3_moe"`` (the default with ``qk_norm``) or
+        ``"mixtral"`` (the default otherwise); for the Gemma family ``"gemma3_text"`` (the
+        default with ``qk_norm``) or ``"gemma2"``. Sliding windows go into ``sliding_window``
+        and, for Qwen2/Qwen3 and Gemma, ``layer_types``.
       **hf_kwargs: extra fields (``pad_token_id``, ``bos_token_id``, ``eos_token_id``, ...).
     """
     c = config
     reward = c.head == "reward"
     family_fields = _gpt2_hf_fields if c.family == "gpt2" else _llama_hf_fields
+    if c.num_experts:
+        family_fields = _moe_hf_fields
+    if c.family == "gemma":
+        family_fields = _gemma_hf_fields
     model_type, fields, cls = family_fields(c, model_type)
+    if c.family == "llama":
+        fields.update(_window_hf_fields(c, model_type))
     family = _FAMILIES[model_type]
     fields.update(
         tie_word_embeddings=c.tie_word_embeddings,
@@ -836,7 +1158,8 @@ def _saved_params(config: TransformerConfig, params, family: _Family) -> dict[st
 
 def _hf_tensors(params, family: _Family, config: TransformerConfig) -> dict[str, np.ndarray]:
     """The HF tensors of our parameters: the family's table run backwards (one tensor per
-    layer for per-layer parameters; packed ones assembled from their parts)."""
+    layer, or per layer and expert, for per-layer parameters; packed ones assembled from their
+    parts)."""
     rows = _layout_rows(family, params, set())
     sizes = _sizes(config)
     base = family.base_prefix
@@ -844,12 +1167,8 @@ def _hf_tensors(params, family: _Family, config: TransformerConfig) -> dict[str,
     for entries in _by_hf(rows).values():
         entries = sorted(entries, key=lambda e: e.part)
         arrays = [np.asarray(jax.device_get(params[e.ours][...])) for e in entries]
-        names = _hf_names(entries[0], base, config.num_layers)
-        if entries[0].ours.startswith("layers."):
-            for i, name in enumerate(names):
-                tensors[name] = _to_hf([a[i] for a in arrays], entries, sizes)
-        else:
-            tensors[names[0]] = _to_hf(arrays, entries, sizes)
+        for name, index in _hf_slots(entries[0], base, config.num_layers, config.num_experts):
+            tensors[name] = _to_hf([a[index] for a in arrays], entries, sizes)
     return tensors
 
 
@@ -909,6 +1228,12 @@ def save_model(
         sequence classifiers need to find the last token of a padded batch).
     """
     folder = os.fspath(folder)
+    if getattr(model, "lora", None) is not None:
+        raise ValueError(
+            "save_model: the model has LoRA adapters, which a Hugging Face checkpoint has no "
+            "place for: save rljax.models.lora.merge(model), and the adapters themselves with "
+            "rljax.models.lora.save_peft"
+        )
     config, params = _names(model)
     if tokenizer is not None:
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

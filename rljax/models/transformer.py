@@ -1,4 +1,4 @@
-"""Decoder-only transformer language models in Flax NNX: the GPT-2 and Llama families.
+"""Decoder-only transformer language models in Flax NNX: the GPT-2, Llama and Gemma families.
 
 One module, :class:`Transformer`, covers
 
@@ -9,7 +9,19 @@ One module, :class:`Transformer`, covers
   position embeddings (Su et al., 2021, RoFormer) with ``rope_theta`` and the
   ``linear``, ``llama3`` and ``yarn`` scalings, grouped-query / multi-query attention
   (Ainslie et al., 2023), RMSNorm (Zhang & Sennrich, 2019), SwiGLU MLP (Shazeer, 2020), tied or
-  untied embeddings.
+  untied embeddings;
+- with ``num_experts > 0``, the mixtures of experts **Qwen3-MoE** and **Mixtral** (Jiang et
+  al., 2024): every layer's MLP a top-k routed mixture of SwiGLU experts
+  (:mod:`rljax.models.moe`), whose router logits ``decode``/``__call__`` return with
+  ``return_router_logits=True`` for the load-balancing loss;
+- sliding-window attention (Mistral, Jiang et al., 2023; Qwen2/Qwen3's ``use_sliding_window``):
+  ``sliding_window`` on every layer or on those ``layer_types`` marks, the window of each layer
+  scanned with its parameters, in the full pass, packed rows and KV-cache decoding;
+- the **Gemma** family, ``TransformerConfig.gemma``: **Gemma 2** (Gemma Team, 2024,
+  arXiv:2408.00118) and **Gemma 3** text (Gemma Team, 2025, arXiv:2503.19786), RMSNorm scaled by
+  ``1 + w`` before and after attention and the MLP, embeddings times ``sqrt(hidden_size)``,
+  GeGLU, alternating sliding and global layers, attention and final-logit soft-caps,
+  ``query_pre_attn_scalar``, and Gemma 3's q/k norms and local RoPE base on sliding layers.
 
 Design, for speed and for sharding:
 
@@ -55,6 +67,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rljax import sharding
+from rljax.models.moe import MOE_IMPLS, moe_mlp
+
 __all__ = [
     "PRESETS",
     "KVCache",
@@ -68,7 +83,11 @@ __all__ = [
     "with_head",
 ]
 
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "gemma")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+#: The window of a global-attention layer in the per-layer window array (longer than any
+#: sequence, so every earlier key is in reach).
+GLOBAL_WINDOW = 2**30
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -123,6 +142,31 @@ class TransformerConfig:
       attention_impl: ``None``/``"xla"`` (any mask) or ``"cudnn"`` (GPU flash attention; needs
         right padding, expressed as sequence lengths).
       initializer_range: standard deviation of the normal initialiser.
+      sliding_window: ``W``: a query at slot ``i`` of a sliding layer sees only the keys at
+        slots ``i - W < j <= i`` (itself and the ``W - 1`` before it; Mistral, Jiang et al.,
+        2023; Hugging Face's ``sliding_window_causal`` mask). Slots count every column of the
+        row (padding included) and every KV-cache slot, as Hugging Face's cache positions do.
+        ``None``: no window.
+      layer_types: per layer ``"sliding_attention"`` or ``"full_attention"`` (Hugging Face's
+        names); ``None`` with a ``sliding_window``: every layer slides (Mistral).
+      query_pre_attn_scalar: attention logits are scaled by ``query_pre_attn_scalar ** -0.5``
+        (Gemma); ``None``: ``head_dim ** -0.5``.
+      attn_logit_softcap: attention logits become ``cap * tanh(logits / cap)`` before the mask
+        and softmax (Gemma 2); ``None``: off.
+      final_logit_softcap: the same on the vocabulary logits (Gemma 2 and 3).
+      rope_local_theta: RoPE base of the sliding layers (Gemma 3's ``rope_local_base_freq``,
+        without scaling); the global layers keep ``rope_theta`` and its scaling. ``None``: one
+        RoPE for every layer.
+      num_experts: ``E`` > 0 replaces every layer's MLP with a sparse mixture of ``E`` SwiGLU
+        experts of width ``intermediate_size`` and a linear router (Qwen3-MoE, Mixtral;
+        :mod:`rljax.models.moe`); 0: a dense MLP. Llama family only, no MLP biases.
+      num_experts_per_tok: ``k``, the experts each token is routed to (top-k).
+      norm_topk_prob: renormalise the top-k router probabilities to sum to 1 (Mixtral always;
+        Qwen3-MoE per its config).
+      router_aux_loss_coef: weight of the load-balancing loss in transformers' training loss
+        (kept for the checkpoint's ``config.json``; rljax's updates take their own coefficient).
+      moe_impl: ``None`` (``"dense"`` on CPU, ``"ragged"`` elsewhere), ``"dense"`` or
+        ``"ragged"``: the exact expert compute paths of :func:`rljax.models.moe.moe_mlp`.
     """
 
     vocab_size: int
@@ -151,6 +195,17 @@ class TransformerConfig:
     remat: bool = False
     attention_impl: str | None = None
     initializer_range: float = 0.02
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    moe_impl: str | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         def fail(field, problem):
@@ -173,13 +228,18 @@ class TransformerConfig:
             fail("num_heads", f"{self.num_heads} does not divide hidden_size {self.hidden_size}")
         if self.num_heads % self.kv_heads:
             fail("num_kv_heads", f"{self.kv_heads} does not divide num_heads {self.num_heads}")
-        if self.family == "llama" and self.dim_per_head % 2:
+        if self.family != "gpt2" and self.dim_per_head % 2:
             fail("head_dim", f"RoPE needs an even head_dim, got {self.dim_per_head}")
-        if self.qk_norm and self.family != "llama":
-            fail(
-                "qk_norm",
-                f"per-head query/key RMSNorm is a Llama-family option, not {self.family!r}",
-            )
+        if self.qk_norm and self.family == "gpt2":
+            fail("qk_norm", "per-head query/key RMSNorm is a Llama/Gemma-family option")
+        self._check_attention_options(fail)
+        if self.num_experts:
+            if self.family != "llama" or self.mlp_bias:
+                fail("num_experts", "mixture-of-experts MLPs are Llama-family, without mlp_bias")
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                fail("num_experts_per_tok", f"must be in 1..num_experts={self.num_experts}")
+        if self.moe_impl not in MOE_IMPLS:
+            fail("moe_impl", f"{self.moe_impl!r} is not one of {MOE_IMPLS}")
         if not self.lm_head and self.head is None:
             fail("lm_head", "a model without an LM head needs head='value' or 'reward'")
         for field in ("param_dtype", "dtype"):
@@ -189,6 +249,52 @@ class TransformerConfig:
                 fail(field, f"{getattr(self, field)!r} is not a dtype")
         if not isinstance(self.rope_scaling, tuple):
             object.__setattr__(self, "rope_scaling", tuple(sorted(dict(self.rope_scaling).items())))
+
+    def _check_attention_options(self, fail) -> None:
+        """Sliding windows, layer types, soft-caps, attention scale and local RoPE."""
+        if self.sliding_window is not None and int(self.sliding_window) < 1:
+            fail("sliding_window", f"must be >= 1 or None, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if not isinstance(self.layer_types, tuple):
+                object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_layers:
+                fail(
+                    "layer_types",
+                    f"has {len(self.layer_types)} entries for num_layers={self.num_layers}",
+                )
+            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if unknown:
+                fail("layer_types", f"{unknown} are not among {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                fail("layer_types", "sliding_attention layers need a sliding_window")
+        for field in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, field)
+            if value is not None and not float(value) > 0:
+                fail(field, f"must be > 0 or None, got {value}")
+        if self.family == "gpt2":
+            for field in ("sliding_window", "attn_logit_softcap", "query_pre_attn_scalar"):
+                if getattr(self, field) is not None:
+                    fail(field, "is a Llama/Gemma-family option (GPT-2 has none)")
+        if self.rope_local_theta is not None and not any(self.sliding_layers):
+            fail("rope_local_theta", "the local RoPE base needs sliding layers (sliding_window)")
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends through the ``sliding_window``."""
+        if self.sliding_window is None:
+            return (False,) * self.num_layers
+        if self.layer_types is None:
+            return (True,) * self.num_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+    @property
+    def layer_windows(self) -> tuple[int, ...] | None:
+        """Per layer, its window (:data:`GLOBAL_WINDOW` for a global layer); ``None`` when no
+        layer slides (attention is then causal only, as it always was)."""
+        if not any(self.sliding_layers):
+            return None
+        w = int(self.sliding_window)
+        return tuple(w if sliding else GLOBAL_WINDOW for sliding in self.sliding_layers)
 
     @property
     def kv_heads(self) -> int:
@@ -212,13 +318,16 @@ class TransformerConfig:
             self.dim_per_head,
             self.mlp_size,
         )
-        per_layer = d * h * (n + 2 * k) + n * h * d + (3 if self.family == "llama" else 2) * d * f
+        gated = self.family != "gpt2"
+        per_layer = d * h * (n + 2 * k) + n * h * d + (3 if gated else 2) * d * f
         per_layer += (2 if self.family == "llama" else 4) * d  # norm scales (and biases)
         per_layer += self.qkv_bias * h * (n + 2 * k) + self.o_bias * d
         per_layer += self.qk_norm * 2 * h  # per-head query and key norm scales
-        per_layer += self.mlp_bias * (f * (2 if self.family == "llama" else 1) + d)
+        per_layer += self.mlp_bias * (f * (2 if gated else 1) + d)
+        if self.num_experts:  # E SwiGLU experts instead of one MLP, and the router
+            per_layer += (self.num_experts - 1) * 3 * d * f + d * self.num_experts
         total = self.num_layers * per_layer + self.vocab_size * d
-        total += d * (1 if self.family == "llama" else 2)  # final norm
+        total += d * (1 if gated else 2)  # final norm
         total += self.max_position_embeddings * d if self.family == "gpt2" else 0
         total += self.vocab_size * d if self.lm_head and not self.tie_word_embeddings else 0
         total += (d + (self.head == "value")) if self.head else 0
@@ -246,9 +355,46 @@ class TransformerConfig:
         defaults = dict(family="llama", hidden_act="silu", norm_eps=1e-6)
         return cls(**{**defaults, **kwargs})
 
+    @classmethod
+    def gemma(cls, *, generation: int = 2, **kwargs) -> TransformerConfig:
+        """A Gemma-family config: RMSNorm scaled by ``1 + w`` before and after attention and the
+        MLP, embeddings times ``sqrt(hidden_size)``, GeGLU (tanh GELU), tied embeddings and
+        sliding-window layers.
 
-# The named model sizes, all in the Llama family: one row per preset, a column per
-# TransformerConfig field (None: the field's default), then any further fields.
+        ``generation=2`` (Gemma Team, 2024, arXiv:2408.00118): windows on every other layer
+        (sliding first), attention and final logits soft-capped at 50 and 30.
+        ``generation=3`` (Gemma Team, 2025, arXiv:2503.19786): five sliding layers to each
+        global one, per-head query/key norms, no attention soft-cap, local RoPE base 1e4 and
+        global 1e6. ``layer_types`` defaults to the pattern over ``num_layers``.
+        """
+        if generation not in (2, 3):
+            raise ValueError(
+                f"TransformerConfig.gemma: generation must be 2 or 3, got {generation}"
+            )
+        defaults = dict(
+            family="gemma",
+            hidden_act="gelu_pytorch_tanh",
+            norm_eps=1e-6,
+            tie_word_embeddings=True,
+            sliding_window=4096,
+        )
+        if generation == 2:
+            defaults.update(attn_logit_softcap=50.0, final_logit_softcap=30.0)
+        else:
+            defaults.update(qk_norm=True, rope_theta=1e6, rope_local_theta=1e4)
+        kwargs = {**defaults, **kwargs}
+        if kwargs.get("layer_types") is None and kwargs.get("sliding_window") is not None:
+            period = 2 if generation == 2 else 6
+            kwargs["layer_types"] = tuple(
+                "sliding_attention" if (i + 1) % period else "full_attention"
+                for i in range(kwargs["num_layers"])
+            )
+        return cls(**kwargs)
+
+
+# The named model sizes, in the Llama family unless their further fields say otherwise: one
+# row per preset, a column per TransformerConfig field (None: the field's default), then any
+# further fields (``family`` and ``generation`` pick TransformerConfig.gemma).
 _PRESET_COLUMNS = (
     "vocab_size",
     "hidden_size",
@@ -267,6 +413,12 @@ _PRESET_ROWS = {
     "125m": ((50304, 768, 12, 12, None, 2048, 2048), {}),
     # Llama-3.2-1B's shape (1.24B, tied embeddings, GQA 32/8).
     "1b": ((128256, 2048, 16, 32, 8, 8192, 8192), {"rope_theta": 500000.0}),
+    # Test-sized Gemma 2 and Gemma 3: windows of 64 tokens on 2 of 4 / 5 of 6 layers.
+    "gemma2-tiny": ((256, 64, 4, 4, 2, 128, 512), {"family": "gemma", "sliding_window": 64}),
+    "gemma3-tiny": (
+        (256, 64, 6, 4, 2, 128, 512),
+        {"family": "gemma", "generation": 3, "sliding_window": 64},
+    ),
 }
 PRESETS: dict[str, dict[str, Any]] = {
     name: {
@@ -279,7 +431,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(name: str, **overrides) -> TransformerConfig:
-    """A named model size (``tiny``, ``small``, ``125m``, ``1b``) with optional overrides."""
+    """A named model size (``tiny``, ``small``, ``125m``, ``1b``; Gemma-family ``gemma2-tiny``,
+    ``gemma3-tiny``) with optional overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     kwargs = {**PRESETS[name], **overrides}
@@ -301,6 +454,23 @@ class KVCache(NamedTuple):
     v: jax.Array
     mask: jax.Array
     index: jax.Array
+
+
+class _LayerStatics(NamedTuple):
+    """Per-layer constants scanned alongside the stacked parameters (fields None where the
+    config needs none; :meth:`Transformer._layer_statics`).
+
+    Attributes:
+      window: ``int32 []`` per layer: the sliding window (:data:`GLOBAL_WINDOW` for a global
+        layer).
+      inv_freq: ``[H/2]`` per layer: RoPE inverse frequencies (Gemma 3: local on sliding
+        layers, global on the others).
+      rope_factor: ``[]`` per layer: the factor on RoPE's cos/sin.
+    """
+
+    window: jax.Array | None
+    inv_freq: jax.Array | None
+    rope_factor: jax.Array | None
 
 
 class _PassInputs(NamedTuple):
@@ -426,6 +596,34 @@ def _wide(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _needs_general_attention(config: TransformerConfig) -> bool:
+    """Whether attention needs :meth:`Transformer._windowed_attention` (a sliding window, a
+    logit soft-cap or a query scale other than ``head_dim ** -0.5``)."""
+    return (
+        config.layer_windows is not None
+        or config.attn_logit_softcap is not None
+        or config.query_pre_attn_scalar is not None
+    )
+
+
+def _masked_attention(q, k, v, allowed, scale=None, softcap=None):
+    """Softmax attention with an explicit mask (``q [B,T,N,H]``, ``k, v [B,S,K,H]``,
+    ``allowed [B,T,S]``; grouped-query heads share their key/value head): logits times
+    ``scale`` (default ``H ** -0.5``), soft-capped to ``softcap * tanh(logits / softcap)``
+    (Gemma 2) before the mask; logits and softmax in float32 (float64 in a float64 model)."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    wide = _wide(q.dtype)
+    qg = q.reshape(b, t, kv, n // kv, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=wide)
+    logits = logits * (h**-0.5 if scale is None else scale)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(wide).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+
+
 def _float64_attention(q, k, v, allowed):
     """Softmax attention computed entirely in float64 (``q [B,T,N,H]``, ``k, v [B,S,K,H]``,
     ``allowed [B,T,S]``; grouped-query heads share their key/value head)."""
@@ -449,6 +647,19 @@ def _allowed_keys(k: jax.Array, inputs: _PassInputs, query_slots) -> jax.Array:
     return inputs.cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
 
 
+def _lora_dropout(x: jax.Array, key_data: jax.Array, name: str, rate: float) -> jax.Array:
+    """Inverted dropout at ``rate`` on the input ``x`` of projection ``name``'s LoRA adapter.
+    ``key_data`` is the layer's raw ``uint32 [2]`` key: all zeros (outside a training step's
+    gradient pass, :func:`rljax.models.lora.combine` with a key) means no dropout."""
+
+    def drop(x):
+        key = jax.random.fold_in(jax.random.wrap_key_data(key_data), sum(map(ord, name)))
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+    return jax.lax.cond(jnp.any(key_data != 0), drop, lambda x: x, x)
+
+
 def _dense(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
     """``x``'s last ``in_axes`` axes contracted with ``w``'s first ``in_axes`` axes, as one
     2-D matmul ``[prod(batch axes), prod(in)] @ [prod(in), prod(out)]``."""
@@ -462,7 +673,8 @@ def _dense(x: jax.Array, w: jax.Array, in_axes: int = 1) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM (GPT-2 or Llama family) with stacked layers; see the module docstring.
+    """Decoder-only LM (GPT-2, Llama or Gemma family) with stacked layers; see the module
+    docstring.
 
     Parameters (``L`` layers, ``D`` width, ``N``/``K`` query/key-value heads of width ``H``,
     ``F`` MLP width, ``V`` vocabulary), each with its ``logical_axes``:
@@ -472,7 +684,11 @@ class Transformer(nnx.Module):
     - ``layers``: ``attn_norm_scale [L, D]``, ``q [L, D, N, H]``, ``k``/``v [L, D, K, H]``,
       ``o [L, N, H, D]``, ``mlp_norm_scale [L, D]``, ``gate``/``up [L, D, F]``,
       ``down [L, F, D]``, the biases the config asks for (``q_bias [L, N, H]``, ...), and with
-      ``qk_norm`` the per-head norm scales ``q_norm_scale``/``k_norm_scale [L, H]``.
+      ``qk_norm`` the per-head norm scales ``q_norm_scale``/``k_norm_scale [L, H]``; with
+      ``num_experts = E`` the MLP's are replaced by ``router [L, D, E]``,
+      ``expert_gate``/``expert_up [L, E, D, F]`` and ``expert_down [L, E, F, D]``; Gemma adds
+      ``post_attn_norm_scale``/``post_mlp_norm_scale [L, D]`` (its norm scales hold ``w`` of
+      ``1 + w``).
     """
 
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
@@ -493,8 +709,8 @@ class Transformer(nnx.Module):
         def param(shape, axes, init="normal", scale=1.0):
             if init == "normal":
                 value = _normal(rngs, shape, std * scale, pdt)
-            elif init == "ones":
-                value = jnp.ones(shape, pdt)
+            elif init == "ones":  # a norm scale; Gemma stores w of its (1 + w) scale
+                value = (jnp.zeros if c.family == "gemma" else jnp.ones)(shape, pdt)
             else:
                 value = jnp.zeros(shape, pdt)
             return nnx.Param(value, logical_axes=axes)
@@ -535,6 +751,9 @@ class Transformer(nnx.Module):
         if c.qk_norm:
             layers["q_norm_scale"] = param((L, H), ("layers", "norm"), "ones")
             layers["k_norm_scale"] = param((L, H), ("layers", "norm"), "ones")
+        if c.family == "gemma":  # norms after attention and after the MLP too
+            layers["post_attn_norm_scale"] = param((L, D), ("layers", "norm"), "ones")
+            layers["post_mlp_norm_scale"] = param((L, D), ("layers", "norm"), "ones")
         if c.o_bias:
             layers["o_bias"] = param((L, D), ("layers", "embed"), "zeros")
         if c.mlp_bias:
@@ -542,7 +761,18 @@ class Transformer(nnx.Module):
                 layers["gate_bias"] = param((L, F), ("layers", "mlp"), "zeros")
             layers["up_bias"] = param((L, F), ("layers", "mlp"), "zeros")
             layers["down_bias"] = param((L, D), ("layers", "embed"), "zeros")
+        if c.num_experts:  # a mixture of E SwiGLU experts and a router instead of the MLP
+            E = c.num_experts
+            for name in ("gate", "up", "down"):
+                del layers[name]
+            layers["router"] = param((L, D, E), ("layers", "embed", "experts"))
+            layers["expert_gate"] = param((L, E, D, F), ("layers", "experts", "embed", "mlp"))
+            layers["expert_up"] = param((L, E, D, F), ("layers", "experts", "embed", "mlp"))
+            layers["expert_down"] = param(
+                (L, E, F, D), ("layers", "experts", "mlp", "embed"), scale=out_scale
+            )
         self.layers = nnx.Dict(layers)
+        self.lora = None  # LoRA adapters' settings (rljax.models.lora.apply), static
         if not gpt2:
             inv_freq, self._rope_attention_factor = rope_inverse_frequencies(c)
             self._inv_freq = tuple(float(x) for x in inv_freq)  # static, not a parameter
@@ -557,29 +787,39 @@ class Transformer(nnx.Module):
             var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
             y = (x32 - mean) * jax.lax.rsqrt(var + self.config.norm_eps)
             y = y * scale.astype(wide) + bias.astype(wide)
+        elif self.config.family == "gemma":  # RMSNorm times (1 + w), all in float32
+            var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+            y = x32 * jax.lax.rsqrt(var + self.config.norm_eps) * (1.0 + scale.astype(wide))
         else:
             var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
             y = x32 * jax.lax.rsqrt(var + self.config.norm_eps) * scale.astype(wide)
         return y.astype(self.config.dtype)
 
-    def _rope(self, x, positions):
-        """Rotate-half RoPE (Hugging Face's layout) on ``x [B, T, heads, H]``."""
+    def _rope(self, x, positions, statics: _LayerStatics | None = None):
+        """Rotate-half RoPE (Hugging Face's layout) on ``x [B, T, heads, H]``; the layer's own
+        frequencies and factor where ``statics`` has them (Gemma 3's local RoPE)."""
         wide = _wide(x.dtype)
         inv_freq = jnp.asarray(self._inv_freq, wide)
+        factor = self._rope_attention_factor
+        if statics is not None and statics.inv_freq is not None:
+            inv_freq, factor = statics.inv_freq.astype(wide), statics.rope_factor.astype(wide)
         angles = positions.astype(wide)[..., None] * inv_freq  # [B, T, H/2]
         angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-        cos = jnp.cos(angles) * self._rope_attention_factor
-        sin = jnp.sin(angles) * self._rope_attention_factor
+        cos = jnp.cos(angles) * factor
+        sin = jnp.sin(angles) * factor
         x32 = x.astype(wide)
         half = x.shape[-1] // 2
         rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
         return (x32 * cos + rotated * sin).astype(x.dtype)
 
-    def _attention(self, q, k, v, inputs: _PassInputs, query_slots):
+    def _attention(self, q, k, v, inputs: _PassInputs, query_slots, statics=None):
         """``q [B,T,N,H]``, ``k, v [B,S,K,H]``. Without a cache (S == T): causal + key padding
         (+ same segment, with ``segment_ids``). With one: keys are cache slots, allowed where
-        valid and not after the query's slot (``query_slots [T]``)."""
+        valid and not after the query's slot (``query_slots [T]``). A sliding layer
+        (``statics.window``) also drops the keys ``window`` or more slots back."""
         impl = self.config.attention_impl
+        if _needs_general_attention(self.config):
+            return self._windowed_attention(q, k, v, inputs, query_slots, statics)
         if inputs.segment_ids is not None:
             return self._segment_attention(q, k, v, inputs)
         if q.dtype == jnp.float64:
@@ -606,6 +846,51 @@ class Transformer(nnx.Module):
             q, k, v, mask=allowed[:, None, :, :], implementation="xla"
         )
 
+    def _windowed_attention(self, q, k, v, inputs: _PassInputs, query_slots, statics):
+        """Attention of the configs with a sliding window, a logit soft-cap or a query scale
+        (Mistral/Qwen windows, Gemma): the allowed keys as an explicit mask, causal, padding,
+        segments and window in one. cuDNN's flash attention takes no such mask here: XLA runs
+        it (a soft-cap needs the logits, so :func:`_masked_attention` runs that case)."""
+        c = self.config
+        allowed = _allowed_keys(k, inputs, query_slots)  # [B, T, S]
+        if inputs.segment_ids is not None:
+            segment_ids = inputs.segment_ids
+            allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        if statics is not None and statics.window is not None:
+            q_slots = (
+                jnp.arange(q.shape[1], dtype=jnp.int32) if query_slots is None else query_slots
+            )
+            k_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
+            allowed &= (q_slots[:, None] - k_slots[None, :] < statics.window)[None]
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        if c.attn_logit_softcap is not None or q.dtype == jnp.float64:
+            return _masked_attention(q, k, v, allowed, scale, c.attn_logit_softcap)
+        impl = "xla" if c.attention_impl == "cudnn" else c.attention_impl
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=allowed[:, None, :, :], scale=scale, implementation=impl
+        )
+
+    def _layer_statics(self) -> _LayerStatics | None:
+        """The per-layer windows and RoPE tables scanned with the layers (None if the config
+        needs neither: every layer then runs the same causal attention and RoPE)."""
+        c = self.config
+        windows, local = c.layer_windows, c.rope_local_theta
+        if windows is None:
+            return None
+        window = jnp.asarray(windows, jnp.int32)
+        if local is None:
+            return _LayerStatics(window, None, None)
+        dim = c.dim_per_head
+        local_inv = 1.0 / float(local) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        inv_freq = np.stack(
+            [local_inv if s else np.asarray(self._inv_freq) for s in c.sliding_layers]
+        )
+        factors = [1.0 if s else self._rope_attention_factor for s in c.sliding_layers]
+        wide = _wide(jnp.dtype(c.dtype))
+        return _LayerStatics(
+            window, jnp.asarray(inv_freq, wide), jnp.asarray(np.asarray(factors), wide)
+        )
+
     def _segment_attention(self, q, k, v, inputs: _PassInputs):
         """Packed rows: a query attends to the keys of its own segment, causally (the key
         padding mask too). cuDNN's flash attention takes no such mask here: XLA runs it."""
@@ -619,28 +904,45 @@ class Transformer(nnx.Module):
             q, k, v, mask=allowed[:, None, :, :], implementation=impl
         )
 
-    def _layer(self, h, p, layer_cache, inputs: _PassInputs):
+    def _project(self, x, p, name: str):
+        """Projection ``name`` (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``) of ``x``
+        with the layer's parameters ``p``, plus ``scale * (x A) B`` when the model has a LoRA
+        adapter on it (:mod:`rljax.models.lora`)."""
+        in_axes = 2 if name == "o" else 1
+        y = _dense(x, p[name], in_axes)
+        if self.lora is not None and name in self.lora.targets:
+            if self.lora.dropout:  # on the adapter's input, in training steps only
+                x = _lora_dropout(x, p["lora_dropout_key"], name, self.lora.dropout)
+            low = _dense(x, p[f"{name}_lora_a"], in_axes)
+            y = y + self.lora.scale * _dense(low, p[f"{name}_lora_b"])
+        return y
+
+    def _layer(self, h, p, layer_cache, inputs: _PassInputs, statics=None):
         """One decoder layer on the residual stream ``h [B, T, D]`` with its parameters ``p``
-        and its ``(k, v)`` cache slice (or None): the new ``h`` and the updated slice."""
+        and its ``(k, v)`` cache slice (or None): the new ``h``, the updated slice and the
+        router logits ``[B, T, E]`` of a mixture-of-experts layer (None for a dense MLP).
+        ``statics``: the layer's :class:`_LayerStatics` (window, RoPE), or None."""
         c = self.config
         dt = jnp.dtype(c.dtype)
-        p = jax.tree.map(lambda x: x.astype(dt), p)
+        cast = lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.inexact) else x  # not keys
+        p = jax.tree.map(cast, p)
         gpt2 = c.family == "gpt2"
 
         # Every projection is one 2-D matmul on [B * T, features] (the weights' head axes
         # folded in): XLA:CPU runs these, and their gradients under the layer scan, markedly
         # faster than the equivalent 3-D/4-D einsums (benchmarks/RESULTS.md, DPO step speed).
         x = self._norm(h, p["attn_norm_scale"], p.get("attn_norm_bias"))
-        q = _dense(x, p["q"])
-        k = _dense(x, p["k"])
-        v = _dense(x, p["v"])
+        q = self._project(x, p, "q")
+        k = self._project(x, p, "k")
+        v = self._project(x, p, "v")
         if c.qkv_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         if c.qk_norm:  # Qwen3: RMSNorm over each head's width, before RoPE
             q = self._norm(q, p["q_norm_scale"], None)
             k = self._norm(k, p["k_norm_scale"], None)
         if not gpt2:
-            q, k = self._rope(q, inputs.positions), self._rope(k, inputs.positions)
+            q = self._rope(q, inputs.positions, statics)
+            k = self._rope(k, inputs.positions, statics)
         query_slots = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
@@ -649,29 +951,45 @@ class Transformer(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             layer_cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)  # a bfloat16 cache is read widened
             query_slots = inputs.cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
-        attn = self._attention(q, k, v, inputs, query_slots)
-        out = _dense(attn.astype(dt), p["o"], in_axes=2)
+        attn = self._attention(q, k, v, inputs, query_slots, statics)
+        out = self._project(attn.astype(dt), p, "o")
         if c.o_bias:
             out = out + p["o_bias"]
+        if c.family == "gemma":  # Gemma 2/3: the attention output normed before the residual
+            out = self._norm(out, p["post_attn_norm_scale"], None)
         h = h + out
 
         x = self._norm(h, p["mlp_norm_scale"], p.get("mlp_norm_bias"))
         act = ACTIVATIONS[c.hidden_act]
-        up = _dense(x, p["up"])
+        if c.num_experts:  # Qwen3-MoE / Mixtral: top-k routed SwiGLU experts
+            experts = (p["router"], p["expert_gate"], p["expert_up"], p["expert_down"])
+            down, router_logits = moe_mlp(
+                x,
+                *experts,
+                act=act,
+                top_k=c.num_experts_per_tok,
+                norm_topk_prob=c.norm_topk_prob,
+                impl=c.moe_impl,
+            )
+            return h + down, layer_cache, router_logits
+        up = self._project(x, p, "up")
         if c.mlp_bias:
             up = up + p["up_bias"]
         if gpt2:
             hidden = act(up)
         else:
-            gate = _dense(x, p["gate"])
+            gate = self._project(x, p, "gate")
             if c.mlp_bias:
                 gate = gate + p["gate_bias"]
             hidden = act(gate) * up
-        down = _dense(hidden, p["down"])
+        down = self._project(hidden, p, "down")
         if c.mlp_bias:
             down = down + p["down_bias"]
-        return h + down, layer_cache
+        if c.family == "gemma":  # and the MLP's
+            down = self._norm(down, p["post_mlp_norm_scale"], None)
+        return h + down, layer_cache, None
 
     # ------------------------------------------------------------------ public API
 
@@ -687,31 +1005,9 @@ class Transformer(nnx.Module):
             index=jnp.zeros((), jnp.int32),
         )
 
-    def decode(
-        self,
-        tokens: jax.Array,
-        mask: jax.Array | None = None,
-        *,
-        positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-        segment_ids: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Final hidden states ``[B, T, D]`` (after the final norm), and the updated cache.
-
-        Args:
-          tokens: ``int [B, T]`` token ids.
-          mask: ``[B, T]``, 1 at real tokens (default: all real).
-          positions: ``int [B, T]`` position ids; default ``cumsum(mask) - 1``, continued from
-            the tokens already in ``cache``.
-          cache: a :class:`KVCache`; the ``T`` tokens are written at slots
-            ``cache.index .. cache.index + T - 1`` and attend to every valid earlier slot.
-          segment_ids: ``int [B, T]`` for packed rows (:func:`rljax.data.pack`): several
-            sequences per row, numbered 1, 2, ... with 0 at padding. A token attends only to
-            earlier tokens of its own segment, ``mask`` defaults to ``segment_ids > 0`` and
-            ``positions`` to :func:`positions_from_segments` (restarting at 0 in each
-            segment), so each sequence's outputs are those it has alone. Not with ``cache``.
-        """
-        c = self.config
+    def _pass_layout(self, tokens, mask, positions, cache, segment_ids):
+        """``decode``'s inputs checked against ``tokens [B, T]``, with the defaults filled in:
+        ``(mask, positions, segment_ids)``."""
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
         b, t = tokens.shape
@@ -741,11 +1037,57 @@ class Transformer(nnx.Module):
                 positions = positions + jnp.sum(cache.mask, axis=-1, dtype=jnp.int32)[:, None]
         elif positions.shape != (b, t):
             raise ValueError(f"positions shape {positions.shape} does not match {tokens.shape}")
+        return mask, positions, segment_ids
 
+    def _embed(self, tokens, positions):
+        """The input embeddings ``[B, T, D]`` in the compute dtype (GPT-2: plus the learned
+        position embeddings; Gemma: times sqrt(D))."""
+        c = self.config
         dt = jnp.dtype(c.dtype)
         h = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
         if c.family == "gpt2":
             h = h + jnp.take(self.pos_embed[...], positions, axis=0).astype(dt)
+        elif c.family == "gemma":  # embeddings times sqrt(D), rounded to the compute dtype
+            h = h * jnp.asarray(math.sqrt(c.hidden_size), jnp.float32).astype(dt)
+        return h
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        return_router_logits: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final hidden states ``[B, T, D]`` (after the final norm), and the updated cache.
+
+        Args:
+          tokens: ``int [B, T]`` token ids.
+          mask: ``[B, T]``, 1 at real tokens (default: all real).
+          positions: ``int [B, T]`` position ids; default ``cumsum(mask) - 1``, continued from
+            the tokens already in ``cache``.
+          cache: a :class:`KVCache`; the ``T`` tokens are written at slots
+            ``cache.index .. cache.index + T - 1`` and attend to every valid earlier slot
+            (on a sliding layer, to those less than ``sliding_window`` slots back).
+          segment_ids: ``int [B, T]`` for packed rows (:func:`rljax.data.pack`): several
+            sequences per row, numbered 1, 2, ... with 0 at padding. A token attends only to
+            earlier tokens of its own segment, ``mask`` defaults to ``segment_ids > 0`` and
+            ``positions`` to :func:`positions_from_segments` (restarting at 0 in each
+            segment), so each sequence's outputs are those it has alone. Not with ``cache``.
+          return_router_logits: also return the router logits ``[L, B, T, E]`` of a
+            mixture-of-experts model (``(hidden, cache, router_logits)``), for
+            :func:`rljax.models.moe.load_balancing_loss`.
+        """
+        c = self.config
+        if return_router_logits and not c.num_experts:
+            raise ValueError("return_router_logits: this model has no experts (num_experts=0)")
+        mask, positions, segment_ids = self._pass_layout(
+            tokens, mask, positions, cache, segment_ids
+        )
+        b, t = tokens.shape
+        h = self._embed(tokens, positions)
 
         layer_params = {name: var[...] for name, var in self.layers.items()}
         if cache is None:
@@ -769,12 +1111,15 @@ class Transformer(nnx.Module):
         )
 
         def body(h, xs):
-            p, layer_cache = xs
-            return self._layer(h, p, layer_cache, inputs)
+            p, layer_cache, statics = xs
+            h = sharding.constrain_batch(h)  # under FSDP: keep the batch split (on_mesh)
+            h, layer_cache, router_logits = self._layer(h, p, layer_cache, inputs, statics)
+            return sharding.constrain_batch(h), (layer_cache, router_logits)
 
         if c.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        h, new_kv = jax.lax.scan(body, h, (layer_params, kv))
+        xs = (layer_params, kv, self._layer_statics())
+        h, (new_kv, router_logits) = jax.lax.scan(body, h, xs)
         h = self._norm(
             h,
             self.final_norm_scale[...],
@@ -782,19 +1127,27 @@ class Transformer(nnx.Module):
         )
         if cache is not None:
             cache = KVCache(new_kv[0], new_kv[1], cache_mask, cache.index + t)
+        if return_router_logits:
+            return h, cache, router_logits
         return h, cache
 
     def unembedding(self) -> jax.Array:
         """The output projection ``[D, V]`` in the compute dtype (tied: the embedding's
-        transpose)."""
+        transpose). With ``final_logit_softcap`` the logits are ``cap * tanh(h W / cap)``
+        (:meth:`logits`; the chunked log-probs take ``softcap=``)."""
         if not self.config.lm_head:
             raise ValueError("this model has no LM head (TransformerConfig.lm_head=False)")
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         return w.astype(self.config.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Vocabulary logits ``[..., V]`` (compute dtype) from final hidden states."""
-        return jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), self.unembedding())
+        """Vocabulary logits ``[..., V]`` (compute dtype) from final hidden states, soft-capped
+        to ``cap * tanh(logits / cap)`` with ``final_logit_softcap`` (Gemma)."""
+        logits = jnp.einsum("...d,dv->...v", hidden.astype(self.config.dtype), self.unembedding())
+        cap = self.config.final_logit_softcap
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
 
     def scores(self, hidden: jax.Array) -> jax.Array:
         """The scalar head per position ``[...]`` in float32 (float64 for a float64 model)."""
@@ -813,9 +1166,20 @@ class Transformer(nnx.Module):
         *,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        return_router_logits: bool = False,
     ) -> jax.Array:
         """Logits ``[B, T, V]`` of the next token at every position (``segment_ids``: packed
-        rows, as :meth:`decode`)."""
+        rows, as :meth:`decode`); with ``return_router_logits``, ``(logits, router_logits)``
+        (``[L, B, T, E]``, a mixture-of-experts model's)."""
+        if return_router_logits:
+            hidden, _, router_logits = self.decode(
+                tokens,
+                mask,
+                positions=positions,
+                segment_ids=segment_ids,
+                return_router_logits=True,
+            )
+            return self.logits(hidden), router_logits
         hidden, _ = self.decode(tokens, mask, positions=positions, segment_ids=segment_ids)
         return self.logits(hidden)
 

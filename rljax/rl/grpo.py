@@ -32,10 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from rljax import advantages, data, experiment, rewards, runs, sharding, updates
-from rljax.models import hf
+from rljax.models import generate, hf, lora
 from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import (
     decode_completions,
@@ -51,6 +50,7 @@ __all__ = [
     "Prompts",
     "SampledRun",
     "SampledRunConfig",
+    "apply_stop_strings",
     "collect",
     "evaluate",
     "finish_sampled_run",
@@ -68,7 +68,7 @@ SAMPLES_LOGGED = 8  # greedy held-out completions logged at each evaluation (out
 
 
 @dataclasses.dataclass(frozen=True)
-class SampledRunConfig(runs.RunSettings):
+class SampledRunConfig(experiment.LoRARunSettings):
     """Settings of an RL run that samples groups of completions from the policy and scores them
     with reward functions (the GRPO family, online DPO).
 
@@ -83,6 +83,10 @@ class SampledRunConfig(runs.RunSettings):
         rewards.
       on_reward_error: raise (stop, naming the function and the row) or mask (leave that
         sample out of the update and count it).
+      stop: stop strings (repeat the flag for several): a completion ends after the token
+        that completes the first of them in its text (rljax.models.generate.stop_at_strings);
+        later tokens are out of the rewards, the loss and the evaluation. EOS still ends
+        every completion.
       out: output folder (checkpoints, metrics.jsonl, summary.json, plots, the final policy).
       seed: prompt order, sampling and data split seed.
       iterations: sample + update iterations.
@@ -107,6 +111,7 @@ class SampledRunConfig(runs.RunSettings):
     data: str | None = None
     reward: tuple[str, ...] = ()
     on_reward_error: str = "raise"
+    stop: tuple[str, ...] = ()
     out: str = "runs/grpo"
     iterations: int = 30
     batch_size: int = 16
@@ -151,6 +156,8 @@ class SampledRunConfig(runs.RunSettings):
             _fail("temperature", f"must be > 0 (RL needs sampling), got {self.temperature}")
         if not self.learning_rate > 0:
             _fail("learning_rate", f"must be > 0, got {self.learning_rate}")
+        if any(not s for s in self.stop):
+            _fail("stop", "stop strings must be non-empty")
         if self.data is not None and not self.reward:
             _fail("reward", "a data set of your own needs --reward MODULE:FUNCTION")
 
@@ -390,6 +397,7 @@ def collect(
                 jax.random.fold_in(key, rounds), config.temperature, group_size=k,
             )  # each prompt prefilled once for its group
         )  # fmt: skip
+        out = apply_stop_strings(out, tokenizer, config.stop)
         rounds += 1
         scored = reward.score(
             texts, decode_completions(tokenizer, out), columns, on_error=config.on_reward_error
@@ -484,6 +492,29 @@ def shape(
     return batch, metrics
 
 
+def apply_stop_strings(rollout: dict, tokenizer, stop: Sequence[str]) -> dict:
+    """``rollout`` (on the host) with each completion ended at its first stop string
+    (:func:`rljax.models.generate.stop_at_strings`): the completion and attention masks
+    shortened, the per-token arrays zeroed past the end, ``finished`` set where a stop string
+    ended the row. No stop strings: ``rollout`` unchanged."""
+    if not stop:
+        return rollout
+    cmask = rollout["completion_mask"]
+    n = cmask.shape[1]
+    completions = rollout["tokens"][:, -n:]
+    new_mask, stopped = generate.stop_at_strings(
+        completions, cmask, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), stop
+    )
+    out = dict(rollout)
+    for name, value in rollout.items():  # the per-token arrays: zero past the new end
+        if name != "completion_mask" and np.shape(value) == cmask.shape:
+            out[name] = np.where(new_mask, value, np.zeros((), np.asarray(value).dtype))
+    out["completion_mask"] = new_mask
+    out["mask"] = np.concatenate([rollout["mask"][:, :-n], new_mask], axis=1)
+    out["finished"] = rollout["finished"] | stopped
+    return out
+
+
 def evaluate(
     rollout_fn, policy_params, ref_params, tokenizer, held_out: Prompts, reward, config
 ) -> dict[str, Any]:
@@ -506,6 +537,7 @@ def evaluate(
             out = jax.device_get(
                 rollout_fn(policy_params, ref_params, None, tokens, mask, key, temperature)
             )
+            out = apply_stop_strings(out, tokenizer, config.stop)
             cmask = out["completion_mask"]
             completions += decode_completions(tokenizer, out)[:keep]
             kls.append(np.sum((out["old_logps"] - out["ref_logps"]) * cmask, axis=1)[:keep])
@@ -575,12 +607,13 @@ class SampledRun(NamedTuple):
 def start_sampled_run(config: SampledRunConfig, label: str, what: str) -> SampledRun:
     """Start (or resume) ``config``'s run: load the base model (the built-in task's when
     ``--model`` is empty), the prompts and the reward functions; build the mesh and the
-    optimizer (Adam, global gradient norm clipped at 1)."""
+    optimizer (Adam, global gradient norm clipped at 1). With ``--lora-rank`` the policy has
+    LoRA adapters and ``params`` are :func:`rljax.models.lora.split`'s."""
     if jax.process_count() > 1:
         raise ValueError(f"{what} runs in one process (any number of local devices via --mesh)")
     started = start_run(config, label, arithmetic.default_base_model)
     train, held_out, source = load_prompts(config, started.tokenizer)
-    graphdef, params = nnx.split(hf.load_model(started.model_path))
+    graphdef, params = lora.split(config.with_lora(hf.load_model(started.model_path), label))
     return SampledRun(
         started=started,
         train=train,
@@ -645,7 +678,8 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     state, step, batch_shardings = lm.compile_update(
         update, init, _example_batch(config, max_new), r.mesh
     )
-    ref_params = sharding.shard_params(r.params, r.mesh)
+    # With LoRA the reference is the policy with its adapters off (ref_params None).
+    ref_params = None if lora.has_lora(r.params) else sharding.shard_params(r.params, r.mesh)
     sampling = sampling_config(tokenizer, max_new, config.temperature)
     rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.grpo.chunk_size)
 

@@ -169,11 +169,12 @@ def train_loop(
 
 def export_policy(label: str, out: pathlib.Path, model, tokenizer) -> None:
     """Save the trained policy ``model`` as a Hugging Face folder ``out/policy`` (refused,
-    naming the run, when any parameter is NaN or inf)."""
+    naming the run, when any parameter is NaN or inf); with LoRA adapters merged, and the
+    adapters as a peft folder ``out/policy_adapter`` (:func:`rljax.experiment.export_model`)."""
     finite.require_finite(
         nnx.state(model), f"[{label}] not exporting the policy to {out / 'policy'}"
     )
-    hf.save_model(model, out / "policy", tokenizer=tokenizer)
+    experiment.export_model(model, out / "policy", tokenizer)
 
 
 def finish(
@@ -196,6 +197,7 @@ def finish(
     export_policy(run.label, out, policy, run.tokenizer)
     summary = {
         **summary,
+        "parameters": experiment.parameter_counts(policy),
         **runs.run_record(
             config, out, resumed_from=result.resumed_from, start_time=run.time, devices=devices
         ),

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax import experiment, updates
+from rljax.models import lora
 from rljax.rl.grpo import (
     SampledRunConfig,
     _fail,
@@ -65,6 +66,12 @@ class OnlineDPORunConfig(experiment.DPOLossSettings, SampledRunConfig):
         super().__post_init__()
         if self.ref_update_every < 0:
             _fail("ref_update_every", f"must be >= 0, got {self.ref_update_every}")
+        if self.ref_update_every and self.lora_rank:
+            _fail(
+                "ref_update_every",
+                "with --lora-rank the reference is the base model (the adapters switched off, "
+                "no second copy); a refreshed reference is not supported with LoRA, use 0",
+            )
         self.dpo_config()  # DPOConfig checks beta, rpo_alpha, the loss types, ...
 
     def dpo_config(self) -> updates.DPOConfig:
@@ -139,7 +146,9 @@ def run(config: OnlineDPORunConfig, *, label: str = "online DPO") -> dict[str, A
     r = start_sampled_run(config, label, "online DPO")
     tokenizer = r.started.tokenizer
     update = updates.make_dpo_update(r.graphdef, r.optimizer, config.dpo_config())
-    init = updates.init_dpo_state(r.params, r.optimizer, ref_params=jax.tree.map(np.copy, r.params))
+    # With LoRA the reference is the policy with its adapters off (ref_params None).
+    ref_params = None if lora.has_lora(r.params) else jax.tree.map(np.copy, r.params)
+    init = updates.init_dpo_state(r.params, r.optimizer, ref_params=ref_params)
     state, step, batch_shardings = lm.compile_update(update, init, _example_batch(config), r.mesh)
     sampling = sampling_config(tokenizer, config.completion_width, config.temperature)
     rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.chunk_size)

@@ -39,7 +39,7 @@ from flax import nnx
 from rljax import checks, data, experiment, rlhf, runs, sharding, updates
 from rljax.advantages import whiten
 from rljax.logprobs import masked_mean
-from rljax.models import hf
+from rljax.models import hf, lora
 from rljax.models.transformer import with_head
 from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import (
@@ -66,7 +66,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class RLHFRunConfig(runs.RunSettings):
+class RLHFRunConfig(experiment.LoRARunSettings):
     """Settings shared by the RLHF experiments.
 
     Attributes:
@@ -268,6 +268,11 @@ class TRPORunConfig(RLHFRunConfig):
         if self.critic == "head":
             raise ValueError(
                 "--critic head: TRPO's natural step moves the policy alone; use separate or none"
+            )
+        if self.lora_dropout:
+            raise ValueError(
+                "--lora-dropout: TRPO's natural step needs a deterministic policy (the Fisher, "
+                "the line search); use 0"
             )
         if self.critic != "none":
             _check_divides(self, "critic_minibatches", self.trpo.critic_minibatches)
@@ -519,7 +524,9 @@ class PolicyUpdate(NamedTuple):
 def load_models(config: RLHFRunConfig, model_path: str) -> Models:
     """The policy, reference and critic of ``config.critic`` from a checkpoint folder: the
     reference is the checkpoint; a value head (critic head, or the separate critic's own
-    copy of the network) starts from ``seed + 1``."""
+    copy of the network) starts from ``seed + 1``. With ``--lora-rank`` the policy (and a
+    separate critic) get LoRA adapters, and the reference is the policy with its adapters
+    switched off (``ref_params`` None: no second copy of the weights)."""
     base = hf.load_model(model_path)
     ref_graphdef, ref_params = nnx.split(base)
     rngs = nnx.Rngs(config.seed + 1)
@@ -529,8 +536,11 @@ def load_models(config: RLHFRunConfig, model_path: str) -> Models:
     else:
         policy = base
         if config.critic == "separate":
-            value_graphdef, value_params = nnx.split(with_head(base, "value", rngs=rngs))
-    policy_graphdef, policy_params = nnx.split(policy)
+            critic = config.with_lora(with_head(base, "value", rngs=rngs), "critic")
+            value_graphdef, value_params = lora.split(critic)
+    policy_graphdef, policy_params = lora.split(config.with_lora(policy, "policy"))
+    if config.lora_rank:
+        ref_graphdef, ref_params = policy_graphdef, None
     copy = lambda tree: None if tree is None else jax.tree.map(np.array, jax.device_get(tree))
     return Models(
         policy_graphdef,
@@ -586,7 +596,9 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
     state, step_fn, batch_shardings = lm.compile_update(
         algo.update, algo.state, _example_batch(config, rows, max_new), mesh
     )
-    ref_params = sharding.shard_params(models.ref_params, mesh)
+    ref_params = (
+        None if models.ref_params is None else sharding.shard_params(models.ref_params, mesh)
+    )
     rollout_fn = _make_rollout_fn(config, models, tokenizer, max_new)
     shape_fn = make_shaping_fn(config)
     controller = config.kl_controller()
@@ -620,7 +632,7 @@ def run(config: PPORunConfig | TRPORunConfig, *, label: str | None = None) -> di
             jax.random.fold_in(key, it),
             config.temperature,
             group_size=k,
-        )
+        )  # each prompt prefilled once for its group; fmt: skip
         scores = jnp.asarray(scorer(prompts, rollout))
         batch, rollout_metrics, seq_kl = shape_fn(rollout, scores, carry["kl_coef"])
         state, update_metrics = step_fn(state, jax.device_put(batch, batch_shardings))
@@ -694,8 +706,9 @@ def _check_run(config) -> str:
 
 
 def _without_value_head(model, config):
-    """The policy as a plain causal LM (the value head is training machinery)."""
-    if config.critic != "head":
+    """The policy as a plain causal LM (the value head is training machinery; a LoRA policy's
+    is dropped after the merge, by :func:`rljax.experiment.export_model`)."""
+    if config.critic != "head" or model.lora is not None:
         return model
     return with_head(model, None, rngs=nnx.Rngs(0), lm_head=True)
 

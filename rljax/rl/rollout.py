@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax import rlhf, updates
-from rljax.models import generate
+from rljax.models import generate, lora
 from rljax.updates import lm
 
 __all__ = ["CRITICS", "decode_completions", "example_batch", "make_rollout_fn", "sampling_config"]
@@ -43,7 +43,9 @@ def make_rollout_fn(
 
     ``temperature`` is traced: one compiled program serves training, greedy evaluation at 0
     and sampled evaluation at 1. ``ref_graphdef`` defaults to ``graphdef`` (the reference is
-    the initial policy). ``critic``: ``"head"`` (``graphdef`` carries a value head; its values
+    the initial policy); ``ref_params=None`` with LoRA policy parameters is the policy with its
+    adapters switched off (:func:`rljax.models.lora.disabled`: the base, no second copy).
+    ``critic``: ``"head"`` (``graphdef`` carries a value head; its values
     come from the policy's forward pass), ``"separate"`` (a value model ``value_graphdef``
     with ``value_params``) or ``"none"`` (``value_params`` is ignored; pass ``None``).
 
@@ -64,17 +66,13 @@ def make_rollout_fn(
 
     @functools.partial(jax.jit, static_argnames="group_size")
     def rollout(
-        policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key, temp, group_size=1
-    ):
+        policy_params, ref_params, value_params, prompt_tokens, prompt_mask, key, temp,
+        group_size=1,
+    ):  # fmt: skip
         gen = generate.generate(
-            (graphdef, policy_params),
-            prompt_tokens,
-            prompt_mask,
-            key,
-            sampling,
-            temperature=temp,
-            group_size=group_size,
-        )
+            (graphdef, policy_params), prompt_tokens, prompt_mask, key, sampling,
+            temperature=temp, group_size=group_size,
+        )  # fmt: skip
         n = gen.completion_mask.shape[1]
         cmask = gen.completion_mask
         zero = lambda x: jnp.where(cmask, x, 0.0)
@@ -82,6 +80,8 @@ def make_rollout_fn(
             graphdef, policy_params, gen.tokens, gen.mask, n, chunk_size=chunk_size,
             values=critic == "head",
         )  # fmt: skip
+        if ref_params is None and lora.has_lora(policy_params):  # the adapters switched off
+            ref_params = lora.disabled(policy_params)
         ref = updates.completion_outputs(
             ref_graphdef, ref_params, gen.tokens, gen.mask, n, chunk_size=chunk_size
         )

@@ -741,19 +741,34 @@ def evaluate_policy(
 
 
 _CACHE_VERSION = 1
-#: TransformerConfig fields added after the cache key was fixed, with their defaults: left out
-#: of the key at these values, so a new field does not change the key of the model that ships
-#: with the package (which would rebuild it, 1000 warm-up steps, on every fresh machine).
-_KEY_FIELDS_ADDED_LATER = {"qk_norm": False}
+#: The TransformerConfig fields of the cache key when it was fixed. A field added since enters
+#: the key only when it differs from its default, so a new field does not change the key of the
+#: model that ships with the package (which would rebuild it, 1000 warm-up steps, on every
+#: fresh machine, with other weights and results).
+_KEY_FIELDS = (
+    "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+    "intermediate_size", "max_position_embeddings", "family", "norm_eps", "hidden_act",
+    "qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "rope_theta", "rope_type",
+    "rope_scaling", "lm_head", "head", "param_dtype", "dtype", "remat", "attention_impl",
+    "initializer_range",
+)  # fmt: skip
 
 
 def _config_key(config) -> dict[str, Any]:
-    """``dataclasses.asdict(config)`` without the later fields at their defaults."""
+    """``dataclasses.asdict(config)`` without the fields added after :data:`_KEY_FIELDS` where
+    they hold their defaults."""
+    defaults = {}
+    for field in dataclasses.fields(config):
+        if field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+        else:
+            defaults[field.name] = field.default
     fields = dataclasses.asdict(config)
-    for name, default in _KEY_FIELDS_ADDED_LATER.items():
-        if fields.get(name) == default:
-            del fields[name]
-    return fields
+    return {
+        name: value
+        for name, value in fields.items()
+        if name in _KEY_FIELDS or value != defaults[name]
+    }
 
 
 def default_base_model(

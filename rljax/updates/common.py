@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.finite import guarded_step
+from rljax.models import lora
 
 __all__: list[str] = []  # internal: the pieces the update modules share
 
@@ -162,9 +163,21 @@ class OptaxState(NamedTuple):
 
 
 def init_optax_state(cls: type[OptaxState], params, optimizer) -> OptaxState:
-    """The initial ``cls`` (an :class:`OptaxState`): ``optimizer.init(params)``, step 0."""
+    """The initial ``cls`` (an :class:`OptaxState`): ``optimizer.init`` of the trained
+    parameters (:func:`rljax.models.lora.trainable`: the adapters of a LoRA model, else all),
+    step 0."""
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return cls(params, optimizer.init(params), step, skipped)
+    return cls(params, optimizer.init(lora.trainable(params)), step, skipped)
+
+
+def reference_params(state: Any) -> Any:
+    """The reference policy of a step with ``reference="model"``: ``state.ref_params``, or,
+    when that is ``None`` and ``state.params`` are LoRA parameters, the same base weights with
+    the adapters switched off (:func:`rljax.models.lora.disabled`; no second model in
+    memory). ``None`` otherwise."""
+    if state.ref_params is None and lora.has_lora(state.params):
+        return lora.disabled(state.params)
+    return state.ref_params
 
 
 def _no_context(state: Any, batch: Any, *args, **kwargs) -> None:
@@ -185,17 +198,30 @@ def make_optax_update(
     metrics)`` (``metrics["loss"]`` the loss) at ``state.params`` and
     :func:`rljax.finite.guarded_step`. ``state`` is a NamedTuple with ``params``,
     ``opt_state``, ``step`` and ``nonfinite_updates`` (other fields are kept); the metrics
-    gain ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``."""
+    gain ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``. With LoRA parameters
+    (:func:`rljax.models.lora.split`) the gradient, the optimizer step and the guard cover the
+    adapters only (:func:`rljax.models.lora.trainable`); the frozen base passes through."""
 
     def update(state, batch, *args, **kwargs):
         context = prepare(state, batch, *args, **kwargs)
-        grads, metrics = jax.grad(objective, has_aux=True)(state.params, context, batch)
-        params, opt_state, count, guard_metrics = guarded_step(
-            optimizer, grads, state, metrics["loss"]
+        train = lora.trainable(state.params)
+        # Adapter dropout (if any) is drawn afresh each step; off in every other pass.
+        dropout = lora.has_dropout(state.params)
+        key = jax.random.fold_in(jax.random.key(0), state.step) if dropout else None
+
+        def trained_objective(train, context, batch):
+            return objective(lora.combine(train, state.params, key), context, batch)
+
+        grads, metrics = jax.grad(trained_objective, has_aux=True)(train, context, batch)
+        train, opt_state, count, guard_metrics = guarded_step(
+            optimizer, grads, state._replace(params=train), metrics["loss"]
         )
         metrics.update(guard_metrics)
         new_state = state._replace(
-            params=params, opt_state=opt_state, step=state.step + 1, nonfinite_updates=count
+            params=lora.combine(train, state.params),
+            opt_state=opt_state,
+            step=state.step + 1,
+            nonfinite_updates=count,
         )
         return new_state, metrics
 

@@ -20,11 +20,13 @@ from rljax.dpo import (
     _validate,
     dpo_loss,
 )
+from rljax.models import lora
 from rljax.updates.common import (
     check_config,
     check_hyperparams,
     make_objective_eval,
     make_optax_update,
+    reference_params,
 )
 from rljax.updates.lm import pair_sequence_logps
 
@@ -207,9 +209,11 @@ class DPOState(NamedTuple):
 
 def init_dpo_state(params, optimizer, ref_params=None) -> DPOState:
     """Initial :class:`DPOState`. For ``reference="model"`` pass ``ref_params`` (typically a
-    copy of the initial policy: ``jax.tree.map(jnp.copy, params)``)."""
+    copy of the initial policy: ``jax.tree.map(jnp.copy, params)``); with LoRA parameters
+    (:func:`rljax.models.lora.split`) leave it ``None``: the reference is then the base model,
+    the adapters switched off, and the optimizer state covers the adapters only."""
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return DPOState(params, optimizer.init(params), step, ref_params, skipped)
+    return DPOState(params, optimizer.init(lora.trainable(params)), step, ref_params, skipped)
 
 
 def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
@@ -256,7 +260,7 @@ def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
 
     def prepare(state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None):
         config.loss_kwargs(hyperparams)  # raises for a key this config does not trace
-        return reference(state.ref_params, batch), hyperparams
+        return reference(reference_params(state), batch), hyperparams
 
     return prepare, objective
 

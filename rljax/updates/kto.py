@@ -17,7 +17,13 @@ import numpy as np
 
 from rljax import checks
 from rljax.dpo import KTO_LOSS_TYPES, kto_loss
-from rljax.updates.common import check_config, fields_of, make_objective_eval, make_optax_update
+from rljax.updates.common import (
+    check_config,
+    fields_of,
+    make_objective_eval,
+    make_optax_update,
+    reference_params,
+)
 from rljax.updates.dpo import DPOState, init_dpo_state
 from rljax.updates.lm import reference_logps, sequence_logps
 
@@ -170,7 +176,7 @@ def _kto_objective(graphdef, config: KTOConfig) -> tuple[Callable, Callable]:
         return logps_and_counts(params, batch, prefix)[0]
 
     def reference(state: DPOState, batch):
-        ref_params = state.ref_params
+        ref_params = reference_params(state)
         _require(batch, KTO_BATCH_KEYS, "the unpaired rows")
         if config.uses_kl:
             _require(batch, KTO_KL_KEYS, "loss_type='kto' needs the KL batch: mismatched_pairs")

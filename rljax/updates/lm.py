@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rljax import sharding
 from rljax.data.prefix import SHARED_PROMPT_KEYS
 from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
 from rljax.models.transformer import KVCache, last_valid_index
@@ -85,7 +86,11 @@ def token_logps(
     model = merge(graphdef, params)
     hidden, _ = model.decode(tokens, mask)
     logps = chunked_token_logprobs(
-        hidden[:, :-1], model.unembedding(), tokens[:, 1:], chunk_size=chunk_size
+        hidden[:, :-1],
+        model.unembedding(),
+        tokens[:, 1:],
+        chunk_size=chunk_size,
+        softcap=model.config.final_logit_softcap,
     )
     return jnp.where(mask[:, 1:].astype(bool), logps, 0.0)
 
@@ -220,7 +225,11 @@ def shared_prompt_sequence_logps(
     model = merge(graphdef, params)
     predictors, completion, completion_mask, _ = _shared_prompt_decode(model, batch)
     logps = chunked_token_logprobs(
-        predictors, model.unembedding(), completion, chunk_size=chunk_size
+        predictors,
+        model.unembedding(),
+        completion,
+        chunk_size=chunk_size,
+        softcap=model.config.final_logit_softcap,
     )
     total, lengths = masked_sum_and_count(logps, completion_mask, axis=-1)
     b = total.shape[0] // 2
@@ -382,7 +391,7 @@ def compile_update(
     batch_shardings = _leaf_batch_shardings(batch_example, mesh, rules)
     placed = jax.device_put(state, state_shardings)
     step = jax.jit(
-        update,
+        sharding.on_mesh(update, mesh, rules),  # the model's activations split by batch
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0 if donate else (),

@@ -20,6 +20,7 @@ from rljax.advantages import whiten
 from rljax.distributions import entropy as distribution_entropy
 from rljax.distributions import log_prob
 from rljax.finite import all_finite, count_nonfinite, step_if_finite
+from rljax.models import lora
 from rljax.ppo import (
     _check_clip,
     ppo_loss,
@@ -120,7 +121,7 @@ def init_ppo_state(policy_params, value_params, optimizer, key: jax.Array) -> PP
     """Initial :class:`PPOState`; one optax ``optimizer`` for both networks."""
     params = {"policy": policy_params, "value": value_params}
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return PPOState(params, optimizer.init(params), key, step, skipped)
+    return PPOState(params, optimizer.init(lora.trainable(params)), key, step, skipped)
 
 
 def minibatch_epochs(
@@ -153,6 +154,10 @@ def minibatch_epochs(
     the gradients, the new parameters and optimizer state); a non-finite one leaves both
     unchanged.
 
+    LoRA parameters (:func:`rljax.models.lora.split`, anywhere in ``params``): the gradient,
+    the optimizer (``opt_state`` is ``optimizer.init(lora.trainable(params))``) and the guard
+    see only the adapters; the frozen base is passed through.
+
     Returns:
       ``(params, opt_state, key, metrics)``: metrics are means over the steps taken (a skipped
       non-finite step included, so its NaN shows), plus ``updates`` (steps applied),
@@ -165,10 +170,21 @@ def minibatch_epochs(
             f"{num_minibatches} equal minibatches"
         )
     rows = num_rows // num_minibatches
+    full_params = params
+    # Adapter dropout (LoRA models applied with dropout): a key per minibatch step, drawn
+    # beside the shuffles' stream (which it leaves as it is).
+    dropout_key = jax.random.fold_in(key, 0x10CA) if lora.has_dropout(params) else None
 
-    def minibatch_step(carry, minibatch):
+    def trained_loss(train, minibatch, step_index):
+        step_key = None if dropout_key is None else jax.random.fold_in(dropout_key, step_index)
+        return loss_fn(lora.combine(train, full_params, step_key), minibatch)
+
+    def minibatch_step(carry, xs):
         params, opt_state, stopped = carry
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch)
+        minibatch, step_index = xs
+        (loss, metrics), grads = jax.value_and_grad(trained_loss, has_aux=True)(
+            params, minibatch, step_index
+        )
         if target_kl is not None:
             # A NaN KL estimate stops as well: nothing about that step can be trusted.
             stopped = stopped | ~(metrics[kl_metric] <= target_kl)
@@ -184,11 +200,13 @@ def minibatch_epochs(
             )
         return (params, opt_state, stopped), (metrics, ~stopped, finite)
 
-    def epoch(carry, order):
+    def epoch(carry, xs):
+        order, epoch_index = xs
         minibatches = jax.tree.map(
             lambda x: x[order].reshape(num_minibatches, rows, *x.shape[1:]), batch
         )
-        return jax.lax.scan(minibatch_step, carry, minibatches)
+        step_indices = epoch_index * num_minibatches + jnp.arange(num_minibatches)
+        return jax.lax.scan(minibatch_step, carry, (minibatches, step_indices))
 
     key, epochs_key = jax.random.split(key)
     # Every epoch's shuffle at once (one batched sort rather than one per epoch).
@@ -196,16 +214,25 @@ def minibatch_epochs(
         jax.random.split(epochs_key, num_epochs)
     )
     (params, opt_state, stopped), (metrics, taken, finite) = jax.lax.scan(
-        epoch, (params, opt_state, jnp.bool_(False)), orders
+        epoch,
+        (lora.trainable(params), opt_state, jnp.bool_(False)),
+        (orders, jnp.arange(num_epochs)),
     )
-    # Average over the steps taken only; where() rather than a product, so that a metric
-    # that overflowed at the step which triggered the stop cannot turn the mean into NaN.
+    params = lora.combine(params, full_params)
+    return params, opt_state, key, _steps_metrics(metrics, taken, finite, stopped)
+
+
+def _steps_metrics(metrics: dict, taken, finite, stopped) -> dict:
+    """:func:`minibatch_epochs`' metrics: each step's metrics averaged over the steps taken,
+    plus ``updates`` (steps applied), ``early_stopped`` and ``nonfinite``."""
+    # where() rather than a product, so that a metric that overflowed at the step which
+    # triggered the stop cannot turn the mean into NaN.
     count = jnp.maximum(jnp.sum(taken, dtype=jnp.float32), 1.0)
     metrics = {k: jnp.sum(jnp.where(taken, v, 0)) / count for k, v in metrics.items()}
     metrics["updates"] = jnp.sum(taken & finite, dtype=jnp.float32)
     metrics["early_stopped"] = stopped
     metrics["nonfinite"] = jnp.any(~finite).astype(jnp.float32)
-    return params, opt_state, key, metrics
+    return metrics
 
 
 def epochs_step(

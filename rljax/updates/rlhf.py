@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from rljax.logprobs import (
     chunked_token_logprobs_and_entropy,
 )
+from rljax.models import lora
 from rljax.rlhf import (
     CRITICS,
 )
@@ -51,7 +52,11 @@ def completion_outputs(
     n = num_completion
     h = hidden[:, -n - 1 : -1]
     logps, entropy = chunked_token_logprobs_and_entropy(
-        h, model.unembedding(), tokens[:, -n:], chunk_size=chunk_size
+        h,
+        model.unembedding(),
+        tokens[:, -n:],
+        chunk_size=chunk_size,
+        softcap=model.config.final_logit_softcap,
     )
     out = {"logps": logps, "entropy": entropy}
     if values:
@@ -101,7 +106,7 @@ def init_rlhf_ppo_state(policy_params, optimizer, key: jax.Array, value_params=N
     if value_params is not None:
         params["value"] = value_params
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return PPOState(params, optimizer.init(params), key, step, skipped)
+    return PPOState(params, optimizer.init(lora.trainable(params)), key, step, skipped)
 
 
 def make_rlhf_ppo_update(
@@ -267,12 +272,14 @@ def make_rlhf_trpo_update(
         # float32 accumulation, as the chunked log-probs of the rollout (old_logps) use, so
         # the ratio starts at exactly 1 for a bfloat16 model too.
         h = hidden[:, -n - 1 : -1]
-        return jnp.einsum(
+        logits = jnp.einsum(
             "bnd,dv->bnv",
             h,
             model.unembedding(),
             preferred_element_type=jnp.promote_types(h.dtype, jnp.float32),
         )
+        cap = model.config.final_logit_softcap  # Gemma 2's soft-capped logits
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def value_fn(params, inputs):
         n = inputs["completion_mask"].shape[1]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rljax.logprobs import chunked_token_logprobs, chunked_token_logprobs_and_entropy
+from rljax.models.moe import load_balancing_loss
 from rljax.sft import NORMALIZATIONS, sft_loss
 from rljax.updates.common import (
     OptaxState,
@@ -47,12 +48,19 @@ class SFTConfig:
       token_accuracy: report ``mean_token_accuracy`` (one more chunked ``hidden @ W`` pass,
         without gradient, for the argmax).
       entropy: report ``entropy`` (the chunked log-prob pass also computes entropies).
+      router_aux_loss_coef: weight of a mixture-of-experts model's load-balancing loss
+        (:func:`rljax.models.moe.load_balancing_loss` over the real tokens of the batch, the
+        Switch Transformer's auxiliary loss) added to the loss and reported as
+        ``router_aux_loss``; 0 leaves it out. transformers adds
+        ``config.router_aux_loss_coef`` (0.001 in Qwen3-MoE and Mixtral) times it when
+        ``output_router_logits`` is set. Static: a new value recompiles the step.
     """
 
     normalize: str = "tokens"
     chunk_size: int = 1024
     token_accuracy: bool = True
     entropy: bool = False
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self):
         if self.normalize not in NORMALIZATIONS:
@@ -61,6 +69,10 @@ class SFTConfig:
             )
         if int(self.chunk_size) < 1:
             raise ValueError(f"SFTConfig.chunk_size: must be >= 1, got {self.chunk_size}")
+        if float(self.router_aux_loss_coef) < 0:
+            raise ValueError(
+                f"SFTConfig.router_aux_loss_coef: must be >= 0, got {self.router_aux_loss_coef}"
+            )
 
 
 class SFTState(OptaxState):
@@ -112,7 +124,9 @@ def sft_token_logps(
     attends within segments). Entry ``t - 1`` of each output belongs to ``tokens[:, t]``.
 
     Returns ``{"logps", "mask", "segment_ids" (or None), "correct" (or None), "entropy" (or
-    None)}``, each ``[B, T - 1]``; ``mask`` is ``loss_mask & mask`` shifted.
+    None)}``, each ``[B, T - 1]``; ``mask`` is ``loss_mask & mask`` shifted; and
+    ``"router_aux_loss"``, the load-balancing loss (a scalar) with
+    ``config.router_aux_loss_coef > 0``, else None.
     """
     _check_batch(batch)
     model = merge(graphdef, params)
@@ -120,20 +134,29 @@ def sft_token_logps(
     mask = jnp.asarray(batch["mask"]).astype(bool)
     segment_ids = batch.get("segment_ids")
     positions = batch.get("positions")
-    hidden, _ = model.decode(
+    aux = bool(config.router_aux_loss_coef)
+    decoded = model.decode(
         tokens,
         mask,
         positions=None if positions is None else jnp.asarray(positions),
         segment_ids=None if segment_ids is None else jnp.asarray(segment_ids),
+        return_router_logits=aux,
     )
+    hidden, router_aux_loss = decoded[0], None
+    if aux:  # decoded = (hidden, cache, router_logits [L, B, T, E])
+        top_k = model.config.num_experts_per_tok
+        router_aux_loss = load_balancing_loss(decoded[2], top_k, mask)
     hidden, targets, w = hidden[:, :-1], tokens[:, 1:], model.unembedding()
+    softcap = model.config.final_logit_softcap  # monotone: the argmax below needs none
     entropy = correct = None
     if config.entropy:
         logps, entropy = chunked_token_logprobs_and_entropy(
-            hidden, w, targets, chunk_size=config.chunk_size
+            hidden, w, targets, chunk_size=config.chunk_size, softcap=softcap
         )
     else:
-        logps = chunked_token_logprobs(hidden, w, targets, chunk_size=config.chunk_size)
+        logps = chunked_token_logprobs(
+            hidden, w, targets, chunk_size=config.chunk_size, softcap=softcap
+        )
     if config.token_accuracy:
         correct = _chunked_argmax(hidden, w, config.chunk_size) == targets
     counted = jnp.asarray(batch["loss_mask"]).astype(bool)[:, 1:] & mask[:, 1:]
@@ -143,13 +166,14 @@ def sft_token_logps(
         "segment_ids": None if segment_ids is None else jnp.asarray(segment_ids)[:, 1:],
         "correct": correct,
         "entropy": entropy,
+        "router_aux_loss": router_aux_loss,
     }
 
 
 def _sft_objective(graphdef, config: SFTConfig) -> Callable:
     def objective(params, _, batch):
         out = sft_token_logps(graphdef, params, batch, config)
-        return sft_loss(
+        loss, metrics = sft_loss(
             out["logps"],
             out["mask"],
             normalize=config.normalize,
@@ -157,6 +181,10 @@ def _sft_objective(graphdef, config: SFTConfig) -> Callable:
             correct=out["correct"],
             entropy=out["entropy"],
         )
+        if out["router_aux_loss"] is not None:
+            loss = loss + config.router_aux_loss_coef * out["router_aux_loss"]
+            metrics = {**metrics, "loss": loss, "router_aux_loss": out["router_aux_loss"]}
+        return loss, metrics
 
     return objective
 
@@ -172,8 +200,9 @@ def make_sft_update(
     (:func:`rljax.finite.step_if_finite`) and is counted in ``state.nonfinite_updates``.
 
     Metrics: those of :func:`rljax.sft.sft_loss` (``loss``, ``nll_sum``, ``num_tokens``,
-    ``num_sequences``, ``mean_token_accuracy``, ``entropy`` as configured), ``grad_norm``,
-    ``nonfinite`` and ``nonfinite_updates``. Not jitted: jit it with
+    ``num_sequences``, ``mean_token_accuracy``, ``entropy`` as configured; ``loss`` includes
+    the load-balancing term and ``router_aux_loss`` is added with ``router_aux_loss_coef``),
+    ``grad_norm``, ``nonfinite`` and ``nonfinite_updates``. Not jitted: jit it with
     :func:`rljax.lm.compile_update` (sharded, donated); means are over the global batch.
     """
     check_config(config, SFTConfig, "make_sft_update")

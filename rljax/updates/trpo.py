@@ -18,6 +18,7 @@ from rljax import checks
 from rljax.advantages import explained_variance
 from rljax.finite import all_finite, count_nonfinite, select
 from rljax.logprobs import masked_mean
+from rljax.models import lora
 from rljax.trpo import (
     FVP_METHODS,
     kl_line_search,
@@ -116,7 +117,7 @@ def init_trpo_state(policy_params, value_params, value_optimizer, key: jax.Array
     shuffles the value-function minibatches."""
     params = {"policy": policy_params, "value": value_params}
     step, skipped = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: donated
-    return PPOState(params, value_optimizer.init(value_params), key, step, skipped)
+    return PPOState(params, value_optimizer.init(lora.trainable(value_params)), key, step, skipped)
 
 
 def _rows(tree, index):
@@ -211,7 +212,23 @@ def _policy_step(policy_fn: Callable, config: TRPOConfig, params, batch: dict):
     The surrogate's gradient, the natural direction by conjugate gradient on Fisher-vector
     products (every ``fvp_subsample``-th row), the full step to the trust region and the KL
     line search; with ``flat_params`` on one raveled vector. A step with a non-finite
-    surrogate, gradient or result is not taken (``finite`` False, ``params`` returned)."""
+    surrogate, gradient or result is not taken (``finite`` False, ``params`` returned). With
+    LoRA parameters the natural step moves the adapters only (the Fisher is the adapters')."""
+    if lora.has_lora(params):
+        if lora.has_dropout(params):
+            raise ValueError(
+                "TRPO's natural step needs a deterministic policy (the Fisher, the line "
+                "search): LoRA dropout is not supported with TRPO; apply the adapters with "
+                "dropout=0 (--lora-dropout 0)"
+            )
+        full = params
+        new_train, finite, metrics = _policy_step(
+            lambda train, inputs: policy_fn(lora.combine(train, full), inputs),
+            config,
+            lora.trainable(params),
+            batch,
+        )
+        return lora.combine(new_train, full), finite, metrics
     surrogate_fn, surrogate_and_kl = trpo_objectives(
         policy_fn, params, batch, config.normalize_advantages
     )
