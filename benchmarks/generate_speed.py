@@ -50,26 +50,21 @@ QUICK = dict(
 
 
 def build_models(args, folder: pathlib.Path):
-    """The HF model (random weights, seed 0) and the same weights as rljax's ``(graphdef,
-    params)``."""
+    """The HF model (random weights, seed 0) of the model-size flags and the same weights as
+    rljax's ``(graphdef, params)``."""
+    import dataclasses
+
     import torch
     import transformers
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        intermediate_size=args.intermediate_size,
+    config = dataclasses.replace(
+        _common.model_config(args),
+        num_kv_heads=args.kv_heads,
         max_position_embeddings=args.prompt_len + args.new_tokens,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    torch.manual_seed(0)
+    hf_config = hf.hf_config_from(config, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     model.save_pretrained(folder)
     ours = hf.load_model(str(folder), dtype="float32")
     return model, nnx.split(ours)
@@ -79,13 +74,10 @@ def _hf_call(model, prompts: np.ndarray, *, new_tokens: int, sample: bool, group
     import torch
 
     tokens = torch.as_tensor(prompts, dtype=torch.long)
-    settings = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=sample,
-        num_return_sequences=group,
-        pad_token_id=0,
-    )
+    settings = dict(  # every row exactly new_tokens long, as rljax's eos_token_id=None does
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=sample,
+        num_return_sequences=group, pad_token_id=0,
+    )  # fmt: skip
     if sample:
         settings.update(temperature=1.0, top_k=0, top_p=1.0)
 
@@ -148,12 +140,9 @@ def run_case(name, calls, rows, args) -> list[dict]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=4099)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
+    _common.add_model_size_args(parser)  # --vocab --hidden --layers --heads --intermediate-size
+    parser.set_defaults(vocab=4099, heads=8)  # the rollout-engine issue's model
     parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--intermediate-size", type=int, default=688)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--greedy-batch", type=int, default=16)
@@ -209,11 +198,9 @@ def main(argv=None) -> dict:
         )
     import torch
 
+    sizes = [dest for dest, _, _ in _common.MODEL_SIZE_FLAGS] + ["kv_heads"]
     record = {
-        "model": {
-            k: getattr(args, k)
-            for k in ("vocab", "hidden", "layers", "heads", "kv_heads", "intermediate_size")
-        },
+        "model": {k: getattr(args, k) for k in sizes},
         "prompt_len": args.prompt_len,
         "new_tokens": n,
         "repeats": args.repeats,
