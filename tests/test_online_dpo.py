@@ -131,3 +131,37 @@ def test_a_killed_run_resumes_with_its_refreshed_reference(tmp_path, monkeypatch
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert {"pairs/reward_margin", "rewards/accuracies", "loss"} <= set(rows[1])
     assert (tmp_path / "run" / "policy" / "config.json").exists()
+
+
+def test_the_script_on_a_checkpoint_folder_and_a_prompt_file(tmp_path):
+    """experiments/online_dpo.py with a Hugging Face folder of the user's (here the built-in
+    base model copied out), a prompt file and a reward function of the user's."""
+    import shutil
+
+    from helpers import load_experiment
+
+    from rljax import cli
+    from rljax.tasks import arithmetic
+
+    model = tmp_path / "my-model"
+    shutil.copytree(arithmetic.default_base_model(), model)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i} + {i} =", "n": i}) + "\n" for i in range(8))
+    )
+    module = tmp_path / "judge.py"
+    module.write_text(
+        "def longer(prompts, completions, n, **columns):\n"
+        "    return [float(len(c) % (k + 2)) for c, k in zip(completions, n)]\n"
+    )
+    script = load_experiment("online_dpo")
+    flags = [
+        "--model", str(model), "--data", str(data), "--reward", f"{module}:longer",
+        "--iterations", "2", "--batch-size", "2", "--group-size", "2", "--eval-prompts", "2",
+        "--max-new-tokens", "6", "--eval-every", "0", "--temperature", "3.0",
+        "--compilation-cache", "none", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    summary = script.main(cli.parse(script.Config, flags))
+    assert summary["model"] == str(model) and summary["data"] == str(data)
+    assert summary["rewards"] == {"longer": 1.0}
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
