@@ -494,10 +494,21 @@ def train_state_shardings(
     """
     params = _params_of(train_state) if params is None else params
     shardings = param_shardings(params, mesh, rules, allow_missing=allow_missing)
-    # A tuple of states (LoRA's (trainable, frozen)): a subtree shaped like one part (the
-    # optimizer state of the trainable part) gets that part's shardings too.
-    parts = tuple(zip(params, shardings, strict=True)) if isinstance(params, tuple) else ()
+    # A tuple of states (LoRA's (trainable, frozen)), the params themselves or anywhere in them
+    # ({"policy": LoRAParams, ...}): a subtree shaped like one part (the optimizer state of the
+    # trainable part) gets that part's shardings too.
+    parts = _state_parts(params, shardings)
     return _map_param_like(train_state, params, shardings, lambda _: replicated(mesh), parts)
+
+
+def _state_parts(params: Any, shardings: Any) -> tuple:
+    """``(part, its shardings)`` of every tuple of states in ``params`` (the params themselves
+    or in plain dicts of them, as ``{"policy": LoRAParams(trainable, frozen)}``)."""
+    if isinstance(params, tuple) and params and not isinstance(params, nnx.State):
+        return tuple(zip(params, shardings, strict=True))
+    if type(params) is dict:
+        return tuple(pair for k in params for pair in _state_parts(params[k], shardings[k]))
+    return ()
 
 
 def shard_train_state(

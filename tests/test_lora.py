@@ -343,6 +343,12 @@ def test_compile_update_places_a_lora_state():
     placed, metrics = step(placed, jax.device_put(pref_batch(), batch_shardings))
     assert float(metrics["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     assert leaves_equal(placed.params.frozen, frozen)
+    # The policy-gradient states hold the LoRA parameters inside a dict ({"policy": ...}):
+    # their Adam moments are sharded like the adapters too, not replicated.
+    grpo_state = updates.init_grpo_state(params, optimizer, jax.random.key(0))
+    shardings = sharding.train_state_shardings(grpo_state, mesh)
+    mu = shardings.opt_state[0].mu["policy"]["layers"]["q_lora_b"]
+    assert mu.spec == jax.sharding.PartitionSpec(None, None, "tensor", None)
 
 
 def test_adapter_dropout_only_in_gradient_passes():

@@ -518,7 +518,8 @@ def apply_stop_strings(rollout: dict, tokenizer, stop: Sequence[str]) -> dict:
 def evaluate(
     rollout_fn, policy_params, ref_params, tokenizer, held_out: Prompts, reward, config
 ) -> dict[str, Any]:
-    """Held-out metrics from the training rollout's compiled program (no compile of its own):
+    """Held-out metrics from the training rollout's function (its evaluation program, one row
+    a prompt, is compiled once and shared by greedy and sampled evaluation):
     on greedy completions, ``accuracy`` (exact match of the final answer, when the rows have
     an ``answer`` field) and ``reward`` (the reward functions); on temperature-1 samples,
     ``sampled_accuracy`` and ``kl``, the mean sequence KL(policy || reference) estimated as

@@ -462,7 +462,9 @@ def evaluate_policy_kl(
     held-out prompt: ``{"score", "kl", "eos_rate", "length", "prompts"}``.
 
     ``rollout_fn`` is a :func:`rljax.rl.rollout.make_rollout_fn` program (the training one:
-    its temperature is traced, so evaluation compiles nothing new); the prompts go through it
+    its temperature is traced; with groups of several samples training calls it with
+    ``group_size > 1``, and evaluation's single rows compile it once more, then never again);
+    the prompts go through it
     ``rows`` at a time (the last batch padded by repeating the last prompt; the padding is not
     counted). The KL is estimated on the policy's own samples as the sum over tokens of
     ``log pi(y_t) - log pi_ref(y_t)`` (k1; unbiased for the sequence KL)."""
