@@ -83,23 +83,17 @@ import re
 import sys
 
 
-def _simulate_host_devices(argv) -> None:
-    """Before jax is imported: make XLA:CPU expose the devices ``--mesh`` needs (8 when it is
-    not given or has a ``-1`` axis); harmless where real accelerators are used."""
-    if "jax" in sys.modules or "xla_force_host_platform_device_count" in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        return
+def _devices_needed(argv) -> int:
+    """The devices ``--mesh`` needs (8 when it is not given or has a ``-1`` axis)."""
     mesh = re.search(r"--mesh[= ](\S+)", " ".join(argv))
     sizes = [int(v) for v in re.findall(r"=(-?\d+)", mesh.group(1))] if mesh else []
-    needed = math.prod(sizes) if sizes and min(sizes) > 0 else 8
-    if needed > 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
+    return math.prod(sizes) if sizes and min(sizes) > 0 else 8
 
 
-if __name__ == "__main__":
-    _simulate_host_devices(sys.argv[1:])
+if __name__ == "__main__":  # before jax is imported
+    from _devices import simulate_host_devices
+
+    simulate_host_devices(_devices_needed(sys.argv[1:]))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

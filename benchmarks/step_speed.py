@@ -66,13 +66,8 @@ import re
 import sys
 
 
-def _simulate_host_devices(argv) -> None:
-    """Before jax is imported: make XLA:CPU expose enough devices for ``--mesh`` and the FSDP
-    memory comparison (harmless where real accelerators are used)."""
-    if "jax" in sys.modules or "xla_force_host_platform_device_count" in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        return
+def _devices_needed(argv) -> int:
+    """Enough devices for ``--mesh`` and the FSDP memory comparison."""
     text = " ".join(argv)
     needed = 1
     mesh = re.search(r"--mesh[= ](\S+)", text)
@@ -82,13 +77,13 @@ def _simulate_host_devices(argv) -> None:
     if not re.search(r"--memory[= ](none|remat)", text):
         devices = re.search(r"--memory-devices[= ](\d+)", text)
         needed = max(needed, int(devices.group(1)) if devices else 8)
-    if needed > 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={needed}".strip()
+    return needed
 
 
-if __name__ == "__main__":
-    _simulate_host_devices(sys.argv[1:])
+if __name__ == "__main__":  # before jax is imported
+    from _devices import simulate_host_devices
+
+    simulate_host_devices(_devices_needed(sys.argv[1:]))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
