@@ -124,11 +124,11 @@ LLAMA_TABLE = (
     T("layers.down_bias", _LLAMA_LAYER + "mlp.down_proj.bias", "D -> D"),
 )
 # Qwen3: Llama's tensors plus an RMSNorm scale on each head's queries and keys.
-QWEN3_TABLE = (
-    *LLAMA_TABLE,
+_QK_NORMS = (
     T("layers.q_norm_scale", _LLAMA_LAYER + "self_attn.q_norm.weight", "H -> H"),
     T("layers.k_norm_scale", _LLAMA_LAYER + "self_attn.k_norm.weight", "H -> H"),
 )
+QWEN3_TABLE = (*LLAMA_TABLE, *_QK_NORMS)
 # Gemma 2: Llama's tensors, but four norms per layer: input_layernorm before attention,
 # post_attention_layernorm on its output (not before the MLP, as in Llama),
 # pre_feedforward_layernorm before the MLP and post_feedforward_layernorm on its output.
@@ -139,30 +139,26 @@ GEMMA2_TABLE = (
     T("layers.mlp_norm_scale", _LLAMA_LAYER + "pre_feedforward_layernorm.weight", "D -> D"),
     T("layers.post_mlp_norm_scale", _LLAMA_LAYER + "post_feedforward_layernorm.weight", "D -> D"),
 )
-GEMMA3_TABLE = (
-    *GEMMA2_TABLE,
-    T("layers.q_norm_scale", _LLAMA_LAYER + "self_attn.q_norm.weight", "H -> H"),
-    T("layers.k_norm_scale", _LLAMA_LAYER + "self_attn.k_norm.weight", "H -> H"),
-)
+GEMMA3_TABLE = (*GEMMA2_TABLE, *_QK_NORMS)
+
+
 # Mixtures of experts: the attention of Qwen3 (Qwen3-MoE) or Llama (Mixtral), and per layer a
 # router and E SwiGLU experts, one tensor per (layer, expert) ({e}: the expert index), as
 # transformers' save_pretrained writes them (its in-memory experts.gate_up_proj is fused).
-_QWEN3_MOE_MLP = _LLAMA_LAYER + "mlp."
-QWEN3_MOE_TABLE = (
-    *QWEN3_TABLE,
-    T("layers.router", _QWEN3_MOE_MLP + "gate.weight", "E D -> D E"),
-    T("layers.expert_gate", _QWEN3_MOE_MLP + "experts.{e}.gate_proj.weight", "F D -> D F"),
-    T("layers.expert_up", _QWEN3_MOE_MLP + "experts.{e}.up_proj.weight", "F D -> D F"),
-    T("layers.expert_down", _QWEN3_MOE_MLP + "experts.{e}.down_proj.weight", "D F -> F D"),
-)
-_MIXTRAL_MLP = _LLAMA_LAYER + "block_sparse_moe."
-MIXTRAL_TABLE = (
-    *LLAMA_TABLE,
-    T("layers.router", _MIXTRAL_MLP + "gate.weight", "E D -> D E"),
-    T("layers.expert_gate", _MIXTRAL_MLP + "experts.{e}.w1.weight", "F D -> D F"),
-    T("layers.expert_up", _MIXTRAL_MLP + "experts.{e}.w3.weight", "F D -> D F"),
-    T("layers.expert_down", _MIXTRAL_MLP + "experts.{e}.w2.weight", "D F -> F D"),
-)
+def _experts(mlp: str, gate: str, up: str, down: str) -> tuple[TensorMap, ...]:
+    """The router and the per-expert SwiGLU tensors under the layer's ``mlp`` prefix, the
+    experts' projections named ``gate``, ``up`` and ``down`` by the checkpoint."""
+    prefix = _LLAMA_LAYER + mlp
+    return (
+        TensorMap("layers.router", prefix + "gate.weight", "E D -> D E"),
+        TensorMap("layers.expert_gate", prefix + "experts.{e}." + gate + ".weight", "F D -> D F"),
+        TensorMap("layers.expert_up", prefix + "experts.{e}." + up + ".weight", "F D -> D F"),
+        TensorMap("layers.expert_down", prefix + "experts.{e}." + down + ".weight", "D F -> F D"),
+    )
+
+
+QWEN3_MOE_TABLE = (*QWEN3_TABLE, *_experts("mlp.", "gate_proj", "up_proj", "down_proj"))
+MIXTRAL_TABLE = (*LLAMA_TABLE, *_experts("block_sparse_moe.", "w1", "w3", "w2"))
 _GPT2_LAYER = "{base}h.{i}."
 GPT2_TABLE = (
     T("embed", "{base}wte.weight", "V D -> V D"),
