@@ -252,3 +252,14 @@ def require_keys(batch: Mapping[str, Any], keys: Iterable[str], name: str, hint:
     if missing:
         note = f" ({hint})" if hint else ""
         raise KeyError(f"{name} batch is missing {missing}; it has {sorted(batch)}{note}")
+
+
+def check_router_aux_loss_coef(value: Any, name: str) -> float:
+    """``value`` as a float if it is a finite real number >= 0 (the weight of a
+    mixture-of-experts model's load-balancing loss), else ``ValueError`` naming ``name`` (the
+    field or argument)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a float >= 0, got {value!r}")
+    return float(value)

@@ -24,6 +24,7 @@ from rljax.models import lora
 from rljax.updates.common import (
     check_config,
     check_hyperparams,
+    check_router_aux_loss_coef,
     make_objective_eval,
     make_optax_update,
     reference_params,
@@ -76,6 +77,13 @@ class DPOConfig:
         ``state.ref_params`` in every step) or ``"none"`` (reference-free: log-probs 0, as in
         SimPO-style training and TRL's ``reference_free=True``).
       chunk_size: rows per chunk of the chunked log-prob computation.
+      router_aux_loss_coef: weight of a mixture-of-experts policy's load-balancing loss
+        (:func:`rljax.models.moe.load_balancing_loss` over every real token of the policy's
+        forward pass, prompts and both completions; the Switch Transformer's auxiliary loss)
+        added to the loss and reported as ``router_aux_loss``; 0 (the default, as
+        :class:`rljax.updates.SFTConfig`'s) leaves it out. TRL's DPO trainer adds the
+        model's ``router_aux_loss_coef`` times it when ``output_router_logits`` is set.
+        Static: a new value recompiles the step. A model without experts refuses it.
     """
 
     beta: float = 0.1
@@ -88,6 +96,7 @@ class DPOConfig:
     rpo_alpha: float | None = None
     reference: str = "precomputed"
     chunk_size: int = 1024
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.loss_type, str) or callable(self.loss_type)):
@@ -103,6 +112,7 @@ class DPOConfig:
         checks.check(
             self, {"beta": "> 0", "discopop_tau": "> 0", "rpo_alpha": ">= 0"}, library=True
         )
+        check_router_aux_loss_coef(self.router_aux_loss_coef, "DPOConfig.router_aux_loss_coef")
         types, weights = self.loss_types_and_weights()
         # Validate the loss-type combination now rather than at the first trace. The update
         # computes the completion lengths itself, so only the coefficients are checked.
@@ -243,11 +253,18 @@ def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
         )
         return jax.lax.stop_gradient(ref_chosen), jax.lax.stop_gradient(ref_rejected)
 
+    router_aux_loss = config.router_aux_loss_coef > 0
+
     def objective(params, context, batch):
         ref_logps, hyperparams = context
-        chosen, rejected, chosen_lengths, rejected_lengths = pair_sequence_logps(
-            graphdef, params, batch, chunk_size=config.chunk_size
+        outputs = pair_sequence_logps(
+            graphdef,
+            params,
+            batch,
+            chunk_size=config.chunk_size,
+            return_router_aux_loss=router_aux_loss,
         )
+        chosen, rejected, chosen_lengths, rejected_lengths = outputs[:4]
         loss, metrics = dpo_loss(
             chosen,
             rejected,
@@ -256,6 +273,9 @@ def _dpo_objective(graphdef, config: DPOConfig) -> tuple[Callable, Callable]:
             rejected_lengths=rejected_lengths if needs_lengths["rejected"] else None,
             **config.loss_kwargs(hyperparams),
         )
+        if router_aux_loss:
+            loss = loss + config.router_aux_loss_coef * outputs[4]
+            metrics = {**metrics, "router_aux_loss": outputs[4]}
         return loss, {"loss": loss, **metrics}
 
     def prepare(state: DPOState, batch: dict, hyperparams: Mapping[str, Any] | None = None):
@@ -306,7 +326,8 @@ def make_dpo_update(
 
     Metrics (TRL's names, all scalars): ``loss``, ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
-    ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), ``grad_norm`` (global norm
+    ``loss/<type>`` per loss type (``loss/sft`` is the RPO NLL), ``router_aux_loss`` (with
+    ``config.router_aux_loss_coef > 0``; ``loss`` then includes it), ``grad_norm`` (global norm
     of the gradient before the optimizer), ``nonfinite`` (1.0 if the loss, the gradients or
     the new parameters or optimizer state had a NaN or inf: the update is then skipped, the
     parameters and optimizer state stay bitwise unchanged) and ``nonfinite_updates`` (the

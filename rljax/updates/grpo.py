@@ -23,7 +23,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from rljax import rlhf
-from rljax.updates.common import check_config, fields_of, require_keys
+from rljax.updates.common import (
+    check_config,
+    check_router_aux_loss_coef,
+    fields_of,
+    require_keys,
+)
 from rljax.updates.ppo import PPOState, epochs_step, loop_settings
 from rljax.updates.rlhf import completion_outputs, init_rlhf_ppo_state
 
@@ -47,6 +52,11 @@ class GRPOConfig:
         exactly on-policy).
       num_minibatches: optimizer steps per pass (the batch's rows must divide evenly).
       chunk_size: token rows per chunk of the log-prob computation.
+      router_aux_loss_coef: weight of a mixture-of-experts policy's load-balancing loss
+        (:func:`rljax.models.moe.load_balancing_loss` over every real token of the policy's
+        forward pass, prompt and completion) added to each minibatch's loss and reported as
+        ``router_aux_loss``; 0 (the default, as :class:`rljax.updates.SFTConfig`'s) leaves it
+        out. Static; a model without experts refuses it.
     """
 
     loss_type: str = "dapo"
@@ -57,6 +67,7 @@ class GRPOConfig:
     num_epochs: int = 1
     num_minibatches: int = 1
     chunk_size: int = 1024
+    router_aux_loss_coef: float = 0.0
 
     def __post_init__(self):
         def fail(field, problem):
@@ -83,6 +94,7 @@ class GRPOConfig:
         for field in ("num_epochs", "num_minibatches", "chunk_size"):
             if getattr(self, field) < 1:
                 fail(field, f"must be >= 1, got {getattr(self, field)}")
+        check_router_aux_loss_coef(self.router_aux_loss_coef, "--router-aux-loss-coef")
 
 
 KEYS = ("tokens", "mask", "completion_mask", "old_logps", "advantages")
@@ -128,17 +140,26 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
     ``[B]``; ``ref_logps`` ``[B, N]`` exactly when ``config.beta > 0``; optional
     ``is_weights`` ``[B, N]`` (truncated importance weights, applied per token). State:
     :func:`init_grpo_state`. Metrics: the loss's (clip fractions, ratio statistics, KL),
-    ``policy/entropy``, ``updates`` (optimizer steps applied), ``nonfinite`` (1 when a
-    minibatch step had a NaN/inf loss, gradient or result: that step is skipped, parameters and
-    optimizer state unchanged) and ``nonfinite_updates`` (the running count of such updates).
+    ``policy/entropy``, with ``config.router_aux_loss_coef > 0`` ``router_aux_loss`` and
+    ``loss`` (the policy loss ``loss/policy`` plus the weighted load-balancing loss),
+    ``updates`` (optimizer steps applied), ``nonfinite`` (1 when a minibatch step had a NaN/inf
+    loss, gradient or result: that step is skipped, parameters and optimizer state unchanged)
+    and ``nonfinite_updates`` (the running count of such updates).
     """
     check_config(config, GRPOConfig, "make_grpo_update")
+    router_aux_loss = config.router_aux_loss_coef > 0
 
     def loss_fn(params, mb):
         mask = mb["completion_mask"]
         n = mask.shape[1]
         out = completion_outputs(
-            graphdef, params["policy"], mb["tokens"], mb["mask"], n, chunk_size=config.chunk_size
+            graphdef,
+            params["policy"],
+            mb["tokens"],
+            mb["mask"],
+            n,
+            chunk_size=config.chunk_size,
+            router_aux_loss=router_aux_loss,
         )
         advantages = mb["advantages"]
         if "is_weights" in mb:
@@ -161,7 +182,11 @@ def make_grpo_update(graphdef: Any, optimizer, config: GRPOConfig = GRPOConfig()
         )
         valid = mask.astype(out["entropy"].dtype)
         entropy = jnp.sum(out["entropy"] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-        return loss, {**metrics, "loss/policy": loss, "policy/entropy": entropy}
+        metrics = {**metrics, "loss/policy": loss, "policy/entropy": entropy}
+        if router_aux_loss:
+            loss = loss + config.router_aux_loss_coef * out["router_aux_loss"]
+            metrics = {**metrics, "loss": loss, "router_aux_loss": out["router_aux_loss"]}
+        return loss, metrics
 
     def update(state: PPOState, batch: dict):
         _check_batch(batch, config)

@@ -12,6 +12,12 @@ Token ``t`` is predicted by the model's output at position ``t - 1``: the log-pr
 aligned with ``tokens[:, 1:]``. Log-probs are computed with
 :func:`rljax.logprobs.chunked_token_logprobs`, so no ``[B, T, V]`` float32 logits are built.
 
+With a mixture-of-experts model, :func:`pair_sequence_logps` (and the two functions it picks
+from) also returns the load-balancing loss of the forward pass
+(``return_router_aux_loss=True``; :func:`rljax.models.moe.load_balancing_loss` over every real
+token, prompt and completion), which the DPO step adds to its loss with
+``DPOConfig.router_aux_loss_coef``.
+
 Preference batches come in two layouts: the standard one (``chosen_*`` / ``rejected_*``
 ``[B, T]`` prompt + completion rows, :func:`concatenated_sequence_logps`) and the shared-prompt
 one of :func:`rljax.data.share_prompts` (each prompt stored and run once,
@@ -35,6 +41,7 @@ from jax.sharding import Mesh
 from rljax import sharding
 from rljax.data.prefix import SHARED_PROMPT_KEYS
 from rljax.logprobs import chunked_token_logprobs, masked_sum_and_count
+from rljax.models.moe import load_balancing_loss
 from rljax.models.transformer import KVCache, last_valid_index
 from rljax.sharding import DEFAULT_RULES, ShardingRules, batch_sharding, replicated
 from rljax.sharding import train_state_shardings as _train_state_shardings
@@ -81,10 +88,24 @@ def token_logps(
       ``[B, T - 1]`` float32 (float64 for a float64 model), entry ``t - 1`` being the log-prob
       of ``tokens[:, t]``; 0 where ``tokens[:, t]`` is padding.
     """
+    return _token_logps(graphdef, params, tokens, mask, chunk_size, router_aux_loss=False)[0]
+
+
+def _router_aux_loss(model, router_logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """The load-balancing loss of one forward pass's router logits over its real tokens."""
+    return load_balancing_loss(router_logits, model.config.num_experts_per_tok, mask)
+
+
+def _token_logps(
+    graphdef, params, tokens, mask, chunk_size: int, *, router_aux_loss: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """:func:`token_logps` and, with ``router_aux_loss``, the load-balancing loss of the same
+    forward pass over the real tokens (else ``None``)."""
     chex.assert_rank([tokens, mask], 2)
     chex.assert_equal_shape([tokens, mask])
     model = merge(graphdef, params)
-    hidden, _ = model.decode(tokens, mask)
+    decoded = model.decode(tokens, mask, return_router_logits=router_aux_loss)
+    hidden = decoded[0]
     logps = chunked_token_logprobs(
         hidden[:, :-1],
         model.unembedding(),
@@ -92,7 +113,14 @@ def token_logps(
         chunk_size=chunk_size,
         softcap=model.config.final_logit_softcap,
     )
-    return jnp.where(mask[:, 1:].astype(bool), logps, 0.0)
+    aux = _router_aux_loss(model, decoded[2], mask) if router_aux_loss else None
+    return jnp.where(mask[:, 1:].astype(bool), logps, 0.0), aux
+
+
+def _sequence_sums(logps, mask, loss_mask) -> tuple[jax.Array, jax.Array]:
+    """The sums and counts of :func:`sequence_logps` from its per-token log-probs."""
+    counted = loss_mask[:, 1:].astype(bool) & mask[:, 1:].astype(bool)
+    return masked_sum_and_count(logps, counted, axis=-1)
 
 
 def sequence_logps(
@@ -120,8 +148,7 @@ def sequence_logps(
     """
     chex.assert_equal_shape([tokens, loss_mask])
     logps = token_logps(graphdef, params, tokens, mask, chunk_size=chunk_size)
-    counted = loss_mask[:, 1:].astype(bool) & mask[:, 1:].astype(bool)
-    return masked_sum_and_count(logps, counted, axis=-1)
+    return _sequence_sums(logps, mask, loss_mask)
 
 
 def _both(batch: Mapping[str, Any], name: str) -> jax.Array:
@@ -132,20 +159,33 @@ def _both(batch: Mapping[str, Any], name: str) -> jax.Array:
 
 
 def concatenated_sequence_logps(
-    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    graphdef: Any,
+    params: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_size: int = 1024,
+    return_router_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """Chosen and rejected sequence log-probs from ONE forward pass on the ``[2B, T]``
     concatenation of a preference batch (the batch contract of :mod:`rljax.data`).
 
-    Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``.
+    Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``;
+    with ``return_router_aux_loss=True`` (a mixture-of-experts model) a fifth entry, the
+    scalar load-balancing loss of the pass over every real token of the ``2B`` rows
+    (:func:`rljax.models.moe.load_balancing_loss`, as transformers computes it for the
+    concatenated batch).
     """
     _check_pair_batch(batch)
     cat = functools.partial(_both, batch)
-    logps, lengths = sequence_logps(
-        graphdef, params, cat("tokens"), cat("mask"), cat("loss_mask"), chunk_size=chunk_size
+    tokens, mask, loss_mask = cat("tokens"), cat("mask"), cat("loss_mask")
+    chex.assert_equal_shape([tokens, loss_mask])
+    logps, aux = _token_logps(
+        graphdef, params, tokens, mask, chunk_size, router_aux_loss=return_router_aux_loss
     )
+    logps, lengths = _sequence_sums(logps, mask, loss_mask)
     b = batch["chosen_tokens"].shape[0]
-    return logps[:b], logps[b:], lengths[:b], lengths[b:]
+    out = (logps[:b], logps[b:], lengths[:b], lengths[b:])
+    return (*out, aux) if return_router_aux_loss else out
 
 
 PAIR_KEYS = (
@@ -184,29 +224,48 @@ def _check_pair_batch(batch: Mapping[str, Any], keys=PAIR_KEYS) -> None:
         )
 
 
-def _shared_prompt_decode(model, batch: Mapping[str, Any]):
+def _shared_prompt_decode(model, batch: Mapping[str, Any], router_aux_loss: bool = False):
     """The shared-prompt forward: ``(predictors [2B, C, D], completion [2B, C],
-    completion_mask [2B, C], hidden [2B, C, D])`` where ``predictors[:, j]`` is the hidden
-    state that predicts completion token ``j`` (the prompt's last one for ``j = 0``)."""
+    completion_mask [2B, C], hidden [2B, C, D], aux)`` where ``predictors[:, j]`` is the hidden
+    state that predicts completion token ``j`` (the prompt's last one for ``j = 0``) and
+    ``aux`` the load-balancing loss with ``router_aux_loss`` (else ``None``): over the real
+    tokens of the ``2B`` completions and of each prompt counted twice, the tokens the standard
+    layout's ``[2B, T]`` pass routes, so it equals that layout's loss."""
     prompt = jnp.asarray(batch["prompt_tokens"])
     prompt_mask = jnp.asarray(batch["prompt_mask"]).astype(bool)
     completion = _both(batch, "completion_tokens")
     completion_mask = _both(batch, "completion_mask").astype(bool)
     b, p = prompt.shape
     cache = model.init_cache(b, p + completion.shape[1])
-    prompt_hidden, cache = model.decode(prompt, prompt_mask, cache=cache)
+    router = dict(return_router_logits=router_aux_loss)
+    prompt_out = model.decode(prompt, prompt_mask, cache=cache, **router)
+    prompt_hidden, cache = prompt_out[:2]
     twice = lambda x, axis: jnp.concatenate([x, x], axis=axis)
     cache = KVCache(twice(cache.k, 1), twice(cache.v, 1), twice(cache.mask, 0), cache.index)
-    hidden, _ = model.decode(completion, completion_mask, cache=cache)
+    completion_out = model.decode(completion, completion_mask, cache=cache, **router)
+    hidden = completion_out[0]
     last = last_valid_index(prompt_mask)  # P - 1 for left padding; any padding works
     last_prompt = twice(jnp.take_along_axis(prompt_hidden, last[:, None, None], axis=1), 0)
     predictors = jnp.concatenate([last_prompt, hidden[:, :-1]], axis=1)
-    return predictors, completion, completion_mask, hidden
+    aux = None
+    if router_aux_loss:  # router logits [L, rows, length, E] -> [L, tokens, E]
+        flat = lambda x: x.reshape(x.shape[0], -1, x.shape[-1])
+        prompt_logits = flat(prompt_out[2])
+        logits = jnp.concatenate([prompt_logits, prompt_logits, flat(completion_out[2])], axis=1)
+        prompt_mask = prompt_mask.reshape(-1)
+        mask = jnp.concatenate([prompt_mask, prompt_mask, completion_mask.reshape(-1)])
+        aux = _router_aux_loss(model, logits, mask)
+    return predictors, completion, completion_mask, hidden, aux
 
 
 def shared_prompt_sequence_logps(
-    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    graphdef: Any,
+    params: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_size: int = 1024,
+    return_router_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """:func:`concatenated_sequence_logps` on the shared-prompt layout
     (:func:`rljax.data.share_prompts`): each pair's prompt runs once.
 
@@ -219,11 +278,15 @@ def shared_prompt_sequence_logps(
     (masked cache slots are skipped; positions count real tokens only).
 
     Returns ``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``,
-    equal to the standard layout's to float tolerance.
+    equal to the standard layout's to float tolerance; with ``return_router_aux_loss=True`` a
+    fifth entry, the load-balancing loss (each prompt's tokens counted twice, so it equals the
+    standard layout's too).
     """
     _check_pair_batch(batch, SHARED_PROMPT_KEYS)
     model = merge(graphdef, params)
-    predictors, completion, completion_mask, _ = _shared_prompt_decode(model, batch)
+    predictors, completion, completion_mask, _, aux = _shared_prompt_decode(
+        model, batch, return_router_aux_loss
+    )
     logps = chunked_token_logprobs(
         predictors,
         model.unembedding(),
@@ -233,7 +296,8 @@ def shared_prompt_sequence_logps(
     )
     total, lengths = masked_sum_and_count(logps, completion_mask, axis=-1)
     b = total.shape[0] // 2
-    return total[:b], total[b:], lengths[:b], lengths[b:]
+    out = (total[:b], total[b:], lengths[:b], lengths[b:])
+    return (*out, aux) if return_router_aux_loss else out
 
 
 def pair_rewards(graphdef: Any, params: Any, batch: Mapping[str, Any]) -> tuple[jax.Array, ...]:
@@ -245,7 +309,7 @@ def pair_rewards(graphdef: Any, params: Any, batch: Mapping[str, Any]) -> tuple[
     _check_pair_batch(batch, keys)
     model = merge(graphdef, params)
     if shared:
-        _, _, completion_mask, hidden = _shared_prompt_decode(model, batch)
+        _, _, completion_mask, hidden, _ = _shared_prompt_decode(model, batch)
         last = last_valid_index(completion_mask)
         rewards = model.scores(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
     else:
@@ -255,14 +319,21 @@ def pair_rewards(graphdef: Any, params: Any, batch: Mapping[str, Any]) -> tuple[
 
 
 def pair_sequence_logps(
-    graphdef: Any, params: Any, batch: Mapping[str, Any], *, chunk_size: int = 1024
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    graphdef: Any,
+    params: Any,
+    batch: Mapping[str, Any],
+    *,
+    chunk_size: int = 1024,
+    return_router_aux_loss: bool = False,
+) -> tuple[jax.Array, ...]:
     """Chosen and rejected sequence log-probs of a preference batch in either layout:
     :func:`shared_prompt_sequence_logps` if it has ``prompt_tokens`` (the layout of
-    :func:`rljax.data.share_prompts`), else :func:`concatenated_sequence_logps`."""
+    :func:`rljax.data.share_prompts`), else :func:`concatenated_sequence_logps` (with
+    ``return_router_aux_loss=True``, the load-balancing loss as a fifth entry)."""
+    settings = dict(chunk_size=chunk_size, return_router_aux_loss=return_router_aux_loss)
     if "prompt_tokens" in batch:
-        return shared_prompt_sequence_logps(graphdef, params, batch, chunk_size=chunk_size)
-    return concatenated_sequence_logps(graphdef, params, batch, chunk_size=chunk_size)
+        return shared_prompt_sequence_logps(graphdef, params, batch, **settings)
+    return concatenated_sequence_logps(graphdef, params, batch, **settings)
 
 
 @functools.lru_cache(maxsize=8)

@@ -17,11 +17,17 @@ from rljax.logprobs import (
     chunked_token_logprobs_and_entropy,
 )
 from rljax.models import lora
+from rljax.models.moe import load_balancing_loss
 from rljax.rlhf import (
     CRITICS,
 )
 from rljax.updates import lm
-from rljax.updates.common import check_config, require_keys, traced_config
+from rljax.updates.common import (
+    check_config,
+    check_router_aux_loss_coef,
+    require_keys,
+    traced_config,
+)
 from rljax.updates.ppo import PPOConfig, PPOState, config_ppo_loss, epochs_step, loop_settings
 from rljax.updates.trpo import TRPOConfig, _trpo_update
 
@@ -43,12 +49,17 @@ def completion_outputs(
     *,
     chunk_size: int = 1024,
     values: bool = False,
+    router_aux_loss: bool = False,
 ) -> dict[str, jax.Array]:
     """One forward pass: per-token log-probs and entropies of the last ``num_completion``
-    tokens (``[B, N]``, chunked, no ``[B, N, V]`` float32 logits), and with ``values=True``
-    the scalar head at the same positions (the model needs a value head)."""
+    tokens (``[B, N]``, chunked, no ``[B, N, V]`` float32 logits), with ``values=True`` the
+    scalar head at the same positions (the model needs a value head), and with
+    ``router_aux_loss=True`` (a mixture-of-experts model) ``"router_aux_loss"``, the
+    load-balancing loss of the pass over every real token, prompt and completion
+    (:func:`rljax.models.moe.load_balancing_loss`)."""
     model = lm.merge(graphdef, params)
-    hidden, _ = model.decode(tokens, mask)
+    decoded = model.decode(tokens, mask, return_router_logits=router_aux_loss)
+    hidden = decoded[0]
     n = num_completion
     h = hidden[:, -n - 1 : -1]
     logps, entropy = chunked_token_logprobs_and_entropy(
@@ -61,6 +72,9 @@ def completion_outputs(
     out = {"logps": logps, "entropy": entropy}
     if values:
         out["values"] = model.scores(h)
+    if router_aux_loss:
+        top_k = model.config.num_experts_per_tok
+        out["router_aux_loss"] = load_balancing_loss(decoded[2], top_k, mask)
     return out
 
 
@@ -117,6 +131,7 @@ def make_rlhf_ppo_update(
     *,
     critic: str = "head",
     chunk_size: int = 1024,
+    router_aux_loss_coef: float = 0.0,
 ) -> Callable:
     """Build the pure PPO step on a policy LM, ``update(state, batch, hyperparams=None) ->
     (state, metrics)``.
@@ -140,6 +155,11 @@ def make_rlhf_ppo_update(
         ``"separate"`` (a critic model of its own) or ``"none"`` (critic-free: no value loss;
         ``value_coef`` and ``value_clip_eps`` are then not read).
       chunk_size: token rows per chunk of the log-prob computation.
+      router_aux_loss_coef: weight of a mixture-of-experts policy's load-balancing loss
+        (:func:`rljax.models.moe.load_balancing_loss` over every real token of the policy's
+        forward pass) added to each minibatch's loss (``loss/total``) and reported as
+        ``router_aux_loss``; 0 (the default, as :class:`rljax.updates.SFTConfig`'s) leaves it
+        out. Static; a model without experts refuses it.
 
     ``batch``: ``tokens``, ``mask`` ``[B, P + N]``; ``completion_mask``, ``old_logps``,
     ``advantages`` ``[B, N]``; with a critic also ``returns`` and ``old_values`` ``[B, N]``.
@@ -157,9 +177,12 @@ def make_rlhf_ppo_update(
     check_critic(critic, value_graphdef, "make_rlhf_ppo_update")
     if chunk_size < 1:
         raise ValueError(f"make_rlhf_ppo_update: chunk_size must be >= 1, got {chunk_size}")
+    aux_coef = check_router_aux_loss_coef(
+        router_aux_loss_coef, "make_rlhf_ppo_update: router_aux_loss_coef"
+    )
     with_critic = critic != "none"
     keys = ROLLOUT_KEYS + (("returns", "old_values") if with_critic else ())
-    loss_fn = _ppo_token_loss(graphdef, value_graphdef, critic, chunk_size)
+    loss_fn = _ppo_token_loss(graphdef, value_graphdef, critic, chunk_size, aux_coef)
     names = {k: v for k, v in TRL_PPO_METRICS.items() if with_critic or v not in _CRITIC_METRICS}
     allowed, reasons = config.traced_coefficients(), {}
     if not with_critic:  # no value loss: its coefficients are not read
@@ -188,6 +211,7 @@ TRL_PPO_METRICS = {
     "loss/policy": "loss/policy_avg",
     "loss/value": "loss/value_avg",
     "loss/total": "loss/total",
+    "router_aux_loss": "router_aux_loss",
     "val/clipfrac": "val/clipfrac_avg",
     "val/vpred": "val/vpred",
     "updates": "updates",
@@ -199,11 +223,14 @@ _CRITIC_METRICS = {"loss/value_avg", "val/clipfrac_avg", "val/vpred"}
 _VALUE_COEFFICIENTS = ("value_coef", "value_clip_eps")
 
 
-def _ppo_token_loss(graphdef, value_graphdef, critic: str, chunk_size: int):
+def _ppo_token_loss(
+    graphdef, value_graphdef, critic: str, chunk_size: int, router_aux_loss_coef: float = 0.0
+):
     """``loss_fn(config, params, minibatch) -> (loss, metrics)``: :func:`rljax.ppo.ppo_loss`
     over the completion tokens (:func:`rljax.updates.ppo.config_ppo_loss`), with log-probs,
     entropies and (critic head or separate) values from one forward pass of each model;
-    critic none has a zero value loss (one code path)."""
+    critic none has a zero value loss (one code path). With ``router_aux_loss_coef > 0`` the
+    policy's load-balancing loss times it is added (``loss/total``, ``router_aux_loss``)."""
 
     def loss_fn(config: PPOConfig, params, mb):
         n = mb["completion_mask"].shape[1]
@@ -215,12 +242,13 @@ def _ppo_token_loss(graphdef, value_graphdef, critic: str, chunk_size: int):
             n,
             chunk_size=chunk_size,
             values=critic == "head",
+            router_aux_loss=router_aux_loss_coef > 0,
         )
         if critic == "separate":
             model = lm.merge(value_graphdef, params["value"])
             hidden, _ = model.decode(mb["tokens"], mb["mask"])
             out["values"] = model.scores(hidden[:, -n - 1 : -1])
-        return config_ppo_loss(
+        loss, metrics = config_ppo_loss(
             config,
             out["logps"],
             out["entropy"],
@@ -229,6 +257,11 @@ def _ppo_token_loss(graphdef, value_graphdef, critic: str, chunk_size: int):
             mb["completion_mask"],
             critic=critic != "none",
         )
+        if "router_aux_loss" in out:
+            loss = loss + router_aux_loss_coef * out["router_aux_loss"]
+            aux = out["router_aux_loss"]
+            metrics = {**metrics, "loss/total": jax.lax.stop_gradient(loss), "router_aux_loss": aux}
+        return loss, metrics
 
     return loss_fn
 
