@@ -1,7 +1,7 @@
-"""CI-sized runs of experiments/ppo_rlhf.py, trpo_rlhf.py and frontier.py on the built-in task
-with the shipped base model: PPO must raise the held-out oracle score (a loose threshold on a
-fixed seed), an interrupted run resumes with identical results, TRPO and the frontier run end to
-end and write what they promise."""
+"""CI-sized runs of experiments/ppo_rlhf.py and trpo_rlhf.py on the built-in task with the
+shipped base model: PPO must raise the held-out oracle score (a loose threshold on a fixed
+seed), an interrupted run resumes with identical results, TRPO runs end to end and writes what
+it promises (the frontier sweep over them: tests/test_frontier.py)."""
 
 from __future__ import annotations
 
@@ -108,33 +108,6 @@ def test_run_config_errors():
         rl.rlhf.PPORunConfig(critic="none", samples_per_prompt=2)
     with pytest.raises(TypeError, match="PPORunConfig or TRPORunConfig"):
         rl.rlhf.run(rl.grpo.GRPORunConfig())
-
-
-def test_frontier_end_to_end(tmp_path):
-    frontier = load_experiment("frontier")
-    config = frontier.Config(
-        out=str(tmp_path / "f"), dpo_betas="0.1", dpo_steps=4, dpo_pairs=64, ppo_kl_coefs="0.05",
-        trpo_kl_coefs="", iterations=2, eval_prompts=16,
-    )  # fmt: skip
-    summary = frontier.main(config)
-    methods = [p["method"] for p in summary["points"]]
-    assert methods == ["reference", "DPO", "PPO"]
-    ref = summary["points"][0]
-    assert ref["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert 0 <= ref["score"] <= 1
-    for p in summary["points"][1:]:  # trained a little: finite, not the reference
-        assert np.isfinite(p["score"]) and np.isfinite(p["kl"]) and p["kl"] != 0
-    # The PPO arm used the default value head: value metrics logged, a plain LM saved.
-    ppo_rows = rows(tmp_path / "f" / "ppo_0.05")
-    for key in ("loss/value_avg", "val/vpred", "val/clipfrac_avg"):
-        assert np.isfinite(ppo_rows[-1][key]), key
-    assert hf.load_model(str(tmp_path / "f" / "ppo_0.05" / "policy")).score is None
-    assert (tmp_path / "f" / "frontier.png").exists()
-    # Finished arms are reused, not retrained.
-    again = frontier.main(config)
-    assert [p["score"] for p in again["points"]] == [p["score"] for p in summary["points"]]
-    with pytest.raises(ValueError, match="no arms"):
-        frontier.arms(frontier.Config(dpo_betas="", ppo_kl_coefs="", trpo_kl_coefs=""))
 
 
 def test_ppo_rlhf_with_a_reward_model_on_a_mesh_equals_one_device(tmp_path):
