@@ -178,14 +178,14 @@ def alone_logps(model, seq):
 
 
 @pytest.mark.parametrize("config_fn", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_packed_row_equals_each_sequence_alone(config_fn, dtype):
-    model = model_of(config_fn, dtype=dtype)
+def test_packed_row_equals_each_sequence_alone(config_fn):
+    # float64 only: equality to 1e-10 proves the masking; a float32 copy (16 s) added nothing.
+    model = model_of(config_fn, dtype="float64")
     seqs, _ = sequences_of(1, 7)
     arrays, _ = pack(seqs, 20)
     logits = model(jnp.asarray(arrays["tokens"]), segment_ids=jnp.asarray(arrays["segment_ids"]))
     logps = np_log_softmax(np.asarray(logits, np.float64))
-    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=2e-5, atol=2e-5)
+    tol = dict(rtol=1e-10, atol=1e-12)
     checked = 0
     for r in range(arrays["tokens"].shape[0]):
         seg = arrays["segment_ids"][r]
