@@ -13,7 +13,7 @@ The package is layered; a module imports only from its own layer and the layers 
    :mod:`rljax.finite`, :mod:`rljax.sharding`, :mod:`rljax.checkpoint`, :mod:`rljax.runs`,
    :mod:`rljax.cli`, :mod:`rljax.launch`, :mod:`rljax.bench`.
 2. **Models and data**: :mod:`rljax.models` (transformer, Hugging Face load/save, sampler,
-   MLPs, LoRA adapters; :mod:`rljax.lora` is :mod:`rljax.models.lora`), :mod:`rljax.data`, :mod:`rljax.envs`, :mod:`rljax.tasks`, :mod:`rljax.rewards`
+   continuous-batching engine, MLPs, LoRA adapters; :mod:`rljax.lora` is :mod:`rljax.models.lora`), :mod:`rljax.data`, :mod:`rljax.envs`, :mod:`rljax.tasks`, :mod:`rljax.rewards`
    (reward functions on text).
 3. **Updates**: :mod:`rljax.updates` binds objectives to models: each ``make_*_update``
    returns a pure ``update(state, batch) -> (state, metrics)``; :mod:`rljax.updates.lm` is the

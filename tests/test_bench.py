@@ -93,6 +93,10 @@ def test_generate_speed_quick_smoke(tmp_path):
     assert sides == {
         ("greedy", "hf"), ("greedy", "rljax"),
         ("groups", "hf"), ("groups", "rljax"), ("groups", "rljax_repeated"),
+        ("tail", "hf"), ("tail", "rljax_static"), ("tail", "rljax_continuous"),
     }  # fmt: skip
     for row in record["results"]:
         assert row["tokens_per_s"] > 0 and len(row["times_s"]) == 2
+    tail = [r for r in record["results"] if r["case"] == "tail"]
+    assert {r["tokens"] for r in tail} == {sum(record["tail"]["lengths"])}
+    assert tail[-1]["engine"]["tokens"] == sum(record["tail"]["lengths"])

@@ -218,6 +218,30 @@ def test_eos_stops_a_row_and_masks_the_rest():
     assert out.finished[0] and out.lengths[0] <= 3
 
 
+def test_per_prompt_limits_stop_rows_like_an_eos_without_recompiling():
+    """``max_new_tokens=[L_i]`` (traced) stops row ``i`` after ``L_i`` tokens: the first ``L_i``
+    tokens of the unlimited run, masked after, ``finished`` False; per prompt under groups."""
+    tokens, mask = left_pad(PROMPTS)
+    fn = greedy_fn("llama")
+    free = run(fn, "llama", tokens, mask)
+    for limits, group in (([2, 8, 5], 1), ([1, 3, 8], 2)):
+        out = run(fn, "llama", tokens, mask, max_new_tokens=np.array(limits), group_size=group)
+        want = np.repeat(limits, group)
+        np.testing.assert_array_equal(out.lengths, want)
+        np.testing.assert_array_equal(out.completion_mask, np.arange(8) < want[:, None])
+        np.testing.assert_array_equal(
+            np.where(out.completion_mask, out.completions, -1),
+            np.where(out.completion_mask, np.repeat(free.completions, group, 0), -1),
+        )
+        assert not out.finished.any() and (out.policy_logprobs[~out.completion_mask] == 0).all()
+    compiled = fn.jitted._cache_size()
+    run(fn, "llama", tokens, mask, max_new_tokens=np.array([8, 1, 1]))
+    assert fn.jitted._cache_size() == compiled  # other limits: no retrace
+    for bad in ([0, 1, 1], [1, 9, 1], [1, 2]):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            run(fn, "llama", tokens, mask, max_new_tokens=np.array(bad))
+
+
 def test_top_k_one_equals_greedy_through_pure_generate():
     tokens, mask = left_pad(PROMPTS)
     graphdef, params = nnx.split(tiny_model("gpt2"))

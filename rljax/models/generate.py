@@ -297,7 +297,31 @@ def _as_model(model_or_split) -> Transformer:
     )
 
 
-def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size=1):
+def _check_max_new_tokens(max_new_tokens, rows: int, config: SamplingConfig):
+    """Per-prompt length limits ``int32 [rows]`` (concrete values checked), or None."""
+    if max_new_tokens is None:
+        return None
+    limits = jnp.asarray(max_new_tokens)
+    if limits.ndim == 0:
+        limits = jnp.broadcast_to(limits, (rows,))
+    if limits.shape != (rows,) or not jnp.issubdtype(limits.dtype, jnp.integer):
+        raise ValueError(
+            f"max_new_tokens: per prompt, ints of shape ({rows},), got {limits.dtype} "
+            f"{limits.shape}"
+        )
+    if not isinstance(limits, jax.core.Tracer):
+        values = np.asarray(limits)
+        if values.min() < 1 or values.max() > config.max_new_tokens:
+            raise ValueError(
+                f"max_new_tokens: each limit must be in [1, SamplingConfig.max_new_tokens="
+                f"{config.max_new_tokens}], got {values.min()}..{values.max()}"
+            )
+    return limits.astype(jnp.int32)
+
+
+def _generate(
+    model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size=1, limits=None
+):
     c = model.config
     if not _is_int(group_size) or group_size < 1:
         raise ValueError(f"generate: group_size must be an int >= 1, got {group_size!r}")
@@ -315,6 +339,7 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
             )
     b, p = prompt_tokens.shape
     n = config.max_new_tokens
+    limits = _check_max_new_tokens(limits, b, config)
     if c.family == "gpt2" and p + n > c.max_position_embeddings:
         raise ValueError(
             f"prompt length {p} + max_new_tokens {n} exceeds GPT-2's position table "
@@ -337,9 +362,10 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
         rep = lambda x, axis=0: jnp.repeat(x, group_size, axis=axis)
         cache = cache._replace(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask))
         logits, prompt_tokens, prompt_mask = rep(logits), rep(prompt_tokens), rep(prompt_mask)
+        limits = None if limits is None else rep(limits)
         b *= group_size
 
-    def emit(step, logits, done, buffers):
+    def emit(step, logits, done, finished, buffers):
         step_key = None if temperature is None else jax.random.fold_in(key, step)
         token, sample_logp, policy_logp = _sample(logits, step_key, temperature, top_p, config)
         valid = ~done
@@ -351,8 +377,12 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
             logps.at[:, step].set(jnp.where(valid, sample_logp, 0.0)),
             policy_logps.at[:, step].set(jnp.where(valid, policy_logp, 0.0)),
         )
-        done = done | (valid & jnp.any(token[:, None] == eos, axis=-1))
-        return token, done, buffers
+        eos_hit = valid & jnp.any(token[:, None] == eos, axis=-1)
+        finished = finished | eos_hit
+        done = done | eos_hit
+        if limits is not None:  # per-prompt limits: a row stops after its own count
+            done = done | (step + 1 >= limits)
+        return token, done, finished, buffers
 
     buffers = (
         jnp.full((b, n), pad, jnp.int32),
@@ -360,20 +390,23 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
         jnp.zeros((b, n), jnp.float32),
         jnp.zeros((b, n), jnp.float32),
     )
-    token, done, buffers = emit(0, logits, jnp.zeros((b,), bool), buffers)
+    no = jnp.zeros((b,), bool)
+    token, done, finished, buffers = emit(0, logits, no, no, buffers)
 
     def cond(carry):
-        step, _, done, _, _ = carry
+        step, _, done, _, _, _ = carry
         return (step < n) & ~jnp.all(done)
 
     def body(carry):
-        step, token, done, cache, buffers = carry
+        step, token, done, finished, cache, buffers = carry
         hidden, cache = model.decode(token[:, None], ~done[:, None], cache=cache)
-        token, new_done, buffers = emit(step, model.logits(hidden[:, 0]), done, buffers)
-        return step + 1, token, new_done, cache, buffers
+        token, done, finished, buffers = emit(
+            step, model.logits(hidden[:, 0]), done, finished, buffers
+        )
+        return step + 1, token, done, finished, cache, buffers
 
-    carry = (jnp.int32(1), token, done, cache, buffers)
-    _, _, done, _, buffers = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), token, done, finished, cache, buffers)
+    _, _, _, finished, _, buffers = jax.lax.while_loop(cond, body, carry)
     completions, completion_mask, logps, policy_logps = buffers
     return GenerationOutput(
         tokens=jnp.concatenate([prompt_tokens, completions], axis=1),
@@ -382,7 +415,7 @@ def _generate(model, prompt_tokens, prompt_mask, key, config, temperature, top_p
         logprobs=logps,
         policy_logprobs=policy_logps,
         lengths=jnp.sum(completion_mask, axis=1, dtype=jnp.int32),
-        finished=done,
+        finished=finished,
     )
 
 
@@ -396,6 +429,7 @@ def generate(
     temperature: float | jax.Array | None = None,
     top_p: float | jax.Array | None = None,
     group_size: int = 1,
+    max_new_tokens: jax.Array | None = None,
 ) -> GenerationOutput:
     """Sample ``config.max_new_tokens`` tokens after each prompt (pure; not jitted here).
 
@@ -413,6 +447,10 @@ def generate(
         its KV cache copied to its ``G`` rows (prefix sharing: the prefill costs ``B`` rows,
         not ``B * G``); the output has ``B * G`` rows, prompt ``i``'s samples at rows
         ``i * G .. i * G + G - 1``: what each prompt repeated ``G`` times would give.
+      max_new_tokens: optional per-prompt limits, ``int [B]`` (or a scalar) in ``[1,
+        config.max_new_tokens]``, may be traced: row ``i`` stops after ``max_new_tokens[i]``
+        tokens as if it had emitted an EOS there (``finished`` stays False; the output keeps
+        ``config.max_new_tokens`` columns). The batch still runs until its last row stops.
 
     Returns:
       A :class:`GenerationOutput`. Use :func:`make_generate_fn` for the compiled version.
@@ -425,7 +463,7 @@ def generate(
     model = _as_model(model_or_graphdef_and_params)
     return _generate(
         model, jnp.asarray(prompt_tokens), jnp.asarray(prompt_mask), key, config, temperature,
-        top_p, group_size,
+        top_p, group_size, max_new_tokens,
     )  # fmt: skip
 
 
@@ -433,8 +471,9 @@ def make_generate_fn(
     graphdef: nnx.GraphDef, config: SamplingConfig
 ) -> Callable[..., GenerationOutput]:
     """The compiled entry point: ``generate_fn(params, prompt_tokens, prompt_mask, key, *,
-    temperature=None, top_p=None, group_size=1) -> GenerationOutput`` (``group_size`` is
-    static: see :func:`generate`).
+    temperature=None, top_p=None, group_size=1, max_new_tokens=None) -> GenerationOutput``
+    (``group_size`` is static; ``max_new_tokens``, per-prompt limits, is traced: see
+    :func:`generate`).
 
     ``graphdef`` and ``params`` come from ``nnx.split(model)`` (``params`` may also be a tuple
     of states, as from ``nnx.split(model, nnx.Param, ...)``). One ``jax.jit`` over the whole
@@ -452,12 +491,15 @@ def make_generate_fn(
     nucleus = sampling and config.top_p < 1
 
     @functools.partial(jax.jit, static_argnames="group_size")
-    def compiled(params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=1):
+    def compiled(
+        params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=1, limits=None
+    ):
         states = params if isinstance(params, tuple) else (params,)
         model = nnx.merge(graphdef, *states)
         return _generate(
-            model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size
-        )
+            model, prompt_tokens, prompt_mask, key, config, temperature, top_p, group_size,
+            limits,
+        )  # fmt: skip
 
     def generate_fn(
         params: Any,
@@ -468,6 +510,7 @@ def make_generate_fn(
         temperature: float | jax.Array | None = None,
         top_p: float | jax.Array | None = None,
         group_size: int = 1,
+        max_new_tokens: jax.Array | None = None,
     ) -> GenerationOutput:
         if temperature is not None and not sampling:
             raise ValueError(
@@ -486,9 +529,13 @@ def make_generate_fn(
         top_p = (
             jnp.asarray(config.top_p if top_p is None else top_p, jnp.float32) if nucleus else None
         )
+        if max_new_tokens is not None:  # checked here, where the values are concrete
+            rows = np.shape(prompt_tokens)[0]
+            max_new_tokens = _check_max_new_tokens(max_new_tokens, rows, config)
         return compiled(
-            params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=group_size
-        )
+            params, prompt_tokens, prompt_mask, key, temperature, top_p, group_size=group_size,
+            limits=max_new_tokens,
+        )  # fmt: skip
 
     generate_fn.jitted = compiled
     return generate_fn

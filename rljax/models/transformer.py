@@ -446,8 +446,10 @@ class KVCache(NamedTuple):
     Attributes:
       k, v: ``[layers, batch, max_length, kv_heads, head_dim]`` in the compute dtype.
       mask: ``[batch, max_length]`` bool, True where a slot holds a real token.
-      index: int32 scalar, the next slot to write. Rows share it: prompts are left-padded so
-        that their last tokens line up.
+      index: the next slot to write: an int32 scalar that the rows share (prompts are
+        left-padded so that their last tokens line up), or ``int32 [batch]``, each row its own
+        (continuous batching, :mod:`rljax.models.engine`: rows at different stages of
+        different sequences decode together).
     """
 
     k: jax.Array
@@ -482,7 +484,8 @@ class _PassInputs(NamedTuple):
       mask: ``bool [B, T]``, True at real tokens.
       seq_lengths: ``int32 [B]``, real tokens per row (cuDNN's right-padded lengths).
       segment_ids: ``int32 [B, T]`` of packed rows, or None.
-      cache_index: the first cache slot written (int32 scalar), or None without a cache.
+      cache_index: the first cache slot written (int32 scalar, or ``[B]`` per row), or None
+        without a cache.
       cache_mask: ``bool [B, S]`` valid cache slots, these tokens' included, or None.
     """
 
@@ -639,12 +642,25 @@ def _float64_attention(q, k, v, allowed):
 def _allowed_keys(k: jax.Array, inputs: _PassInputs, query_slots) -> jax.Array:
     """``bool [B, T, S]``: which keys each query may attend to, segments aside. Without a cache
     (``S == T``) the real keys at or before the query; with one, the valid cache slots not
-    after the query's slot (``query_slots [T]``)."""
+    after the query's slot (``query_slots [T]``, or ``[B, T]`` with per-row cache indices)."""
     slots = jnp.arange(k.shape[1], dtype=jnp.int32)
     if inputs.cache_mask is None:
         causal = slots[None, :] <= slots[:, None]  # [T, S]
         return inputs.mask.astype(bool)[:, None, :] & causal[None]
-    return inputs.cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+    query_slots = query_slots if query_slots.ndim == 2 else query_slots[None]
+    return inputs.cache_mask[:, None, :] & (slots[None, None, :] <= query_slots[:, :, None])
+
+
+def _cache_write(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """``new [B, T, ...]`` written into ``cache [B, S, ...]`` at slot ``index``: a scalar (every
+    row) or ``[B]`` (each row its own; a row's write that would run past ``S`` is moved back,
+    as ``dynamic_update_slice`` moves it)."""
+    new = new.astype(cache.dtype)
+    rest = (jnp.zeros((), jnp.int32),) * (cache.ndim - 2)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (jnp.zeros((), jnp.int32), index, *rest))
+    write_row = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, *rest))
+    return jax.vmap(write_row)(cache, new, index)
 
 
 def _lora_dropout(x: jax.Array, key_data: jax.Array, name: str, rate: float) -> jax.Array:
@@ -860,8 +876,9 @@ class Transformer(nnx.Module):
             q_slots = (
                 jnp.arange(q.shape[1], dtype=jnp.int32) if query_slots is None else query_slots
             )
+            q_slots = q_slots if q_slots.ndim == 2 else q_slots[None]  # [B or 1, T]
             k_slots = jnp.arange(k.shape[1], dtype=jnp.int32)
-            allowed &= (q_slots[:, None] - k_slots[None, :] < statics.window)[None]
+            allowed &= q_slots[:, :, None] - k_slots[None, None, :] < statics.window
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcap is not None or q.dtype == jnp.float64:
             return _masked_attention(q, k, v, allowed, scale, c.attn_logit_softcap)
@@ -946,13 +963,12 @@ class Transformer(nnx.Module):
         query_slots = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
-            zero = jnp.zeros((), jnp.int32)
-            start = (zero, inputs.cache_index, zero, zero)
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+            k = _cache_write(cache_k, k, inputs.cache_index)
+            v = _cache_write(cache_v, v, inputs.cache_index)
             layer_cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)  # a bfloat16 cache is read widened
-            query_slots = inputs.cache_index + jnp.arange(q.shape[1], dtype=jnp.int32)
+            # [T], or [B, T] with per-row indices
+            query_slots = inputs.cache_index[..., None] + jnp.arange(q.shape[1], dtype=jnp.int32)
         attn = self._attention(q, k, v, inputs, query_slots, statics)
         out = self._project(attn.astype(dt), p, "o")
         if c.o_bias:
@@ -1069,8 +1085,9 @@ class Transformer(nnx.Module):
           positions: ``int [B, T]`` position ids; default ``cumsum(mask) - 1``, continued from
             the tokens already in ``cache``.
           cache: a :class:`KVCache`; the ``T`` tokens are written at slots
-            ``cache.index .. cache.index + T - 1`` and attend to every valid earlier slot
-            (on a sliding layer, to those less than ``sliding_window`` slots back).
+            ``cache.index .. cache.index + T - 1`` (per row with an index ``[B]``) and attend
+            to every valid earlier slot (on a sliding layer, to those less than
+            ``sliding_window`` slots back).
           segment_ids: ``int [B, T]`` for packed rows (:func:`rljax.data.pack`): several
             sequences per row, numbered 1, 2, ... with 0 at padding. A token attends only to
             earlier tokens of its own segment, ``mask`` defaults to ``segment_ids > 0`` and
@@ -1095,10 +1112,12 @@ class Transformer(nnx.Module):
         else:
             if cache.k.shape[1] != b:
                 raise ValueError(f"cache batch {cache.k.shape[1]} != tokens batch {b}")
-            cache_index = cache.index
-            cache_mask = jax.lax.dynamic_update_slice(
-                cache.mask, mask, (jnp.zeros((), jnp.int32), cache_index)
-            )
+            cache_index = jnp.asarray(cache.index, jnp.int32)
+            if cache_index.shape not in ((), (b,)):
+                raise ValueError(
+                    f"cache index must be a scalar or one per row ({b},), got {cache_index.shape}"
+                )
+            cache_mask = _cache_write(cache.mask, mask, cache_index)
             kv = (cache.k, cache.v)
 
         inputs = _PassInputs(
