@@ -77,11 +77,14 @@ class Config:
       iterations: iterations of each PPO, TRPO and GRPO arm (64 sampled completions each).
       grpo_learning_rate: Adam learning rate of the GRPO arms.
       eval_prompts: held-out prompts sampled per policy for its frontier point.
+      arm_eval_prompts: held-out prompts of each arm's own evaluations (its run's win-rate or
+        held-out score, logged in its folder; not the frontier point).
       eval_seed: seed of the held-out prompts and of the evaluation key (the same for every
         arm).
       workers: arms trained at a time, each in its own process (1 = in this process).
       quick: a smoke-test sweep: every setting left at its default is shrunk (2 seeds, one
-        coefficient per method, a few steps, 32 prompts); a setting given explicitly is kept.
+        coefficient per method, a few steps, 32 and 8 prompts); a setting given explicitly is
+        kept.
       log: metrics sinks of every arm, comma-separated: jsonl (each arm's metrics.jsonl,
         always written), tensorboard, wandb (see rljax.runs).
     """
@@ -100,6 +103,7 @@ class Config:
     iterations: int = 40
     grpo_learning_rate: float = 2e-4
     eval_prompts: int = 512
+    arm_eval_prompts: int = 64
     eval_seed: int = 0
     workers: int = 1
     quick: bool = False
@@ -107,7 +111,8 @@ class Config:
 
     def __post_init__(self):
         runs.parse_sinks(self.log)  # an unknown sink fails here, before any arm
-        for field in ("dpo_steps", "dpo_pairs", "iterations", "eval_prompts", "workers"):
+        positive = ("dpo_steps", "dpo_pairs", "iterations", "eval_prompts", "arm_eval_prompts")
+        for field in (*positive, "workers"):
             if getattr(self, field) < 1:
                 raise ValueError(f"--{field.replace('_', '-')}: must be >= 1")
         if not self.grpo_learning_rate > 0:
@@ -135,6 +140,7 @@ QUICK = {
     "dpo_pairs": 64,
     "iterations": 2,
     "eval_prompts": 32,
+    "arm_eval_prompts": 8,
 }
 
 
@@ -199,9 +205,9 @@ def arm_run_config(arm: dict, config: Config, model_path: str):
             loss_type="sigmoid" if arm["method"] == "DPO" else "ipo",  # TRL's loss names
             steps=config.dpo_steps,
             train_pairs=config.dpo_pairs,
-            eval_pairs=max(32, config.dpo_pairs // 8),
+            eval_pairs=max(config.arm_eval_prompts // 2, config.dpo_pairs // 8),
             rpo_alpha=config.dpo_rpo_alpha,
-            win_rate_prompts=64,
+            win_rate_prompts=config.arm_eval_prompts,
         )
     if arm["method"] == "GRPO":
         return rl.config(
@@ -217,7 +223,7 @@ def arm_run_config(arm: dict, config: Config, model_path: str):
             max_prompt_length=16,  # as the RLHF arms and the evaluation
             max_new_tokens=sorting.max_completion_tokens(),
             eval_every=0,
-            eval_prompts=64,
+            eval_prompts=config.arm_eval_prompts,
         )
     return rl.config(
         arm["method"].lower(),  # the registry's ppo or trpo
@@ -225,7 +231,7 @@ def arm_run_config(arm: dict, config: Config, model_path: str):
         iterations=config.iterations,
         kl_coef=arm["coef"],
         eval_every=0,
-        eval_prompts=64,
+        eval_prompts=config.arm_eval_prompts,
     )
 
 
