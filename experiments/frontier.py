@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import pathlib
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -44,13 +45,24 @@ from rljax import cli, experiment, rl, runs
 from rljax.models import hf
 from rljax.tasks import sorting
 
-#: Methods in plot and table order, with the flag of their coefficients and its name.
+
+class Method(NamedTuple):
+    """A method's row: the flag field of its coefficients, the coefficient's name, and its
+    plot marker and color."""
+
+    field: str
+    coef_name: str
+    marker: str
+    color: str
+
+
+#: Methods in plot and table order.
 METHODS = {
-    "DPO": ("dpo_betas", "beta"),
-    "IPO": ("ipo_betas", "beta (tau)"),
-    "PPO": ("ppo_kl_coefs", "KL coef"),
-    "TRPO": ("trpo_kl_coefs", "KL coef"),
-    "GRPO": ("grpo_betas", "KL loss beta"),
+    "DPO": Method("dpo_betas", "beta", "o", "tab:blue"),
+    "IPO": Method("ipo_betas", "beta (tau)", "D", "tab:purple"),
+    "PPO": Method("ppo_kl_coefs", "KL coef", "s", "tab:orange"),
+    "TRPO": Method("trpo_kl_coefs", "KL coef", "^", "tab:green"),
+    "GRPO": Method("grpo_betas", "KL loss beta", "v", "tab:red"),
 }
 KL_LIMITS = (1.0, 2.0, 4.0)  # nats: the table's columns
 GRPO_GROUP = 8  # completions per prompt of the GRPO arms
@@ -165,8 +177,9 @@ def arms(config: Config) -> list[dict]:
     order."""
     config = config.resolved()
     out = pathlib.Path(config.out)
-    found = []
-    for method, (field, _) in METHODS.items():
+    found, seeds = [], _ints(config.seeds, "seeds")
+    for method, spec in METHODS.items():
+        field = spec.field
         flag = field.replace("_", "-")
         coefs = _numbers(getattr(config, field), flag)
         if len(set(coefs)) != len(coefs):
@@ -174,11 +187,11 @@ def arms(config: Config) -> list[dict]:
         for coef in coefs:
             if not coef > 0:
                 raise ValueError(f"--{flag}: every value must be > 0, got {coef:g}")
-            for seed in _ints(config.seeds, "seeds"):
+            for seed in seeds:
                 folder = out / f"{method.lower()}_{coef:g}_seed{seed}"
                 found.append({"method": method, "coef": coef, "seed": seed, "folder": str(folder)})
     if not found:
-        flags = ", ".join("--" + f.replace("_", "-") for f, _ in METHODS.values())
+        flags = ", ".join("--" + f.replace("_", "-") for f, *_ in METHODS.values())
         raise ValueError(f"no arms: give at least one of {flags}")
     return found
 
@@ -244,10 +257,7 @@ def training_samples(run_config) -> int:
 
 
 def train_arm(arm: dict, config: Config, model_path: str) -> None:
-    """Train one arm unless its folder holds a finished run."""
-    if (pathlib.Path(arm["folder"]) / "summary.json").exists():
-        print(f"[frontier] {_label(arm)}: finished before, not trained again", flush=True)
-        return
+    """Train one arm (:func:`train_arms` leaves out the finished ones)."""
     run_config = arm_run_config(arm, config, model_path)
     if isinstance(run_config, experiment.DPORunConfig):
         experiment.train_dpo(run_config)
@@ -261,7 +271,7 @@ def _train_in_worker(arm: dict, config: Config, model_path: str) -> str:
 
 
 def _label(arm: dict) -> str:
-    return f"{arm['method']} {METHODS[arm['method']][1]} {arm['coef']:g} seed {arm['seed']}"
+    return f"{arm['method']} {METHODS[arm['method']].coef_name} {arm['coef']:g} seed {arm['seed']}"
 
 
 def train_arms(todo: list[dict], config: Config, model_path: str) -> None:
@@ -394,7 +404,8 @@ def markdown_table(summary: dict) -> str:
         f"| reference (base model) | {ref['score']:.3f} (KL 0, valid {ref['valid_rate']:.2f}) |"
         + " |" * (len(KL_LIMITS) - 1)
     )
-    for method, (_, name) in METHODS.items():
+    for method, spec in METHODS.items():
+        name = spec.coef_name
         mine = [s for s in settings if s["method"] == method]
         if not mine:
             continue
@@ -452,12 +463,13 @@ def main(config: Config) -> dict:
         "reference": reference,
         "points": points,
         "settings": settings,
-        "frontiers": {m: pareto([s for s in settings if s["method"] == m]) for m in METHODS},
+        "frontiers": {
+            m: pareto(mine) for m in METHODS if (mine := [s for s in settings if s["method"] == m])
+        },
         "eval_prompts": len(evaluate.prompts),
         "wall_seconds": round(time.perf_counter() - start, 2),
         "config": dataclasses.asdict(config),
     }
-    summary["frontiers"] = {m: f for m, f in summary["frontiers"].items() if f}
     (out / "frontier.json").write_text(json.dumps(runs.to_json(summary), indent=2))
     (out / "frontier.md").write_text(markdown_table(summary))
     plot(summary, out / "frontier.png")
@@ -467,15 +479,6 @@ def main(config: Config) -> dict:
     return summary
 
 
-STYLES = {
-    "DPO": ("o", "tab:blue"),
-    "IPO": ("D", "tab:purple"),
-    "PPO": ("s", "tab:orange"),
-    "TRPO": ("^", "tab:green"),
-    "GRPO": ("v", "tab:red"),
-}
-
-
 def plot(summary: dict, path) -> None:
     import matplotlib
 
@@ -483,7 +486,7 @@ def plot(summary: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for method, (marker, color) in STYLES.items():
+    for method, (_, _, marker, color) in METHODS.items():
         mine = [s for s in summary["settings"] if s["method"] == method]
         if not mine:
             continue
@@ -502,13 +505,9 @@ def plot(summary: dict, path) -> None:
         bx.errorbar([best["samples"]], [best["score"]], yerr=[best["score_ci"]], fmt=marker,
                     color=color, capsize=2, ms=6, label=f"{method} (best setting)")  # fmt: skip
     ref = summary["reference"]
-    for axis, x in ((ax, 0.0), (bx, None)):
-        if x is not None:
-            axis.scatter(
-                [x], [ref["score"]], color="black", marker="x", zorder=3, label="reference"
-            )
-        else:
-            axis.axhline(ref["score"], color="black", lw=0.8, ls=":", label="reference")
+    ax.scatter([0.0], [ref["score"]], color="black", marker="x", zorder=3, label="reference")
+    bx.axhline(ref["score"], color="black", lw=0.8, ls=":", label="reference")
+    for axis in (ax, bx):
         axis.grid(alpha=0.3)
         axis.set_ylabel("oracle score of samples")
         axis.legend(fontsize=8)

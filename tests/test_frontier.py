@@ -85,8 +85,8 @@ def test_readme_quotes_the_recorded_table():
     assert table in (ROOT / "README.md").read_text()
     config = summary["config"]
     assert len(config["seeds"].split(",")) >= 3
-    for method, (field, _) in frontier.METHODS.items():
-        assert len(config[field].split(",")) >= 5, method
+    for method, spec in frontier.METHODS.items():
+        assert len(config[spec.field].split(",")) >= 5, method
 
 
 def test_quick_sweep_end_to_end_and_resumed_without_retraining(tmp_path, capsys):
