@@ -386,10 +386,13 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_an_eight_device_mesh(tmp_pa
     monkeypatch.setattr(rl.grpo.lm, "compile_update", capture("step", rl.grpo.lm.compile_update))
     summary = rl.grpo.run(settings)
     assert summary["resumed_from"] == 2 and summary["devices"] == 8
-    # Whatever the iteration: two rollout programs, the training one (B prompts, each
-    # prefilled once for its G samples) and the evaluation's (B * G single prompts; greedy and
-    # sampled evaluation share it: temperature is traced), and one update program.
-    assert compiled["rollout"]._cache_size() == 2 and compiled["step"]._cache_size() == 1
+    # Whatever the iteration: one engine (training's B prompts x G samples and evaluation's
+    # B * G single prompts fill the same B * G slots; greedy and sampled evaluation share it:
+    # the temperature is an argument), whose prefill and insert compiled once for each of the
+    # two prompt counts and whose decode step compiled once; one scoring program; one update.
+    (engine,) = compiled["rollout"].engines.values()
+    assert engine.traces == {"prefill": 2, "insert": 2, "decode": 1}
+    assert compiled["rollout"].score._cache_size() == 1 and compiled["step"]._cache_size() == 1
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert steps == [0, 1, 2, 3]
     # The evaluations' sample completions (before the first iteration and after the last),

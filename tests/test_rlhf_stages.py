@@ -296,13 +296,14 @@ SAMPLING = generate.SamplingConfig(
 
 
 @functools.cache
-def rollout_fn(critic):
+def rollout_fn(critic, sampler="engine", slots=None):
     models = tiny_models()
     policy = models["head"] if critic == "head" else models["base"]
     value_graphdef = models["critic"][0] if critic == "separate" else None
     return make_rollout_fn(
         policy[0], SAMPLING, ref_graphdef=models["ref"][0], critic=critic,
         value_graphdef=value_graphdef, chunk_size=4,  # several chunks, the last one partial
+        sampler=sampler, slots=slots,
     )  # fmt: skip
 
 
@@ -338,13 +339,20 @@ def rollout_references(critic, out, offset=0):
     return want
 
 
-@pytest.mark.parametrize("critic", ["head", "separate", "none"])
-def test_rollout_outputs_match_full_forward(critic):
+@pytest.mark.parametrize(
+    "critic, sampler, slots",
+    [
+        ("head", "engine", None),  # every row in a slot
+        ("separate", "engine", 3),  # 8 rows through 3 slots: refilled as rows finish
+        ("none", "static", None),  # lockstep decoding, fused with the scoring
+    ],
+)
+def test_rollout_outputs_match_full_forward(critic, sampler, slots):
     models = tiny_models()
     prompt_tokens, prompt_mask = left_padded_prompts(PROMPT_LENGTHS, P, seed=1)
     policy_params = models["head" if critic == "head" else "base"][1]
     value_params = models["critic"][1] if critic == "separate" else None
-    out = rollout_fn(critic)(
+    out = rollout_fn(critic, sampler, slots)(
         policy_params, models["ref"][1], value_params, prompt_tokens, prompt_mask,
         jax.random.key(3), 1.0,
     )  # fmt: skip
@@ -388,6 +396,30 @@ def test_rollout_fn_checks_its_critic_arguments():
         make_rollout_fn(graphdef, SAMPLING, critic="separate")
     with pytest.raises(ValueError, match="pass value_graphdef exactly when critic='separate'"):
         make_rollout_fn(graphdef, SAMPLING, critic="none", value_graphdef=graphdef)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        make_rollout_fn(graphdef, SAMPLING, sampler="vllm")
+    for kwargs in (dict(sampler="static", slots=4), dict(slots=0), dict(slots=2.0)):
+        with pytest.raises(ValueError, match="needs sampler='engine' and an int >= 1"):
+            make_rollout_fn(graphdef, SAMPLING, **kwargs)
+
+
+def test_engine_and_static_rollouts_agree_on_greedy_groups():
+    """Greedy (temperature 0, one compiled sampler for both temperatures) groups of 2 from both
+    samplers: the same completions and the same per-token outputs; the engine, 3 slots for 16
+    rows, prefilled each prompt once and compiled nothing on a second call."""
+    models = tiny_models()
+    tokens, mask = left_padded_prompts(PROMPT_LENGTHS, P, seed=2)
+    args = (models["head"][1], models["ref"][1], None, tokens, mask, jax.random.key(4), 0.0)
+    static = jax.device_get(rollout_fn("head", "static")(*args, group_size=2))
+    engine = rollout_fn("head", "engine", 3)
+    for _ in range(2):
+        out = jax.device_get(engine(*args, group_size=2))
+    assert set(out) == set(static)
+    for key in static:
+        np.testing.assert_allclose(out[key], static[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    (only,) = engine.engines.values()
+    assert only.stats.prefills == len(PROMPT_LENGTHS) and only.stats.requests == 16
+    assert only.traces["decode"] == 1 and engine.score._cache_size() == 1
 
 
 # ------------------------------------------------------------------------------ 3. TRPO step

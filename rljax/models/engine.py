@@ -8,11 +8,13 @@ cache row until the *last* row of the batch has finished, so with completion len
 ``slots`` rows busy instead (the design of vLLM's and JetStream's engines, the latter's
 ``prefill`` / ``insert`` / ``generate`` split in particular):
 
-* **prefill** one prompt (left-padded to a length bucket) into a one-row KV cache: the prompt's
-  keys and values and the logits of its first completion token (:func:`prefill`);
-* **insert** that prefix into a free slot: its cache row, mask and write position are replaced,
-  the first token is sampled (:func:`insert`). With ``group_size=G`` a prompt is prefilled once
-  and inserted ``G`` times (prefix sharing);
+* **prefill** the prompts that enter slots together (each left-padded to the bucket of the
+  longest) in one batched forward pass: their keys and values and the logits of their first
+  completion tokens (:func:`prefill`);
+* **insert** those prefixes into the free slots, all in one call: each slot's cache row, mask
+  and write position are replaced, its first token is sampled (:func:`insert`). With
+  ``group_size=G`` a prompt is prefilled once and inserted ``G`` times (prefix sharing; a
+  group split between two refills reuses the earlier prefill);
 * **decode** up to ``steps_per_call`` steps of all slots in one compiled ``lax.while_loop``
   (:func:`decode`). Each slot writes its keys and values at its *own* cache position (a
   :class:`~rljax.models.transformer.KVCache` whose ``index`` is ``[slots]``), so slots at
@@ -23,8 +25,10 @@ cache row until the *last* row of the batch has finished, so with completion len
   is busy); the host then retires finished rows and inserts waiting prompts.
 
 Every compiled piece has a fixed shape: the decode step is traced once per engine (slots,
-cache width), prefill and insert once per prompt-length bucket; refilling slots compiles
-nothing (``Engine.traces`` counts the traces; tested).
+cache width); prefill and insert once per prompt-length bucket and power-of-two count of
+prompts and of requests (padding rows are copies, padding requests write nothing), so the
+first call meets a handful of shapes and later calls, refills included, compile nothing
+(``Engine.traces`` counts the traces; tested).
 
 **Randomness** is per request, not per slot: request ``r`` (prompt ``r // G``, sample
 ``r % G``, the output row) draws its ``j``-th token with ``fold_in(fold_in(key, r), j)``, so a
@@ -90,13 +94,13 @@ MIN_BUCKET = 16
 
 
 class Prefix(NamedTuple):
-    """One prefilled prompt (:func:`prefill`): what :func:`insert` copies into a slot.
+    """Prefilled prompts (:func:`prefill`): what :func:`insert` copies into slots.
 
     Attributes:
-      k, v: ``[layers, P, kv_heads, head_dim]``, the prompt's keys and values (``P`` = its
-        bucket, left-padded).
-      mask: ``bool [P]``, True at the prompt's tokens.
-      logits: ``float32 [V]``, the logits of the first completion token.
+      k, v: ``[layers, K, P, kv_heads, head_dim]``, the ``K`` prompts' keys and values (``P``
+        = their bucket, each prompt left-padded to it).
+      mask: ``bool [K, P]``, True at the prompts' tokens.
+      logits: ``float32 [K, V]``, the logits of each prompt's first completion token.
     """
 
     k: jax.Array
@@ -194,15 +198,13 @@ def init_state(model: Transformer, config: SamplingConfig, slots: int, width: in
 
 
 def prefill(model: Transformer, config: SamplingConfig, tokens: jax.Array, mask: jax.Array):
-    """One prompt, ``tokens`` and ``mask`` ``[P]`` left-padded, through the model into a
-    one-row cache: its :class:`Prefix`."""
-    p = tokens.shape[0]
-    cache = model.init_cache(1, p, dtype=config.cache_dtype)
-    hidden, cache = model.decode(
-        tokens[None].astype(jnp.int32), mask[None].astype(bool), cache=cache
-    )
-    logits = model.logits(hidden[0, -1]).astype(jnp.float32)
-    return Prefix(cache.k[:, 0], cache.v[:, 0], cache.mask[0], logits)
+    """Prompts ``tokens`` and ``mask`` ``[K, P]`` (each left-padded) through the model into a
+    ``K``-row cache, in one batched forward pass: their :class:`Prefix`."""
+    k, p = tokens.shape
+    cache = model.init_cache(k, p, dtype=config.cache_dtype)
+    hidden, cache = model.decode(tokens.astype(jnp.int32), mask.astype(bool), cache=cache)
+    logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+    return Prefix(cache.k, cache.v, cache.mask, logits)
 
 
 def _is_eos(token, config: SamplingConfig):
@@ -226,49 +228,57 @@ def _sample_rows(logits, keys, steps, temperature, top_p, config):
 
 def insert(
     state: EngineState,
-    slot,
+    slots,
+    which,
     prefix: Prefix,
-    key,
-    limit,
+    keys,
+    limits,
     config: SamplingConfig,
     temperature,
     top_p,
 ) -> tuple[EngineState, tuple[jax.Array, ...]]:
-    """Put a prefilled prompt into ``slot`` (traced) with request key ``key`` and token limit
-    ``limit`` (traced, ``<= max_new_tokens``): its keys, values and mask replace the slot's
-    cache row (write position: the prompt's bucket), its first token is sampled. Returns the new state and the slot's previous outputs ``(tokens
-    [N], logprobs [N], policy_logprobs [N], steps [])``, the request it retires."""
-    n = config.max_new_tokens
+    """Put prefilled prompts into slots, ``M`` requests at once: request ``j`` goes to slot
+    ``slots[j]`` (``int32 [M]``; a slot out of range, ``>= S``, is padding and writes nothing)
+    with prompt ``prefix[which[j]]``, request key ``keys[j]`` and token limit ``limits[j]``
+    (``<= max_new_tokens``). Its keys, values and mask replace the slot's cache row (write
+    position: the prompts' bucket), its first token is sampled with ``fold_in(keys[j], 0)``.
+    Returns the new state and the slots' previous outputs ``(tokens [M, N], logprobs [M, N],
+    policy_logprobs [M, N], steps [M])``, the requests they retire."""
+    n, m = config.max_new_tokens, slots.shape[0]
     cache = state.cache
-    p = prefix.mask.shape[0]
-    zero = jnp.zeros((), jnp.int32)
-    slot = jnp.asarray(slot, jnp.int32)
-    start = (zero, slot, zero, zero, zero)
-    k = jax.lax.dynamic_update_slice(cache.k, prefix.k[:, None].astype(cache.k.dtype), start)
-    v = jax.lax.dynamic_update_slice(cache.v, prefix.v[:, None].astype(cache.v.dtype), start)
-    row_mask = jnp.zeros((cache.mask.shape[1],), bool).at[:p].set(prefix.mask)
-    mask = jax.lax.dynamic_update_slice(cache.mask, row_mask[None], (slot, zero))
-    index = cache.index.at[slot].set(p)
+    p = prefix.mask.shape[1]
+    slots = slots.astype(jnp.int32)
+    k = cache.k.at[:, slots, :p].set(prefix.k[:, which].astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, slots, :p].set(prefix.v[:, which].astype(cache.v.dtype), mode="drop")
+    row_mask = jnp.zeros((m, cache.mask.shape[1]), bool).at[:, :p].set(prefix.mask[which])
+    mask = cache.mask.at[slots].set(row_mask, mode="drop")
+    index = cache.index.at[slots].set(p, mode="drop")
 
+    zero = jnp.zeros((m,), jnp.int32)
     token, logp, policy_logp = _sample_rows(
-        prefix.logits[None], key[None], zero[None], temperature, top_p, config
+        prefix.logits[which], keys, zero, temperature, top_p, config
     )
-    token, logp, policy_logp = token[0], logp[0], policy_logp[0]
-    pad = jnp.int32(config.pad_token_id)
-    retired = (state.tokens[slot], state.logprobs[slot], state.policy_logprobs[slot])
-    retired += (state.steps[slot],)
+    retired = tuple(
+        jnp.take(x, slots, axis=0, mode="clip")
+        for x in (state.tokens, state.logprobs, state.policy_logprobs, state.steps)
+    )
+
+    def put(buffer, value):
+        return buffer.at[slots].set(value, mode="drop")
+
+    def first(value, fill):
+        return jnp.full((m, n), fill, value.dtype).at[:, 0].set(value)
+
     state = EngineState(
         cache=KVCache(k, v, mask, index),
-        token=state.token.at[slot].set(token),
-        active=state.active.at[slot].set(~_is_eos(token, config) & (limit > 1)),
-        steps=state.steps.at[slot].set(1),
-        limit=state.limit.at[slot].set(limit),
-        keys=state.keys.at[slot].set(key),
-        tokens=state.tokens.at[slot].set(jnp.full((n,), pad).at[0].set(token)),
-        logprobs=state.logprobs.at[slot].set(jnp.zeros((n,), jnp.float32).at[0].set(logp)),
-        policy_logprobs=state.policy_logprobs.at[slot].set(
-            jnp.zeros((n,), jnp.float32).at[0].set(policy_logp)
-        ),
+        token=put(state.token, token),
+        active=put(state.active, ~_is_eos(token, config) & (limits > 1)),
+        steps=put(state.steps, zero + 1),
+        limit=put(state.limit, limits.astype(jnp.int32)),
+        keys=put(state.keys, keys),
+        tokens=put(state.tokens, first(token, config.pad_token_id)),
+        logprobs=put(state.logprobs, first(logp, 0.0)),
+        policy_logprobs=put(state.policy_logprobs, first(policy_logp, 0.0)),
     )
     return state, retired
 
@@ -390,10 +400,12 @@ class Engine:
             traces["prefill"] += 1
             return prefill(merged(params), config, tokens, mask)
 
-        def run_insert(state, slot, prefix, key, request, limit, temperature, top_p):
+        def run_insert(state, slots, which, prefix, key, requests, limits, temperature, top_p):
             traces["insert"] += 1
-            request_key = jax.random.fold_in(key, request)
-            return insert(state, slot, prefix, request_key, limit, config, temperature, top_p)
+            request_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(requests)
+            return insert(
+                state, slots, which, prefix, request_keys, limits, config, temperature, top_p
+            )
 
         def run_decode(params, state, max_steps, waiting, temperature, top_p):
             traces["decode"] += 1
@@ -410,6 +422,33 @@ class Engine:
         )
 
     # ------------------------------------------------------------------ host loop
+
+    def _prefill_rows(self, params, rows, prompts, max_len) -> tuple[Prefix, dict[int, int]]:
+        """Prefill ``prompts`` (indices into ``rows``) in one call: left-padded to the bucket of
+        the longest, the count rounded up to a power of two with copies of the first (so the
+        calls compile once per bucket pair). Returns the prefix and each prompt's row."""
+        bucket = prompt_bucket(max(len(rows[i]) for i in prompts), max_len)
+        count = _bucket(len(prompts))
+        padded = [*prompts, *[prompts[0]] * (count - len(prompts))]
+        tokens = np.full((count, bucket), self.config.pad_token_id, np.int32)
+        mask = np.zeros((count, bucket), bool)
+        for j, i in enumerate(padded):
+            tokens[j, bucket - len(rows[i]) :] = rows[i]
+            mask[j, bucket - len(rows[i]) :] = True
+        prefix = self._prefill(params, tokens, mask)
+        return prefix, {i: j for j, i in enumerate(prompts)}
+
+    def _insert_rows(self, state, prefix, prefix_rows, entries, g, limits, key, temperature, top_p):
+        """Insert ``entries`` (``(slot, request)`` pairs, their prompts in ``prefix``) in one
+        call, padded to a power of two with requests for slot ``slots`` (written nowhere)."""
+        m = _bucket(len(entries))
+        at = np.full((m,), self.slots, np.int32)
+        which, requests = np.zeros((m,), np.int32), np.zeros((m,), np.int32)
+        limit = np.ones((m,), np.int32)
+        for j, (slot, request) in enumerate(entries):
+            at[j], requests[j] = slot, request
+            which[j], limit[j] = prefix_rows[request // g], limits[request // g]
+        return self._insert(state, at, which, prefix, key, requests, limit, temperature, top_p)
 
     def _overrides(self, temperature, top_p):
         """The traced ``(temperature, top_p)`` of a call, checked as make_generate_fn does."""
@@ -495,26 +534,34 @@ class Engine:
 
         slot_request = [-1] * slots
         free = list(reversed(range(slots)))  # pop() takes the lowest slot first
-        retired: dict[int, tuple] = {}
+        retired: dict[int, tuple] = {}  # request -> (its batch of outputs, its row there)
         stats = EngineStats(requests=total)
-        next_request, prefix, prefix_of = 0, None, -1
+        next_request = 0
+        prefix, prefix_rows = None, {}  # the last prefill, and its row of each prompt
         while True:
+            fill = []
             while free and next_request < total:
-                slot, prompt = free.pop(), next_request // g
-                if prompt != prefix_of:
-                    bucket = prompt_bucket(len(rows[prompt]), max_len)
-                    tokens, mask = _left_pad_one(rows[prompt], bucket, pad)
-                    prefix, prefix_of = self._prefill(params, tokens, mask), prompt
-                    stats.prefills += 1
-                state, old = self._insert(
-                    state, np.int32(slot), prefix, key, np.int32(next_request),
-                    np.int32(limits[prompt]), temperature, top_p,
-                )  # fmt: skip
-                stats.inserts += 1
-                if slot_request[slot] >= 0:
-                    retired[slot_request[slot]] = old
-                slot_request[slot] = next_request
+                fill.append((free.pop(), next_request))
                 next_request += 1
+            if fill:
+                # the group of the last prefill may continue here (its prefix is reused); the
+                # other prompts are prefilled together, once each
+                cached = [(slot, r) for slot, r in fill if r // g in prefix_rows]
+                parts = [(prefix, prefix_rows, cached)] if cached else []
+                if len(cached) < len(fill):
+                    prompts = sorted({r // g for _, r in fill[len(cached) :]})
+                    prefix, prefix_rows = self._prefill_rows(params, rows, prompts, max_len)
+                    stats.prefills += len(prompts)
+                    parts.append((prefix, prefix_rows, fill[len(cached) :]))
+                for source, source_rows, entries in parts:
+                    state, old = self._insert_rows(
+                        state, source, source_rows, entries, g, limits, key, temperature, top_p
+                    )
+                    for j, (slot, request) in enumerate(entries):
+                        if slot_request[slot] >= 0:
+                            retired[slot_request[slot]] = (old, j)
+                        slot_request[slot] = request
+                stats.inserts += len(fill)
             waiting = next_request < total
             state, ran = self._decode(
                 params, state, np.int32(self.steps_per_call), np.bool_(waiting), temperature,
@@ -527,11 +574,13 @@ class Engine:
                 break
             free = [s for s in reversed(range(slots)) if not active[s]]
 
-        last = jax.device_get((state.tokens, state.logprobs, state.policy_logprobs, state.steps))
+        last = (state.tokens, state.logprobs, state.policy_logprobs, state.steps)
         for slot, request in enumerate(slot_request):
             if request >= 0:
-                retired[request] = tuple(x[slot] for x in last)
-        retired = jax.device_get(retired)
+                retired[request] = (last, slot)
+        batches = {id(b): b for b, _ in retired.values()}
+        host = dict(zip(batches, jax.device_get(list(batches.values())), strict=True))
+        retired = {r: tuple(x[j] for x in host[id(b)]) for r, (b, j) in retired.items()}
         completions = np.stack([retired[r][0] for r in range(total)]).astype(np.int32)
         logprobs = np.stack([retired[r][1] for r in range(total)]).astype(np.float32)
         policy_logprobs = np.stack([retired[r][2] for r in range(total)]).astype(np.float32)
@@ -562,12 +611,10 @@ class Engine:
         )
 
 
-def _left_pad_one(row: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.full((length,), pad, np.int32)
-    mask = np.zeros((length,), bool)
-    tokens[length - len(row) :] = row
-    mask[length - len(row) :] = True
-    return tokens, mask
+def _bucket(count: int) -> int:
+    """The smallest power of two ``>= count``: batched prefills and inserts are padded to it,
+    so their programs compile once per size class."""
+    return 1 << max(count - 1, 0).bit_length()
 
 
 def _prompt_rows(prompts, prompt_mask) -> tuple[list[np.ndarray], int]:

@@ -37,6 +37,7 @@ from rljax import advantages, data, experiment, rewards, runs, sharding, updates
 from rljax.models import generate, hf, lora
 from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import (
+    RolloutRunSettings,
     decode_completions,
     example_batch,
     make_rollout_fn,
@@ -68,7 +69,7 @@ SAMPLES_LOGGED = 8  # greedy held-out completions logged at each evaluation (out
 
 
 @dataclasses.dataclass(frozen=True)
-class SampledRunConfig(experiment.LoRARunSettings):
+class SampledRunConfig(RolloutRunSettings):
     """Settings of an RL run that samples groups of completions from the policy and scores them
     with reward functions (the GRPO family, online DPO).
 
@@ -682,7 +683,10 @@ def run(config: GRPORunConfig, *, label: str = "GRPO") -> dict[str, Any]:
     # With LoRA the reference is the policy with its adapters off (ref_params None).
     ref_params = None if lora.has_lora(r.params) else sharding.shard_params(r.params, r.mesh)
     sampling = sampling_config(tokenizer, max_new, config.temperature)
-    rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.grpo.chunk_size)
+    rollout_fn = make_rollout_fn(
+        r.graphdef, sampling, chunk_size=config.grpo.chunk_size, sampler=config.sampler,
+        slots=config.rollout_slots,
+    )  # fmt: skip
 
     def held_out_eval(s):
         return evaluate(

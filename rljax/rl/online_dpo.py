@@ -151,7 +151,10 @@ def run(config: OnlineDPORunConfig, *, label: str = "online DPO") -> dict[str, A
     init = updates.init_dpo_state(r.params, r.optimizer, ref_params=ref_params)
     state, step, batch_shardings = lm.compile_update(update, init, _example_batch(config), r.mesh)
     sampling = sampling_config(tokenizer, config.completion_width, config.temperature)
-    rollout_fn = make_rollout_fn(r.graphdef, sampling, chunk_size=config.chunk_size)
+    rollout_fn = make_rollout_fn(
+        r.graphdef, sampling, chunk_size=config.chunk_size, sampler=config.sampler,
+        slots=config.rollout_slots,
+    )  # fmt: skip
 
     def held_out_eval(s):
         return evaluate(rollout_fn, s.params, s.ref_params, tokenizer, r.held_out, r.reward, config)

@@ -43,6 +43,7 @@ from rljax.models import hf, lora
 from rljax.models.transformer import with_head
 from rljax.rl.loop import finish, start_run, train_loop
 from rljax.rl.rollout import (
+    RolloutRunSettings,
     decode_completions,
     example_batch,
     make_rollout_fn,
@@ -66,7 +67,7 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class RLHFRunConfig(experiment.LoRARunSettings):
+class RLHFRunConfig(RolloutRunSettings):
     """Settings shared by the RLHF experiments.
 
     Attributes:
@@ -564,6 +565,8 @@ def _make_rollout_fn(config: RLHFRunConfig, models: Models, tokenizer, max_new: 
         critic=config.critic,
         value_graphdef=models.value_graphdef,
         chunk_size=config.chunk_size,
+        sampler=config.sampler,
+        slots=config.rollout_slots,
     )
 
 
