@@ -136,7 +136,8 @@ def read_config(path: str | os.PathLike, *, algo: str, dtype: str, remat: bool):
     if not file.is_file():
         raise FileNotFoundError(f"--config: {file} does not exist (a config.json or its folder)")
     raw = json.loads(file.read_text())
-    overrides = dict(param_dtype="float32", dtype=dtype, remat=remat)
+    # attention_impl="xla": the accelerator's XLA attention, not the CPU default ("grouped")
+    overrides = dict(param_dtype="float32", dtype=dtype, remat=remat, attention_impl="xla")
     if HEADS[algo] is not None:
         overrides["head"] = HEADS[algo]
     return hf.config_from_hf(raw, **overrides)
