@@ -111,6 +111,16 @@ def test_quick_start_2_dpo_on_your_data_and_model(tmp_path, monkeypatch):
     assert (out / "policy" / "config.json").exists() and (out / "training.png").exists()
 
 
+def test_quick_start_6_the_rollout_engine(capsys):
+    namespace: dict = {}
+    exec(compile(readme_block("engine-quickstart"), "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    stats, out = namespace["engine"].stats, namespace["out"]
+    assert (stats.requests, stats.prefills, stats.inserts) == (32, 8, 32), stats
+    assert out.tokens.shape[0] == 32 and printed[-1].startswith("EngineStats(requests=32")
+    assert out.completion_mask.sum() == stats.tokens and out.completion_mask[0].any()
+
+
 PIPELINE_SHRINK = {  # flags appended to each stage only to shrink it (argparse keeps the last)
     "experiments/sft.py": "--steps 2 --batch-size 4 --train-examples 16 --eval-examples 8 "
     "--eval-every 0 --log-every 1",
