@@ -16,6 +16,9 @@ Cases:
   temperature 1. rljax runs it twice: with prefix sharing (``group_size=G``: each prompt
   prefilled once, its KV cache copied to its G rows) and with the prompts repeated G times
   (what the RL loop did before). HF: ``num_return_sequences=G`` (it repeats the prompts).
+  Both cases also run ``rljax_engine``, :class:`rljax.models.engine.Engine` with a slot per
+  row (what the RL rollouts sample with: the prompts prefilled in one call, each once for its
+  group, then the slots decoded together).
 * ``tail``: continuous against static batching on a long-tailed length mix. ``--tail-prompts``
   prompts of 16..``--prompt-len`` tokens (uniform), sampled at temperature 1; prompt ``i``'s
   completion is ``L_i`` tokens long, ``L_i`` log-normal (median ``--tail-median``, sigma
@@ -118,6 +121,24 @@ def _rljax_call(graphdef, params, prompts: np.ndarray, *, new_tokens: int, sampl
         out = fn(params, prompts, mask, jax.random.key(calls["n"]), group_size=group)
         return jax.block_until_ready(out.tokens)
 
+    return call
+
+
+def _rljax_engine_call(graphdef, params, prompts: np.ndarray, *, new_tokens, sample, group):
+    """The continuous-batching engine (what the RL rollouts sample with), one slot per row:
+    the prompts prefilled in one call, each once for its group."""
+    config = gen.SamplingConfig(max_new_tokens=new_tokens, temperature=1.0 if sample else 0.0)
+    engine = engine_lib.Engine(
+        graphdef, config, slots=len(prompts) * group, max_prompt_len=prompts.shape[1]
+    )
+    calls = {"n": 0}
+
+    def call():
+        calls["n"] += 1
+        out = engine.generate(params, prompts, jax.random.key(calls["n"]), group_size=group)
+        assert (out.lengths == new_tokens).all(), "engine: every row generates new_tokens"
+
+    call.engine = engine
     return call
 
 
@@ -317,6 +338,9 @@ def main(argv=None) -> dict:
                 "rljax": _rljax_call(
                     graphdef, params, prompts, new_tokens=n, sample=False, group=1
                 ),
+                "rljax_engine": _rljax_engine_call(
+                    graphdef, params, prompts, new_tokens=n, sample=False, group=1
+                ),
             },
             args.greedy_batch,
             args,
@@ -332,6 +356,9 @@ def main(argv=None) -> dict:
                 ),
                 "rljax_repeated": _rljax_call(
                     graphdef, params, repeated, new_tokens=n, sample=True, group=1
+                ),
+                "rljax_engine": _rljax_engine_call(
+                    graphdef, params, group_prompts, new_tokens=n, sample=True, group=g
                 ),
             },
             args.group_prompts * g,

@@ -38,9 +38,12 @@ One iteration, every phase compiled ahead of time and timed on its own (synchron
   times the tokens each optimizer step sees; for TRPO an estimate (as ``step_speed.py``).
   GFLOP/s = FLOPs / median time; MFU against the device's bfloat16 peak where known (not on
   CPU).
-* **fused rollout**: :func:`rljax.rl.rollout.make_rollout_fn` (generation and the
-  policy, reference and critic passes in one jit, what the experiments run), for comparison
-  with the sum of its parts.
+* **fused rollout**: :func:`rljax.rl.rollout.make_rollout_fn` with ``sampler="static"``
+  (generation and the policy, reference and critic passes in one jit), for comparison with
+  the sum of its parts. The experiments sample through the continuous-batching engine by
+  default (``sampler="engine"``, a host loop, so not compiled ahead of time here); on this
+  benchmark's fixed-length rows its decode step costs what ``generate``'s does
+  (``benchmarks/generate_speed.py``).
 
 Each phase's compile time is reported apart. The loop runs ``--warmup`` untimed and
 ``--iterations`` timed iterations; the PPO state (separate critic) is carried, so every
@@ -178,8 +181,13 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
         "trpo_update": updates.make_rlhf_trpo_update(pg, value_optimizer, trpo_config, vg),
         "fused_rollout": functools.partial(
             rl.rollout.make_rollout_fn(
-                pg, sampling, critic="separate", value_graphdef=vg, chunk_size=chunk
-            ),
+                pg,
+                sampling,
+                critic="separate",
+                value_graphdef=vg,
+                chunk_size=chunk,
+                sampler="static",  # one program: compiled ahead of time like the phases
+            ),  # fmt: skip
             temp=1.0,
         ),
     }, {"optimizer": optimizer, "value_optimizer": value_optimizer, "trpo": trpo_config}

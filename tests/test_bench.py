@@ -91,8 +91,9 @@ def test_generate_speed_quick_smoke(tmp_path):
     assert json.loads(out.read_text())["results"] == record["results"]
     sides = {(r["case"], r["side"]) for r in record["results"]}
     assert sides == {
-        ("greedy", "hf"), ("greedy", "rljax"),
+        ("greedy", "hf"), ("greedy", "rljax"), ("greedy", "rljax_engine"),
         ("groups", "hf"), ("groups", "rljax"), ("groups", "rljax_repeated"),
+        ("groups", "rljax_engine"),
         ("tail", "hf"), ("tail", "rljax_static"), ("tail", "rljax_continuous"),
     }  # fmt: skip
     for row in record["results"]:
