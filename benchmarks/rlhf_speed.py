@@ -187,7 +187,7 @@ def make_phases(args, models, sampling, prefill_sampling, shaping_config):
                 value_graphdef=vg,
                 chunk_size=chunk,
                 sampler="static",  # one program: compiled ahead of time like the phases
-            ),  # fmt: skip
+            ),
             temp=1.0,
         ),
     }, {"optimizer": optimizer, "value_optimizer": value_optimizer, "trpo": trpo_config}
