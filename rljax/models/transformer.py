@@ -635,8 +635,8 @@ def _masked_attention(q, k, v, allowed, scale=None, softcap=None):
 def _grouped_attention(q, k, v, allowed, scale=None):
     """Softmax attention as two batched matmuls (``q [B,T,N,H]``, ``k, v [B,S,K,H]``,
     ``allowed [B,T,S]``): each key/value head's ``G = N // K`` query heads are stacked along
-    the query axis (``[B*K, G*T, H]`` against ``[B*K, S, H]``), the logits stay in that 3-D
-    layout, the scale is applied to ``q`` and the softmax's normalisation to the ``[B*K, G*T,
+    the query axis (``[B, K, G*T, H]`` against ``[B, K, S, H]``), the logits stay in that
+    layout, the scale is applied to ``q`` and the softmax's normalisation to the ``[B, K, G*T,
     H]`` output instead of the ``[.., T, S]`` weights: fewer passes over the largest tensor,
     which is what XLA:CPU spends its time on (``jax.nn.dot_product_attention``'s five-axis
     einsums, scale and softmax over it cost 4-6x this forward at 128 rows of 100 tokens). Logits
@@ -647,19 +647,22 @@ def _grouped_attention(q, k, v, allowed, scale=None):
     g = n // kv
     wide = _wide(q.dtype)
     q = q * jnp.asarray(h**-0.5 if scale is None else scale, q.dtype)
-    qq = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
-    kk = k.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    vv = v.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    batch = ((0,), (0,))
-    logits = jax.lax.dot_general(qq, kk, (((2,), (2,)), batch), preferred_element_type=wide)
-    ok = jnp.broadcast_to(allowed[:, None, None], (b, kv, g, t, s)).reshape(b * kv, g * t, s)
+    # batch and key/value-head axes stay apart (two batch dimensions, never merged): a mesh
+    # shards them on different axes, and merging them made XLA reshard (collectives inside
+    # attention, which deadlocked the simulated 8-device CPU mesh)
+    qq = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    kk = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    vv = v.transpose(0, 2, 1, 3)
+    batch = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(qq, kk, (((3,), (3,)), batch), preferred_element_type=wide)
+    ok = jnp.broadcast_to(allowed[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
     logits = jnp.where(ok, logits, jnp.finfo(wide).min)
     weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     total = weights.sum(axis=-1, keepdims=True)
     out = jax.lax.dot_general(
-        weights.astype(v.dtype), vv, (((2,), (1,)), batch), preferred_element_type=wide
+        weights.astype(v.dtype), vv, (((3,), (2,)), batch), preferred_element_type=wide
     )
-    out = (out / total).astype(v.dtype)
+    out = (out / total).astype(v.dtype)  # [B, K, G*T, H]
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
