@@ -131,12 +131,19 @@ def _rljax_engine_call(graphdef, params, prompts: np.ndarray, *, new_tokens, sam
     engine = engine_lib.Engine(
         graphdef, config, slots=len(prompts) * group, max_prompt_len=prompts.shape[1]
     )
+    return _engine_call(engine, params, prompts, new_tokens, group_size=group)
+
+
+def _engine_call(engine, params, prompts, lengths, **generate_kwargs):
+    """A timed call of ``engine.generate`` (a new key each call) that checks every row
+    generated its imposed length (``lengths``: one int, or one per row)."""
     calls = {"n": 0}
 
     def call():
         calls["n"] += 1
-        out = engine.generate(params, prompts, jax.random.key(calls["n"]), group_size=group)
-        assert (out.lengths == new_tokens).all(), "engine: every row generates new_tokens"
+        key = jax.random.key(calls["n"])
+        out = engine.generate(params, prompts, key, **generate_kwargs)
+        assert (out.lengths == lengths).all(), "engine: a row's length differs from the imposed one"
 
     call.engine = engine
     return call
@@ -222,15 +229,7 @@ def _rljax_continuous_tail(graphdef, params, prompts, lengths, *, slots, max_new
     engine = engine_lib.Engine(
         graphdef, config, slots=slots, max_prompt_len=width, steps_per_call=steps
     )
-    calls = {"n": 0}
-
-    def call():
-        calls["n"] += 1
-        out = engine.generate(params, prompts, jax.random.key(calls["n"]), max_new_tokens=lengths)
-        assert (out.lengths == lengths).all(), "continuous batching: lengths differ"
-
-    call.engine = engine
-    return call
+    return _engine_call(engine, params, prompts, lengths, max_new_tokens=lengths)
 
 
 def time_side_by_side(calls: dict, repeats: int) -> dict[str, list[float]]:

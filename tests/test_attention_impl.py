@@ -71,7 +71,9 @@ def test_kv_cache_decoding_agrees():
 
 def test_the_default_is_grouped_on_cpu_only():
     default = Transformer(tiny_llama(), rngs=nnx.Rngs(0))
-    assert default._grouped_attention() == (jax.default_backend() == "cpu")
-    assert not Transformer(tiny_llama(attention_impl="xla"), rngs=nnx.Rngs(0))._grouped_attention()
+    assert default._uses_grouped_attention() == (jax.default_backend() == "cpu")
+    assert not Transformer(
+        tiny_llama(attention_impl="xla"), rngs=nnx.Rngs(0)
+    )._uses_grouped_attention()
     with pytest.raises(ValueError, match="attention_impl"):
         tiny_llama(attention_impl="flash")

@@ -895,7 +895,7 @@ class Transformer(nnx.Module):
             # jax.nn.dot_product_attention runs its softmax in float32 whatever the inputs;
             # a float64 model (the reference of the parity tests) must stay float64 throughout.
             return _float64_attention(q, k, v, _allowed_keys(k, inputs, query_slots))
-        if self._grouped_attention():
+        if self._uses_grouped_attention():
             return _grouped_attention(q, k, v, _allowed_keys(k, inputs, query_slots))
         if inputs.cache_mask is None:
             if impl == "cudnn":
@@ -917,7 +917,7 @@ class Transformer(nnx.Module):
             q, k, v, mask=allowed[:, None, :, :], implementation="xla"
         )
 
-    def _grouped_attention(self) -> bool:
+    def _uses_grouped_attention(self) -> bool:
         """Whether :func:`_grouped_attention` runs: ``attention_impl="grouped"``, or the default
         (``None``) on a CPU backend (decided when the pass is traced)."""
         impl = self.config.attention_impl
@@ -943,7 +943,7 @@ class Transformer(nnx.Module):
         scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
         if c.attn_logit_softcap is not None or q.dtype == jnp.float64:
             return _masked_attention(q, k, v, allowed, scale, c.attn_logit_softcap)
-        if self._grouped_attention():
+        if self._uses_grouped_attention():
             return _grouped_attention(q, k, v, allowed, scale)
         impl = "xla" if c.attention_impl == "cudnn" else c.attention_impl
         return jax.nn.dot_product_attention(
@@ -979,7 +979,7 @@ class Transformer(nnx.Module):
         allowed = same & _allowed_keys(k, inputs, None)
         if q.dtype == jnp.float64:
             return _float64_attention(q, k, v, allowed)
-        if self._grouped_attention():
+        if self._uses_grouped_attention():
             return _grouped_attention(q, k, v, allowed)
         impl = "xla" if self.config.attention_impl == "cudnn" else self.config.attention_impl
         return jax.nn.dot_product_attention(
