@@ -3,7 +3,11 @@
 XLA_FLAGS must be set before jax is imported anywhere, which is why this lives in conftest.
 """
 
+import faulthandler
 import os
+import pathlib
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -20,6 +24,7 @@ for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitte
 os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
@@ -40,3 +45,54 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("rljax")
+
+# A native crash (a segfault or abort inside XLA) kills an xdist worker, and pytest then
+# reports only "worker crashed"; the interpreter's own stack dump goes to the worker's stderr,
+# mixed into the output. Each process here writes that dump (every thread's Python stack) to
+# its own file instead, and the session's summary prints the crashing thread's stack at the
+# end of the output, where a CI log keeps it.
+if "RLJAX_TEST_CRASH_DIR" not in os.environ:  # set once, by the controller; workers inherit it
+    os.environ["RLJAX_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="rljax-test-crashes-")
+_CRASH_DIR = os.environ["RLJAX_TEST_CRASH_DIR"]
+# frames of the test runner itself, left out of a crash report
+_RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    # after pytest's faulthandler plugin, which points the handler at stderr
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    global _crash_file
+    _crash_file = open(os.path.join(_CRASH_DIR, f"{worker}-{os.getpid()}.log"), "w")
+    faulthandler.enable(file=_crash_file, all_threads=True)
+
+
+def crash_reports(folder: str, lines: int = 30) -> list[str]:
+    """The non-empty stack dumps under ``folder``: each one's file name, first line (the
+    signal) and the crashing thread's stack (``Current thread``, most recent call first),
+    without the test runner's own frames, at most ``lines`` frames."""
+    reports = []
+    for path in sorted(pathlib.Path(folder).glob("*.log")):
+        text = path.read_text(errors="replace").splitlines()
+        if not text:
+            continue
+        start = next((i for i, line in enumerate(text) if line.startswith("Current thread")), 0)
+        block = text[start:]
+        end = next((i for i, line in enumerate(block[1:], 1) if not line.strip()), len(block))
+        frames = [f for f in block[1:end] if not any(s in f for s in _RUNNER_FRAMES)]
+        reports.append("\n".join([path.name, text[0], block[0], *frames[:lines]]))
+    return reports
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for report in crash_reports(_CRASH_DIR):
+        terminalreporter.section("native crash (stack of the crashing thread)", sep="-")
+        terminalreporter.write_line(report)
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and not crash_reports(_CRASH_DIR):
+        shutil.rmtree(_CRASH_DIR, ignore_errors=True)
