@@ -55,9 +55,10 @@ settings.load_profile("rljax")
 
 # A native crash (a segfault or abort inside XLA) kills an xdist worker, and pytest then
 # reports only "worker crashed"; the interpreter's own stack dump goes to the worker's stderr,
-# mixed into the output. Each process here writes that dump (every thread's Python stack) to
-# its own file instead, and the session's summary prints the crashing thread's stack at the
-# end of the output, where a CI log keeps it.
+# mixed into the output. Each worker writes that dump (every thread's Python stack) to its own
+# file instead, and the session's summary prints the crashing thread's stack at the end of the
+# output, where a CI log keeps it. Without xdist the dump stays on stderr (pytest's default):
+# the crashing process is the one that would print the summary.
 if "RLJAX_TEST_CRASH_DIR" not in os.environ:  # set once, by the controller; workers inherit it
     os.environ["RLJAX_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="rljax-test-crashes-")
 _CRASH_DIR = os.environ["RLJAX_TEST_CRASH_DIR"]
@@ -68,26 +69,33 @@ _RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     # after pytest's faulthandler plugin, which points the handler at stderr
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    global _crash_file
-    _crash_file = open(os.path.join(_CRASH_DIR, f"{worker}-{os.getpid()}.log"), "w")
-    faulthandler.enable(file=_crash_file, all_threads=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        global _crash_file
+        _crash_file = open(os.path.join(_CRASH_DIR, f"{worker}-{os.getpid()}.log"), "w")
+        faulthandler.enable(file=_crash_file, all_threads=True)
 
 
 def crash_reports(folder: str, lines: int = 30) -> list[str]:
     """The non-empty stack dumps under ``folder``: each one's file name, first line (the
     signal) and the crashing thread's stack (``Current thread``, most recent call first),
-    without the test runner's own frames, at most ``lines`` frames."""
+    without the test runner's own frames, at most ``lines`` frames. A crash on a thread that
+    Python does not run (one of XLA's) has no current thread: every thread's stack is kept."""
     reports = []
     for path in sorted(pathlib.Path(folder).glob("*.log")):
         text = path.read_text(errors="replace").splitlines()
         if not text:
             continue
-        start = next((i for i, line in enumerate(text) if line.startswith("Current thread")), 0)
-        block = text[start:]
-        end = next((i for i, line in enumerate(block[1:], 1) if not line.strip()), len(block))
-        frames = [f for f in block[1:end] if not any(s in f for s in _RUNNER_FRAMES)]
-        reports.append("\n".join([path.name, text[0], block[0], *frames[:lines]]))
+        heads = [i for i, line in enumerate(text) if line.startswith("Current thread")]
+        if not heads:
+            heads = [i for i, line in enumerate(text) if line.startswith("Thread 0x")]
+        kept = [path.name, text[0]]
+        for start in heads:
+            block = text[start:]
+            end = next((i for i, line in enumerate(block[1:], 1) if not line.strip()), len(block))
+            frames = [f for f in block[1:end] if not any(s in f for s in _RUNNER_FRAMES)]
+            kept += [block[0], *frames[:lines]]
+        reports.append("\n".join(kept))
     return reports
 
 

@@ -484,11 +484,11 @@ def test_inverse_cdf_draw_is_the_searchsorted_of_its_uniform(jit):
 
 
 def test_inverse_cdf_draws_follow_the_probabilities():
-    """200,000 draws from one row (zeros included, unnormalised by float32 rounding): the
-    counts pass a chi-square test against the probabilities, and no zero is drawn."""
+    """200,000 draws from one row of unnormalised weights (zeros included): the counts pass
+    a chi-square test against the probabilities, and no zero is drawn."""
     p = np.array([0.0, 0.5, 0.0, 0.25, 0.125, 0.0625, 0.0625, 0.0], np.float32)
     n = 200_000
-    probs = jnp.broadcast_to(jnp.asarray(p), (n, len(p)))
+    probs = jnp.broadcast_to(jnp.asarray(p * 3.7), (n, len(p)))
     got = np.asarray(jax.jit(gen._inverse_cdf_sample)(jax.random.key(2), probs))
     counts = np.bincount(got, minlength=len(p))
     support = p > 0
@@ -496,3 +496,51 @@ def test_inverse_cdf_draws_follow_the_probabilities():
     expected = p[support] * n
     stat = np.sum((counts[support] - expected) ** 2 / expected)
     assert stat < 4 + 6 * np.sqrt(8) + 10, (stat, counts)
+
+
+def test_inverse_cdf_never_returns_a_zero_weight_at_any_boundary():
+    """A Qwen-sized vocabulary (151,936 entries: 1,187 blocks) with top-k-like sparsity (50
+    positive entries, some sharing a block, none in most blocks), and ``u`` placed on every
+    cumulative boundary and one float32 step either side of it, plus 0 and the largest float
+    under 1: every index returned has positive weight (XLA may sum a cumulative sum in any
+    order, so it can move across a zero entry) and lies in range; a row of zeros gives 0."""
+    vocab = 151_936
+    rng = np.random.default_rng(3)
+    where = np.sort(rng.choice(vocab, 50, replace=False))
+    where[:3] = [0, 1, vocab - 1]  # the first block's edge and the last, partial, block
+    weights = np.zeros(vocab, np.float32)
+    weights[where] = rng.exponential(size=50).astype(np.float32)
+    total = weights.sum(dtype=np.float64)
+    upper = np.cumsum(weights.astype(np.float64))[where] / total
+    bounds = upper.astype(np.float32)
+    one = np.float32(1.0)
+    below_one = np.nextafter(one, np.float32(0))
+    edges = [bounds, np.nextafter(bounds, np.float32(0)), np.nextafter(bounds, one)]
+    middles = (upper - weights[where] / total / 2).astype(np.float32)  # inside each interval
+    u = np.concatenate([*edges, middles, [0.0, below_one]]).astype(np.float32)
+    u = np.clip(u, np.float32(0), below_one)
+    rows = jnp.broadcast_to(jnp.asarray(weights), (len(u), vocab))
+    index = np.asarray(jax.jit(gen._inverse_cdf_index)(jnp.asarray(u), rows))
+    assert ((index >= 0) & (index < vocab)).all()
+    assert (weights[index] > 0).all(), sorted(set(index[weights[index] == 0].tolist()))
+    np.testing.assert_array_equal(index[3 * 50 : 4 * 50], where)  # each interval's middle
+    zero = gen._inverse_cdf_index(jnp.asarray([0.5], jnp.float32), jnp.zeros((1, 300)))
+    assert int(zero[0]) == 0
+
+
+def test_sampling_takes_raw_uint32_keys():
+    """``jax.random.PRNGKey`` data (``uint32 [2]``) as the key of ``generate`` and of the
+    sampler's draw: the same tokens as the typed key it holds."""
+    model = tiny_model("llama")
+    graphdef, params = nnx.split(model)
+    tokens, mask = left_pad(PROMPTS, length=8)
+    config = SamplingConfig(max_new_tokens=4, temperature=1.0)
+    fn = make_generate_fn(graphdef, config)
+    raw = jax.random.PRNGKey(5)
+    typed = fn(params, tokens, mask, jax.random.wrap_key_data(raw))
+    np.testing.assert_array_equal(fn(params, tokens, mask, raw).tokens, typed.tokens)
+    weights = jnp.ones((3, 10))
+    np.testing.assert_array_equal(
+        gen._inverse_cdf_sample(raw, weights),
+        gen._inverse_cdf_sample(jax.random.wrap_key_data(raw), weights),
+    )
