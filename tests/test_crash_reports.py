@@ -64,8 +64,9 @@ def test_a_crash_outside_python_threads_keeps_every_threads_stack(tmp_path):
 
 
 def test_the_session_summary_of_an_xdist_run_prints_the_stack(tmp_path):
-    """A real pytest session with two xdist workers and this conftest as a plugin: one test
-    segfaults; the end of the output names its worker, the signal and the test's frame."""
+    """A real pytest session with an xdist worker and this conftest as a plugin: one test
+    segfaults (the worker is replaced for the next); the end of the output names the signal
+    and the test's frame."""
     (tmp_path / "test_native.py").write_text(
         "import faulthandler\n\n\ndef test_fine():\n    pass\n\n\n"
         "def test_native_crash_inside():\n    faulthandler._sigsegv()\n"
@@ -78,7 +79,7 @@ def test_the_session_summary_of_an_xdist_run_prints_the_stack(tmp_path):
         "PYTHONPATH": str(TESTS),
         "RLJAX_TEST_CRASH_DIR": str(crashes),
     }
-    argv = [sys.executable, "-m", "pytest", "-n", "2", "-p", "conftest", "-p", "no:cacheprovider"]
+    argv = [sys.executable, "-m", "pytest", "-n", "1", "-p", "conftest", "-p", "no:cacheprovider"]
     argv += ["-c", str(tmp_path / "pytest.ini"), "--rootdir", str(tmp_path), "-q"]
     result = subprocess.run(
         [*argv, str(tmp_path / "test_native.py")],
