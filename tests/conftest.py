@@ -62,6 +62,7 @@ settings.load_profile("rljax")
 if "RLJAX_TEST_CRASH_DIR" not in os.environ:  # set once, by the controller; workers inherit it
     os.environ["RLJAX_TEST_CRASH_DIR"] = tempfile.mkdtemp(prefix="rljax-test-crashes-")
 _CRASH_DIR = os.environ["RLJAX_TEST_CRASH_DIR"]
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # None in the controller or a plain session
 # frames of the test runner itself, left out of a crash report
 _RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
 
@@ -69,10 +70,9 @@ _RUNNER_FRAMES = ("/_pytest/", "/pluggy/", "/xdist/", "/execnet/", '"<string>"')
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
     # after pytest's faulthandler plugin, which points the handler at stderr
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:
+    if _WORKER:
         global _crash_file
-        _crash_file = open(os.path.join(_CRASH_DIR, f"{worker}-{os.getpid()}.log"), "w")
+        _crash_file = open(os.path.join(_CRASH_DIR, f"{_WORKER}-{os.getpid()}.log"), "w")
         faulthandler.enable(file=_crash_file, all_threads=True)
 
 
@@ -101,7 +101,7 @@ def crash_reports(folder: str, lines: int = 30) -> list[str]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter):
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if _WORKER:
         return
     for report in crash_reports(_CRASH_DIR):
         terminalreporter.section("native crash (stack of the crashing thread)", sep="-")
@@ -109,5 +109,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    if not os.environ.get("PYTEST_XDIST_WORKER") and not crash_reports(_CRASH_DIR):
+    if not _WORKER and not crash_reports(_CRASH_DIR):
         shutil.rmtree(_CRASH_DIR, ignore_errors=True)

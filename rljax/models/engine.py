@@ -68,7 +68,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rljax.models.generate import GenerationOutput, SamplingConfig, _is_int, _sample
+from rljax.models.generate import (
+    GenerationOutput,
+    SamplingConfig,
+    _is_int,
+    _sample,
+    _typed_key,
+)
 from rljax.models.transformer import KVCache, Transformer
 
 __all__ = [
@@ -499,8 +505,7 @@ class Engine:
         if not _is_int(group_size) or group_size < 1:
             raise ValueError(f"Engine.generate: group_size must be an int >= 1, got {group_size!r}")
         temperature, top_p = self._overrides(temperature, top_p)
-        if not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
-            key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey)
+        key = _typed_key(key)  # a raw uint32 key (jax.random.PRNGKey) is wrapped
         config, slots, g = self.config, self.slots, int(group_size)
         n, pad = config.max_new_tokens, config.pad_token_id
         limits = np.full((len(rows),), n, np.int64)
